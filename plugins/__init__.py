@@ -1,0 +1,1 @@
+"""wrapcal's built-in plugins, found through the ``wrapcal`` entry-point group."""
