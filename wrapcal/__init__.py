@@ -1,2 +1,44 @@
-"""wrapcal."""
+"""wrapcal: retrofit calibration, uncertainty and OOD detection onto existing classifiers.
+
+>>> import timm, wrapcal
+>>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
+"""
+
+from wrapcal.errors import (
+    DataError,
+    NotFittedError,
+    PluginNotFoundError,
+    SavedFileError,
+    SplitError,
+    WrapcalError,
+)
+from wrapcal.hookspecs import hookimpl, hookspec
+from wrapcal.manager import get_plugin_manager, plugin_registry
+from wrapcal.persistence import load
+from wrapcal.plugin import Plugin, Stage
+from wrapcal.prediction import Prediction
+from wrapcal.split import Split
+from wrapcal.wrapped import WrappedModel, wrap
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DataError",
+    "NotFittedError",
+    "Plugin",
+    "PluginNotFoundError",
+    "Prediction",
+    "SavedFileError",
+    "Split",
+    "SplitError",
+    "Stage",
+    "WrapcalError",
+    "WrappedModel",
+    "__version__",
+    "get_plugin_manager",
+    "hookimpl",
+    "hookspec",
+    "load",
+    "plugin_registry",
+    "wrap",
+]
