@@ -195,7 +195,9 @@ def digits(seed: int = 0, size: int = 32) -> DigitsData:
     images = digits_to_images(bunch.data, size)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     idx = np.arange(len(labels))
-    train_idx, rest = train_test_split(idx, train_size=1000, stratify=bunch.target, random_state=seed)
+    train_idx, rest = train_test_split(
+        idx, train_size=1000, stratify=bunch.target, random_state=seed
+    )
     cal_idx, test_idx = train_test_split(
         rest, test_size=400, stratify=bunch.target[rest], random_state=seed
     )

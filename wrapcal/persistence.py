@@ -74,7 +74,11 @@ def _model_source(wrapped: WrappedModel) -> dict[str, Any]:
     if source.get("library") is None:
         name = getattr(_inner_model(wrapped), "wrapcal_builder", None)
         if name:
-            source = {"library": "wrapcal", "name": name, "kwargs": {"num_classes": wrapped.num_classes}}
+            source = {
+                "library": "wrapcal",
+                "name": name,
+                "kwargs": {"num_classes": wrapped.num_classes},
+            }
     return source
 
 
@@ -192,10 +196,7 @@ def load(
     """
     config = read_config(path)
     if split is None:
-        if model is None:
-            model = _rebuild(config["model"])
-        else:
-            model = copy.deepcopy(model)
+        model = _rebuild(config["model"]) if model is None else copy.deepcopy(model)
         head_path = config["split"].get("head_path")
         kind = config["split"].get("kind")
         if kind == "manual":

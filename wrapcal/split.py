@@ -57,7 +57,9 @@ class Split:
 def _last_linear(module: nn.Module) -> nn.Linear:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise SplitError(f"the head {type(module).__name__} has no nn.Linear; {HOW_TO_SPLIT_BY_HAND}")
+        raise SplitError(
+            f"the head {type(module).__name__} has no nn.Linear; {HOW_TO_SPLIT_BY_HAND}"
+        )
     return linears[-1]
 
 

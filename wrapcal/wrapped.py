@@ -127,7 +127,9 @@ class WrappedModel(nn.Module):
         calls this from its ``firstresult`` implementation to reach the inner ones.
         """
         pm = self.plugin_manager
-        in_call_order = [impl.plugin for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls())]
+        in_call_order = [
+            impl.plugin for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls())
+        ]
         outer = in_call_order[: in_call_order.index(plugin) + 1]
         caller = pm.subset_hook_caller(hook_name, remove_plugins=outer + self._inactive())
         return caller(**kwargs)
@@ -193,13 +195,13 @@ class WrappedModel(nn.Module):
             return members
         m = members.shape[0]
         # Feature samples are the outer loop: [M, S*B, K] -> [S*M, B, K].
-        return members.reshape(m, samples, batch, -1).transpose(0, 1).reshape(samples * m, batch, -1)
+        return (
+            members.reshape(m, samples, batch, -1).transpose(0, 1).reshape(samples * m, batch, -1)
+        )
 
     def finish(self, members: torch.Tensor) -> torch.Tensor:
         """Combine member logits and apply the logit transforms (temperature)."""
-        return self._hook("wrapcal_transform_logits")(
-            wrapped=self, logits=combine_members(members)
-        )
+        return self._hook("wrapcal_transform_logits")(wrapped=self, logits=combine_members(members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated logits with the model's shape, dtype and device."""
@@ -266,7 +268,9 @@ class WrappedModel(nn.Module):
         was_training = self.backbone.training
         self.backbone.eval()
         feats, labels = [], []
-        bar = tqdm(total=num_samples(data), desc=f"features: {name}", unit="img", disable=not progress)
+        bar = tqdm(
+            total=num_samples(data), desc=f"features: {name}", unit="img", disable=not progress
+        )
         try:
             with torch.no_grad():
                 for x, y in iter_batches(data, batch_size):
