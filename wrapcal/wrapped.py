@@ -335,8 +335,50 @@ class WrappedModel(nn.Module):
         given = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
         given = {k: v for k, v in given.items() if v is not None}
         options = {"batch_size": batch_size, "progress": progress, "seed": seed}
-        data = FitData({}, options)
-        data.sets = {k: self.extract_features(v, k, batch_size, progress) for k, v in given.items()}
+
+        def extract() -> dict[str, FeatureSet]:
+            return {k: self.extract_features(v, k, batch_size, progress) for k, v in given.items()}
+
+        return self._fit_cached(FitData(extract(), options), extract)
+
+    def fit_features(
+        self,
+        train: Any = None,
+        calibration: Any = None,
+        unlabeled: Any = None,
+        *,
+        progress: bool = True,
+        seed: int = 0,
+        **more: Any,
+    ) -> WrappedModel:
+        """Fit from features the user already computed with ``wrapped.backbone``.
+
+        Each argument is ``(features, labels)`` or bare ``features`` (``[N, D]``).
+        Plugins that change the backbone cannot be fitted this way.
+        """
+        given = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
+        sets = {}
+        for name, value in given.items():
+            if value is None:
+                continue
+            feats, labels = value if isinstance(value, (tuple, list)) else (value, None)
+            feats = torch.as_tensor(feats).to(self.device)
+            if feats.ndim != 2 or feats.shape[1] != self.num_features:
+                raise DataError(
+                    f"{name} features have shape {tuple(feats.shape)}; expected "
+                    f"[N, {self.num_features}], the output of wrapped.backbone"
+                )
+            if labels is not None:
+                labels = check_labels(torch.as_tensor(labels), len(feats), self.num_classes_out)
+                labels = labels.to(self.device)
+            sets[name] = FeatureSet(name, feats, labels, None)
+
+        def refuse() -> dict[str, FeatureSet]:
+            raise DataError("a plugin changed the backbone: call fit(...) with the data instead")
+
+        return self._fit_cached(FitData(sets, {"progress": progress, "seed": seed}), refuse)
+
+    def _fit_cached(self, data: FitData, recompute: Any) -> WrappedModel:
         done: set[int] = set()
         self._set_active(done)
         try:
@@ -349,10 +391,7 @@ class WrappedModel(nn.Module):
                 done.add(id(plugin))
                 self._set_active(done)
                 if plugin.changes_backbone:
-                    data.sets = {
-                        k: self.extract_features(v, k, batch_size, progress)
-                        for k, v in given.items()
-                    }
+                    data.sets = recompute()
         except BaseException:
             self._set_active({id(p) for p in self.plugins if not p.requires_fit or p.fitted_})
             raise
