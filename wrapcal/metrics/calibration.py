@@ -1,0 +1,521 @@
+"""Calibration metrics: ECE and its variants, NLL, Brier, accuracy and AURC.
+
+Conventions (the ones users check first):
+
+* ECE is top-label, L1, over ``n_bins = 15`` equal-width bins on (0, 1]: bin ``i`` holds
+  the confidences in ``(i/n, (i+1)/n]`` (a confidence of exactly 0 goes to bin 0), and each
+  bin's ``|accuracy - confidence|`` is weighted by the share of samples in it
+  (Guo et al. 2017). The bin edges are ``i / n`` computed in float64.
+* Adaptive ECE uses equal-mass bins, MCE the worst non-empty bin, class-wise ECE bins every
+  class's probability of every sample (Kull et al. 2019; Nixon et al. 2019).
+* Brier is the multiclass score ``mean_n sum_k (p_nk - onehot_nk)^2`` (range [0, 2]);
+  NLL is ``mean_n -log p_{n,y_n}`` with ``p`` clamped at the dtype's smallest normal number.
+
+Per-sample quantities are computed in the input precision (half precision is upcast to
+float32); every sum is accumulated in float64, so 10^6 samples stay exact to ~1e-12.
+The functional forms return Python floats; the classes accumulate state over batches and
+their ``compute()`` equals the functional forms on the concatenated data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ArrayLike = Tensor | np.ndarray
+DEFAULT_BINS = 15
+# Rows are summed in float64 and may drift from 1 by float32 rounding; logits never pass.
+_ROW_SUM_TOL = 1e-3
+# Elements per [rows, K] temporary (bin indices, float64 copies): ~32 MB at int64.
+_CHUNK_ELEMENTS = 1 << 22
+
+__all__ = [
+    "ECE",
+    "CalibrationMetrics",
+    "accuracy",
+    "adaptive_ece",
+    "aurc",
+    "brier",
+    "check_probs",
+    "classwise_ece",
+    "ece",
+    "mce",
+    "nll",
+    "reliability_bins",
+    "softmax_probs",
+]
+
+
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """The dtype sums are accumulated in: float64, except on MPS, which has none."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def row_chunks(n_rows: int, n_cols: int, budget: int = _CHUNK_ELEMENTS):
+    """Yields ``(lo, hi)`` row ranges whose ``[rows, n_cols]`` blocks hold ~``budget`` items."""
+    step = max(1, budget // max(n_cols, 1))
+    for lo in range(0, n_rows, step):
+        yield lo, min(lo + step, n_rows)
+
+
+def _all_gather_cat(t: Tensor, group=None) -> Tensor:
+    """Concatenates a 1-D tensor of per-rank length over all ranks (all_gather pads)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    # Some backends cannot send bool: travel as uint8.
+    send = t.to(torch.uint8) if t.dtype == torch.bool else t
+    padded = send.new_zeros((max(lengths), *t.shape[1:]))
+    padded[: t.shape[0]] = send
+    received = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(received, padded, group=group)
+    out = torch.cat([r[:n] for r, n in zip(received, lengths, strict=True)])
+    return out.bool() if t.dtype == torch.bool else out
+
+
+class SummableMetric:
+    """Base of the torchmetrics-style classes: ``update``, ``compute``, ``reset``.
+
+    State is a dict of tensors that add up across batches and processes
+    (``state_tensors()``), plus per-sample tensors kept as lists, one entry per batch
+    (``sample_tensors()`` concatenates them). ``sync()`` combines the state of all
+    processes under ``torch.distributed``: ``all_reduce(SUM)`` of the sums and a padded
+    ``all_gather`` of the per-sample tensors.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets every batch seen so far."""
+        self._sums: dict[str, Tensor] = {}
+        self._samples: dict[str, list[Tensor]] = {}
+
+    def _add_sums(self, **sums: Tensor) -> None:
+        for name, value in sums.items():
+            if name in self._sums:
+                self._sums[name] += value
+            else:
+                self._sums[name] = value
+
+    def _add_samples(self, **tensors: Tensor) -> None:
+        for name, value in tensors.items():
+            self._samples.setdefault(name, []).append(value.detach())
+
+    def _require_state(self) -> dict[str, Tensor]:
+        if not self._sums and not self._samples:
+            raise RuntimeError(f"{type(self).__name__} has no data — call update() first")
+        return self._sums
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The live summable state: ``all_reduce`` these in place to combine processes."""
+        return self._sums
+
+    def sample_tensors(self) -> dict[str, Tensor]:
+        """The per-sample state, each list concatenated (and kept as one tensor)."""
+        for name, parts in self._samples.items():
+            if len(parts) > 1:
+                self._samples[name] = [torch.cat(parts)]
+        return {name: parts[0] for name, parts in self._samples.items()}
+
+    def sync(self, group=None) -> SummableMetric:
+        """Combines the state of all processes in place; a no-op without torch.distributed.
+
+        Every rank must call it once, after at least one ``update``, before ``compute``.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        for value in self._sums.values():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        for name, value in self.sample_tensors().items():
+            self._samples[name] = [_all_gather_cat(value, group)]
+        return self
+
+
+def softmax_probs(logits: ArrayLike) -> Tensor:
+    """Turns logits ``[N, K]`` into probabilities with a numerically stable softmax.
+
+    Args:
+        logits: Unnormalised class scores, a tensor or numpy array.
+
+    Returns:
+        Probabilities of the same shape (float32 for integer or half inputs).
+    """
+    logits = torch.as_tensor(logits)
+    if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.softmax(logits, dim=-1)
+
+
+def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
+    """Validates and converts ``probs [N, K]`` and integer ``labels [N]``.
+
+    Args:
+        probs: Class probabilities, rows summing to 1.
+        labels: True class indices in ``[0, K)``, on any device (moved to ``probs``').
+
+    Returns:
+        ``(probs, labels)`` as tensors on ``probs``' device: probs floating point (half
+        upcast to float32), labels int64.
+
+    Raises:
+        ValueError: naming the problem and the fix, when shapes, dtypes or values are wrong.
+    """
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels, device=probs.device)
+    if probs.ndim != 2:
+        raise ValueError(
+            f"probs must be 2-D [N, K]; got shape {tuple(probs.shape)} — pass one row of "
+            "class probabilities per sample"
+        )
+    n, k = probs.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"probs is empty (shape {(n, k)}) — metrics need N > 0 and K > 0")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be floating point; got {probs.dtype} — pass probabilities")
+    if probs.dtype in (torch.float16, torch.bfloat16):
+        probs = probs.float()
+    if labels.ndim != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"labels must be 1-D with N = {n} entries to match probs; got shape "
+            f"{tuple(labels.shape)} — pass class indices, not one-hot rows"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"labels must be integer class indices; got {labels.dtype} — use labels.long()"
+        )
+    labels = labels.long()
+    # One stacked reduction, so validation costs one device sync rather than five.
+    acc = acc_dtype(probs.device)
+    finite = probs.isfinite().all()
+    safe = torch.where(finite, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    stats = torch.stack(
+        [
+            finite.to(acc),
+            safe.amin().to(acc),
+            (safe.to(acc).sum(dim=1) - 1).abs().max(),
+            labels.min().to(acc),
+            labels.max().to(acc),
+        ]
+    ).tolist()
+    is_finite, p_min, row_dev, y_min, y_max = stats
+    if not is_finite:
+        raise ValueError("probs contains NaN or inf — check the model output before the metric")
+    if p_min < 0 or row_dev > _ROW_SUM_TOL:
+        raise ValueError(
+            f"probs must be non-negative with rows summing to 1; got min {p_min:.4g} and row "
+            f"sums off by up to {row_dev:.4g} — are these logits? use softmax_probs(logits)"
+        )
+    if y_min < 0 or y_max >= k:
+        raise ValueError(
+            f"labels must be in [0, {k}); got min {int(y_min)}, max {int(y_max)} — labels must "
+            "index the columns of probs"
+        )
+    return probs, labels
+
+
+def _check_bins(n_bins: int) -> None:
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+
+
+def _bin_index(x: Tensor, n_bins: int) -> Tensor:
+    """Equal-width bin of each value: bin ``i`` holds ``(i/n, (i+1)/n]``, 0 goes to bin 0."""
+    acc = acc_dtype(x.device)
+    edges = torch.arange(1, n_bins, device=x.device, dtype=acc) / n_bins
+    # right=False gives edges[i-1] < x <= edges[i], i.e. bins closed on the right.
+    return torch.bucketize(x.to(acc), edges)
+
+
+def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    conf, pred = probs.max(dim=1)
+    return conf, pred == labels
+
+
+def _top_label_sums(conf: Tensor, correct: Tensor, n_bins: int) -> Tensor:
+    """Per-bin ``[count, confidence sum, correct sum]`` as a float64 ``[3, n_bins]`` tensor."""
+    acc = acc_dtype(conf.device)
+    bins = _bin_index(conf, n_bins)
+    return torch.stack(
+        [
+            torch.bincount(bins, minlength=n_bins).to(acc),
+            torch.bincount(bins, weights=conf.to(acc), minlength=n_bins),
+            torch.bincount(bins, weights=correct.to(acc), minlength=n_bins),
+        ]
+    )
+
+
+def _classwise_sums(probs: Tensor, labels: Tensor, n_bins: int) -> Tensor:
+    """Per (class, bin) ``[count, p_k sum, label==k count]``, a float64 ``[3, K * n_bins]``."""
+    k = probs.shape[1]
+    acc = acc_dtype(probs.device)
+    sums = torch.zeros(3, k * n_bins, dtype=acc, device=probs.device)
+    offsets = torch.arange(k, device=probs.device) * n_bins
+    # Row chunks bound the [rows, K] temporaries (bin indices, float64 copies).
+    for lo, hi in row_chunks(probs.shape[0], k):
+        p, y = probs[lo:hi], labels[lo:hi]
+        slot = _bin_index(p, n_bins) + offsets
+        sums[0] += torch.bincount(slot.ravel(), minlength=k * n_bins).to(acc)
+        sums[1] += torch.bincount(slot.ravel(), weights=p.ravel().to(acc), minlength=k * n_bins)
+        # The one-hot target is 1 only at (n, y_n): count those slots, no one-hot matrix.
+        hit = slot.gather(1, y[:, None]).squeeze(1)
+        sums[2] += torch.bincount(hit, minlength=k * n_bins).to(acc)
+    return sums
+
+
+def _nll_brier_sums(probs: Tensor, labels: Tensor) -> Tensor:
+    """``[sum of -log p_y, sum of Brier terms]`` in float64."""
+    acc = acc_dtype(probs.device)
+    tiny = torch.finfo(probs.dtype).tiny
+    sums = torch.zeros(2, dtype=acc, device=probs.device)
+    for lo, hi in row_chunks(probs.shape[0], probs.shape[1]):
+        p = probs[lo:hi].to(acc)
+        p_y = p.gather(1, labels[lo:hi, None]).squeeze(1)
+        sums[0] -= p_y.clamp_min(tiny).log().sum()
+        # sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_y + 1, without building the one-hot.
+        sums[1] += ((p * p).sum(dim=1) - 2 * p_y + 1).sum()
+    return sums
+
+
+def _ece_from(sums: Tensor, n: int) -> float:
+    # sum_b (n_b / N) |acc_b - conf_b| = sum_b |correct_sum_b - conf_sum_b| / N.
+    return float((sums[2] - sums[1]).abs().sum() / n)
+
+
+def _mce_from(sums: Tensor) -> float:
+    gaps = (sums[2] - sums[1]).abs() / sums[0].clamp_min(1)
+    return float(gaps[sums[0] > 0].max())
+
+
+def _classwise_from(sums: Tensor, n_classes: int, n: int) -> float:
+    per_class = (sums[2] - sums[1]).abs().view(n_classes, -1).sum(dim=1) / n
+    return float(per_class.mean())
+
+
+def _adaptive_from(conf: Tensor, correct: Tensor, n_bins: int) -> float:
+    """Equal-mass ECE: sorted confidences split like ``numpy.array_split(…, n_bins)``."""
+    n = conf.numel()
+    acc = acc_dtype(conf.device)
+    # Sort by (confidence, correct): tied confidences put errors first, so the grouping and
+    # the result do not depend on the order of the samples.
+    by_correct = torch.sort(correct.to(torch.uint8), stable=True).indices
+    order = by_correct[torch.sort(conf[by_correct], stable=True).indices]
+    q, r = divmod(n, n_bins)
+    rank = torch.arange(n, device=conf.device)
+    big = r * (q + 1)  # the first r groups hold q + 1 samples, the others q
+    group = torch.where(rank < big, rank // (q + 1), r + (rank - big) // max(q, 1))
+    gap = correct[order].to(acc) - conf[order].to(acc)
+    return float(torch.bincount(group, weights=gap, minlength=n_bins).abs().sum() / n)
+
+
+def _aurc_from(conf: Tensor, correct: Tensor) -> float:
+    """Area under the risk-coverage curve, tie groups averaged over their orderings."""
+    acc = acc_dtype(conf.device)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    err = (~correct[order]).to(acc)
+    _, group, counts = torch.unique_consecutive(
+        conf[order], return_inverse=True, return_counts=True
+    )
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    cum = torch.cat([err.new_zeros(1), err.cumsum(0)])
+    rate = (cum[ends] - cum[starts]) / counts  # error rate inside each tie group
+    covered = torch.arange(1, err.numel() + 1, device=conf.device, dtype=acc)
+    # Expected errors among the top i when the ties are ordered at random.
+    errors = cum[starts[group]] + (covered - starts[group]) * rate[group]
+    return float((errors / covered).mean())
+
+
+def accuracy(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Top-1 accuracy: the share of samples whose arg-max class is the label."""
+    probs, labels = check_probs(probs, labels)
+    return float(_top_label(probs, labels)[1].to(acc_dtype(probs.device)).sum() / len(labels))
+
+
+def nll(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Mean negative log-likelihood ``-log p_y``, ``p_y`` clamped at the dtype's tiny."""
+    probs, labels = check_probs(probs, labels)
+    return float(_nll_brier_sums(probs, labels)[0] / len(labels))
+
+
+def brier(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Multiclass Brier score ``mean_n sum_k (p_nk - onehot_nk)^2``, in [0, 2].
+
+    For K = 2 it is twice scikit-learn's binary ``brier_score_loss`` on ``p_1``.
+    """
+    probs, labels = check_probs(probs, labels)
+    return float(_nll_brier_sums(probs, labels)[1] / len(labels))
+
+
+def reliability_bins(
+    probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS
+) -> dict[str, Tensor]:
+    """Per-bin statistics behind ECE and the reliability diagram.
+
+    Returns:
+        ``count``, ``confidence`` (mean), ``accuracy`` (mean; 0 in empty bins), each
+        ``[n_bins]``, and ``edges`` ``[n_bins + 1]``, float64 on ``probs``' device.
+    """
+    _check_bins(n_bins)
+    probs, labels = check_probs(probs, labels)
+    sums = _top_label_sums(*_top_label(probs, labels), n_bins)
+    count = sums[0]
+    edges = torch.arange(n_bins + 1, device=count.device, dtype=count.dtype) / n_bins
+    return {
+        "count": count,
+        "confidence": sums[1] / count.clamp_min(1),
+        "accuracy": sums[2] / count.clamp_min(1),
+        "edges": edges,
+    }
+
+
+def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
+    """Top-label expected calibration error, L1, equal-width bins on (0, 1] (Guo et al.)."""
+    _check_bins(n_bins)
+    probs, labels = check_probs(probs, labels)
+    return _ece_from(_top_label_sums(*_top_label(probs, labels), n_bins), len(labels))
+
+
+def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
+    """Maximum calibration error: the largest ``|accuracy - confidence|`` of a non-empty bin."""
+    _check_bins(n_bins)
+    probs, labels = check_probs(probs, labels)
+    return _mce_from(_top_label_sums(*_top_label(probs, labels), n_bins))
+
+
+def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
+    """ECE over equal-mass bins.
+
+    The confidences are sorted (ties broken by putting errors first, which makes the
+    result independent of sample order) and split into ``n_bins`` groups whose sizes
+    differ by at most one, the larger groups first, as ``numpy.array_split`` does.
+    """
+    _check_bins(n_bins)
+    probs, labels = check_probs(probs, labels)
+    return _adaptive_from(*_top_label(probs, labels), n_bins)
+
+
+def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
+    """Class-wise ECE: per class k, the binned ECE of ``p_k`` against ``y == k`` over all
+    samples, averaged over the K classes (Kull et al. 2019; Nixon et al. 2019)."""
+    _check_bins(n_bins)
+    probs, labels = check_probs(probs, labels)
+    return _classwise_from(_classwise_sums(probs, labels, n_bins), probs.shape[1], len(labels))
+
+
+def aurc(probs: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the risk-coverage curve, confidence = max probability (lower is better).
+
+    Samples are sorted by confidence, highest first; the risk at coverage ``i / N`` is the
+    error rate among the top ``i`` and AURC is the mean of these N risks. Samples with tied
+    confidence cannot be told apart by the model, so for an ``i`` that cuts a tie group the
+    risk uses the group's mean error rate: the expected risk under a random order of the
+    ties. The result never depends on the order of the samples.
+    """
+    probs, labels = check_probs(probs, labels)
+    return _aurc_from(*_top_label(probs, labels))
+
+
+class ECE(SummableMetric):
+    """Top-label ECE accumulated over batches (see :func:`ece`).
+
+    State: three float64 ``[n_bins]`` tensors (``count``, ``conf_sum``, ``correct_sum``).
+
+    Distributed evaluation:
+        The state is sums, so reducing it across processes gives the global metric::
+
+            for t in metric.state_tensors().values():
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+            value = metric.compute()
+
+        ``metric.sync()`` does exactly this (every rank must have called ``update``).
+    """
+
+    def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
+        _check_bins(n_bins)
+        self.n_bins = n_bins
+        super().__init__()
+
+    def update(self, probs: ArrayLike, labels: ArrayLike) -> None:
+        """Adds a batch of probabilities ``[B, K]`` and labels ``[B]``."""
+        probs, labels = check_probs(probs, labels)
+        sums = _top_label_sums(*_top_label(probs, labels), self.n_bins)
+        self._add_sums(count=sums[0], conf_sum=sums[1], correct_sum=sums[2])
+
+    def compute(self) -> float:
+        """The ECE of everything seen since the last ``reset``."""
+        s = self._require_state()
+        sums = torch.stack([s["count"], s["conf_sum"], s["correct_sum"]])
+        return _ece_from(sums, int(s["count"].sum()))
+
+
+class CalibrationMetrics(SummableMetric):
+    """All calibration metrics in one pass: accuracy, NLL, Brier, ECE, adaptive ECE, MCE,
+    class-wise ECE and AURC. ``compute()`` returns a dict keyed by the functions' names,
+    plus ``n``, and equals the functional forms on the same data.
+
+    State: summable float64 tensors (top-label bin sums ``[3, n_bins]``, class-wise sums
+    ``[3, K * n_bins]``, ``[nll_sum, brier_sum]`` and the count) and, because adaptive ECE
+    and AURC need every sample, the per-sample confidences and correctness (lists of
+    tensors, one entry per batch: 5 bytes a sample for float32 input).
+
+    Distributed evaluation:
+        ``all_reduce`` the sums and ``all_gather`` the per-sample tensors::
+
+            import torch.distributed as dist
+            for t in metric.state_tensors().values():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            # confidences and correctness differ in length per rank: gather with padding
+            metric.sync()  # does both, padding for all_gather; call once, on every rank
+            result = metric.compute()
+    """
+
+    def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
+        _check_bins(n_bins)
+        self.n_bins = n_bins
+        super().__init__()
+
+    def update(self, probs: ArrayLike, labels: ArrayLike) -> None:
+        """Adds a batch of probabilities ``[B, K]`` and labels ``[B]``."""
+        probs, labels = check_probs(probs, labels)
+        classes = self._sums.get("classwise")
+        if classes is not None and classes.shape[1] != probs.shape[1] * self.n_bins:
+            k_seen = classes.shape[1] // self.n_bins
+            raise ValueError(
+                f"probs has {probs.shape[1]} classes but earlier batches had {k_seen} — "
+                "call reset() before evaluating a different model"
+            )
+        conf, correct = _top_label(probs, labels)
+        self._add_sums(
+            top=_top_label_sums(conf, correct, self.n_bins),
+            classwise=_classwise_sums(probs, labels, self.n_bins),
+            nll_brier=_nll_brier_sums(probs, labels),
+        )
+        self._add_samples(confidence=conf, correct=correct)
+
+    def compute(self) -> dict[str, float]:
+        """All metrics of everything seen since the last ``reset``."""
+        s = self._require_state()
+        samples = self.sample_tensors()
+        conf, correct = samples["confidence"], samples["correct"]
+        n = conf.numel()
+        top = s["top"]
+        n_classes = s["classwise"].shape[1] // self.n_bins
+        return {
+            "n": n,
+            "accuracy": float(top[2].sum() / n),
+            "nll": float(s["nll_brier"][0] / n),
+            "brier": float(s["nll_brier"][1] / n),
+            "ece": _ece_from(top, n),
+            "adaptive_ece": _adaptive_from(conf, correct, self.n_bins),
+            "mce": _mce_from(top),
+            "classwise_ece": _classwise_from(s["classwise"], n_classes, n),
+            "aurc": _aurc_from(conf, correct),
+        }
