@@ -133,7 +133,13 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
     """
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
-    return CifarResNet((depth - 2) // 6, num_classes)
+    model = CifarResNet((depth - 2) // 6, num_classes)
+    # Lets wrapcal.load rebuild the model by name (only wrapcal.models names are used).
+    model.wrapcal_source = {
+        "name": "cifar_resnet",
+        "kwargs": {"depth": depth, "num_classes": num_classes},
+    }
+    return model
 
 
 def cifar_resnet20(num_classes: int = 10) -> CifarResNet:

@@ -72,13 +72,9 @@ def _model_source(wrapped: WrappedModel) -> dict[str, Any]:
             source = {}
         wrapped.source = source
     if source.get("library") is None:
-        name = getattr(_inner_model(wrapped), "wrapcal_builder", None)
-        if name:
-            source = {
-                "library": "wrapcal",
-                "name": name,
-                "kwargs": {"num_classes": wrapped.num_classes},
-            }
+        known = getattr(_inner_model(wrapped), "wrapcal_source", None)
+        if isinstance(known, dict):
+            source = {"library": "wrapcal", **known}
     return source
 
 
