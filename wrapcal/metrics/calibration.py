@@ -200,9 +200,9 @@ def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
         [
             finite.to(acc),
             safe.amin().to(acc),
-            (safe.to(acc).sum(dim=1) - 1).abs().max(),
-            labels.min().to(acc),
-            labels.max().to(acc),
+            (safe.to(acc).sum(dim=1) - 1).abs().amax(),
+            labels.amin().to(acc),
+            labels.amax().to(acc),
         ]
     ).tolist()
     is_finite, p_min, row_dev, y_min, y_max = stats
@@ -235,8 +235,9 @@ def _bin_index(x: Tensor, n_bins: int) -> Tensor:
 
 
 def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    conf, pred = probs.max(dim=1)
-    return conf, pred == labels
+    # amax + argmax, not max(dim=): the fused op is ~1000x slower on small CPU tensors in
+    # some torch builds. argmax takes the first of tied maxima, as numpy does.
+    return probs.amax(dim=1), probs.argmax(dim=1) == labels
 
 
 def _top_label_sums(conf: Tensor, correct: Tensor, n_bins: int) -> Tensor:
@@ -291,7 +292,7 @@ def _ece_from(sums: Tensor, n: int) -> float:
 
 def _mce_from(sums: Tensor) -> float:
     gaps = (sums[2] - sums[1]).abs() / sums[0].clamp_min(1)
-    return float(gaps[sums[0] > 0].max())
+    return float(gaps[sums[0] > 0].amax())
 
 
 def _classwise_from(sums: Tensor, n_classes: int, n: int) -> float:

@@ -176,8 +176,8 @@ def baseline_scores(logits: ArrayLike) -> dict[str, Tensor]:
         logits = logits.float()
     log_p = torch.log_softmax(logits, dim=1)
     return {
-        "msp": 1 - log_p.max(dim=1).values.exp(),
-        "max_logit": -logits.max(dim=1).values,
+        "msp": 1 - log_p.amax(dim=1).exp(),
+        "max_logit": -logits.amax(dim=1),
         # xlogy-style: p * log p is 0 where p underflows to 0 (log_p finite, p = 0).
         "entropy": -(log_p.exp() * log_p).sum(dim=1),
         "energy": -torch.logsumexp(logits, dim=1),
