@@ -180,16 +180,15 @@ class TorchvisionAdapter:
             if isinstance(module, nn.Linear):
                 path = attr
             elif isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Linear):
-                path = f"{attr}.{len(module) - 1}"
+                path = f"{attr}.{list(module.named_children())[-1][0]}"
             else:
                 continue
             head = model.get_submodule(path)
             _set_submodule(model, path, nn.Identity())
-            source = {
-                "library": "torchvision",
-                "class": type(model).__name__,
-                "kwargs": {"num_classes": head.out_features},
-            }
+            kwargs: dict[str, Any] = {"num_classes": head.out_features}
+            if isinstance(getattr(model, "image_size", None), int):
+                kwargs["image_size"] = model.image_size  # ViT's position embedding depends on it
+            source = {"library": "torchvision", "class": type(model).__name__, "kwargs": kwargs}
             return Split(model, head, kind="torchvision", source=source, head_path=path)
         raise SplitError(
             f"torchvision model {type(model).__name__} has no linear head in "
