@@ -1,0 +1,99 @@
+"""Plugins are found through entry points, built-in and third-party alike."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import SAMPLE_PLUGIN_DIR, SmallNet, sample_plugin_installed
+
+import wrapcal
+from wrapcal import hookspecs, manager
+
+BUILT_IN = {"temperature", "mc_dropout", "label_smoothing", "discrepancy"}
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "wrapcal.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_built_in_plugins_come_from_the_entry_point_group() -> None:
+    registry = wrapcal.plugin_registry()
+    assert set(registry) >= BUILT_IN
+    for name in BUILT_IN:
+        info = registry[name]
+        assert info.package == "wrapcal", name  # registered by the installed distribution
+        assert info.description, f"{name} has no one-line description"
+
+
+def test_sample_third_party_plugin_is_used_by_name(tmp_path) -> None:
+    with sample_plugin_installed(tmp_path):
+        info = wrapcal.plugin_registry()["vector_scaling"]
+        assert (info.package, info.version) == ("wrapcal-vector-scaling", "0.3.1")
+        wrapped = wrapcal.wrap(SmallNet(), plugins=["vector_scaling"])
+        assert type(wrapped.plugins[0]).__name__ == "VectorScaling"
+    assert "vector_scaling" not in wrapcal.plugin_registry()  # uninstalled: gone
+
+
+def test_cli_lists_name_version_package_description(tmp_path) -> None:
+    dist = tmp_path / "wrapcal_vector_scaling-0.3.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: wrapcal-vector-scaling\nVersion: 0.3.1\n"
+    )
+    (dist / "entry_points.txt").write_text("[wrapcal]\nvector_scaling = wrapcal_vector_scaling\n")
+    path = os.pathsep.join(
+        [str(tmp_path), str(SAMPLE_PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]
+    )
+    result = run_cli("plugins", env={"PYTHONPATH": path})
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert result.stdout.splitlines()[0].split() == ["name", "version", "package", "description"]
+    assert lines["vector_scaling"].split()[1:3] == ["0.3.1", "wrapcal-vector-scaling"]
+    assert "Per-class scale and bias" in lines["vector_scaling"]
+    for name in BUILT_IN:
+        assert lines[name].split()[1:3] == [wrapcal.__version__, "wrapcal"]
+
+
+def test_autoload_can_be_turned_off(monkeypatch) -> None:
+    result = run_cli("plugins", env={"WRAPCAL_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    assert result.returncode == 0
+    assert "no plugins installed (entry-point loading is off)" in result.stdout
+    monkeypatch.setenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD", "1")
+    manager.reset()
+    try:
+        with pytest.raises(wrapcal.PluginNotFoundError, match="entry-point loading is off"):
+            wrapcal.wrap(SmallNet(), plugins=["temperature"])
+        # The core's own split adapters are not entry points: wrapping still works.
+        assert wrapcal.wrap(SmallNet(), plugins=[]).split_kind == "module"
+    finally:
+        monkeypatch.delenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD")
+        manager.reset()
+
+
+def hook_specs() -> list[str]:
+    return [
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("wrapcal_")
+    ]
+
+
+def test_every_hook_is_documented() -> None:
+    readme = README.read_text()
+    assert len(hook_specs()) >= 6
+    for name in hook_specs():
+        doc = inspect.getdoc(getattr(hookspecs, name))
+        assert doc and len(doc) > 40, f"hook {name} has no real docstring"
+        assert f"`{name}" in readme, f"hook {name} is not in the README's plugin guide"
