@@ -1,1 +1,103 @@
-"""Placeholder: filled in by its issue."""
+"""Temperature scaling (Guo et al. 2017): one scalar T divides the final logits.
+
+T is fitted by minimising the NLL of the calibration set's logits, as they come out of
+the plugins fitted before it (a retrained head, the discrepancy heads' or MC dropout's
+averaged output, which are log-mean-probabilities and so valid logits). Dividing by
+T > 0 keeps the arg-max, so predictions and accuracy never change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from wrapcal import Plugin, Stage, hookimpl
+from wrapcal.calibrate import fit_temperature
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
+    from wrapcal.cache import FitData
+    from wrapcal.wrapped import WrappedModel
+
+__all__ = ["TemperatureScaler"]
+
+
+class TemperatureScaler(Plugin):
+    """Temperature scaling: divide the logits by one T fitted on calibration data.
+
+    Args:
+        max_iter: Maximum number of solver steps (about 5 are needed; see
+            :func:`wrapcal.calibrate.fit_temperature`).
+
+    Attributes:
+        temperature_: The fitted temperature (a float); the buffer ``temperature``
+            holds it in the saved weights.
+    """
+
+    stage = Stage.CALIBRATE
+    requires_fit = True
+    changes_backbone = False
+
+    def __init__(self, max_iter: int = 100) -> None:
+        super().__init__()
+        self.max_iter = max_iter
+        # float64 so temperature_ returns the fitted value exactly; saved with the model.
+        self.register_buffer("temperature", torch.ones((), dtype=torch.float64))
+
+    @property
+    def temperature_(self) -> float:
+        """The fitted temperature T > 0 (``NotFittedError`` before ``fit``)."""
+        self.check_is_fitted()
+        return float(self.temperature)
+
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError (NotFittedError is one, like sklearn's)
+        # makes Python retry through __getattr__, where nn.Module would replace the
+        # message with "no attribute": re-raise the informative error instead.
+        if name == "temperature_":
+            self.check_is_fitted()
+        return super().__getattr__(name)
+
+    def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
+        """Fit T on logits and labels directly, without a wrapped model.
+
+        Args:
+            logits: ``[N, K]`` logits, or ``[N]`` / ``[N, 1]`` for one binary logit.
+            labels: ``[N]`` class indices.
+
+        Returns:
+            self
+        """
+        self.temperature.fill_(fit_temperature(logits, labels, max_iter=self.max_iter))
+        self.fitted_ = True
+        return self
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """Divide logits by the fitted temperature, in the logits' dtype and device."""
+        self.check_is_fitted()
+        return logits / self.temperature.to(device=logits.device, dtype=logits.dtype)
+
+    @hookimpl
+    def wrapcal_fit(self, wrapped: WrappedModel, data: FitData) -> None:
+        calibration = data.require(
+            "calibration",
+            "temperature",
+            "temperature scaling fits T on held-out labelled data the model was not trained on",
+        )
+        labels = calibration.require_labels("temperature")
+        # The final logits of every plugin fitted before this one; this one is inactive.
+        self.fit(wrapped.head_logits(calibration.features), labels)
+
+    @hookimpl(wrapper=True)
+    def wrapcal_transform_logits(
+        self, wrapped: WrappedModel, logits: torch.Tensor
+    ) -> Generator[None, torch.Tensor, torch.Tensor]:
+        out = yield
+        return self(out)
+
+
+@hookimpl
+def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    register("temperature", TemperatureScaler)
