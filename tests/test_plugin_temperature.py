@@ -365,6 +365,24 @@ def test_plugin_fits_divides_and_keeps_the_argmax(tmp_path):
     assert torch.equal(loaded(x[1000:]), out)
 
 
+def test_plugin_on_a_single_logit_binary_model():
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).eval()
+    x = torch.randn(1200, 8, generator=gen)
+    with torch.no_grad():
+        z = model(x) * 20  # a confident single logit
+        model[2].weight.mul_(20)
+        model[2].bias.mul_(20)
+    y = torch.bernoulli(torch.sigmoid(z[:, 0] / 3.0), generator=gen).long()
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(calibration=(x, y), progress=False)
+    t = wrapped.get_plugin("temperature").temperature_
+    assert t == pytest.approx(scipy_temperature(z.numpy(), y.numpy()), rel=1e-5)
+    assert t == pytest.approx(3.0, rel=0.2)
+    pred = wrapped.predict(x)
+    assert pred.logits.shape == (1200, 1) and pred.probs.shape == (1200, 2)
+    torch.testing.assert_close(pred.probs[:, 1], torch.sigmoid(z[:, 0] / t))
+
+
 def test_plugin_errors_name_the_missing_data():
     model, x, y = small_model_and_data()
     with pytest.raises(DataError, match=r"temperature needs wrapped.fit\(calibration=...\)"):
