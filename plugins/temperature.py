@@ -28,7 +28,7 @@ class TemperatureScaler(Plugin):
     """Temperature scaling: divide the logits by one T fitted on calibration data.
 
     Args:
-        max_iter: Maximum number of solver steps (about 5 are needed; see
+        max_iter: Maximum number of solver steps (4-5 are needed; see
             :func:`wrapcal.calibrate.fit_temperature`).
 
     Attributes:

