@@ -1,1 +1,484 @@
-"""Placeholder: filled in by its issue."""
+"""Two heads that disagree off the data: Yu & Aizawa, ICCV 2019 (MCD OOD detection).
+
+"Unsupervised Out-of-Distribution Detection by Maximum Classifier Discrepancy" trains
+two classifiers on the same features. Both learn the labelled in-distribution (ID) data;
+on unlabelled data (ID and OOD mixed, e.g. production traffic) they are then pushed
+apart. Where both are confident and agree the input looks ID; where they disagree it
+looks OOD. The score is the L1 distance between the two softmax outputs.
+
+What this plugin does, and the choices it makes:
+
+* Heads. Head 1 is the model's own head (``wrapped.head``, trained in place, so it
+  includes any retraining by a label-smoothing plugin fitted before). Head 2 is a
+  submodule of the plugin, a deep copy of the head's *structure* made in
+  ``wrapcal_attach`` (so a saved model rebuilds it), re-initialised at random in
+  ``fit`` with a seeded generator. The paper initialises the two classifiers
+  differently at random; a perturbed copy of head 1 would start both heads in the
+  same basin, and on frozen features a linear head's cross-entropy is convex, so
+  pre-training would pull the copy back onto head 1 and leave the discrepancy to
+  step B alone. A random start is the paper's and costs nothing here.
+* Members. ``wrapcal_head_members`` returns ``[2, N, K]`` = (head 1, head 2) from
+  ``wrapped.head`` directly, not through ``wrapped.call_inner``: what is served must
+  be the pair that was trained, and training updates ``wrapped.head`` itself. An
+  inner implementation of that hook (none among the built-ins) would be bypassed;
+  ``fit`` warns when one answers differently from ``wrapped.head``.
+* Prediction: the core's ``combine_members`` averages the two heads' softmax outputs
+  (log of the mean, as logits); temperature scaling fits on that mean afterwards.
+* Training (``wrapcal_fit``), on the cached features:
+
+  1. pre-training: both heads, cross-entropy on ``data.train`` (``epochs_pretrain``);
+  2. fine-tuning (``epochs``): per labelled mini-batch, paired with an unlabelled one,
+     step A minimises ``CE(h1) + CE(h2)`` on the labelled batch, then step B minimises
+     ``CE(h1) + CE(h2)`` on the labelled batch plus the discrepancy loss on the
+     unlabelled batch (Algorithm 1 of the paper):
+     ``max(0, m - mean_x [H(p1(x)) - H(p2(x))])`` with ``H`` the entropy of each
+     sample's class distribution (sum over classes, then the mean over the batch, NOT
+     the entropy of the batch axis as one public re-implementation computes it) and
+     the margin ``m = 1.2`` (the paper's). Minimising it maximises the entropy gap:
+     head 1 becomes uncertain and head 2 confident on unlabelled inputs that the
+     labelled loss does not pin down, i.e. OOD ones.
+
+  Adam is used for both phases (the paper's SGD schedule was tuned for training a
+  DenseNet end to end; on frozen features Adam converges in a few epochs).
+* ``train_backbone_block``: the paper fine-tunes the whole network. With the dotted
+  name of a backbone submodule (e.g. ``"model.layer3"``), fine-tuning also trains that
+  block, streaming ``data.train.data`` and ``data.unlabeled.data`` through the
+  backbone (only that block trainable; the backbone stays in eval mode so batch-norm
+  statistics are not shifted by the OOD inputs). ``changes_backbone`` is then True,
+  so the core recomputes the cached features for the plugins fitted later.
+* Score ``discrepancy``: ``sum_k |p1_k - p2_k|`` (in [0, 2], higher = more OOD). When
+  a sampler wraps these heads (MC dropout: members ``[T*2, N, K]``, head index
+  fastest) it is computed per sample ``t`` and averaged over ``t``.
+
+The setting of the paper is transductive: the OOD kind to detect is in the unlabelled
+data. OOD kinds absent from it are not guaranteed to be caught.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from wrapcal import Plugin, Stage, hookimpl
+from wrapcal.cache import FitData
+from wrapcal.data import iter_batches
+from wrapcal.errors import DataError
+from wrapcal.probs import logits_to_log_probs, logits_to_probs
+
+__all__ = [
+    "DiscrepancyHeads",
+    "discrepancy_loss",
+    "l1_discrepancy",
+    "per_sample_entropy",
+]
+
+_NAME = "discrepancy"
+
+
+def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each sample's class distribution: ``[..., K]`` -> ``[...]``.
+
+    Computed from log-softmax, so confident logits give 0 rather than NaN.
+    """
+    log_p = logits_to_log_probs(logits)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def discrepancy_loss(
+    logits1: torch.Tensor, logits2: torch.Tensor, margin: float = 1.2
+) -> torch.Tensor:
+    """The paper's unsupervised loss ``max(0, m - mean_x [H(p1(x)) - H(p2(x))])``.
+
+    Args:
+        logits1: Head 1's logits ``[B, K]`` on unlabelled inputs.
+        logits2: Head 2's logits ``[B, K]`` on the same inputs.
+        margin: ``m``; the loss is 0 once the mean entropy gap reaches it.
+
+    Returns:
+        A scalar tensor.
+    """
+    gap = per_sample_entropy(logits1) - per_sample_entropy(logits2)
+    return F.relu(margin - gap.mean())
+
+
+def l1_discrepancy(members: torch.Tensor) -> torch.Tensor:
+    """``sum_k |p1_k - p2_k|`` per sample from members ``[T*2, N, K]`` (head fastest).
+
+    The L1 distance is taken within each pair ``(2t, 2t + 1)`` and averaged over ``t``.
+
+    Raises:
+        ValueError: If the members do not come in pairs.
+    """
+    if members.ndim != 3 or members.shape[0] % 2:
+        raise ValueError(
+            f"the discrepancy score needs members [T*2, N, K] from the two heads; got "
+            f"shape {tuple(members.shape)}. A plugin that changes the members after the "
+            "discrepancy heads must keep the head index fastest"
+        )
+    probs = logits_to_probs(members)
+    pairs = probs.reshape(-1, 2, *probs.shape[1:])
+    return (pairs[:, 0] - pairs[:, 1]).abs().sum(dim=-1).mean(dim=0)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # Through logits_to_log_probs so single-logit binary heads work too.
+    return F.nll_loss(logits_to_log_probs(logits), labels)
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+@torch.no_grad()
+def seeded_reinit(module: nn.Module, seed: int) -> None:
+    """Re-initialise ``module`` like PyTorch's defaults, from a seeded generator.
+
+    Linear and convolution layers get PyTorch's default (Kaiming-uniform weights with
+    ``a = sqrt(5)``, biases uniform in ``±1/sqrt(fan_in)``); normalisation layers
+    their deterministic reset. Values are drawn on the CPU and copied, so the same
+    seed gives the same head on any device. Other parameters keep their values.
+
+    The generator's seed is derived from ``seed`` and a fixed tag: a head that was
+    itself initialised after ``torch.manual_seed(seed)`` would otherwise get the very
+    same draws, and the two heads would start identical.
+    """
+    derived = zlib.crc32(f"wrapcal.discrepancy.head2:{seed}".encode())
+    generator = torch.Generator(device="cpu").manual_seed(derived)
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            weight = torch.empty(m.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+            m.weight.copy_(weight)
+            if m.bias is not None:
+                fan_in = m.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
+                bias = torch.empty(m.bias.shape, dtype=torch.float32)
+                nn.init.uniform_(bias, -bound, bound, generator=generator)
+                m.bias.copy_(bias)
+        elif isinstance(m, _NORMS):
+            m.reset_parameters()
+
+
+class _Batches:
+    """Mini-batches for one epoch: labelled ``(x, y)`` paired with unlabelled ``x``.
+
+    ``x`` are cached features (indexed by a seeded permutation) or raw inputs
+    streamed from the user's data (shuffled the same way when they are tensors or
+    arrays; a loader is read in its own order, and the unlabelled one is cycled).
+    """
+
+    def __init__(self, labelled: Any, unlabelled: Any, batch_size: int, seed: int) -> None:
+        self.labelled = labelled
+        self.unlabelled = unlabelled
+        self.batch_size = batch_size
+        # CPU generator: the same shuffles on any device.
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self._unlabelled_iter: Iterator[torch.Tensor] | None = None
+
+    def _shuffled(self, data: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        x, y = data if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if isinstance(y, np.ndarray):
+            y = torch.from_numpy(y)
+        if isinstance(x, torch.Tensor):
+            perm = torch.randperm(x.shape[0], generator=self.generator)
+            for start in range(0, x.shape[0], self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                yield x[idx.to(x.device)], None if y is None else y[idx.to(y.device)]
+        else:
+            yield from iter_batches(data, self.batch_size)
+
+    def _next_unlabelled(self) -> torch.Tensor:
+        for _ in range(2):  # a fresh pass when the last one ran out
+            if self._unlabelled_iter is None:
+                self._unlabelled_iter = (x for x, _ in self._shuffled(self.unlabelled))
+            x = next(self._unlabelled_iter, None)
+            if x is not None:
+                return x
+            self._unlabelled_iter = None
+        raise DataError("the unlabeled data set is empty")
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(x_labelled, y, x_unlabelled)`` for one pass over the labelled data."""
+        for x, y in self._shuffled(self.labelled):
+            if y is None:
+                raise DataError(
+                    f"plugin {_NAME} needs labels for the 'train' data; pass (X, y) or a "
+                    "loader that yields (x, y) batches"
+                )
+            yield x, y, self._next_unlabelled()
+
+
+class DiscrepancyHeads(Plugin):
+    """Two heads that disagree on OOD inputs (Yu & Aizawa 2019); score "discrepancy"."""
+
+    stage = Stage.HEADS
+    requires_fit = True
+
+    def __init__(
+        self,
+        epochs_pretrain: int = 10,
+        epochs: int = 10,
+        lr: float = 1e-2,
+        margin: float = 1.2,
+        batch_size: int = 128,
+        train_backbone_block: str | None = None,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        """Store the parameters (scikit-learn style).
+
+        Args:
+            epochs_pretrain: Epochs of supervised training of both heads.
+            epochs: Epochs of fine-tuning (steps A and B alternating per mini-batch).
+            lr: Adam learning rate of both phases.
+            margin: ``m`` of the discrepancy loss (the paper: 1.2).
+            batch_size: Mini-batch size, labelled and unlabelled alike.
+            train_backbone_block: Dotted name of a backbone submodule to fine-tune too
+                (streams the data through the backbone), or ``None`` for heads only.
+            seed: Seed of head 2's initialisation and of the shuffles; ``None`` takes
+                the ``seed`` given to ``wrapped.fit``.
+            progress: Show a progress bar (also needs ``wrapped.fit(progress=True)``).
+        """
+        super().__init__()
+        self.epochs_pretrain = epochs_pretrain
+        self.epochs = epochs
+        self.lr = lr
+        self.margin = margin
+        self.batch_size = batch_size
+        self.train_backbone_block = train_backbone_block
+        self.seed = seed
+        self.progress = progress
+
+    @property
+    def changes_backbone(self) -> bool:  # type: ignore[override]
+        """True when fine-tuning trains a backbone block (the core then re-extracts)."""
+        return self.train_backbone_block is not None
+
+    # --- state -------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        # Per-epoch mean losses: how the fit went, readable after loading.
+        return {**super().get_state(), "history": getattr(self, "history_", {})}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        self.history_ = {k: [float(v) for v in vs] for k, vs in state.get("history", {}).items()}
+
+    # --- hooks -------------------------------------------------------------------------
+
+    @hookimpl
+    def wrapcal_attach(self, wrapped: Any) -> None:
+        # The same structure at wrap and at load time; values come from fit or the file.
+        self.head2 = copy.deepcopy(wrapped.head)
+
+    @hookimpl
+    def wrapcal_head_members(self, wrapped: Any, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([wrapped.head(features), self.head2(features)])
+
+    @hookimpl
+    def wrapcal_scores(
+        self, wrapped: Any, members: torch.Tensor, probs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return {"discrepancy": l1_discrepancy(members)}
+
+    @hookimpl
+    def wrapcal_fit(self, wrapped: Any, data: FitData) -> None:
+        train = data.require("train", _NAME, "labelled in-distribution data for both heads")
+        labels = train.require_labels(_NAME)
+        unlabeled = data.require(
+            "unlabeled",
+            _NAME,
+            "unlabelled data (in-distribution and OOD mixed, e.g. production traffic) on "
+            "which the two heads learn to disagree",
+        )
+        seed = int(data.options.get("seed", 0) if self.seed is None else self.seed)
+        progress = bool(self.progress and data.options.get("progress", True))
+        block = self._backbone_block(wrapped, train.data, unlabeled.data)
+        self._warn_if_inner_members(wrapped, train.features[:16])
+
+        seeded_reinit(self.head2, seed)
+        heads = [wrapped.head, self.head2]
+        params = [p for h in heads for p in h.parameters()]
+        frozen = {p: p.requires_grad for p in [*params, *wrapped.backbone.parameters()]}
+        modes = {m: m.training for m in [*heads, wrapped.backbone]}
+        self.history_ = {"pretrain": [], "loss_a": [], "loss_b": [], "discrepancy": []}
+        bar = tqdm(
+            total=self.epochs_pretrain + self.epochs,
+            desc=_NAME,
+            unit="epoch",
+            disable=not progress,
+        )
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            for h in heads:
+                h.train()
+            with torch.enable_grad():
+                self._pretrain(heads, params, train.features, labels, seed, bar)
+                if block is None:
+                    batches = _Batches(
+                        (train.features, labels), unlabeled.features, self.batch_size, seed + 1
+                    )
+                    self._finetune(heads, params, batches, lambda x: x, bar)
+                else:
+                    params = params + self._unfreeze(wrapped.backbone, block)
+                    wrapped.backbone.eval()
+                    batches = _Batches(train.data, unlabeled.data, self.batch_size, seed + 1)
+                    self._finetune(heads, params, batches, self._embedder(wrapped), bar)
+        finally:
+            bar.close()
+            for p, flag in frozen.items():
+                p.requires_grad_(flag)
+            for m, mode in modes.items():
+                m.train(mode)
+
+    # --- training ----------------------------------------------------------------------
+
+    def _pretrain(
+        self,
+        heads: list[nn.Module],
+        params: list[torch.Tensor],
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+        bar: tqdm,
+    ) -> None:
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        n = features.shape[0]
+        for _ in range(self.epochs_pretrain):
+            perm = torch.randperm(n, generator=generator).to(features.device)
+            total = torch.zeros((), device=features.device)
+            for start in range(0, n, self.batch_size):
+                idx = perm[start : start + self.batch_size]
+                f, y = features[idx], labels[idx]
+                loss = sum(_cross_entropy(h(f), y) for h in heads)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * idx.numel()
+            self.history_["pretrain"].append(float(total / n))
+            bar.set_postfix(ce=self.history_["pretrain"][-1])
+            bar.update()
+
+    def _finetune(
+        self,
+        heads: list[nn.Module],
+        params: list[torch.Tensor],
+        batches: _Batches,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        bar: tqdm,
+    ) -> None:
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        h1, h2 = heads
+
+        def supervised(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            f = embed(x)
+            return _cross_entropy(h1(f), y) + _cross_entropy(h2(f), y)
+
+        for _ in range(self.epochs):
+            sums = {k: 0.0 for k in ("loss_a", "loss_b", "discrepancy")}
+            steps = 0
+            for x, y, xu in batches.epoch():
+                y = y.to(params[0].device)
+                # Step A: classify the labelled batch.
+                loss_a = supervised(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss_a.backward()
+                optimizer.step()
+                # Step B: keep classifying it while the heads move apart on unlabelled data
+                # (features recomputed: a trained backbone block changed in step A).
+                fu = embed(xu)
+                disc = discrepancy_loss(h1(fu), h2(fu), self.margin)
+                loss_b = supervised(x, y) + disc
+                optimizer.zero_grad(set_to_none=True)
+                loss_b.backward()
+                optimizer.step()
+                for k, v in (("loss_a", loss_a), ("loss_b", loss_b), ("discrepancy", disc)):
+                    sums[k] += float(v.detach())
+                steps += 1
+            for k, v in sums.items():
+                self.history_[k].append(v / max(steps, 1))
+            bar.set_postfix(disc=self.history_["discrepancy"][-1])
+            bar.update()
+
+    # --- backbone block ----------------------------------------------------------------
+
+    def _backbone_block(self, wrapped: Any, train_data: Any, unlabeled_data: Any) -> Any:
+        if self.train_backbone_block is None:
+            return None
+        try:
+            block = wrapped.backbone.get_submodule(self.train_backbone_block)
+        except AttributeError as err:
+            names = [n for n, m in wrapped.backbone.named_children()]
+            raise ValueError(
+                f"train_backbone_block={self.train_backbone_block!r} is not a submodule of "
+                f"the backbone; its top-level children are {names} (use dotted names, e.g. "
+                "'model.layer3')"
+            ) from err
+        if not any(True for _ in block.parameters()):
+            raise ValueError(
+                f"train_backbone_block={self.train_backbone_block!r} has no parameters to train"
+            )
+        if train_data is None or unlabeled_data is None:
+            raise DataError(
+                f"plugin {_NAME} with train_backbone_block streams the inputs through the "
+                "backbone: call wrapped.fit(train=..., unlabeled=...) with the data, not "
+                "fit_features"
+            )
+        return block
+
+    @staticmethod
+    def _unfreeze(backbone: nn.Module, block: nn.Module) -> list[torch.Tensor]:
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        params = list(block.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    @staticmethod
+    def _embedder(wrapped: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        param = next(wrapped.backbone.parameters())
+
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            features = wrapped.backbone(x.to(device=param.device, dtype=param.dtype))
+            if features.ndim != 2:
+                raise DataError(
+                    f"the backbone returned features of shape {tuple(features.shape)}; "
+                    "expected [batch, features]"
+                )
+            return features
+
+        return embed
+
+    def _warn_if_inner_members(self, wrapped: Any, features: torch.Tensor) -> None:
+        with torch.no_grad():
+            inner = wrapped.call_inner(
+                "wrapcal_head_members", self, wrapped=wrapped, features=features
+            )
+            own = wrapped.head(features)
+        if inner.shape[0] != 1 or not torch.allclose(inner[0], own, atol=1e-5, rtol=1e-4):
+            warnings.warn(
+                f"plugin {_NAME} replaces the members of an inner wrapcal_head_members "
+                f"implementation ({inner.shape[0]} members that differ from wrapped.head) "
+                "by its two heads; put that plugin after the discrepancy heads (a later "
+                "stage) to wrap them instead",
+                stacklevel=2,
+            )
+
+
+@hookimpl
+def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    register(_NAME, DiscrepancyHeads)
