@@ -23,7 +23,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from shared_data import SHARED_DATA, cifar10, pretrained_resnet20, requires_shared_data
+from shared_data import (
+    SHARED_DATA,
+    cifar10,
+    pretrained_resnet20,
+    requires_shared_data,
+    resnet20_outputs,
+)
 from wrapcal_plugins.temperature import TemperatureScaler
 
 import wrapcal
@@ -419,6 +425,26 @@ def test_temperature_composes_after_other_plugins_in_any_order(doubler):
     assert torch.equal(outputs[0], outputs[1])
     # And the calibrated output is the same model: 2z / (2T) = z / T.
     torch.testing.assert_close(outputs[0], alone(x[1000:]), rtol=1e-5, atol=1e-6)
+
+
+@requires_shared_data
+@pytest.mark.filterwarnings("ignore:mc_dropout")
+def test_temperature_fits_on_the_mc_dropout_mean():
+    # A real sampling plugin below it: T is fitted on the MC mean (log-mean-probabilities).
+    out = resnet20_outputs()
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(10000))
+    cal, ev = perm[:5000], perm[5000:]
+    feats, labels = out["test_features"], out["test_labels"]
+    mc = ("mc_dropout", {"samples": 10})
+    mc_only = wrapcal.wrap(pretrained_resnet20(), [mc])
+    mc_only.fit_features(calibration=(feats[cal], labels[cal]), progress=False)
+    both = wrapcal.wrap(pretrained_resnet20(), ["temperature", mc])
+    both.fit_features(calibration=(feats[cal], labels[cal]), progress=False)
+    t = both.get_plugin("temperature").temperature_
+    assert t == fit_temperature(mc_only.head_logits(feats[cal]), labels[cal])
+    torch.testing.assert_close(both.head_logits(feats[ev]), mc_only.head_logits(feats[ev]) / t)
+    # Averaging samples already softens the output: less temperature is left to fit.
+    assert 1 < t < fit_temperature(out["test_logits"][cal], labels[cal])
 
 
 # --- real logits of published CIFAR ResNets ------------------------------------------
