@@ -4,6 +4,7 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
+from wrapcal.calibrate import fit_temperature
 from wrapcal.errors import (
     DataError,
     NotFittedError,
@@ -35,6 +36,7 @@ __all__ = [
     "WrapcalError",
     "WrappedModel",
     "__version__",
+    "fit_temperature",
     "get_plugin_manager",
     "hookimpl",
     "hookspec",
