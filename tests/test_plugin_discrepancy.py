@@ -221,6 +221,7 @@ def test_prediction_is_mean_of_head_softmax(toy):
 
 
 def test_seed_determinism_and_user_model_untouched():
+    threads = torch.get_num_threads()
     model = toy_model()
     before = copy.deepcopy(model.state_dict())
     x, y = blobs(100, seed=0)
@@ -232,6 +233,7 @@ def test_seed_determinism_and_user_model_untouched():
         heads.append(w.get_plugin("discrepancy").head2.weight.detach().clone())
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
     assert not torch.equal(heads[0], heads[2])
+    assert torch.get_num_threads() == threads  # the one-thread training restored it
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
 
