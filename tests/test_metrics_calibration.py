@@ -476,3 +476,21 @@ def test_sync_across_two_processes(tmp_path):
         assert result["ood"] == pytest.approx(
             ood_metrics(scores[~is_ood], scores[is_ood]), abs=1e-12
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    from wrapcal.metrics import auroc_bootstrap, ood_metrics
+
+    probs, labels = calibrated_sample(5000, 10, seed=10, sharpen=1.5)
+    p, y = torch.from_numpy(probs).float(), torch.from_numpy(labels)
+    on_cpu, on_gpu = CalibrationMetrics(), CalibrationMetrics()
+    on_cpu.update(p, y)
+    on_gpu.update(p.cuda(), y.cuda())
+    assert on_gpu.compute() == pytest.approx(on_cpu.compute(), abs=1e-9)
+    assert on_gpu.state_tensors()["top"].device.type == "cuda"
+    s_in, s_out = torch.randn(3000), torch.randn(2000) + 1
+    assert ood_metrics(s_in.cuda(), s_out.cuda()) == pytest.approx(ood_metrics(s_in, s_out))
+    low, high = auroc_bootstrap(s_in.cuda(), s_out.cuda(), n_resamples=200)
+    assert low < ood_metrics(s_in, s_out)["auroc"] < high
+    assert ece_bootstrap(p.cuda(), y.cuda(), n_resamples=200)[0] < ece(p, y)

@@ -2,7 +2,7 @@
 
 A resample is a row of an index matrix ``[B, N]`` drawn with replacement from a seeded
 ``torch.Generator`` on the data's device; the metric is computed for a whole chunk of
-rows at once (``bincount`` over (resample, bin) slots for ECE, a batched ``searchsorted``
+rows at once (a scatter-add over (resample, bin) slots for ECE, a batched ``searchsorted``
 for AUROC). Chunks bound the memory to about ``chunk_elements`` indices whatever N and B.
 The interval is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the B values
 (linear interpolation, as ``numpy.percentile``). The same seed and chunk size give the same
@@ -25,6 +25,7 @@ from wrapcal.metrics.calibration import (
     _top_label,
     acc_dtype,
     check_probs,
+    scatter_sum,
 )
 from wrapcal.metrics.ood import check_scores
 
@@ -55,8 +56,7 @@ def _ece_rows(bins: Tensor, gap: Tensor, index: Tensor, n_bins: int) -> Tensor:
     """ECE of each row of ``index`` ``[b, N]`` from per-sample bins and signed gaps."""
     b, n = index.shape
     rows = torch.arange(b, device=index.device)[:, None] * n_bins
-    slot = (bins[index] + rows).ravel()
-    sums = torch.bincount(slot, weights=gap[index].ravel(), minlength=b * n_bins)
+    sums = scatter_sum((bins[index] + rows).ravel(), gap[index].ravel(), b * n_bins)
     # ECE = sum_bins |sum of (correct - confidence)| / N, see calibration._ece_from.
     return sums.view(b, n_bins).abs().sum(dim=1) / n
 

@@ -5,19 +5,23 @@ Conventions (the ones users check first):
 * ECE is top-label, L1, over ``n_bins = 15`` equal-width bins on (0, 1]: bin ``i`` holds
   the confidences in ``(i/n, (i+1)/n]`` (a confidence of exactly 0 goes to bin 0), and each
   bin's ``|accuracy - confidence|`` is weighted by the share of samples in it
-  (Guo et al. 2017). The bin edges are ``i / n`` computed in float64.
+  (Guo et al. 2017). Values are compared with ``i / n`` exactly (the edges are rounded
+  down to the input dtype), so a value on an edge always lands in the lower bin.
 * Adaptive ECE uses equal-mass bins, MCE the worst non-empty bin, class-wise ECE bins every
   class's probability of every sample (Kull et al. 2019; Nixon et al. 2019).
 * Brier is the multiclass score ``mean_n sum_k (p_nk - onehot_nk)^2`` (range [0, 2]);
   NLL is ``mean_n -log p_{n,y_n}`` with ``p`` clamped at the dtype's smallest normal number.
 
-Per-sample quantities are computed in the input precision (half precision is upcast to
-float32); every sum is accumulated in float64, so 10^6 samples stay exact to ~1e-12.
+Per-sample (and per-row) quantities are computed in the input precision (half precision
+is upcast to float32, never to float64, which would copy ``[N, K]``); sums over samples
+are accumulated in float64, so they add no error of their own even at 10^6 samples.
 The functional forms return Python floats; the classes accumulate state over batches and
 their ``compute()`` equals the functional forms on the concatenated data.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -25,9 +29,9 @@ from torch import Tensor
 
 ArrayLike = Tensor | np.ndarray
 DEFAULT_BINS = 15
-# Rows are summed in float64 and may drift from 1 by float32 rounding; logits never pass.
+# Row sums drift from 1 by rounding (~1e-6 in float32); logits never pass.
 _ROW_SUM_TOL = 1e-3
-# Elements per [rows, K] temporary (bin indices, float64 copies): ~32 MB at int64.
+# Elements per [rows, K] temporary (masks, Brier's scatter copy): ~16 MB of float32.
 _CHUNK_ELEMENTS = 1 << 22
 
 __all__ = [
@@ -57,6 +61,19 @@ def row_chunks(n_rows: int, n_cols: int, budget: int = _CHUNK_ELEMENTS):
     step = max(1, budget // max(n_cols, 1))
     for lo in range(0, n_rows, step):
         yield lo, min(lo + step, n_rows)
+
+
+def scatter_sum(index: Tensor, values: Tensor | float, size: int) -> Tensor:
+    """``out[j] = sum of values[index == j]``, accumulated in float64.
+
+    ``index_add_`` rather than ``bincount``: under ``torch.use_deterministic_algorithms``
+    it is deterministic on CUDA, where a weighted ``bincount`` raises.
+    """
+    acc = acc_dtype(index.device)
+    out = torch.zeros(size, dtype=acc, device=index.device)
+    if not isinstance(values, Tensor):
+        values = torch.full(index.shape, values, dtype=acc, device=index.device)
+    return out.index_add_(0, index, values.to(acc))
 
 
 def _all_gather_cat(t: Tensor, group=None) -> Tensor:
@@ -192,15 +209,15 @@ def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
             f"labels must be integer class indices; got {labels.dtype} — use labels.long()"
         )
     labels = labels.long()
-    # One stacked reduction, so validation costs one device sync rather than five.
+    # One stacked reduction, so validation costs one device sync rather than five, and no
+    # [N, K] temporary: a row sum is finite exactly when the row is.
     acc = acc_dtype(probs.device)
-    finite = probs.isfinite().all()
-    safe = torch.where(finite, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+    row_sums = probs.sum(dim=1).to(acc)
     stats = torch.stack(
         [
-            finite.to(acc),
-            safe.amin().to(acc),
-            (safe.to(acc).sum(dim=1) - 1).abs().amax(),
+            row_sums.isfinite().all().to(acc),
+            probs.amin().to(acc),
+            (row_sums - 1).abs().amax(),
             labels.amin().to(acc),
             labels.amax().to(acc),
         ]
@@ -226,12 +243,22 @@ def _check_bins(n_bins: int) -> None:
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
 
 
+def _edges(n_bins: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Inner bin edges ``i / n`` rounded DOWN to ``dtype``.
+
+    For ``x`` of that dtype, ``x <= edge`` holds exactly when ``x <= i / n`` in real
+    numbers, so binning needs no float64 copy of ``x`` and no value changes bin.
+    """
+    exact = torch.arange(1, n_bins, device=device, dtype=acc_dtype(device)) / n_bins
+    edges = exact.to(dtype)
+    above = edges.to(exact.dtype) > exact
+    return torch.where(above, torch.nextafter(edges, torch.full_like(edges, -math.inf)), edges)
+
+
 def _bin_index(x: Tensor, n_bins: int) -> Tensor:
     """Equal-width bin of each value: bin ``i`` holds ``(i/n, (i+1)/n]``, 0 goes to bin 0."""
-    acc = acc_dtype(x.device)
-    edges = torch.arange(1, n_bins, device=x.device, dtype=acc) / n_bins
     # right=False gives edges[i-1] < x <= edges[i], i.e. bins closed on the right.
-    return torch.bucketize(x.to(acc), edges)
+    return torch.bucketize(x, _edges(n_bins, x.dtype, x.device))
 
 
 def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -242,46 +269,60 @@ def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def _top_label_sums(conf: Tensor, correct: Tensor, n_bins: int) -> Tensor:
     """Per-bin ``[count, confidence sum, correct sum]`` as a float64 ``[3, n_bins]`` tensor."""
-    acc = acc_dtype(conf.device)
     bins = _bin_index(conf, n_bins)
     return torch.stack(
         [
-            torch.bincount(bins, minlength=n_bins).to(acc),
-            torch.bincount(bins, weights=conf.to(acc), minlength=n_bins),
-            torch.bincount(bins, weights=correct.to(acc), minlength=n_bins),
+            scatter_sum(bins, 1.0, n_bins),
+            scatter_sum(bins, conf, n_bins),
+            scatter_sum(bins, correct, n_bins),
         ]
     )
 
 
 def _classwise_sums(probs: Tensor, labels: Tensor, n_bins: int) -> Tensor:
-    """Per (class, bin) ``[count, p_k sum, label==k count]``, a float64 ``[3, K * n_bins]``."""
-    k = probs.shape[1]
+    """Per (class, bin) ``[count, p_k sum, label==k count]``, a float64 ``[3, K * n_bins]``.
+
+    Most of the N x K probabilities fall in bin 0 (below 1/n_bins: at most n_bins - 1
+    classes of a row can be above it), so only the others are binned; bin 0 gets what
+    is left of each class's total count and probability sum.
+    """
+    n, k = probs.shape
     acc = acc_dtype(probs.device)
-    sums = torch.zeros(3, k * n_bins, dtype=acc, device=probs.device)
-    offsets = torch.arange(k, device=probs.device) * n_bins
-    # Row chunks bound the [rows, K] temporaries (bin indices, float64 copies).
-    for lo, hi in row_chunks(probs.shape[0], k):
-        p, y = probs[lo:hi], labels[lo:hi]
-        slot = _bin_index(p, n_bins) + offsets
-        sums[0] += torch.bincount(slot.ravel(), minlength=k * n_bins).to(acc)
-        sums[1] += torch.bincount(slot.ravel(), weights=p.ravel().to(acc), minlength=k * n_bins)
-        # The one-hot target is 1 only at (n, y_n): count those slots, no one-hot matrix.
-        hit = slot.gather(1, y[:, None]).squeeze(1)
-        sums[2] += torch.bincount(hit, minlength=k * n_bins).to(acc)
-    return sums
+    sums = torch.zeros(3, k, n_bins, dtype=acc, device=probs.device)
+    col_sums = torch.zeros(k, dtype=acc, device=probs.device)
+    # p > 1 / n_bins, compared exactly as _bin_index does (no edge when n_bins == 1).
+    first_edge = _edges(n_bins, probs.dtype, probs.device)[0] if n_bins > 1 else math.inf
+    # Row chunks bound the [rows, K] temporaries (the mask, the indices of the entries).
+    for lo, hi in row_chunks(n, k):
+        p = probs[lo:hi]
+        # Summed in the input dtype: sum(dtype=float64) would copy the chunk to float64.
+        col_sums += p.sum(dim=0).to(acc)
+        rows, cols = (p > first_edge).nonzero(as_tuple=True)
+        values = p[rows, cols]
+        slot = cols * n_bins + _bin_index(values, n_bins)
+        sums[0].view(-1).add_(scatter_sum(slot, 1.0, k * n_bins))
+        sums[1].view(-1).add_(scatter_sum(slot, values, k * n_bins))
+    sums[0, :, 0] = n - sums[0, :, 1:].sum(dim=1)
+    sums[1, :, 0] = col_sums - sums[1, :, 1:].sum(dim=1)
+    # The one-hot target is 1 only at (n, y_n): bin p_{n, y_n}, no one-hot matrix.
+    p_y = probs.gather(1, labels[:, None]).squeeze(1)
+    hit = labels * n_bins + _bin_index(p_y, n_bins)
+    sums[2].view(-1).add_(scatter_sum(hit, 1.0, k * n_bins))
+    return sums.view(3, k * n_bins)
 
 
 def _nll_brier_sums(probs: Tensor, labels: Tensor) -> Tensor:
     """``[sum of -log p_y, sum of Brier terms]`` in float64."""
     acc = acc_dtype(probs.device)
-    tiny = torch.finfo(probs.dtype).tiny
+    p_y = probs.gather(1, labels[:, None]).squeeze(1)
     sums = torch.zeros(2, dtype=acc, device=probs.device)
+    sums[0] = -p_y.to(acc).clamp_min(torch.finfo(probs.dtype).tiny).log().sum()
     for lo, hi in row_chunks(probs.shape[0], probs.shape[1]):
-        p = probs[lo:hi].to(acc)
-        p_y = p.gather(1, labels[lo:hi, None]).squeeze(1)
-        sums[0] -= p_y.clamp_min(tiny).log().sum()
-        # sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_y + 1, without building the one-hot.
-        sums[1] += ((p * p).sum(dim=1) - 2 * p_y + 1).sum()
+        # sum_k (p_k - onehot_k)^2 = sum_{k != y} p_k^2 + (1 - p_y)^2: no one-hot matrix,
+        # and no cancellation for confident, correct rows (unlike sum p^2 - 2 p_y + 1).
+        others = probs[lo:hi].scatter(1, labels[lo:hi, None], 0)
+        wrong = torch.linalg.vector_norm(others, dim=1).to(acc).square()
+        sums[1] += (wrong + (1 - p_y[lo:hi].to(acc)).square()).sum()
     return sums
 
 
@@ -313,7 +354,7 @@ def _adaptive_from(conf: Tensor, correct: Tensor, n_bins: int) -> float:
     big = r * (q + 1)  # the first r groups hold q + 1 samples, the others q
     group = torch.where(rank < big, rank // (q + 1), r + (rank - big) // max(q, 1))
     gap = correct[order].to(acc) - conf[order].to(acc)
-    return float(torch.bincount(group, weights=gap, minlength=n_bins).abs().sum() / n)
+    return float(scatter_sum(group, gap, n_bins).abs().sum() / n)
 
 
 def _aurc_from(conf: Tensor, correct: Tensor) -> float:
