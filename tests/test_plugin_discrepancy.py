@@ -250,6 +250,24 @@ def test_save_load_roundtrip(toy, tmp_path):
     assert any(k.endswith("head2.weight") for k in loaded.state_dict())
 
 
+def test_single_logit_binary_head():
+    torch.manual_seed(0)  # the toy model's own init
+    model = nn.Sequential(nn.Identity(), nn.Linear(2, 1)).eval()
+    x, y = blobs(200, seed=0)
+    unl = torch.cat([blobs(100, seed=1)[0], far_points(100, seed=2)])
+    w = wrapcal.wrap(model, [("discrepancy", {"epochs_pretrain": 5, "epochs": 5})])
+    w.fit_features(train=(x, y), unlabeled=unl, progress=False)
+    xt = torch.cat([blobs(50, seed=3)[0], far_points(50, seed=4)])
+    pred = w.predict(xt)
+    assert pred.logits.shape == (100, 1) and pred.probs.shape == (100, 2)
+    with torch.no_grad():
+        p1 = torch.sigmoid(w.head(xt))
+        p2 = torch.sigmoid(w.get_plugin("discrepancy").head2(xt))
+    # Two columns (1 - p, p): the L1 distance is twice the difference of p.
+    torch.testing.assert_close(pred.scores["discrepancy"], 2 * (p1 - p2).abs()[:, 0])
+    assert pred.scores["discrepancy"][50:].mean() > pred.scores["discrepancy"][:50].mean()
+
+
 # --- errors ----------------------------------------------------------------------------
 
 
