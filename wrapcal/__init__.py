@@ -4,6 +4,7 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
+from wrapcal import metrics
 from wrapcal.calibrate import fit_temperature
 from wrapcal.errors import (
     DataError,
@@ -41,6 +42,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "load",
+    "metrics",
     "plugin_registry",
     "wrap",
 ]

@@ -48,10 +48,10 @@ class _CoreHooks:
     def wrapcal_scores(
         self, wrapped: WrappedModel, members: torch.Tensor, probs: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
+        scores = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
         if members.shape[0] == 1 and members.shape[-1] > 1:
             # Logit-based baselines only mean something for a single set of logits.
-            scores["max_logit"] = -members[0].max(dim=-1).values
+            scores["max_logit"] = -members[0].amax(dim=-1)
             scores["energy"] = -torch.logsumexp(members[0], dim=-1)
         return scores
 
