@@ -130,6 +130,19 @@ class TinyCNN(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 2).flatten(1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run this module on one intra-op thread, as the plugin does for small heads.
+
+    The CNN and head fits here are many millisecond-sized ops; on a shared 2-core
+    machine a second thread's synchronisation made them 3-8x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def digits_data():
     return digits()
@@ -390,7 +403,8 @@ def test_scope_all_is_seeded_and_runs_without_calibration(trained_cnn, digits_da
     def run(seed: int) -> tuple[wrapcal.WrappedModel, LabelSmoothing]:
         plugin = LabelSmoothing(scope="all", epochs=2, batch_size=64, optimizer="adam", lr=1e-3)
         wrapped = wrapcal.wrap(trained_cnn, [plugin])
-        wrapped.fit(train=digits_data.train, seed=seed, progress=False)
+        x, y = digits_data.train
+        wrapped.fit(train=(x[:400], y[:400]), seed=seed, progress=False)
         return wrapped, plugin
 
     (a, pa), (b, _), (c, _) = run(0), run(0), run(1)
@@ -573,3 +587,21 @@ def test_table_label_smoothing_vs_temperature_on_resnet20():
     assert 0.9 < auto_ts["T"] < 1.1
     # A fixed alpha = 0.1 over-smooths 10 classes into underconfidence (T < 1 undoes it).
     assert over["conf"] < over["acc"] - 0.05 and by[over["row"] + " + temperature"]["T"] < 1
+
+
+def test_small_cpu_head_fits_run_on_one_thread_and_restore_the_setting():
+    x, y = blobs(200, 1)
+    seen: list[int] = []
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return F.cross_entropy(logits, labels)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fit_head_lbfgs(nn.Linear(D, K), x, y, loss, max_iter=5)
+        train_head(nn.Linear(D, K), x, y, loss, epochs=1)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
