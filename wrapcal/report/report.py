@@ -1,0 +1,307 @@
+"""``Report``: the results of :func:`wrapcal.report.evaluate`, as data, JSON, Markdown, HTML.
+
+A report is a plain dict of numbers and words (``to_dict``), so it serialises to JSON
+as it is; it also keeps the models' outputs (probabilities, labels and scores on the
+CPU) to draw the figures when it is saved. ``save(dir)`` writes ``report.html`` (one
+self-contained file, figures embedded), ``report.md``, ``report.json`` and the figures
+as PNG files under ``figures/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import platform
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from wrapcal.report import render
+from wrapcal.report.plots import reliability_diagram, roc_curves, score_histograms
+
+if TYPE_CHECKING:
+    from wrapcal.report.evaluate import ModelOutputs
+
+__all__ = ["FigureFile", "Report", "conventions"]
+
+_DPI = 100
+
+
+@dataclass
+class FigureFile:
+    """A figure of the report, rendered to PNG.
+
+    Attributes:
+        kind: ``"reliability"`` or ``"ood"``.
+        model: The model's name.
+        score: The OOD score's name (``None`` for a reliability diagram).
+        title: A caption.
+        filename: Its file name under ``figures/``.
+        png: The PNG bytes.
+    """
+
+    kind: str
+    model: str
+    score: str | None
+    title: str
+    filename: str
+    png: bytes
+
+
+def conventions(n_bins: int, bootstrap: int, seed: int, level: float) -> dict[str, str]:
+    """The conventions of the metrics, in words, as the report states them."""
+    pct = f"{100 * level:g}%"
+    if bootstrap:
+        boot = (
+            f"{pct} intervals are percentile bootstrap intervals from B = {bootstrap} "
+            f"resamples drawn with seed {seed}: ECE resamples the test set; AUROC resamples "
+            "the in-distribution and the OOD samples separately, keeping both set sizes."
+        )
+    else:
+        boot = "No bootstrap intervals were computed (bootstrap = 0)."
+    return {
+        "ece": (
+            f"ECE is top-label, L1, {n_bins} equal-width bins over (0, 1], weighted by bin "
+            f"mass; adaptive ECE uses equal-mass bins ({n_bins} of them); MCE is the largest "
+            "gap of a non-empty bin; class-wise ECE is the binned ECE of each class's "
+            "probability, averaged over the classes (Guo et al. 2017; Kull et al. 2019)."
+        ),
+        "ood": (
+            "in-distribution is the positive class; FPR@95TPR is the share "
+            "of OOD samples accepted when 95% of in-distribution samples are accepted; "
+            "scores are higher = more OOD. AUPR-In ranks by -score with in-distribution "
+            "positive, AUPR-Out by score with OOD positive."
+        ),
+        "scores": (
+            "msp = 1 - max probability; max_logit = -max logit; entropy of the "
+            "predictive distribution (nats); energy = -logsumexp(logits). Wrapped models add "
+            "the scores of their plugins."
+        ),
+        "other": (
+            "NLL is the mean -log p(true class); Brier is the multiclass Brier score "
+            "sum_k (p_k - onehot_k)^2 averaged over samples (range 0 to 2); AURC is the area "
+            "under the risk-coverage curve ranked by confidence (lower is better)."
+        ),
+        "bootstrap": boot,
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("wrapcal")
+    except Exception:  # not installed: the source tree's version
+        from wrapcal import __version__
+
+        return __version__
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf are not JSON: they become ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    # Figures are built without pyplot (nothing to plt.close); clearing frees the artists.
+    fig.clear()
+    return buf.getvalue()
+
+
+def _ood_figure(out: ModelOutputs, score: str) -> Figure:
+    s_in = out.test.scores[score]
+    s_out = {name: o.scores[score] for name, o in out.ood.items() if score in o.scores}
+    fig = Figure(figsize=(10.5, 4.2))
+    FigureCanvasAgg(fig)
+    hist_ax, roc_ax = fig.subplots(1, 2, width_ratios=[1.45, 1])
+    score_histograms(s_in, s_out, score, ax=hist_ax)
+    roc_curves(s_in, s_out, score, ax=roc_ax)
+    fig.suptitle(f"{out.name}: {score}", fontweight="bold")
+    # Fixed margins: a constrained layout would draw the figure twice (slow, ~0.5 s).
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.86, wspace=0.18)
+    return fig
+
+
+class Report:
+    """Results of :func:`~wrapcal.report.evaluate`: calibration and OOD tables, metadata.
+
+    Create it with ``evaluate``; ``Report(data)`` rebuilds one from ``to_dict()`` (no
+    figures then: those need the models' outputs).
+    """
+
+    def __init__(self, data: dict[str, Any], outputs: dict[str, ModelOutputs] | None = None):
+        self._data = data
+        self._outputs = outputs or {}
+
+    @classmethod
+    def build(
+        cls,
+        outputs: dict[str, ModelOutputs],
+        calibration: dict[str, dict[str, Any]],
+        ood: dict[str, dict[str, dict[str, dict[str, Any]]]],
+        settings: dict[str, Any],
+    ) -> Report:
+        """Assemble a report from ``evaluate``'s outputs and metrics."""
+        first = next(iter(outputs.values()))
+        models = {}
+        for name, out in outputs.items():
+            ood_seconds = {k: o.seconds for k, o in out.ood.items()}
+            models[name] = {
+                **out.info,
+                "num_classes": int(out.test.probs.shape[1]),
+                "scores": list(out.test.scores),
+                "seconds": {
+                    "test": out.test.seconds,
+                    "ood": ood_seconds,
+                    "total": out.test.seconds + sum(ood_seconds.values()),
+                },
+            }
+        data = {
+            "title": "wrapcal evaluation report",
+            "wrapcal_version": _version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(terse=True),
+            },
+            "settings": dict(settings),
+            "conventions": conventions(
+                settings["n_bins"], settings["bootstrap"], settings["seed"], settings["level"]
+            ),
+            "data": {
+                "test": {"n": len(first.test.probs), "num_classes": int(first.test.probs.shape[1])},
+                "ood": {name: {"n": len(o.probs)} for name, o in first.ood.items()},
+            },
+            "models": models,
+            "calibration": calibration,
+            "ood": ood,
+        }
+        return cls(_finite(data), outputs)
+
+    # --- data --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything in the report as plain Python values (a deep copy)."""
+        return copy.deepcopy(self._data)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON (``json.loads(report.to_json()) == report.to_dict()``)."""
+        return json.dumps(self._data, indent=indent, allow_nan=False)
+
+    def to_markdown(self) -> str:
+        """The report as Markdown: metadata, conventions and the tables."""
+        return render.markdown(self._data)
+
+    def to_html(self) -> str:
+        """The report as one self-contained HTML page, figures embedded."""
+        return render.html(self._data, self.figures())
+
+    def _repr_html_(self) -> str:  # Jupyter shows the tables without the figures
+        return render.html(self._data, [], standalone=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return copy.deepcopy(self._data[key])
+
+    @property
+    def calibration(self) -> dict[str, dict[str, Any]]:
+        """Model name -> calibration metrics (fractions, not percentages)."""
+        return self["calibration"]
+
+    @property
+    def ood(self) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+        """Model name -> OOD set -> score -> OOD metrics (fractions)."""
+        return self["ood"]
+
+    # --- figures and files -------------------------------------------------------------
+
+    def figures(self) -> list[FigureFile]:
+        """Render the figures: a reliability diagram per model, and per model and score
+        a figure with the score's histograms and ROC curves over all OOD sets."""
+        figures: list[FigureFile] = []
+        used: set[str] = set()
+
+        def filename(stem: str) -> str:
+            name, i = f"{stem}.png", 2
+            while name in used:  # names that differ only in symbols would collide
+                name, i = f"{stem}-{i}.png", i + 1
+            used.add(name)
+            return name
+
+        n_bins = self._data["settings"]["n_bins"]
+        for name, out in self._outputs.items():
+            fig = reliability_diagram(out.test.probs, out.test.labels, n_bins=n_bins, title=name)
+            figures.append(
+                FigureFile(
+                    "reliability",
+                    name,
+                    None,
+                    f"Reliability diagram: {name}",
+                    filename(f"reliability_{_slug(name)}"),
+                    _png(fig),
+                )
+            )
+        for name, out in self._outputs.items():
+            for score in self._data["models"][name]["scores"]:
+                if not any(score in o.scores for o in out.ood.values()):
+                    continue
+                figures.append(
+                    FigureFile(
+                        "ood",
+                        name,
+                        score,
+                        f"{name}: {score} histograms and ROC curves",
+                        filename(f"ood_{_slug(name)}_{_slug(score)}"),
+                        _png(_ood_figure(out, score)),
+                    )
+                )
+        return figures
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``report.html``, ``report.md``, ``report.json`` and ``figures/*.png``.
+
+        Args:
+            directory: Where to write; created if missing. Existing report files there
+                are replaced.
+
+        Returns:
+            The directory.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        figures = self.figures()
+        if figures:
+            (out / "figures").mkdir(exist_ok=True)
+        for figure in figures:
+            (out / "figures" / figure.filename).write_bytes(figure.png)
+        (out / "report.json").write_text(self.to_json() + "\n", encoding="utf-8")
+        (out / "report.md").write_text(
+            render.markdown(self._data, figures, figure_dir="figures"), encoding="utf-8"
+        )
+        (out / "report.html").write_text(render.html(self._data, figures), encoding="utf-8")
+        return out
+
+    def __repr__(self) -> str:
+        models = ", ".join(self._data["models"])
+        sets = ", ".join(self._data["data"]["ood"]) or "none"
+        return f"Report(models: {models}; test n={self._data['data']['test']['n']}; OOD: {sets})"
