@@ -43,7 +43,7 @@ from wrapcal_plugins.label_smoothing import (
 import wrapcal
 from wrapcal import DataError, Plugin, Stage, manager
 from wrapcal.data import digits
-from wrapcal.metrics import accuracy, ece, nll
+from wrapcal.metrics import accuracy, ece, ece_bootstrap, nll
 
 # --- independent references -------------------------------------------------------------
 
@@ -491,6 +491,7 @@ def resnet20_table() -> tuple[list[dict], dict]:
                 "T": temperature,
                 "acc": accuracy(probs, y_eval),
                 "ece": ece(probs, y_eval),
+                "ece_ci": ece_bootstrap(probs, y_eval, seed=0),
                 "nll": nll(probs, y_eval),
                 "conf": float(probs.max(1).values.mean()),
                 "ece_np": ece_np(probs.numpy(), y_eval.numpy()),
@@ -533,13 +534,14 @@ def resnet20_table() -> tuple[list[dict], dict]:
 def format_table(rows: list[dict], facts: dict) -> str:
     source = "the temperature plugin" if facts["temperature_plugin"] else "a scipy fit in this test"
     lines = [
-        "| row | T | accuracy | ECE | NLL | mean confidence |",
+        "| row | T | accuracy | ECE (95% bootstrap) | NLL | mean confidence |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        low, high = r["ece_ci"]
         lines.append(
             f"| {r['row']} | {r['T']:.3f} | {100 * r['acc']:.2f}% | {100 * r['ece']:.2f}% "
-            f"| {r['nll']:.4f} | {100 * r['conf']:.2f}% |"
+            f"({100 * low:.1f}-{100 * high:.1f}) | {r['nll']:.4f} | {100 * r['conf']:.2f}% |"
         )
     lines.append(
         f"\nResNet-20, cifar10_jpeg: head retrained on 10000 train features; evaluation on "
