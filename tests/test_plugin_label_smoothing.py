@@ -425,6 +425,17 @@ def test_scope_all_reads_datasets_and_loaders(trained_cnn, digits_data):
         unlabeled.fit(train=x, progress=False)
 
 
+def test_scope_all_auto_keeps_the_alpha_with_the_lowest_calibration_nll(trained_cnn, digits_data):
+    wrapped = fine_tune(trained_cnn, digits_data, alpha="auto", grid=[0.0, 0.3], epochs=1)
+    plugin = wrapped.get_plugin("label_smoothing")
+    nlls = dict((a, v) for a, v in plugin.grid_nll_)
+    assert sorted(nlls) == [0.0, 0.3] and plugin.alpha_ == min(nlls, key=nlls.get)
+    assert plugin.history_ == [nlls[plugin.alpha_]]
+    x_cal, y_cal = digits_data.calibration
+    cal_nll = nll_np(wrapped(x_cal).detach().numpy(), y_cal.numpy())
+    assert cal_nll == pytest.approx(nlls[plugin.alpha_], rel=1e-4)  # the chosen weights
+
+
 def test_scope_all_saves_and_loads(trained_cnn, digits_data, tmp_path):
     wrapped = fine_tune(trained_cnn, digits_data, epochs=2).eval()
     path = wrapped.save(tmp_path / "cnn.wrapcal")
