@@ -265,6 +265,7 @@ def test_metadata_and_json_round_trip(run, data):
     assert d["settings"] == {"n_bins": 15, "bootstrap": BOOT, "seed": 3, "level": 0.95}
     models = d["models"]
     assert models["wrapped"]["plugins"] == ["temperature"]
+    assert models["wrapped"]["wrapped"] == "Sequential"
     assert "plugins" not in models["baseline"]
     for info in models.values():
         sec = info["seconds"]
@@ -353,6 +354,8 @@ def test_bad_inputs(trained, data):
         evaluate({"m": "resnet"}, (x, y), progress=False)
     with pytest.raises(ValueError, match="dict name -> data"):
         evaluate(trained, (x, y), ood=[x], progress=False)
+    with pytest.raises(ValueError, match="n_bins"):
+        evaluate(trained, (x, y), n_bins=0, progress=False)
     with pytest.raises(DataError, match="labels must be in"):
         evaluate(trained, (x[:10], torch.full((10,), 12)), progress=False)
 

@@ -235,8 +235,9 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if isinstance(model, WrappedModel):
-        inner = model.source.get("name") or model.source.get("class")
-        info["wrapped"] = inner
+        # The user's model: a library name, else the class the split kept inside.
+        inner = getattr(model.backbone, "model", model.backbone)
+        info["wrapped"] = model.source.get("name") or type(inner).__name__
         info["plugins"] = [
             n or type(p).__name__ for n, p in zip(model.plugin_names, model.plugins, strict=True)
         ]
@@ -305,7 +306,9 @@ def evaluate(
         ValueError: If ``models`` or ``ood`` are not what is described above.
     """
     models, ood = _check_inputs(models, ood)
-    if not isinstance(bootstrap, int) or bootstrap < 0:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ValueError(f"bootstrap must be a number of resamples >= 0; got {bootstrap!r}")
     outputs: dict[str, ModelOutputs] = {}
     for name, model in models.items():
