@@ -281,7 +281,8 @@ def test_batchnorm_only_model_is_deterministic() -> None:
 
 def test_scope_all_samples_dropout_modules_like_train_mode() -> None:
     model = trained_bn(DropNet(p=0.4))
-    wrapped = quiet_wrap(model, [("mc_dropout", {"samples": 1000, "scope": "all"})])
+    params = {"samples": 1000, "scope": "all", "max_batch": 3000}
+    wrapped = quiet_wrap(model, [("mc_dropout", params)])
     assert wrapped.get_plugin("mc_dropout").pass_p_ == 0.0  # the Dropout module does it
     x = images(3)
     with torch.no_grad():
@@ -292,10 +293,11 @@ def test_scope_all_samples_dropout_modules_like_train_mode() -> None:
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(0)
         model.drop.train()
-        reference = torch.stack([model(x) for _ in range(1000)])
+        reference = model(x.repeat(1000, 1, 1, 1)).reshape(1000, 3, 5)
         model.drop.eval()
-    torch.testing.assert_close(members.mean(0), reference.mean(0), atol=0.05, rtol=0)
-    torch.testing.assert_close(members.std(0), reference.std(0), atol=0.05, rtol=0.1)
+    # Standard errors here: ~0.004 for the means, ~2% for the stds (which are 0.06-0.12).
+    torch.testing.assert_close(members.mean(0), reference.mean(0), atol=0.02, rtol=0)
+    torch.testing.assert_close(members.std(0), reference.std(0), atol=0.005, rtol=0.1)
     # Chunks bounded by max_batch give the same shapes and run more backbone calls.
     small = quiet_wrap(model, [("mc_dropout", {"samples": 10, "scope": "all", "max_batch": 7})])
     calls = []
