@@ -365,3 +365,18 @@ def test_a_broken_score_is_reported_not_raised():
     assert set(row) == {"error"} and "NaN" in row["error"]
     ok = ood_row(torch.tensor([0.0, 0.1]), torch.tensor([0.5, 0.7]), bootstrap=10)
     assert ok["auroc"] == 1.0 and ok["fpr95"] == 0.0 and ok["auroc_ci"] == [1.0, 1.0]
+
+
+def test_best_values_are_bold_unless_all_equal():
+    from wrapcal.report.render import CALIBRATION_COLUMNS, _best
+
+    rows = [
+        {"accuracy": 0.9, "nll": 0.30, "ece": 0.05},
+        {"accuracy": 0.9, "nll": 0.20, "ece": 0.05},
+        {"accuracy": 0.9, "nll": 0.25, "ece": 0.020001},
+    ]
+    best = _best(CALIBRATION_COLUMNS, rows)
+    assert "accuracy" not in best  # all equal
+    assert best["nll"] == {1}  # lower is better
+    assert best["ece"] == {2}
+    assert _best(CALIBRATION_COLUMNS, rows[:1]) == {}

@@ -74,7 +74,8 @@ _LEGEND = (
 
 
 def _best(columns: Sequence[Column], rows: list[dict[str, Any]]) -> dict[str, set[int]]:
-    """Per column, the rows holding the best value as displayed (ties all count)."""
+    """Per column, the rows holding the best value as displayed (ties all count; a
+    column whose rows are all equal has none)."""
     best: dict[str, set[int]] = {}
     if len(rows) < 2:
         return best
@@ -84,7 +85,9 @@ def _best(columns: Sequence[Column], rows: list[dict[str, Any]]) -> dict[str, se
             continue
         numbers = {i: float(t) for i, t in shown.items()}
         target = (max if col.higher_is_better else min)(numbers.values())
-        best[col.key] = {i for i, v in numbers.items() if v == target}
+        winners = {i for i, v in numbers.items() if v == target}
+        if len(winners) < len(numbers):  # all equal: nothing stands out, bold nothing
+            best[col.key] = winners
     return best
 
 
