@@ -24,11 +24,22 @@ from wrapcal.wrapped import WrappedModel, wrap
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # The report pulls in matplotlib: import it only when it is asked for.
+    if name in ("evaluate", "Report"):
+        from wrapcal import report
+
+        return getattr(report, name)
+    raise AttributeError(f"module 'wrapcal' has no attribute {name!r}")
+
+
 __all__ = [
     "DataError",
     "NotFittedError",
     "Plugin",
     "PluginNotFoundError",
+    "Report",
     "Prediction",
     "SavedFileError",
     "Split",
@@ -37,6 +48,7 @@ __all__ = [
     "WrapcalError",
     "WrappedModel",
     "__version__",
+    "evaluate",
     "fit_temperature",
     "get_plugin_manager",
     "hookimpl",
