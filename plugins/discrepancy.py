@@ -263,6 +263,7 @@ class DiscrepancyHeads(Plugin):
         margin: float = 1.2,
         batch_size: int = 128,
         train_backbone_block: str | None = None,
+        lr_backbone: float = 1e-4,
         seed: int | None = None,
         progress: bool = True,
     ) -> None:
@@ -271,11 +272,14 @@ class DiscrepancyHeads(Plugin):
         Args:
             epochs_pretrain: Epochs of supervised training of both heads.
             epochs: Epochs of fine-tuning (steps A and B alternating per mini-batch).
-            lr: Adam learning rate of both phases.
+            lr: Adam learning rate of the heads, in both phases.
             margin: ``m`` of the discrepancy loss (the paper: 1.2).
             batch_size: Mini-batch size, labelled and unlabelled alike.
             train_backbone_block: Dotted name of a backbone submodule to fine-tune too
                 (streams the data through the backbone), or ``None`` for heads only.
+            lr_backbone: Adam learning rate of that block. Pretrained weights need a far
+                smaller step than the heads: at ``lr_backbone=1e-2`` ResNet-20's last
+                block lost 8 points of CIFAR-10 accuracy in 3 epochs.
             seed: Seed of head 2's initialisation and of the shuffles; ``None`` takes
                 the ``seed`` given to ``wrapped.fit``.
             progress: Show a progress bar (also needs ``wrapped.fit(progress=True)``).
@@ -287,6 +291,7 @@ class DiscrepancyHeads(Plugin):
         self.margin = margin
         self.batch_size = batch_size
         self.train_backbone_block = train_backbone_block
+        self.lr_backbone = lr_backbone
         self.seed = seed
         self.progress = progress
 
@@ -363,12 +368,18 @@ class DiscrepancyHeads(Plugin):
                         (train.features, labels), unlabeled.features, self.batch_size, seed + 1
                     )
                     with _few_threads(train.features.device, small):
-                        self._finetune(heads, params, batches, lambda x: x, bar)
+                        self._finetune(heads, [{"params": params}], batches, lambda x: x, bar)
                 else:
-                    params = params + self._unfreeze(wrapped.backbone, block)
+                    groups = [
+                        {"params": params},
+                        {
+                            "params": self._unfreeze(wrapped.backbone, block),
+                            "lr": self.lr_backbone,
+                        },
+                    ]
                     wrapped.backbone.eval()
                     batches = _Batches(train.data, unlabeled.data, self.batch_size, seed + 1)
-                    self._finetune(heads, params, batches, self._embedder(wrapped), bar)
+                    self._finetune(heads, groups, batches, self._embedder(wrapped), bar)
         finally:
             bar.close()
             for p, flag in frozen.items():
@@ -408,13 +419,14 @@ class DiscrepancyHeads(Plugin):
     def _finetune(
         self,
         heads: list[nn.Module],
-        params: list[torch.Tensor],
+        groups: list[dict[str, Any]],
         batches: _Batches,
         embed: Callable[[torch.Tensor], torch.Tensor],
         bar: tqdm,
     ) -> None:
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
         h1, h2 = heads
+        device = groups[0]["params"][0].device
 
         def supervised(x: torch.Tensor, y: torch.Tensor, step_a: bool) -> torch.Tensor:
             f = embed(x)
@@ -427,7 +439,7 @@ class DiscrepancyHeads(Plugin):
             sums = {k: 0.0 for k in ("loss_a", "loss_b", "discrepancy")}
             steps = 0
             for x, y, xu in batches.epoch():
-                y = y.to(params[0].device)
+                y = y.to(device)
                 # Step A: classify the labelled batch.
                 loss_a = supervised(x, y, step_a=True)
                 optimizer.zero_grad(set_to_none=True)
@@ -504,8 +516,14 @@ class DiscrepancyHeads(Plugin):
         wrapped.head.eval()  # head dropout would make the two calls differ
         try:
             with torch.no_grad():
+                # from_inputs: these are cached features (pluggy ignores the keyword
+                # under a hook specification that does not have it).
                 inner = wrapped.call_inner(
-                    "wrapcal_head_members", self, wrapped=wrapped, features=features
+                    "wrapcal_head_members",
+                    self,
+                    wrapped=wrapped,
+                    features=features,
+                    from_inputs=False,
                 )
                 own = wrapped.head(features)
         finally:

@@ -304,7 +304,9 @@ class FakeSampler(Plugin):
     @hookimpl
     def wrapcal_head_members(self, wrapped, features):
         parts = [
-            wrapped.call_inner("wrapcal_head_members", self, wrapped=wrapped, features=f)
+            wrapped.call_inner(
+                "wrapcal_head_members", self, wrapped=wrapped, features=f, from_inputs=False
+            )
             for f in (features * (1 + 0.3 * t) for t in range(self.samples))
         ]
         return torch.cat(parts)  # [T * 2, N, K], head index fastest
