@@ -233,7 +233,6 @@ class MCDropout(Plugin):
         self._check_params()
         head_rate, head_module = find_head_dropout(wrapped)
         self.head_module_ = head_module
-        self._sampled: tuple[int, int] | None = None
         if self.scope == "head":
             self.p_ = float(self.p) if self.p is not None else (head_rate or DEFAULT_P)
             self.pass_p_ = 0.0
@@ -355,19 +354,21 @@ class MCDropout(Plugin):
         finally:
             for handle in handles:
                 handle.remove()
-        features = seeded_dropout(torch.cat(parts), self.pass_p_, generator)
-        # Mark these rows: the head-members call that follows must not sample them again.
-        self._sampled = (features.data_ptr(), features.numel())
-        return features
+        return seeded_dropout(torch.cat(parts), self.pass_p_, generator)
 
     @hookimpl
-    def wrapcal_head_members(self, wrapped: Any, features: torch.Tensor) -> torch.Tensor:
+    def wrapcal_head_members(
+        self, wrapped: Any, features: torch.Tensor, from_inputs: bool
+    ) -> torch.Tensor:
         """``[T * M, N, K]``: the inner members of ``T`` dropout samples of the features."""
-        sampled = self._sampled == (features.data_ptr(), features.numel())
-        self._sampled = None
+        # With scope="all", features computed from inputs were sampled in
+        # wrapcal_features already: the head must not sample them again.
+        sampled = self.scope == "all" and from_inputs
 
         def inner(f: torch.Tensor) -> torch.Tensor:
-            return wrapped.call_inner("wrapcal_head_members", self, wrapped=wrapped, features=f)
+            return wrapped.call_inner(
+                "wrapcal_head_members", self, wrapped=wrapped, features=f, from_inputs=from_inputs
+            )
 
         if sampled or (self.scope == "all" and self.p_ == 0):
             return inner(features)

@@ -84,7 +84,7 @@ class TwoHeads(Plugin):
             self.second.bias.copy_(torch.randn(self.second.bias.shape, generator=gen))
 
     @hookimpl
-    def wrapcal_head_members(self, wrapped, features):
+    def wrapcal_head_members(self, wrapped, features, from_inputs):
         return torch.stack([wrapped.head(features), self.second(features)])
 
 

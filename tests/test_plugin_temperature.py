@@ -311,8 +311,14 @@ class ScaleHead(Plugin):
         self.scale.fill_(2.0)  # "learned" during the same fit call, before temperature
 
     @hookimpl
-    def wrapcal_head_members(self, wrapped, features):
-        inner = wrapped.call_inner("wrapcal_head_members", self, wrapped=wrapped, features=features)
+    def wrapcal_head_members(self, wrapped, features, from_inputs):
+        inner = wrapped.call_inner(
+            "wrapcal_head_members",
+            self,
+            wrapped=wrapped,
+            features=features,
+            from_inputs=from_inputs,
+        )
         return inner * self.scale
 
 

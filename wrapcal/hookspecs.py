@@ -92,13 +92,22 @@ def wrapcal_features(wrapped: WrappedModel, inputs: torch.Tensor) -> torch.Tenso
 
 
 @hookspec(firstresult=True)
-def wrapcal_head_members(wrapped: WrappedModel, features: torch.Tensor) -> torch.Tensor | None:
+def wrapcal_head_members(
+    wrapped: WrappedModel, features: torch.Tensor, from_inputs: bool
+) -> torch.Tensor | None:
     """Map features ``[B, D]`` to member logits ``[M, B, K]``.
 
     The core's implementation applies the head once (``M = 1``). A plugin that builds
     several heads or samples the head returns more members; it may call the remaining
-    implementations through ``wrapped.call_inner("wrapcal_head_members", self, ...)``.
-    Members are ordered with the inner implementation's members varying fastest.
+    implementations through ``wrapped.call_inner("wrapcal_head_members", self, ...)``,
+    passing every argument on. Members are ordered with the inner implementation's
+    members varying fastest.
+
+    Args:
+        features: ``[B, D]`` features (``S`` feature samples are flattened into ``B``).
+        from_inputs: True when the features were just computed from inputs by
+            ``wrapcal_features`` (so a plugin that samples there has sampled them);
+            False for cached features during ``fit``.
     """
 
 

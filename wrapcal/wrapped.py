@@ -181,15 +181,19 @@ class WrappedModel(nn.Module):
         """Member logits ``[M, B, K]`` of a batch (``M = 1`` without sampling plugins)."""
         self._check_fitted()
         features = self._hook("wrapcal_features")(wrapped=self, inputs=self._prepare(x))
-        return self.head_members(features)
+        return self.head_members(features, from_inputs=True)
 
-    def head_members(self, features: torch.Tensor) -> torch.Tensor:
-        """Member logits ``[M, B, K]`` from features ``[B, D]`` or ``[S, B, D]``."""
+    def head_members(self, features: torch.Tensor, from_inputs: bool = False) -> torch.Tensor:
+        """Member logits ``[M, B, K]`` from features ``[B, D]`` or ``[S, B, D]``.
+
+        ``from_inputs`` says whether the features come from ``wrapcal_features`` on
+        inputs just now (True) or from the cache (False); see the hook's documentation.
+        """
         if features.ndim == 2:
             features = features.unsqueeze(0)
         samples, batch, width = features.shape
         members = self._hook("wrapcal_head_members")(
-            wrapped=self, features=features.reshape(samples * batch, width)
+            wrapped=self, features=features.reshape(samples * batch, width), from_inputs=from_inputs
         )
         if samples == 1:
             return members

@@ -35,9 +35,11 @@ class ReAct(Plugin):
         self.clip_ = torch.quantile(features[: 2**24], self.percentile / 100).to(self.clip_)
 
     @hookimpl(tryfirst=True)
-    def wrapcal_head_members(self, wrapped, features):
+    def wrapcal_head_members(self, wrapped, features, from_inputs):
         clipped = features.clamp(max=self.clip_.to(features.dtype))
-        return wrapped.call_inner("wrapcal_head_members", self, wrapped=wrapped, features=clipped)
+        return wrapped.call_inner(
+            "wrapcal_head_members", self, wrapped=wrapped, features=clipped, from_inputs=from_inputs
+        )
 
     @hookimpl
     def wrapcal_scores(self, wrapped, members, probs):
