@@ -111,6 +111,19 @@ def test_forward_shape_dtype_device_and_predict() -> None:
         assert wrapped.predict(x).scores["msp"].shape == (96,)
 
 
+def test_predict_features_equals_predict() -> None:
+    model = SmallNet().eval()
+    x, y = make_data()
+    wrapped = wrapcal.wrap(model, plugins=[CountingPlugin()]).fit(train=(x, y), progress=False)
+    from_images = wrapped.predict(x)
+    with torch.no_grad():
+        from_features = wrapped.predict_features(wrapped.backbone(x))
+    assert torch.equal(from_features.probs, from_images.probs)
+    assert from_features.scores.keys() == from_images.scores.keys()
+    for name, score in from_images.scores.items():
+        assert torch.equal(from_features.scores[name], score), name
+
+
 def test_predict_accepts_loaders_datasets_and_arrays() -> None:
     model = SmallNet().eval()
     x, y = make_data()

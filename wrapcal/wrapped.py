@@ -212,7 +212,9 @@ class WrappedModel(nn.Module):
         return self.finish(self.members(x))
 
     def _predict_batch(self, x: torch.Tensor) -> Prediction:
-        members = self.members(x)
+        return self._prediction(self.members(x))
+
+    def _prediction(self, members: torch.Tensor) -> Prediction:
         logits = self.finish(members)
         probs = logits_to_probs(logits)
         scores: dict[str, torch.Tensor] = {}
@@ -246,6 +248,21 @@ class WrappedModel(nn.Module):
                     bar.update(xb.shape[0])
                 bar.close()
                 return Prediction.cat(parts)
+        finally:
+            self.train(was_training)
+
+    def predict_features(self, features: torch.Tensor) -> Prediction:
+        """Predict, with every plugin's scores, from features computed earlier.
+
+        ``features`` are ``wrapped.backbone`` outputs ``[N, D]`` (the ``fit`` cache, or
+        features a user stored); no backbone pass is made.
+        """
+        self._check_fitted()
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return self._prediction(self.head_members(features, from_inputs=False))
         finally:
             self.train(was_training)
 
