@@ -161,9 +161,11 @@ def test_runs_on_cuda_unchanged() -> None:
 
 
 def test_unknown_plugin_lists_installed(tmp_path) -> None:
-    with sample_plugin_installed(tmp_path):
-        with pytest.raises(PluginNotFoundError, match="installed plugins: .*vector_scaling"):
-            wrapcal.wrap(SmallNet(), plugins=["no_such_plugin"])
+    with (
+        sample_plugin_installed(tmp_path),
+        pytest.raises(PluginNotFoundError, match="installed plugins: .*vector_scaling"),
+    ):
+        wrapcal.wrap(SmallNet(), plugins=["no_such_plugin"])
 
 
 def test_unfitted_plugin_says_which_call_is_missing(tmp_path) -> None:
