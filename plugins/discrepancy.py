@@ -59,7 +59,6 @@ data. OOD kinds absent from it are not guaranteed to be caught.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
@@ -72,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from wrapcal_plugins._training import small_work_threads
 
 from wrapcal import Plugin, Stage, hookimpl
 from wrapcal.cache import FitData
@@ -170,32 +170,6 @@ def seeded_reinit(module: nn.Module, seed: int) -> None:
                 m.bias.copy_(bias)
         elif isinstance(m, _NORMS):
             m.reset_parameters()
-
-
-#: Below this many multiply-adds per head call, CPU training of the heads runs on one
-#: thread (see :func:`_few_threads`).
-SINGLE_THREAD_MACS = 1 << 22
-
-
-@contextlib.contextmanager
-def _few_threads(device: torch.device, macs: int) -> Iterator[None]:
-    """Run tiny CPU head training on one intra-op thread, then restore the setting.
-
-    A linear head on ``[128, 64]`` features is thousands of steps of microsecond ops:
-    intra-op threads only add a synchronisation per op, and when the CPU is shared that
-    synchronisation dominates (measured here: 1.5-6 s on one thread against 42-47 s on
-    two, 2 cores under load). Larger heads (``macs`` above :data:`SINGLE_THREAD_MACS`)
-    and CUDA keep the process's setting.
-    """
-    if device.type != "cpu" or macs > SINGLE_THREAD_MACS:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Batches:
@@ -361,13 +335,13 @@ class DiscrepancyHeads(Plugin):
                 h.train()
             small = self.batch_size * wrapped.num_features * wrapped.num_classes_out
             with torch.enable_grad():
-                with _few_threads(train.features.device, small):
+                with small_work_threads(train.features.device, small):
                     self._pretrain(heads, params, train.features, labels, seed, bar)
                 if block is None:
                     batches = _Batches(
                         (train.features, labels), unlabeled.features, self.batch_size, seed + 1
                     )
-                    with _few_threads(train.features.device, small):
+                    with small_work_threads(train.features.device, small):
                         self._finetune(heads, [{"params": params}], batches, lambda x: x, bar)
                 else:
                     groups = [
