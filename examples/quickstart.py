@@ -17,7 +17,7 @@ from wrapcal.data import digits
 from wrapcal.demo import gaussian_noise, train_small_model
 
 data = digits()  # 3x32x32 tensors: train / calibration / test
-model = train_small_model(data, seconds=5, progress=False)  # stands in for your timm model
+model = train_small_model(data, epochs=5, progress=False)  # stands in for your timm model
 
 # A copy is wrapped: `model` itself is never changed. Plugins go by stage, not list order.
 wrapped = wrapcal.wrap(model, plugins=["temperature", ("mc_dropout", {"samples": 30})])

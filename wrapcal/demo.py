@@ -22,12 +22,18 @@ import wrapcal
 from wrapcal.data import DigitsData, digits, digits_to_images
 
 BUILT_IN_PLUGINS = ("label_smoothing", "discrepancy", "mc_dropout", "temperature")
+#: Per-plugin settings of the demo: alpha="auto" keeps label smoothing from
+#: over-smoothing a 10-class model into underconfidence.
+DEMO_PARAMS = {"label_smoothing": {"alpha": "auto"}}
 
 
 def train_small_model(
-    data: DigitsData, seconds: float = 8.0, seed: int = 0, progress: bool = True
+    data: DigitsData, epochs: int = 8, seed: int = 0, progress: bool = True
 ) -> torch.nn.Module:
-    """Train timm's ``resnet10t`` from scratch on the digits for a few seconds."""
+    """Train timm's ``resnet10t`` from scratch on the digits (a few seconds on a CPU).
+
+    A fixed number of epochs, not of seconds, so every machine gets the same model.
+    """
     import timm
 
     torch.manual_seed(seed)  # timm's initialisation draws from the global generator
@@ -36,16 +42,13 @@ def train_small_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    start, epochs = time.perf_counter(), 0
-    bar = tqdm(desc="train resnet10t on digits", unit="epoch", disable=not progress)
-    while time.perf_counter() - start < seconds or epochs < 2:
+    for _ in tqdm(
+        range(epochs), desc="train resnet10t on digits", unit="epoch", disable=not progress
+    ):
         for idx in torch.randperm(len(y), generator=generator).split(64):
             optimizer.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()
-        epochs += 1
-        bar.update(1)
-    bar.close()
     return model.eval()
 
 
@@ -94,8 +97,9 @@ def run_demo(
     if missing:
         raise wrapcal.PluginNotFoundError(f"the demo needs the built-in plugins; missing {missing}")
     models: dict[str, torch.nn.Module] = {"baseline": model}
-    setups = {name: [name] for name in BUILT_IN_PLUGINS}
-    setups["all four"] = list(BUILT_IN_PLUGINS)
+    specs = [(name, DEMO_PARAMS.get(name, {})) for name in BUILT_IN_PLUGINS]
+    setups = {spec[0]: [spec] for spec in specs}
+    setups["all four"] = specs
     fit_seconds = {}
     for name, plugins in setups.items():
         t0 = time.perf_counter()
@@ -129,13 +133,14 @@ def print_summary(report: wrapcal.report.Report, fit_seconds: dict[str, float]) 
     """A short table: calibration on the test digits, OOD detection on each OOD set."""
     data = report.to_dict()
     ood_sets = list(data["data"]["ood"])
-    header = f"{'model':12s} {'acc':>6s} {'ECE':>6s} {'NLL':>6s} {'fit s':>6s}  {'OOD score':18s}"
+    header = f"{'model':16s} {'acc':>6s} {'ECE':>6s} {'NLL':>6s} {'fit s':>6s}  {'OOD score':18s}"
     header += "".join(f" {'AUROC':>6s} {'FPR95':>6s} |" for _ in ood_sets)
-    print("\n" + " " * 59 + "".join(f" {s[:13]:>14s} |" for s in ood_sets))
+    print("\nOOD sets: " + ", ".join(f"({i + 1}) {s}" for i, s in enumerate(ood_sets)))
+    print(" " * 64 + "".join(f" {f'({i + 1})':^13s} |" for i in range(len(ood_sets))))
     print(header)
     for model, cal in data["calibration"].items():
         score = _primary_score(data["models"][model]["scores"])
-        row = f"{model:12s} {cal['accuracy']:6.3f} {cal['ece']:6.3f} {cal['nll']:6.3f}"
+        row = f"{model:16s} {cal['accuracy']:6.3f} {cal['ece']:6.3f} {cal['nll']:6.3f}"
         row += f" {fit_seconds.get(model, 0.0):6.1f}  {score:18s}"
         for s in ood_sets:
             m = data["ood"][model][s][score]
