@@ -511,12 +511,12 @@ class CalibrationMetrics(SummableMetric):
     Distributed evaluation:
         ``all_reduce`` the sums and ``all_gather`` the per-sample tensors::
 
-            import torch.distributed as dist
-            for t in metric.state_tensors().values():
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            # confidences and correctness differ in length per rank: gather with padding
-            metric.sync()  # does both, padding for all_gather; call once, on every rank
-            result = metric.compute()
+            metric.sync()  # on every rank, once: all_reduce(SUM) of the sums, padded
+            result = metric.compute()  # all_gather of the per-sample tensors
+
+        By hand, the sums are ``metric.state_tensors()`` (``dist.all_reduce`` with
+        ``ReduceOp.SUM``) and the per-sample tensors ``metric.sample_tensors()``
+        (``dist.all_gather``; lengths differ per rank, so pad to the longest).
     """
 
     def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
