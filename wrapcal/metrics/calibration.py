@@ -511,8 +511,8 @@ class CalibrationMetrics(SummableMetric):
     Distributed evaluation:
         ``all_reduce`` the sums and ``all_gather`` the per-sample tensors::
 
-            metric.sync()  # on every rank, once: all_reduce(SUM) of the sums, padded
-            result = metric.compute()  # all_gather of the per-sample tensors
+            metric.sync()  # every rank, once: all_reduce(SUM) sums, all_gather samples
+            result = metric.compute()
 
         By hand, the sums are ``metric.state_tensors()`` (``dist.all_reduce`` with
         ``ReduceOp.SUM``) and the per-sample tensors ``metric.sample_tensors()``
