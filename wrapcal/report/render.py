@@ -275,7 +275,7 @@ th { background: #eef1f5; text-align: left; font-weight: 600; vertical-align: bo
   white-space: normal; min-width: 4.5em; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.ci { color: #66707c; font-size: 12.5px; }
-td.wrap { white-space: normal; }
+td.wrap { white-space: normal; min-width: 12em; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 tr.group-start td { border-top: 2px solid #cfd5dc; }
 td.best { font-weight: 700; color: #0b5d1e; }
@@ -345,7 +345,7 @@ def _models_html(data: dict[str, Any]) -> str:
     for name, info in data["models"].items():
         sec = info["seconds"]
         body.append(
-            f"<tr><td><b>{_e(name)}</b></td><td>{_e(_model_kind(info))}</td>"
+            f"<tr><td><b>{_e(name)}</b></td><td class='wrap'>{_e(_model_kind(info))}</td>"
             f"<td>{_e(info['device'])}</td><td class='num'>{info['parameters']:,}</td>"
             f"<td class='mono wrap'>{_e(', '.join(info['scores']))}</td>"
             f"<td class='num'>{_seconds(sec['test'])}</td>"
