@@ -52,14 +52,6 @@ class TemperatureScaler(Plugin):
         self.check_is_fitted()
         return float(self.temperature)
 
-    def __getattr__(self, name: str) -> Any:
-        # A property that raises AttributeError (NotFittedError is one, like sklearn's)
-        # makes Python retry through __getattr__, where nn.Module would replace the
-        # message with "no attribute": re-raise the informative error instead.
-        if name == "temperature_":
-            self.check_is_fitted()
-        return super().__getattr__(name)
-
     def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
         """Fit T on logits and labels directly, without a wrapped model.
 

@@ -73,5 +73,14 @@ class Plugin(nn.Module):
                 "wrapped.fit(...) with the data it needs before predicting"
             )
 
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises NotFittedError (an AttributeError, like scikit-learn's)
+        # makes Python retry through __getattr__, where nn.Module would replace the
+        # message with "no attribute": call the property again to raise its own error.
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property) and attribute.fget is not None:
+            return attribute.fget(self)
+        return super().__getattr__(name)
+
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
