@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -486,6 +487,11 @@ def wrap(
     if split is None:
         target = model if inplace else copy.deepcopy(model)
         split = split_at(target, head) if head is not None else find_split(target)
-    wrapped = WrappedModel(split, instances, names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = WrappedModel(split, instances, names)
+    for warning in caught:
+        # Plugins warn from inside pluggy's frames; point at the user's wrap call instead.
+        warnings.warn(warning.message, warning.category, stacklevel=2)
     wrapped.train(model.training if isinstance(model, nn.Module) else False)
     return wrapped
