@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _timing import median_seconds  # sibling module: the scripts run from benchmarks/
 from torch import nn
 from wrapcal_plugins.discrepancy import DiscrepancyHeads
 
@@ -74,15 +73,6 @@ def digits_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torc
     return model, data.train, unlabeled, "timm resnet18 (random init), digits + noise at 32x32"
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
@@ -108,8 +98,8 @@ def main() -> None:
             progress=False,
         )
 
-    t_pass = median_time(backbone_pass, args.repeats)
-    t_fit = median_time(fit_heads, args.repeats)
+    t_pass = median_seconds(backbone_pass, args.repeats, warm_up=False)
+    t_fit = median_seconds(fit_heads, args.repeats, warm_up=False)
     plugin = wrapped.get_plugin(DiscrepancyHeads)
     steps = -(-len(train[0]) // plugin.batch_size)
     print(

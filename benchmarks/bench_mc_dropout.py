@@ -18,30 +18,16 @@ Run: ``python benchmarks/bench_mc_dropout.py [--repeats 5] [--full-repeats 2]``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
-from collections.abc import Callable
 
 import timm
 import torch
+from _timing import median_seconds  # sibling module: the scripts run from benchmarks/
 from wrapcal_plugins.mc_dropout import MCDropout
 
 import wrapcal
 
 TARGET = 1.3
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
-    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
-    if warm_up:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -29,6 +29,14 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
+def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    """The given axes and their figure, or a new figure with one axes."""
+    if ax is not None:
+        return ax.figure, ax
+    fig = _new_figure(figsize)
+    return fig, fig.add_subplot()
+
+
 def _numpy(x: torch.Tensor) -> np.ndarray:
     return x.detach().to("cpu", torch.float64).numpy()
 
@@ -150,11 +158,7 @@ def score_histograms(
         The Figure drawn into.
     """
     s_in, outs = _score_arrays(scores_in, scores_out)
-    if ax is None:
-        fig = _new_figure((6.0, 4.0))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, (6.0, 4.0))
     everything = np.concatenate([s_in, *outs.values()])
     lo, hi = everything.min(), everything.max()
     # Shared bins keep the densities comparable; a constant score still gets one bin.
@@ -200,11 +204,7 @@ def roc_curves(
         The Figure drawn into.
     """
     _score_arrays(scores_in, scores_out)  # validates before drawing anything
-    if ax is None:
-        fig = _new_figure((5.0, 5.0))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    fig, ax = _figure_and_axes(ax, (5.0, 5.0))
     for name, s_out in scores_out.items():
         fpr, tpr, _ = roc_curve(scores_in, s_out)
         ax.plot(
