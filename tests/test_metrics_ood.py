@@ -205,6 +205,17 @@ def test_auroc_resampled_equals_loop():
     assert got.tolist() == pytest.approx(expected, abs=1e-12)
 
 
+def test_auroc_bootstrap_methods_reflect_each_other():
+    rng = np.random.default_rng(5)
+    s_in, s_out = rng.normal(size=300), rng.normal(0.5, 1, size=200)
+    low, high = auroc_bootstrap(s_in, s_out, n_resamples=200, seed=2)
+    b_low, b_high = auroc_bootstrap(s_in, s_out, n_resamples=200, seed=2, method="basic")
+    point = auroc(s_in, s_out)
+    assert (b_low, b_high) == pytest.approx((2 * point - high, 2 * point - low), abs=1e-12)
+    with pytest.raises(ValueError, match="method must be one of"):
+        auroc_bootstrap(s_in, s_out, method="student")
+
+
 def test_auroc_bootstrap_covers_the_true_value():
     # N(0, 1) ID vs N(1, 1) OOD: true AUROC = Phi(1 / sqrt 2) = 0.7602.
     true_auroc = 0.5 * (1 + math.erf(0.5))

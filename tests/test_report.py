@@ -76,10 +76,14 @@ def trained(data):
     model = tiny_net()
     x, y = data.train
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(40):  # full batch: a few hundred ms
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    # Dropout draws from the global generator: seed it here, or the model (and every
+    # number below) would depend on which tests ran before this module.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for _ in range(40):  # full batch: a few hundred ms
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
     return model
 
 
@@ -194,7 +198,9 @@ def test_calibration_numbers_equal_metrics_on_the_models_outputs(run, data):
         assert row["aurc"] == pytest.approx(aurc(p, y), abs=1e-6)
         low, high = ece_bootstrap(p.float(), y, n_bins=15, n_resamples=BOOT, seed=3)
         assert row["ece_ci"] == pytest.approx([low, high], abs=1e-5)
-        assert low <= row["ece"] + 1e-3 and row["ece"] - 1e-3 <= high
+        # The basic interval corrects the binned ECE's upward bias; it need not contain
+        # the estimate, but it is ordered and inside [0, 1].
+        assert 0 <= low <= high <= 1
     # Temperature scaling keeps the arg-max and changes the calibration.
     cal = report.calibration
     assert cal["wrapped"]["accuracy"] == cal["baseline"]["accuracy"]
@@ -316,7 +322,8 @@ def test_save_writes_self_contained_html_json_markdown_and_pngs(run, saved):
         "accepted when 95% of in-distribution samples are accepted; scores are higher = "
         "more OOD" in html
     )
-    assert "percentile bootstrap" in html and f"B = {BOOT}" in html and "seed 3" in html
+    assert "basic (reverse percentile) interval" in html
+    assert f"B = {BOOT}" in html and "seed 3" in html
     # Every table row of the calibration table is a model.
     cal = html.split("<h2>Calibration", 1)[1].split("<h2>", 1)[0]
     assert cal.count("<tr>") == 1 + 2

@@ -1,11 +1,24 @@
-"""Percentile bootstrap confidence intervals for ECE and AUROC, vectorised over resamples.
+"""Bootstrap confidence intervals for ECE and AUROC, vectorised over resamples.
 
 A resample is a row of an index matrix ``[B, N]`` drawn with replacement from a seeded
 ``torch.Generator`` on the data's device; the metric is computed for a whole chunk of
 rows at once (a scatter-add over (resample, bin) slots for ECE, a batched ``searchsorted``
 for AUROC). Chunks bound the memory to about ``chunk_elements`` indices whatever N and B.
-The interval is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the B values
-(linear interpolation, as ``numpy.percentile``). The same seed and chunk size give the same
+With ``q_lo`` and ``q_hi`` the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
+B values (linear interpolation, as ``numpy.percentile``) and ``t`` the estimate on the data:
+
+- ``method="percentile"`` gives ``(q_lo, q_hi)``: the spread of the estimator itself.
+- ``method="basic"`` (reverse percentile) gives ``(2t - q_hi, 2t - q_lo)``, clipped to
+  [0, 1]. It reads the bootstrap as the distribution of the estimator's *error* and so
+  corrects its bias. The binned ECE is biased upwards — noise in a bin's accuracy only
+  ever adds to ``|accuracy - confidence|`` — and resampling adds more noise, so for a
+  well-calibrated model the percentile interval sits above the true calibration error:
+  at N = 400 and a true ECE of 2% it covered it in none of 200 simulated test sets, the
+  basic interval in 94% (``tests/test_metrics_calibration.py`` measures both). That is
+  why ECE defaults to ``"basic"``, as in Kumar et al.'s (2019) ``calibration`` library.
+  AUROC is close to unbiased and keeps ``"percentile"``.
+
+Neither interval need contain the estimate. The same seed and chunk size give the same
 interval on the same device type; CPU and CUDA generators draw different streams.
 
 The ``*_resampled`` functions take an index matrix you drew yourself: reuse one matrix for
@@ -36,13 +49,24 @@ __all__ = ["auroc_bootstrap", "auroc_resampled", "ece_bootstrap", "ece_resampled
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _interval(values: Tensor, level: float) -> tuple[float, float]:
+METHODS = ("basic", "percentile")
+
+
+def _check_interval_args(level: float, method: str) -> None:
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level} — e.g. 0.95")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+
+
+def _interval(values: Tensor, estimate: float, level: float, method: str) -> tuple[float, float]:
     alpha = (1 - level) / 2
     qs = torch.tensor([alpha, 1 - alpha], dtype=values.dtype, device=values.device)
-    low, high = torch.quantile(values, qs).tolist()
-    return low, high
+    q_low, q_high = torch.quantile(values, qs).tolist()
+    if method == "percentile":
+        return q_low, q_high
+    # Both metrics live in [0, 1]; the reflection can step outside it.
+    return max(0.0, 2 * estimate - q_high), min(1.0, 2 * estimate - q_low)
 
 
 def _resample_chunks(n_resamples: int, per_row: int, chunk_elements: int):
@@ -91,17 +115,32 @@ def ece_bootstrap(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = "basic",
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval ``(low, high)`` for the top-label ECE."""
+    """Bootstrap interval ``(low, high)`` for the top-label ECE.
+
+    Args:
+        probs: ``[N, K]`` probabilities.
+        labels: ``[N]`` class indices.
+        n_bins: Equal-width confidence bins, as in ``ece``.
+        n_resamples: Bootstrap resamples B.
+        seed: Seed of the resamples' generator.
+        level: Coverage of the interval.
+        method: ``"basic"`` (default; bias-corrected, see the module docstring) or
+            ``"percentile"``.
+        chunk_elements: Indices drawn per chunk of resamples (bounds the memory).
+    """
+    _check_interval_args(level, method)
     bins, gap = _ece_inputs(probs, labels, n_bins)
     n = bins.numel()
+    estimate = _ece_rows(bins, gap, torch.arange(n, device=bins.device)[None], n_bins).item()
     gen = torch.Generator(device=bins.device).manual_seed(seed)
     values = []
     for b in _resample_chunks(n_resamples, n, chunk_elements):
         index = torch.randint(n, (b, n), generator=gen, device=bins.device)
         values.append(_ece_rows(bins, gap, index, n_bins))
-    return _interval(torch.cat(values), level)
+    return _interval(torch.cat(values), estimate, level, method)
 
 
 def _auroc_rows(s_in: Tensor, s_out: Tensor, idx_in: Tensor, idx_out: Tensor) -> Tensor:
@@ -137,17 +176,31 @@ def auroc_bootstrap(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = "percentile",
     chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval ``(low, high)`` for AUROC; ID and OOD samples are
-    resampled separately, so every resample keeps both set sizes."""
+    """Bootstrap interval ``(low, high)`` for AUROC; ID and OOD samples are resampled
+    separately, so every resample keeps both set sizes.
+
+    Args:
+        scores_in: In-distribution scores (higher = more OOD).
+        scores_out: OOD scores.
+        n_resamples: Bootstrap resamples B.
+        seed: Seed of the resamples' generator.
+        level: Coverage of the interval.
+        method: ``"percentile"`` (default) or ``"basic"``, see the module docstring.
+        chunk_elements: Indices drawn per chunk of resamples (bounds the memory).
+    """
+    _check_interval_args(level, method)
     s_in, s_out = check_scores(scores_in, scores_out)
     n_in, n_out = s_in.numel(), s_out.numel()
     device = s_in.device
+    whole_in = torch.arange(n_in, device=device)[None]
+    estimate = _auroc_rows(s_in, s_out, whole_in, torch.arange(n_out, device=device)[None])
     gen = torch.Generator(device=device).manual_seed(seed)
     values = []
     for b in _resample_chunks(n_resamples, n_in + n_out, chunk_elements):
         idx_in = torch.randint(n_in, (b, n_in), generator=gen, device=device)
         idx_out = torch.randint(n_out, (b, n_out), generator=gen, device=device)
         values.append(_auroc_rows(s_in, s_out, idx_in, idx_out))
-    return _interval(torch.cat(values), level)
+    return _interval(torch.cat(values), estimate.item(), level, method)

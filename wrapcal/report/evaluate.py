@@ -293,8 +293,8 @@ def evaluate(
         n_bins: Bins of the ECE variants and reliability diagrams.
         batch_size: Batch size for data that is not already batched.
         progress: Show progress bars.
-        bootstrap: Number of percentile-bootstrap resamples for the 95% intervals of ECE
-            and AUROC; 0 skips the intervals.
+        bootstrap: Number of bootstrap resamples for the 95% intervals of ECE (basic)
+            and AUROC (percentile); 0 skips the intervals.
         seed: Seed of the bootstrap resamples.
 
     Returns:
