@@ -16,10 +16,22 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.fixture(autouse=True)
-def _seed_global_generators():
-    """A test's result must not depend on which tests ran before it (or on ``-k``):
-    seed the global generators a test might draw from without meaning to."""
+def _seed_all() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seed_before_module_fixtures():
+    """Module fixtures (trained models) are built before any function fixture runs:
+    seed for them too, so they do not depend on the modules that ran before."""
+    _seed_all()
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators():
+    """A test's result must not depend on which tests ran before it (or on ``-k``, or on
+    hypothesis's example database): seed the global generators a test might draw from
+    without meaning to."""
+    _seed_all()
