@@ -8,7 +8,6 @@ L-BFGS (strong Wolfe) on log T in torch, ``scipy.optimize.minimize_scalar``, sci
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +214,8 @@ def test_inputs_numpy_torch_lists_and_log_probabilities_agree():
 
 
 def test_solver_needs_few_evaluations(monkeypatch):
+    """The fit costs a handful of passes over the logits; benchmarks/bench_temperature.py
+    times it beside scikit-learn (a timed test would only measure the machine's load)."""
     logits, labels = synthetic(5000, 100, 1.4, seed=2)
     calls = []
     evaluate = calibrate_module._Objective.__call__
@@ -226,17 +227,6 @@ def test_solver_needs_few_evaluations(monkeypatch):
     monkeypatch.setattr(calibrate_module._Objective, "__call__", counted)
     fit_temperature(logits, labels)
     assert 2 <= len(calls) <= 8
-
-
-def test_fit_takes_milliseconds_on_5000_by_100():
-    logits, labels = synthetic(5000, 100, 1.4, seed=2)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fit_temperature(logits, labels)
-        times.append(time.perf_counter() - start)
-    # ~5-10 ms on 2 idle cores; the bound leaves room for a loaded CI machine.
-    assert min(times) < 0.25
 
 
 # --- bad input ------------------------------------------------------------------------
