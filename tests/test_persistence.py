@@ -129,3 +129,16 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch) -> None:
         wrapcal.wrap(SmallNet(num_classes=3).eval()).save(path)
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["m.wrapcal"]  # no temporary left behind
+
+
+def test_plugin_warnings_point_at_the_users_wrap_and_load_calls(tmp_path) -> None:
+    """A plugin warns from inside pluggy's frames; the user must see their own line."""
+    model = SmallNet().eval()  # no dropout: mc_dropout warns that it inserts one
+    with pytest.warns(UserWarning, match="not trained with") as at_wrap:
+        wrapped = wrapcal.wrap(model, ["mc_dropout"])
+    path = tmp_path / "mc.safetensors"
+    wrapped.save(path)
+    with pytest.warns(UserWarning, match="not trained with") as at_load:
+        wrapcal.load(path, model=model)
+    for record in (*at_wrap, *at_load):
+        assert record.filename == __file__, record.filename

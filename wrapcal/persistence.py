@@ -25,7 +25,7 @@ from torch import nn
 from wrapcal import manager
 from wrapcal.errors import SavedFileError
 from wrapcal.split import Split, split_at
-from wrapcal.wrapped import WrappedModel, find_split, resolve_plugins
+from wrapcal.wrapped import WrappedModel, build_wrapped, find_split, resolve_plugins
 
 FORMAT = "wrapcal"
 FORMAT_VERSION = 1
@@ -202,7 +202,7 @@ def load(
             )
         split = split_at(model, head_path) if kind == "module" else find_split(model)
     instances, names = resolve_plugins([(p["name"], p["params"]) for p in config["plugins"]])
-    wrapped = WrappedModel(split, instances, names)
+    wrapped = build_wrapped(split, instances, names, stacklevel=3)
     for plugin, entry in zip(wrapped.plugins, _in_stage_order(wrapped, config), strict=True):
         plugin.set_state(entry["state"])
     wrapped._set_active({id(p) for p in wrapped.plugins if not p.requires_fit or p.fitted_})

@@ -450,6 +450,23 @@ def resolve_plugins(plugins: Sequence[Any]) -> tuple[list[Plugin], list[str | No
     return instances, names
 
 
+def build_wrapped(
+    split: Split, instances: list[Plugin], names: list[str | None], stacklevel: int
+) -> WrappedModel:
+    """``WrappedModel(split, instances, names)``, with the plugins' attach warnings
+    pointing at the caller ``stacklevel - 1`` frames up.
+
+    Plugins warn from inside pluggy's frames, where a warning helps no one and the
+    default filter would show only the first of its kind.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = WrappedModel(split, instances, names)
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=stacklevel)
+    return wrapped
+
+
 def find_split(model: nn.Module) -> Split:
     """Split ``model`` (modified in place) with the first adapter that knows it."""
     split = manager.get_plugin_manager().hook.wrapcal_split_model(model=model)
@@ -487,11 +504,6 @@ def wrap(
     if split is None:
         target = model if inplace else copy.deepcopy(model)
         split = split_at(target, head) if head is not None else find_split(target)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        wrapped = WrappedModel(split, instances, names)
-    for warning in caught:
-        # Plugins warn from inside pluggy's frames; point at the user's wrap call instead.
-        warnings.warn(warning.message, warning.category, stacklevel=2)
+    wrapped = build_wrapped(split, instances, names, stacklevel=3)
     wrapped.train(model.training if isinstance(model, nn.Module) else False)
     return wrapped
