@@ -63,9 +63,9 @@ def conventions(n_bins: int, bootstrap: int, seed: int, level: float) -> dict[st
         boot = (
             f"{pct} bootstrap intervals from B = {bootstrap} resamples drawn with seed "
             f"{seed}. ECE resamples the test set and uses the basic (reverse percentile) "
-            "interval, 2 ECE - the upper and lower quantiles, clipped at 0: the binned ECE "
-            "is biased upwards, and this corrects it, so for a well-calibrated model the "
-            "interval can lie below the point estimate. AUROC resamples the "
+            "interval, (2 ECE - upper quantile, 2 ECE - lower quantile) clipped at 0: the "
+            "binned ECE is biased upwards and this corrects it, so for a well-calibrated "
+            "model the interval can lie below the point estimate. AUROC resamples the "
             "in-distribution and the OOD samples separately, keeping both set sizes, and "
             "uses the percentile interval."
         )
