@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.linear_model import LogisticRegression
 from torch import nn
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from references import ece_np, nll_np, scipy_temperature
 from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
 from wrapcal_plugins._training import fit_head_lbfgs, train_head
 from wrapcal_plugins.label_smoothing import (
@@ -54,34 +53,6 @@ def smoothed_ce_np(logits: np.ndarray, labels: np.ndarray, alpha: float) -> floa
     q = np.full((n, k), alpha / k)
     q[np.arange(n), labels] += 1 - alpha
     return float(-(q * log_softmax(logits.astype(np.float64), axis=1)).sum(axis=1).mean())
-
-
-def nll_np(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    return float(-log_softmax(z, axis=1)[np.arange(len(labels)), labels].mean())
-
-
-def ece_np(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label L1 ECE, 15 equal-width bins on (0, 1], weighted by bin mass."""
-    conf, correct = probs.max(1), probs.argmax(1) == labels
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    total = 0.0
-    for b in range(n_bins):
-        inside = bins == b
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
-    return float(total)
-
-
-def temperature_np(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising the NLL, by scipy's bounded scalar search on log T."""
-    result = minimize_scalar(
-        lambda log_t: nll_np(logits, labels, math.exp(log_t)),
-        bounds=(-4.0, 4.0),
-        method="bounded",
-        options={"xatol": 1e-9},
-    )
-    return math.exp(result.x)
 
 
 def temperature_plugin_usable() -> bool:
@@ -343,7 +314,9 @@ def test_order_in_the_list_does_not_matter_with_temperature():
         # Temperature was fitted on the retrained head's logits, not the original's.
         with torch.no_grad():
             cal_logits = wrapped.head(cal[0]).numpy()
-        assert temperatures[-1] == pytest.approx(temperature_np(cal_logits, cal[1].numpy()), 1e-4)
+        assert temperatures[-1] == pytest.approx(
+            scipy_temperature(cal_logits, cal[1].numpy()), 1e-4
+        )
     assert torch.equal(outputs[0], outputs[1])
     assert temperatures[0] == temperatures[1]
 
@@ -519,7 +492,7 @@ def resnet20_table() -> tuple[list[dict], dict]:
             )
         with torch.no_grad():
             raw_eval, raw_cal = wrapped.head(f_eval), wrapped.head(cal[0])
-        t_own = temperature_np(raw_cal.numpy(), cal[1].numpy())
+        t_own = scipy_temperature(raw_cal.numpy(), cal[1].numpy())
         if use_plugin:
             t = wrapped.get_plugin("temperature").temperature_
             scaled = wrapped.head_logits(f_eval)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -22,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from references import ece_np, nll_np, scipy_temperature
 from shared_data import (
     SHARED_DATA,
     cifar10,
@@ -49,32 +49,12 @@ requires_logits = pytest.mark.skipif(
 # --- independent references ---------------------------------------------------------
 
 
-def nll_np(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean NLL of softmax(logits / T) in float64; one column = binary sigmoid."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    if z.ndim == 1 or z.shape[1] == 1:
-        z = z.reshape(-1)
-        return float(np.mean(np.logaddexp(0.0, z) - labels * z))  # Bernoulli, logit z
-    return float(-np.mean(log_softmax(z, axis=1)[np.arange(len(labels)), labels]))
-
-
 def dnll_dlogt(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     """d NLL / d log T by a central difference (step 1e-5 in log T)."""
     h = 1e-5
     up = nll_np(logits, labels, temperature * np.exp(h))
     down = nll_np(logits, labels, temperature * np.exp(-h))
     return (up - down) / (2 * h)
-
-
-def scipy_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Brent's bounded search on log T of the numpy NLL."""
-    result = minimize_scalar(
-        lambda log_t: nll_np(logits, labels, np.exp(log_t)),
-        bounds=(-5.0, 5.0),
-        method="bounded",
-        options={"xatol": 1e-10},
-    )
-    return float(np.exp(result.x))
 
 
 def lbfgs_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -101,18 +81,6 @@ def lbfgs_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp())
-
-
-def ece_np(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label L1 ECE, equal-width bins (i/n, (i+1)/n], weighted by bin mass."""
-    conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
-    edges = np.arange(n_bins + 1) / n_bins
-    bins = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
-    gap = np.bincount(bins, weights=correct, minlength=n_bins) - np.bincount(
-        bins, weights=conf, minlength=n_bins
-    )
-    return float(np.abs(gap).sum() / len(labels))
 
 
 class LogitsClassifier(ClassifierMixin, BaseEstimator):

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib import pyplot as plt
+from references import ece_np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -166,18 +167,6 @@ def outputs(run, x):
     return out
 
 
-def numpy_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
-    conf, pred = probs.max(1), probs.argmax(1)
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        mask = (conf > lo) & (conf <= hi) if b else (conf <= hi)
-        if mask.any():
-            gap = (pred[mask] == labels[mask]).mean() - conf[mask].mean()
-            total += mask.mean() * abs(gap)
-    return total
-
-
 def test_calibration_numbers_equal_metrics_on_the_models_outputs(run, data):
     report = run["report"]
     x, y = data.test
@@ -191,7 +180,7 @@ def test_calibration_numbers_equal_metrics_on_the_models_outputs(run, data):
         assert row["nll"] == pytest.approx(nll(p, y), rel=1e-5)
         assert row["nll"] == pytest.approx(-p[torch.arange(len(y)), y].log().mean().item(), 1e-5)
         assert row["brier"] == pytest.approx(brier(p, y), rel=1e-5)
-        assert row["ece"] == pytest.approx(numpy_ece(p.numpy(), y.numpy()), abs=1e-6)
+        assert row["ece"] == pytest.approx(ece_np(p.numpy(), y.numpy()), abs=1e-6)
         assert row["adaptive_ece"] == pytest.approx(adaptive_ece(p, y), abs=1e-6)
         assert row["mce"] == pytest.approx(mce(p, y), abs=1e-6)
         assert row["classwise_ece"] == pytest.approx(classwise_ece(p, y), abs=1e-6)
