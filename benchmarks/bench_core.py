@@ -18,7 +18,7 @@ import timm
 import torch
 
 import wrapcal
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import Plugin, Stage
 
 
 def time_call(fn, x: torch.Tensor) -> float:
@@ -30,11 +30,15 @@ def time_call(fn, x: torch.Tensor) -> float:
 class FeatureUser(Plugin):
     """A plugin that reads every cached feature set (as the built-ins do)."""
 
-    stage = Stage.TRAIN
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        tags.fit_reads = ("train", "calibration", "unlabeled")
+        return tags
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped, data) -> None:
+    def fit(self, model, data):
         self.total_ = sum(float(s.features.sum()) for s in data.sets.values())
+        return self
 
 
 def main() -> None:

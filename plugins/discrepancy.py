@@ -17,11 +17,12 @@ What this plugin does, and the choices it makes:
   same basin, and on frozen features a linear head's cross-entropy is convex, so
   pre-training would pull the copy back onto head 1 and leave the discrepancy to
   step B alone. A random start is the paper's and costs nothing here.
-* Members. ``wrapcal_head_members`` returns ``[2, N, K]`` = (head 1, head 2) from
-  ``wrapped.head`` directly, not through ``wrapped.call_inner``: what is served must
-  be the pair that was trained, and training updates ``wrapped.head`` itself. An
-  inner implementation of that hook (none among the built-ins) would be bypassed;
-  ``fit`` warns when one answers differently from ``wrapped.head``.
+* Members. ``members`` returns ``[2, N, K]`` = (head 1, head 2): head 1 is what the
+  plugins before it give (``inner``: the model's own head, retrained by label
+  smoothing if it came first), head 2 its own. Training updates ``model.head`` itself,
+  so ``fit`` warns when the plugins before it change the head's output, and refuses
+  when they give more than one set of logits per feature sample (put such a plugin
+  after the discrepancy heads, at a later stage, to wrap them instead).
 * Prediction: the core's ``combine_members`` averages the two heads' softmax outputs
   (log of the mean, as logits); temperature scaling fits on that mean afterwards.
 * Training (``wrapcal_fit``), on the cached features:
@@ -64,7 +65,7 @@ import math
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -73,11 +74,21 @@ from torch import nn
 from tqdm.auto import tqdm
 from wrapcal_plugins._training import small_work_threads
 
-from wrapcal import Plugin, Stage, hookimpl
-from wrapcal.cache import FitData
+from wrapcal import (
+    FitData,
+    ModelView,
+    OutputContext,
+    OutputKind,
+    Plugin,
+    PluginTags,
+    Stage,
+    hookimpl,
+)
 from wrapcal.data import iter_batches
 from wrapcal.errors import DataError
+from wrapcal.params import Check, Interval
 from wrapcal.probs import logits_to_log_probs, logits_to_probs
+from wrapcal.torch_utils import in_mode, preserved_modes
 
 __all__ = [
     "DiscrepancyHeads",
@@ -223,11 +234,34 @@ class _Batches:
             yield x, y, self._next_unlabelled()
 
 
+def _is_history(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(x, float) for x in v)
+        for k, v in value.items()
+    )
+
+
+_EPOCHS = [Interval(int, 0, 100_000)]
+_POSITIVE = [Interval(float, 0, None, closed="neither")]
+
+
 class DiscrepancyHeads(Plugin):
     """Two heads that disagree on OOD inputs (Yu & Aizawa 2019); score "discrepancy"."""
 
-    stage = Stage.HEADS
-    requires_fit = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "epochs_pretrain": _EPOCHS,
+        "epochs": _EPOCHS,
+        "lr": _POSITIVE,
+        "margin": _POSITIVE,
+        "batch_size": [Interval(int, 1, None)],
+        "train_backbone_block": [None, str],
+        "lr_backbone": _POSITIVE,
+        "seed": [None, Interval(int, 0, 2**63 - 1)],
+        "progress": [bool],
+    }
+    _state_constraints: ClassVar[dict[str, list[Any]]] = {
+        "history_": [Check(_is_history, "a dict of lists of floats")]
+    }
 
     def __init__(
         self,
@@ -268,41 +302,50 @@ class DiscrepancyHeads(Plugin):
         self.lr_backbone = lr_backbone
         self.seed = seed
         self.progress = progress
+        self.history_: dict[str, list[float]] = {}
 
-    @property
-    def changes_backbone(self) -> bool:  # type: ignore[override]
-        """True when fine-tuning trains a backbone block (the core then re-extracts)."""
-        return self.train_backbone_block is not None
+    def __wrapcal_tags__(self) -> PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.HEADS
+        tags.fit_requires = {
+            "train": "labelled in-distribution data for both heads",
+            "unlabeled": "unlabelled data (in-distribution and OOD mixed, e.g. production "
+            "traffic) on which the two heads learn to disagree",
+        }
+        tags.changes_head = True
+        # Fine-tuning a backbone block changes the features: the core re-extracts them.
+        tags.changes_backbone = self.train_backbone_block is not None
+        tags.streams_data = self.train_backbone_block is not None
+        tags.exportable = True
+        tags.outputs = {"discrepancy": OutputKind.OOD_SCORE}
+        return tags
 
-    # --- state -------------------------------------------------------------------------
+    # --- the contract --------------------------------------------------------------------
 
-    def get_state(self) -> dict[str, Any]:
-        # Per-epoch mean losses: how the fit went, readable after loading.
-        return {**super().get_state(), "history": getattr(self, "history_", {})}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        self.history_ = {k: [float(v) for v in vs] for k, vs in state.get("history", {}).items()}
-
-    # --- hooks -------------------------------------------------------------------------
-
-    @hookimpl
-    def wrapcal_attach(self, wrapped: Any) -> None:
+    def attach(self, model: ModelView) -> None:
         # The same structure at wrap and at load time; values come from fit or the file.
-        self.head2 = copy.deepcopy(wrapped.head)
+        self.head2 = copy.deepcopy(model.head)
 
-    @hookimpl
-    def wrapcal_head_members(self, wrapped: Any, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([wrapped.head(features), self.head2(features)])
+    def members(
+        self, features: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``[2 S, B, K]``: per feature sample, head 1 (the plugins before) and head 2."""
+        head1 = inner(features)
+        samples, batch, width = features.shape
+        if head1.shape[0] != samples:
+            raise ValueError(
+                f"the plugins before the discrepancy heads give {head1.shape[0]} sets of "
+                f"logits for {samples} feature samples; the heads need one per sample. Put "
+                "the plugin that adds members after the discrepancy heads (a later stage) "
+                "to wrap them instead"
+            )
+        head2 = self.head2(features.reshape(samples * batch, width)).reshape(samples, batch, -1)
+        return torch.stack([head1, head2], dim=1).reshape(2 * samples, batch, -1)
 
-    @hookimpl
-    def wrapcal_scores(
-        self, wrapped: Any, members: torch.Tensor, probs: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        return {"discrepancy": l1_discrepancy(members)}
+    def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
+        return {"discrepancy": l1_discrepancy(context.members)}
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped: Any, data: FitData) -> None:
+    def fit(self, model: ModelView, data: FitData) -> DiscrepancyHeads:
         train = data.require("train", _NAME, "labelled in-distribution data for both heads")
         labels = train.require_labels(_NAME)
         unlabeled = data.require(
@@ -311,16 +354,15 @@ class DiscrepancyHeads(Plugin):
             "unlabelled data (in-distribution and OOD mixed, e.g. production traffic) on "
             "which the two heads learn to disagree",
         )
-        seed = int(data.options.get("seed", 0) if self.seed is None else self.seed)
-        progress = bool(self.progress and data.options.get("progress", True))
-        block = self._backbone_block(wrapped, train.data, unlabeled.data)
-        self._warn_if_inner_members(wrapped, train.features[:16])
+        seed = data.seed if self.seed is None else int(self.seed)
+        progress = bool(self.progress and data.progress)
+        block = self._backbone_block(model, train.data, unlabeled.data)
+        self._check_inner_members(model, train.features[:16])
 
         seeded_reinit(self.head2, seed)
-        heads = [wrapped.head, self.head2]
+        heads = [model.head, self.head2]
         params = [p for h in heads for p in h.parameters()]
-        frozen = {p: p.requires_grad for p in [*params, *wrapped.backbone.parameters()]}
-        modes = {m: m.training for m in [*heads, wrapped.backbone]}
+        frozen = {p: p.requires_grad for p in [*params, *model.backbone.parameters()]}
         self.history_ = {"pretrain": [], "loss_a": [], "loss_b": [], "discrepancy": []}
         bar = tqdm(
             total=self.epochs_pretrain + self.epochs,
@@ -328,38 +370,38 @@ class DiscrepancyHeads(Plugin):
             unit="epoch",
             disable=not progress,
         )
-        try:
-            for p in params:
-                p.requires_grad_(True)
-            for h in heads:
-                h.train()
-            small = self.batch_size * wrapped.num_features * wrapped.num_classes_out
-            with torch.enable_grad():
-                with small_work_threads(train.features.device, small):
-                    self._pretrain(heads, params, train.features, labels, seed, bar)
-                if block is None:
-                    batches = _Batches(
-                        (train.features, labels), unlabeled.features, self.batch_size, seed + 1
-                    )
+        with preserved_modes(*heads, model.backbone):
+            try:
+                for p in params:
+                    p.requires_grad_(True)
+                for h in heads:
+                    h.train()
+                small = self.batch_size * model.num_features * max(model.num_classes, 2)
+                with torch.enable_grad():
                     with small_work_threads(train.features.device, small):
-                        self._finetune(heads, [{"params": params}], batches, lambda x: x, bar)
-                else:
-                    groups = [
-                        {"params": params},
-                        {
-                            "params": self._unfreeze(wrapped.backbone, block),
-                            "lr": self.lr_backbone,
-                        },
-                    ]
-                    wrapped.backbone.eval()
-                    batches = _Batches(train.data, unlabeled.data, self.batch_size, seed + 1)
-                    self._finetune(heads, groups, batches, self._embedder(wrapped), bar)
-        finally:
-            bar.close()
-            for p, flag in frozen.items():
-                p.requires_grad_(flag)
-            for m, mode in modes.items():
-                m.train(mode)
+                        self._pretrain(heads, params, train.features, labels, seed, bar)
+                    if block is None:
+                        batches = _Batches(
+                            (train.features, labels), unlabeled.features, self.batch_size, seed + 1
+                        )
+                        with small_work_threads(train.features.device, small):
+                            self._finetune(heads, [{"params": params}], batches, lambda x: x, bar)
+                    else:
+                        groups = [
+                            {"params": params},
+                            {
+                                "params": self._unfreeze(model.backbone, block),
+                                "lr": self.lr_backbone,
+                            },
+                        ]
+                        model.backbone.eval()
+                        batches = _Batches(train.data, unlabeled.data, self.batch_size, seed + 1)
+                        self._finetune(heads, groups, batches, self._embedder(model), bar)
+            finally:
+                bar.close()
+                for p, flag in frozen.items():
+                    p.requires_grad_(flag)
+        return self
 
     # --- training ----------------------------------------------------------------------
 
@@ -485,29 +527,23 @@ class DiscrepancyHeads(Plugin):
 
         return embed
 
-    def _warn_if_inner_members(self, wrapped: Any, features: torch.Tensor) -> None:
-        was_training = wrapped.head.training
-        wrapped.head.eval()  # head dropout would make the two calls differ
-        try:
+    def _check_inner_members(self, model: ModelView, features: torch.Tensor) -> None:
+        with in_mode(model.head, False):  # head dropout would make the two calls differ
+            inner = model.members(features)
             with torch.no_grad():
-                # from_inputs: these are cached features (pluggy ignores the keyword
-                # under a hook specification that does not have it).
-                inner = wrapped.call_inner(
-                    "wrapcal_head_members",
-                    self,
-                    wrapped=wrapped,
-                    features=features,
-                    from_inputs=False,
-                )
-                own = wrapped.head(features)
-        finally:
-            wrapped.head.train(was_training)
-        if inner.shape[0] != 1 or not torch.allclose(inner[0], own, atol=1e-5, rtol=1e-4):
+                own = model.head(features)
+        if inner.shape[0] != 1:
+            raise ValueError(
+                f"the plugins before the discrepancy heads give {inner.shape[0]} sets of "
+                "logits, the heads need one. Put the plugin that adds members after the "
+                "discrepancy heads (a later stage) to wrap them instead"
+            )
+        if not torch.allclose(inner[0], own, atol=1e-5, rtol=1e-4):
             warnings.warn(
-                f"plugin {_NAME} replaces the members of an inner wrapcal_head_members "
-                f"implementation ({inner.shape[0]} members that differ from wrapped.head) "
-                "by its two heads; put that plugin after the discrepancy heads (a later "
-                "stage) to wrap them instead",
+                f"plugin {_NAME} trains the model's head, but the plugins before it change "
+                "its output: head 1 serves their output, which training does not see; put "
+                "that plugin after the discrepancy heads (a later stage) to wrap them "
+                "instead",
                 stacklevel=2,
             )
 

@@ -32,19 +32,19 @@ import math
 from collections.abc import Iterator, Sequence
 from functools import partial
 from numbers import Real
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from wrapcal import Plugin, Stage, hookimpl
-from wrapcal.cache import FeatureSet, FitData
+from wrapcal import FeatureSet, FitData, ModelView, Plugin, PluginTags, Stage, hookimpl
 from wrapcal.data import iter_batches, num_samples
 from wrapcal.errors import DataError
+from wrapcal.params import Check, Interval, Options
 from wrapcal.probs import logits_to_log_probs
-from wrapcal.wrapped import WrappedModel
+from wrapcal.torch_utils import preserved_modes
 
 from ._training import fit_head_lbfgs
 
@@ -102,6 +102,23 @@ def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _is_alpha(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _is_grid(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_is_alpha, value))
+
+
+def _is_floats(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(v, float) and not isinstance(v, bool) for v in value
+    )
+
+
+def _is_grid_nll(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and _is_alpha(pair[0]) and _is_floats(pair[1:])
+        for pair in value
+    )
 
 
 def _clone_state(*modules: nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -169,8 +186,25 @@ class LabelSmoothing(Plugin):
         best_epoch_: The epoch (1-based) whose weights were kept (``scope="all"``).
     """
 
-    stage = Stage.TRAIN
-    requires_fit = True
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "alpha": [Interval(float, 0, 1, closed="left"), Options(str, ["auto"])],
+        "scope": [Options(str, SCOPES)],
+        "grid": [Check(_is_grid, "a non-empty list of alphas in [0, 1)")],
+        "weight_decay": [Interval(float, 0, None)],
+        "max_iter": [Interval(int, 1, 1_000_000)],
+        "epochs": [Interval(int, 1, 100_000)],
+        "lr": [None, Interval(float, 0, None, closed="neither")],
+        "optimizer": [Options(str, DEFAULT_LR)],
+        "batch_size": [None, Interval(int, 1, None)],
+        "freeze_bn": [bool],
+        "patience": [Interval(int, 1, 100_000)],
+    }
+    _state_constraints: ClassVar[dict[str, list[Any]]] = {
+        "alpha_": [None, Interval(float, 0, 1, closed="left")],
+        "grid_nll_": [Check(_is_grid_nll, "a list of [alpha, NLL] pairs")],
+        "history_": [Check(_is_floats, "a list of floats")],
+        "best_epoch_": [None, Interval(int, 1, None)],
+    }
 
     def __init__(
         self,
@@ -203,63 +237,23 @@ class LabelSmoothing(Plugin):
         self.history_: list[float] = []
         self.best_epoch_: int | None = None
 
-    @property
-    def changes_backbone(self) -> bool:  # type: ignore[override]
-        """Only fine-tuning the whole network changes the cached features."""
-        return self.scope == "all"
-
-    # --- parameters and state ------------------------------------------------------------
-
-    def _check_params(self) -> None:
-        if not (self.alpha == "auto" or _is_alpha(self.alpha)):
-            raise ValueError(f'alpha must be a number in [0, 1) or "auto"; got {self.alpha!r}')
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}; got {self.scope!r}")
-        if not self.grid or not all(_is_alpha(a) for a in self.grid):
-            raise ValueError(
-                f"grid must be a non-empty list of alphas in [0, 1); got {self.grid!r}"
+    def __wrapcal_tags__(self) -> PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        tags.fit_requires = {"train": "the labelled data the model is retrained on"}
+        if self.alpha == "auto":
+            tags.fit_requires["calibration"] = (
+                'alpha="auto" picks alpha by the NLL on held-out labels'
             )
-        if self.optimizer not in DEFAULT_LR:
-            raise ValueError(
-                f"optimizer must be one of {tuple(DEFAULT_LR)}; got {self.optimizer!r}"
-            )
-        for name in ("max_iter", "epochs", "patience"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay!r}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be positive (or None for the default); got {self.lr!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive or None; got {self.batch_size!r}")
+        tags.fit_reads = ("calibration",)
+        tags.changes_head = True
+        # Fine-tuning the whole network changes the cached features.
+        tags.changes_backbone = self.scope == "all"
+        tags.streams_data = self.scope == "all"
+        tags.exportable = True
+        return tags
 
-    def get_state(self) -> dict[str, Any]:
-        state = super().get_state()
-        state.update(
-            alpha=self.alpha_,
-            grid_nll=self.grid_nll_,
-            history=self.history_,
-            best_epoch=self.best_epoch_,
-        )
-        return state
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        super().set_state(state)
-        self.alpha_ = state.get("alpha")
-        self.grid_nll_ = [list(pair) for pair in state.get("grid_nll", [])]
-        self.history_ = list(state.get("history", []))
-        self.best_epoch_ = state.get("best_epoch")
-
-    # --- hooks ---------------------------------------------------------------------------
-
-    @hookimpl
-    def wrapcal_attach(self, wrapped: WrappedModel) -> None:
-        # Fail at wrap time, not after the backbone pass, on a misspelled parameter.
-        self._check_params()
-
-    @hookimpl
-    def wrapcal_fit(self, wrapped: WrappedModel, data: FitData) -> None:
-        self._check_params()
+    def fit(self, model: ModelView, data: FitData) -> LabelSmoothing:
         train = data.require("train", NAME, "the labelled data the model is retrained on")
         train.require_labels(NAME)
         auto = self.alpha == "auto"
@@ -271,25 +265,25 @@ class LabelSmoothing(Plugin):
             calibration.require_labels(NAME)
         alphas = [float(a) for a in self.grid] if auto else [float(self.alpha)]
         self.grid_nll_, self.history_, self.best_epoch_ = [], [], None
-        progress = bool(data.options.get("progress", True))
         if self.scope == "head":
             self.alpha_ = self._fit_head(
-                wrapped, train, calibration if auto else None, alphas, progress
+                model, train, calibration if auto else None, alphas, data.progress
             )
         else:
-            self.alpha_ = self._fit_all(wrapped, data, train, calibration, alphas, progress)
+            self.alpha_ = self._fit_all(model, data, train, calibration, alphas, data.progress)
+        return self
 
     # --- scope="head" --------------------------------------------------------------------
 
     def _fit_head(
         self,
-        wrapped: WrappedModel,
+        model: ModelView,
         train: FeatureSet,
         calibration: FeatureSet | None,
         alphas: list[float],
         progress: bool,
     ) -> float:
-        head = wrapped.head
+        head = model.head
         start = _clone_state(head)
         best: tuple[float, float, list[dict[str, torch.Tensor]]] | None = None
         for alpha in alphas:
@@ -305,7 +299,7 @@ class LabelSmoothing(Plugin):
             )
             if calibration is None:
                 return alpha
-            nll = _mean_nll(wrapped.head_logits(calibration.features), calibration.labels)
+            nll = _mean_nll(model.head_logits(calibration.features), calibration.labels)
             self.grid_nll_.append([alpha, nll])
             if best is None or nll < best[0]:
                 best = (nll, alpha, _clone_state(head))
@@ -317,7 +311,7 @@ class LabelSmoothing(Plugin):
 
     def _fit_all(
         self,
-        wrapped: WrappedModel,
+        model: ModelView,
         data: FitData,
         train: FeatureSet,
         calibration: FeatureSet | None,
@@ -336,17 +330,16 @@ class LabelSmoothing(Plugin):
                 calibration = None  # features only: nothing to stream, no early stopping
         batch_size = int(self.batch_size or data.options.get("batch_size", 256))
         seed = int(data.options.get("seed", 0))
-        modules = (wrapped.backbone, wrapped.head)
-        modes = [(m, m.training) for root in modules for m in root.modules()]
+        modules = (model.backbone, model.head)
         start = _clone_state(*modules) if len(alphas) > 1 else None
         best: tuple[float, float, list[dict[str, torch.Tensor]], list[float], int | None] | None
         best = None
-        try:
+        with preserved_modes(*modules):
             for alpha in alphas:
                 if start is not None:
                     _load_state(start, *modules)
                 history, best_epoch = self._fine_tune(
-                    wrapped, alpha, train.data, calibration, batch_size, seed, progress
+                    model, alpha, train.data, calibration, batch_size, seed, progress
                 )
                 nll = min(history) if history else math.nan
                 if len(alphas) > 1:
@@ -354,17 +347,14 @@ class LabelSmoothing(Plugin):
                 if best is None or nll < best[0]:
                     states = _clone_state(*modules) if len(alphas) > 1 else []
                     best = (nll, alpha, states, history, best_epoch)
-        finally:
-            for module, mode in modes:
-                module.training = mode
         assert best is not None
         if best[2]:
             _load_state(best[2], *modules)
         self.history_, self.best_epoch_ = best[3], best[4]
         return best[1]
 
-    def _train_mode(self, wrapped: WrappedModel) -> None:
-        for root in (wrapped.backbone, wrapped.head):
+    def _train_mode(self, model: ModelView) -> None:
+        for root in (model.backbone, model.head):
             root.train()
             if self.freeze_bn:
                 for m in root.modules():
@@ -385,7 +375,7 @@ class LabelSmoothing(Plugin):
 
     def _fine_tune(
         self,
-        wrapped: WrappedModel,
+        model: ModelView,
         alpha: float,
         train_data: Any,
         calibration: FeatureSet | None,
@@ -399,7 +389,7 @@ class LabelSmoothing(Plugin):
             The calibration NLL after each epoch (empty without calibration data) and
             the best epoch (1-based; the last one without calibration data).
         """
-        backbone, head = wrapped.backbone, wrapped.head
+        backbone, head = model.backbone, model.head
         params = [p for m in (backbone, head) for p in m.parameters() if p.requires_grad]
         if not params:
             raise ValueError(
@@ -419,7 +409,7 @@ class LabelSmoothing(Plugin):
         best_nll, best_state, best_epoch = math.inf, None, None
         try:
             for epoch in range(1, self.epochs + 1):
-                self._train_mode(wrapped)
+                self._train_mode(model)
                 total = torch.zeros((), dtype=torch.float64, device=params[0].device)
                 seen = 0
                 with torch.enable_grad():
@@ -437,7 +427,7 @@ class LabelSmoothing(Plugin):
                         total += loss.detach() * x.shape[0]
                         seen += x.shape[0]
                         bar.update(x.shape[0])
-                wrapped.backbone_passes += 1
+                model.backbone_passes += 1
                 mean_loss = float(total) / max(seen, 1)
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(
@@ -448,7 +438,7 @@ class LabelSmoothing(Plugin):
                     bar.set_postfix(loss=f"{mean_loss:.4f}")
                     best_epoch = epoch
                     continue
-                nll = self._stream_nll(wrapped, calibration, batch_size)
+                nll = self._stream_nll(model, calibration, batch_size)
                 if not math.isfinite(nll):
                     raise FloatingPointError(
                         f"the calibration NLL is {nll} after epoch {epoch}; lower lr"
@@ -467,21 +457,21 @@ class LabelSmoothing(Plugin):
         return history, best_epoch
 
     @staticmethod
-    def _stream_nll(wrapped: WrappedModel, calibration: FeatureSet, batch_size: int) -> float:
+    def _stream_nll(model: ModelView, calibration: FeatureSet, batch_size: int) -> float:
         """Mean NLL of the calibration data through the whole network, in eval mode."""
-        wrapped.backbone.eval()
-        wrapped.head.eval()
-        like = next(iter(wrapped.parameters()))
+        model.backbone.eval()
+        model.head.eval()
+        like = next(iter(model.head.parameters()))
         total, count = 0.0, 0
         with torch.no_grad():
             for x, y in iter_batches(calibration.data, batch_size):
                 if y is None:
                     raise DataError("label_smoothing needs labelled calibration data")
                 x = _to_model(x, like)
-                logits = wrapped.head_logits(wrapped.backbone(x))
+                logits = model.head_logits(model.backbone(x))
                 total += _mean_nll(logits, y.to(logits.device)) * x.shape[0]
                 count += x.shape[0]
-        wrapped.backbone_passes += 1
+        model.backbone_passes += 1
         return total / count
 
 

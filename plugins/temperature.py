@@ -8,18 +8,18 @@ T > 0 keeps the arg-max, so predictions and accuracy never change.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import Plugin, PluginTags, Stage, hookimpl
 from wrapcal.calibrate import fit_temperature
+from wrapcal.params import Interval
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Callable
 
-    from wrapcal.cache import FitData
-    from wrapcal.wrapped import WrappedModel
+    from wrapcal import FitData, ModelView
 
 __all__ = ["TemperatureScaler"]
 
@@ -36,9 +36,9 @@ class TemperatureScaler(Plugin):
             holds it in the saved weights.
     """
 
-    stage = Stage.CALIBRATE
-    requires_fit = True
-    changes_backbone = False
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "max_iter": [Interval(int, 1, 100_000)]
+    }
 
     def __init__(self, max_iter: int = 100) -> None:
         super().__init__()
@@ -46,13 +46,23 @@ class TemperatureScaler(Plugin):
         # float64 so temperature_ returns the fitted value exactly; saved with the model.
         self.register_buffer("temperature", torch.ones((), dtype=torch.float64))
 
+    def __wrapcal_tags__(self) -> PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.CALIBRATE
+        tags.fit_requires = {
+            "calibration": "temperature scaling fits T on held-out labelled data the model "
+            "was not trained on"
+        }
+        tags.exportable = True
+        return tags
+
     @property
     def temperature_(self) -> float:
         """The fitted temperature T > 0 (``NotFittedError`` before ``fit``)."""
         self.check_is_fitted()
         return float(self.temperature)
 
-    def fit(self, logits: Any, labels: Any) -> TemperatureScaler:
+    def fit_logits(self, logits: Any, labels: Any) -> TemperatureScaler:
         """Fit T on logits and labels directly, without a wrapped model.
 
         Args:
@@ -66,28 +76,24 @@ class TemperatureScaler(Plugin):
         self.fitted_ = True
         return self
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    def transform_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Divide logits by the fitted temperature, in the logits' dtype and device."""
         self.check_is_fitted()
         return logits / self.temperature.to(device=logits.device, dtype=logits.dtype)
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped: WrappedModel, data: FitData) -> None:
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """The same as :meth:`transform_logits`."""
+        return self.transform_logits(logits)
+
+    def fit(self, model: ModelView, data: FitData) -> TemperatureScaler:
+        """Fit T on the calibration set's logits as the plugins before this one give them."""
         calibration = data.require(
             "calibration",
             "temperature",
             "temperature scaling fits T on held-out labelled data the model was not trained on",
         )
         labels = calibration.require_labels("temperature")
-        # The final logits of every plugin fitted before this one; this one is inactive.
-        self.fit(wrapped.head_logits(calibration.features), labels)
-
-    @hookimpl(wrapper=True)
-    def wrapcal_transform_logits(
-        self, wrapped: WrappedModel, logits: torch.Tensor
-    ) -> Generator[None, torch.Tensor, torch.Tensor]:
-        out = yield
-        return self(out)
+        return self.fit_logits(model.head_logits(calibration.features), labels)
 
 
 @hookimpl

@@ -6,8 +6,8 @@ import torch
 from helpers import SmallNet
 
 import wrapcal
+from wrapcal import Stage, get_tags
 from wrapcal.data import digits
-from wrapcal.plugin import Stage
 
 SPECS = [
     ("temperature", {}),
@@ -27,7 +27,7 @@ def test_any_order_gives_the_same_model() -> None:
     orders = [SPECS, SPECS[::-1], [SPECS[2], SPECS[0], SPECS[3], SPECS[1]]]
     for order in orders:
         wrapped = wrapcal.wrap(model, plugins=list(order))
-        stages = [p.stage for p in wrapped.plugins]
+        stages = [get_tags(p).stage for p in wrapped.plugins]
         assert stages == [Stage.TRAIN, Stage.HEADS, Stage.SAMPLE, Stage.CALIBRATE]
         wrapped.fit(
             train=data.train, calibration=data.calibration, unlabeled=traffic, progress=False

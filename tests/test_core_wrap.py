@@ -12,7 +12,7 @@ from helpers import SmallNet, SoftmaxNet, sample_plugin_installed
 from torch.utils.data import DataLoader, TensorDataset
 
 import wrapcal
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import OutputKind, Plugin, Stage
 from wrapcal.errors import DataError, NotFittedError, PluginNotFoundError, SplitError
 
 
@@ -22,23 +22,29 @@ def make_data(n: int = 96, k: int = 10, seed: int = 0) -> tuple[torch.Tensor, to
 
 
 class CountingPlugin(Plugin):
-    """Records what fit received; adds a score that reads the members."""
-
-    stage = Stage.TRAIN
+    """Records what fit received; adds a score that reads the probabilities."""
 
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
         self.scale = scale
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped, data) -> None:
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        tags.fit_requires = {"train": ""}
+        tags.fit_reads = ("calibration", "unlabeled")
+        tags.outputs = {"margin": OutputKind.UNCERTAINTY}
+        return tags
+
+    def fit(self, model, data):
         self.seen_ = {k: len(v) for k, v in data.sets.items()}
         # Retrain nothing, but prove the features are the backbone's.
         self.feature_width_ = data.train.features.shape[1]
+        return self
 
-    @hookimpl
-    def wrapcal_scores(self, wrapped, members, probs):
-        return {"margin": -(probs.topk(2).values[:, 0] - probs.topk(2).values[:, 1])}
+    def outputs(self, context):
+        top2 = context.probs.topk(2).values
+        return {"margin": -(top2[:, 0] - top2[:, 1])}
 
 
 def test_user_model_is_never_modified(tmp_path) -> None:

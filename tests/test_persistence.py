@@ -15,7 +15,7 @@ from safetensors import safe_open
 import wrapcal
 from wrapcal.errors import SavedFileError
 from wrapcal.models import cifar_resnet20
-from wrapcal.persistence import FORMAT_VERSION, read_config
+from wrapcal.saving import FORMAT_VERSION, read
 
 
 def batch(side: int = 32, n: int = 4) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_round_trip_rebuilds_by_name(make, tmp_path) -> None:
             assert torch.equal(loaded(x), wrapped(x))
         plugin = loaded.get_plugin("vector_scaling")
         assert plugin.fitted_ and torch.equal(plugin.scale_, wrapped.plugins[0].scale_)
-    config = read_config(path)
+    config = read(path).config
     assert config["format_version"] == FORMAT_VERSION
     assert config["plugins"][0]["name"] == "vector_scaling"
 
@@ -124,7 +124,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch) -> None:
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("wrapcal.persistence.save_file", broken_save)
+    monkeypatch.setattr("wrapcal.saving.save_tensors", broken_save)
     with pytest.raises(OSError, match="disk full"):
         wrapcal.wrap(SmallNet(num_classes=3).eval()).save(path)
     assert path.read_bytes() == original
@@ -132,7 +132,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch) -> None:
 
 
 def test_plugin_warnings_point_at_the_users_wrap_and_load_calls(tmp_path) -> None:
-    """A plugin warns from inside pluggy's frames; the user must see their own line."""
+    """A plugin warns from inside the core's frames; the user must see their own line."""
     model = SmallNet().eval()  # no dropout: mc_dropout warns that it inserts one
     with pytest.warns(UserWarning, match="not trained with") as at_wrap:
         wrapped = wrapcal.wrap(model, ["mc_dropout"])

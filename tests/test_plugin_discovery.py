@@ -90,10 +90,76 @@ def hook_specs() -> list[str]:
     ]
 
 
-def test_every_hook_is_documented() -> None:
+def call_form(name: str, fn) -> str:
+    """``name(a, b)``: the parameter names as the README writes them."""
+    params = [p for p in inspect.signature(fn).parameters if p != "self"]
+    return f"{name}({', '.join(params)})"
+
+
+#: The per-model contract: the methods of wrapcal.Plugin a plugin overrides.
+CONTRACT = (
+    "__wrapcal_tags__",
+    "attach",
+    "fit",
+    "features",
+    "members",
+    "transform_logits",
+    "outputs",
+    "report_metrics",
+)
+
+
+def test_every_hook_is_documented_with_its_signature() -> None:
     readme = README.read_text()
-    assert len(hook_specs()) >= 6
+    assert set(hook_specs()) == {
+        "wrapcal_register_plugins",
+        "wrapcal_split_model",
+        "wrapcal_register_models",
+    }
     for name in hook_specs():
-        doc = inspect.getdoc(getattr(hookspecs, name))
+        fn = getattr(hookspecs, name)
+        doc = inspect.getdoc(fn)
         assert doc and len(doc) > 40, f"hook {name} has no real docstring"
-        assert f"`{name}" in readme, f"hook {name} is not in the README's plugin guide"
+        assert f"`{call_form(name, fn)}`" in readme, f"{call_form(name, fn)} not in the README"
+
+
+def test_every_contract_method_is_documented_with_its_signature() -> None:
+    readme = README.read_text()
+    for name in CONTRACT:
+        fn = getattr(wrapcal.Plugin, name)
+        doc = inspect.getdoc(fn)
+        assert doc and len(doc) > 40, f"Plugin.{name} has no real docstring"
+        assert f"`{call_form(name, fn)}`" in readme, f"{call_form(name, fn)} not in the README"
+
+
+def _plugin_classes() -> list[type]:
+    import wrapcal_vector_scaling
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "react_plugin"))
+    try:
+        import wrapcal_react
+    finally:
+        sys.path.pop(0)
+    classes = [info.factory for info in wrapcal.plugin_registry().values()]
+    classes += [
+        wrapcal_vector_scaling.VectorScaling,
+        wrapcal_vector_scaling.Mahalanobis,
+        wrapcal_react.ReAct,
+    ]
+    return [c for c in classes if isinstance(c, type)]
+
+
+def test_plugins_implement_the_contract_with_its_exact_signatures(tmp_path) -> None:
+    """datasette's check: every override has the base method's parameter names, and no
+    plugin defines a method that looks like the old hooks."""
+    with sample_plugin_installed(tmp_path):
+        classes = _plugin_classes()
+    assert len(classes) >= 7
+    for cls in classes:
+        for name in CONTRACT:
+            mine, base = getattr(cls, name), getattr(wrapcal.Plugin, name)
+            if mine is base:
+                continue
+            assert call_form(name, mine) == call_form(name, base), f"{cls.__name__}.{name}"
+        stale = [n for n in vars(cls) if n.startswith("wrapcal_")]
+        assert not stale, f"{cls.__name__} still implements old hooks {stale}"

@@ -24,7 +24,7 @@ from wrapcal_plugins.discrepancy import (
 )
 
 import wrapcal
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import Plugin, Stage, get_tags
 from wrapcal.errors import DataError
 from wrapcal.metrics.ood import auroc, fpr_at_tpr
 from wrapcal.models import CIFAR_MEAN, CIFAR_STD
@@ -292,23 +292,20 @@ def test_clear_errors():
 
 
 class FakeSampler(Plugin):
-    """Stage-SAMPLE stand-in for MC dropout: T noisy copies of the inner members."""
-
-    stage = Stage.SAMPLE
-    requires_fit = False
+    """Stage-SAMPLE stand-in for MC dropout: T scaled copies of the inner members."""
 
     def __init__(self, samples: int = 3) -> None:
         super().__init__()
         self.samples = samples
 
-    @hookimpl
-    def wrapcal_head_members(self, wrapped, features):
-        parts = [
-            wrapped.call_inner(
-                "wrapcal_head_members", self, wrapped=wrapped, features=f, from_inputs=False
-            )
-            for f in (features * (1 + 0.3 * t) for t in range(self.samples))
-        ]
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.SAMPLE
+        tags.requires_fit = False
+        return tags
+
+    def members(self, features, inner):
+        parts = [inner(features * (1 + 0.3 * t)) for t in range(self.samples)]
         return torch.cat(parts)  # [T * 2, N, K], head index fastest
 
 
@@ -331,20 +328,42 @@ def test_sampler_around_heads(toy):
     torch.testing.assert_close(w.predict(xt).scores["discrepancy"], torch.stack(pairs).mean(0))
 
 
-def test_warns_when_an_inner_members_plugin_is_bypassed():
-    class InnerEnsemble(Plugin):
-        stage = Stage.TRAIN
-        requires_fit = False
+class InnerMembers(Plugin):
+    """A stage-TRAIN plugin that changes the members the discrepancy heads get."""
 
-        @hookimpl
-        def wrapcal_head_members(self, wrapped, features):
-            logits = wrapped.head(features)
-            return torch.stack([logits, 2 * logits])
+    def __init__(self, copies: int = 2) -> None:
+        super().__init__()
+        self.copies = copies
 
-    w = wrapcal.wrap(toy_model(), [InnerEnsemble(), DiscrepancyHeads(epochs_pretrain=1, epochs=1)])
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        tags.requires_fit = False
+        return tags
+
+    def members(self, features, inner):
+        logits = inner(features)
+        return torch.cat([logits * (1 + c) for c in range(self.copies)])
+
+
+def test_refuses_or_warns_when_inner_members_are_not_the_head():
+    """The heads train the model's own head: plugins before them that change its output
+    get a warning (head 1 serves what training did not see), and plugins that add
+    members get an error naming the fix (the old contract bypassed them silently)."""
+    w = wrapcal.wrap(toy_model(), [InnerMembers(1), DiscrepancyHeads(epochs_pretrain=1, epochs=1)])
     x, y = blobs(50, seed=0)
-    with pytest.warns(UserWarning, match="replaces the members"):
-        w.fit_features(train=(x, y), unlabeled=x, progress=False)
+    w.fit_features(train=(x, y), unlabeled=x, progress=False)  # 1 copy: the head itself
+    scaled = wrapcal.wrap(toy_model(), [InnerMembers(2), DiscrepancyHeads(epochs_pretrain=1)])
+    with pytest.raises(ValueError, match="discrepancy.*2 sets of logits.*after the discrepancy"):
+        scaled.fit_features(train=(x, y), unlabeled=x, progress=False)
+
+    class Doubling(InnerMembers):
+        def members(self, features, inner):
+            return 2 * inner(features)
+
+    doubled = wrapcal.wrap(toy_model(), [Doubling(), DiscrepancyHeads(epochs_pretrain=1)])
+    with pytest.warns(UserWarning, match="change its output"):
+        doubled.fit_features(train=(x, y), unlabeled=x, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_toy(epochs=1, epochs_pretrain=1)
@@ -428,7 +447,7 @@ def test_train_backbone_block_streams_and_recomputes_features():
     later = ["temperature"] if registered("temperature") else []
     w = wrapcal.wrap(model, [("discrepancy", params), *later])
     plugin = w.get_plugin("discrepancy")
-    assert plugin.changes_backbone and not DiscrepancyHeads().changes_backbone
+    assert get_tags(plugin).changes_backbone and not get_tags(DiscrepancyHeads()).changes_backbone
     bb = w.backbone.model
     stem0, block0 = bb.stem.weight.detach().clone(), bb.block[0].weight.detach().clone()
     bn_mean0 = bb.block[1].running_mean.clone()

@@ -40,7 +40,8 @@ from wrapcal_plugins.label_smoothing import (
 )
 
 import wrapcal
-from wrapcal import DataError, Plugin, Stage, manager
+from wrapcal import DataError, Plugin, Stage, get_tags
+from wrapcal.assemble import create_plugin
 from wrapcal.data import digits
 from wrapcal.metrics import accuracy, ece, ece_bootstrap, nll
 
@@ -57,10 +58,10 @@ def smoothed_ce_np(logits: np.ndarray, labels: np.ndarray, alpha: float) -> floa
 
 def temperature_plugin_usable() -> bool:
     try:
-        plugin = manager.create_plugin("temperature")
+        plugin = create_plugin("temperature")
     except Exception:
         return False
-    return isinstance(plugin, Plugin) and plugin.stage == Stage.CALIBRATE
+    return isinstance(plugin, Plugin) and get_tags(plugin).stage == Stage.CALIBRATE
 
 
 # --- small models and data ---------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_head_scope_runs_no_extra_backbone_pass(trained_cnn, digits_data):
     head_before = wrapped.head.weight.detach().clone()
     wrapped.fit(train=digits_data.train, calibration=digits_data.calibration, progress=False)
     assert wrapped.backbone_passes == 2  # train and calibration, once each
-    assert not LabelSmoothing(scope="head").changes_backbone
+    assert not get_tags(LabelSmoothing(scope="head")).changes_backbone
     assert all(torch.equal(v, wrapped.backbone.state_dict()[k]) for k, v in backbone_before.items())
     assert not torch.equal(wrapped.head.weight, head_before)
     x, y = digits_data.test
@@ -291,7 +292,7 @@ def test_params_and_state_are_json_and_round_trip(tmp_path):
     wrapped.fit_features(train=train, calibration=cal, progress=False)
     plugin = wrapped.get_plugin("label_smoothing")
     state = json.loads(json.dumps(plugin.get_state()))
-    assert state["alpha"] == plugin.alpha_ and len(state["grid_nll"]) == len(DEFAULT_GRID)
+    assert state["alpha_"] == plugin.alpha_ and len(state["grid_nll_"]) == len(DEFAULT_GRID)
     json.dumps(plugin.get_params())
     path = wrapped.save(tmp_path / "ls.wrapcal")
     loaded = wrapcal.load(path, model=linear_model())
@@ -324,9 +325,11 @@ def test_order_in_the_list_does_not_matter_with_temperature():
 # --- scope="all" --------------------------------------------------------------------------
 
 
-def fine_tune(model: nn.Module, data, **params) -> wrapcal.WrappedModel:
+def fine_tune(model: nn.Module, data, train_mode: bool = False, **params):
     plugin = {"scope": "all", "alpha": 0.1, "batch_size": 64, **params}
     wrapped = wrapcal.wrap(model, [("label_smoothing", plugin)])
+    if train_mode:
+        wrapped.train()  # wrap gives an inference object in eval mode; the user may train
     wrapped.fit(train=data.train, calibration=data.calibration, progress=False)
     return wrapped
 
@@ -338,7 +341,7 @@ def test_scope_all_early_stops_and_restores_the_best_epoch(trained_cnn, digits_d
     wrapped = fine_tune(trained_cnn, digits_data, lr=0.05, epochs=8, patience=1)
     plugin = wrapped.get_plugin("label_smoothing")
     history = plugin.history_
-    assert plugin.changes_backbone
+    assert get_tags(plugin).changes_backbone
     assert 1 <= len(history) < 8  # stopped early
     assert plugin.best_epoch_ == int(np.argmin(history)) + 1 < len(history)
     assert all(h >= min(history) for h in history[plugin.best_epoch_ :])
@@ -367,8 +370,9 @@ def test_scope_all_without_frozen_bn_updates_running_stats(trained_cnn, digits_d
     assert not torch.equal(after.bn1.running_mean, trained_cnn.bn1.running_mean)
     assert int(after.bn1.num_batches_tracked) > int(trained_cnn.bn1.num_batches_tracked)
     assert not any(modes(wrapped))
-    # A model wrapped in train mode is left in train mode, frozen BatchNorm included.
-    training = fine_tune(copy.deepcopy(trained_cnn).train(), digits_data, epochs=1)
+    # A wrapped model its user put in train mode is left in train mode, frozen BatchNorm
+    # included.
+    training = fine_tune(copy.deepcopy(trained_cnn), digits_data, train_mode=True, epochs=1)
     assert all(modes(training.backbone)) and all(modes(training.head))
 
 

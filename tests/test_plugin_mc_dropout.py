@@ -23,7 +23,7 @@ from torch import nn
 from wrapcal_plugins.mc_dropout import DEFAULT_P, MCDropout, mc_scores, seeded_dropout
 
 import wrapcal
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import Plugin, Stage
 from wrapcal.errors import DataError, NotFittedError
 from wrapcal.metrics import accuracy, auroc, ece, fpr_at_tpr
 
@@ -68,24 +68,27 @@ class BNNet(nn.Module):
 class TwoHeads(Plugin):
     """A head-members plugin for composition: the model's head and a second linear head."""
 
-    stage = Stage.HEADS
-    requires_fit = False
-
     def __init__(self) -> None:
         super().__init__()
 
-    @hookimpl
-    def wrapcal_attach(self, wrapped) -> None:
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.HEADS
+        tags.requires_fit = False
+        return tags
+
+    def attach(self, model) -> None:
         gen = torch.Generator().manual_seed(7)
         # skip_init: no draw from the global RNG; the weights come from our generator.
-        self.second = nn.utils.skip_init(nn.Linear, wrapped.num_features, wrapped.num_classes)
+        self.second = nn.utils.skip_init(nn.Linear, model.num_features, model.num_classes)
         with torch.no_grad():
             self.second.weight.copy_(torch.randn(self.second.weight.shape, generator=gen))
             self.second.bias.copy_(torch.randn(self.second.bias.shape, generator=gen))
 
-    @hookimpl
-    def wrapcal_head_members(self, wrapped, features, from_inputs):
-        return torch.stack([wrapped.head(features), self.second(features)])
+    def members(self, features, inner):
+        samples, batch, width = features.shape
+        second = self.second(features.reshape(samples * batch, width)).reshape(samples, batch, -1)
+        return torch.stack([inner(features), second], dim=1).reshape(2 * samples, batch, -1)
 
 
 def trained_bn(model: nn.Module, size: int = 8) -> nn.Module:

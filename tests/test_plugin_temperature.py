@@ -32,7 +32,7 @@ from shared_data import (
 from wrapcal_plugins.temperature import TemperatureScaler
 
 import wrapcal
-from wrapcal import DataError, NotFittedError, Plugin, Stage, hookimpl
+from wrapcal import DataError, NotFittedError, Plugin, Stage
 from wrapcal import calibrate as calibrate_module
 from wrapcal.calibrate import MIN_SAMPLES, fit_temperature
 from wrapcal.metrics import ece as wrapcal_ece
@@ -258,38 +258,34 @@ def test_single_logit_that_looks_like_probabilities_warns():
 class ScaleHead(Plugin):
     """Test plugin: a TRAIN-stage 'retraining' that learns to double the head's logits."""
 
-    stage = Stage.TRAIN
-
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("scale", torch.ones(()))
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped, data):
-        self.scale.fill_(2.0)  # "learned" during the same fit call, before temperature
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        return tags
 
-    @hookimpl
-    def wrapcal_head_members(self, wrapped, features, from_inputs):
-        inner = wrapped.call_inner(
-            "wrapcal_head_members",
-            self,
-            wrapped=wrapped,
-            features=features,
-            from_inputs=from_inputs,
-        )
-        return inner * self.scale
+    def fit(self, model, data):
+        self.scale.fill_(2.0)  # "learned" during the same fit call, before temperature
+        return self
+
+    def members(self, features, inner):
+        return inner(features) * self.scale
 
 
 class DoubleLogits(Plugin):
     """Test plugin: a logit transform that doubles the logits, needs no fit."""
 
-    stage = Stage.TRAIN
-    requires_fit = False
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.TRAIN
+        tags.requires_fit = False
+        return tags
 
-    @hookimpl(wrapper=True)
-    def wrapcal_transform_logits(self, wrapped, logits):
-        out = yield
-        return 2 * out
+    def transform_logits(self, logits):
+        return 2 * logits
 
 
 def small_model_and_data(seed: int = 0):
@@ -365,7 +361,7 @@ def test_plugin_standalone_fit_and_params():
     logits, labels = synthetic(1000, 10, 1.5, seed=8)
     scaler = TemperatureScaler(max_iter=50)
     assert scaler.get_params() == {"max_iter": 50}
-    assert scaler.fit(logits, labels) is scaler
+    assert scaler.fit_logits(logits, labels) is scaler
     assert scaler.temperature_ == fit_temperature(logits, labels)
     z = torch.from_numpy(logits)
     torch.testing.assert_close(scaler(z), z / scaler.temperature_)

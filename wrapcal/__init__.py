@@ -5,6 +5,8 @@
 """
 
 from wrapcal import metrics
+from wrapcal.assemble import wrap
+from wrapcal.cache import FeatureSet, FitData
 from wrapcal.calibrate import fit_temperature
 from wrapcal.errors import (
     DataError,
@@ -15,14 +17,16 @@ from wrapcal.errors import (
     WrapcalError,
 )
 from wrapcal.hookspecs import hookimpl, hookspec
+from wrapcal.loading import load
 from wrapcal.manager import get_plugin_manager, plugin_registry
-from wrapcal.persistence import load
-from wrapcal.plugin import Plugin, Stage
+from wrapcal.plugin import Plugin, get_tags
 from wrapcal.prediction import Prediction
+from wrapcal.saving import save
 from wrapcal.split import Split
-from wrapcal.wrapped import WrappedModel, wrap
+from wrapcal.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
+from wrapcal.wrapped import WrappedModel
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
@@ -36,9 +40,15 @@ def __getattr__(name: str):
 
 __all__ = [
     "DataError",
+    "FeatureSet",
+    "FitData",
+    "ModelView",
     "NotFittedError",
+    "OutputContext",
+    "OutputKind",
     "Plugin",
     "PluginNotFoundError",
+    "PluginTags",
     "Prediction",
     "Report",
     "SavedFileError",
@@ -51,10 +61,12 @@ __all__ = [
     "evaluate",
     "fit_temperature",
     "get_plugin_manager",
+    "get_tags",
     "hookimpl",
     "hookspec",
     "load",
     "metrics",
     "plugin_registry",
+    "save",
     "wrap",
 ]

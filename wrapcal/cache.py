@@ -1,13 +1,25 @@
-"""The feature cache: one backbone pass per data set, shared by every plugin."""
+"""Cached backbone features: what ``fit`` hands to every plugin.
+
+``extract`` runs the backbone once over a data set (eval mode, no gradients) and keeps
+the features ``[N, D]`` with the labels; ``FitData`` holds one such set per ``fit``
+argument that some plugin reads.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from wrapcal.data import check_labels, iter_batches, num_samples
 from wrapcal.errors import DataError
+from wrapcal.torch_utils import check_features, in_mode
+
+__all__ = ["FeatureSet", "FitData", "extract"]
 
 
 @dataclass
@@ -18,14 +30,16 @@ class FeatureSet:
         name: Which data set (``"train"``, ``"calibration"``, ``"unlabeled"``...).
         features: ``[N, D]`` features on the model's device.
         labels: ``[N]`` class indices, or ``None`` for unlabelled data.
-        data: The data as the user gave it, for plugins that must stream batches
-            through the whole network.
+        data: The data as the user gave it, for plugins that stream batches through
+            the whole network (``None`` when fitted from features).
+        input_shape: The shape of one input (``None`` when fitted from features).
     """
 
     name: str
     features: torch.Tensor
     labels: torch.Tensor | None
     data: Any = None
+    input_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -46,7 +60,8 @@ class FitData:
 
     Attributes:
         sets: The cached feature sets by name (``train``, ``calibration``,
-            ``unlabeled`` and any extra keyword the user passed to ``fit``).
+            ``unlabeled`` and any extra keyword the user passed to ``fit``), for the
+            sets some plugin reads.
         options: Fit-wide options: ``batch_size``, ``progress``, ``seed``.
     """
 
@@ -65,6 +80,16 @@ class FitData:
     def unlabeled(self) -> FeatureSet | None:
         return self.sets.get("unlabeled")
 
+    @property
+    def seed(self) -> int:
+        """The seed given to ``fit``."""
+        return int(self.options.get("seed", 0))
+
+    @property
+    def progress(self) -> bool:
+        """Whether ``fit`` shows progress bars."""
+        return bool(self.options.get("progress", True))
+
     def require(self, name: str, plugin: str, why: str = "") -> FeatureSet:
         """The named set, or an error that says which ``fit`` argument is missing."""
         found = self.sets.get(name)
@@ -75,3 +100,71 @@ class FitData:
                 f"data given: {given}"
             )
         return found
+
+    def first(self, names: tuple[str, ...], plugin: str, why: str = "") -> FeatureSet:
+        """The first of ``names`` that was given (``train``, falling back to
+        ``calibration``, say), or an error naming them all."""
+        for name in names:
+            found = self.sets.get(name)
+            if found is not None and len(found):
+                return found
+        wanted = " or ".join(f"{n}=..." for n in names)
+        given = ", ".join(sorted(self.sets)) or "none"
+        raise DataError(
+            f"plugin {plugin} needs wrapped.fit({wanted}){': ' + why if why else ''}; "
+            f"data given: {given}"
+        )
+
+
+def extract(
+    backbone: nn.Module,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    data: Any,
+    name: str,
+    *,
+    num_features: int,
+    num_classes: int,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> FeatureSet:
+    """Run the backbone once over ``data`` (eval mode, no gradients).
+
+    Args:
+        backbone: Inputs -> features ``[B, D]``.
+        prepare: Checks a batch and moves it to the model's device and dtype.
+        data: Anything :func:`wrapcal.data.iter_batches` reads.
+        name: The data set's name, for messages and the progress bar.
+        num_features: ``D``, checked on every batch.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+        batch_size: Batch size for data that is not already batched.
+        progress: Show a progress bar.
+
+    Raises:
+        DataError: Empty data, bad labels, or NaN/inf features.
+    """
+    feats, labels = [], []
+    input_shape = None
+    bar = tqdm(total=num_samples(data), desc=f"features: {name}", unit="img", disable=not progress)
+    try:
+        with in_mode(backbone, False), torch.no_grad():
+            for x, y in iter_batches(data, batch_size):
+                input_shape = input_shape or tuple(x.shape[1:])
+                feats.append(check_features(backbone(prepare(x)), num_features))
+                labels.append(y)
+                bar.update(x.shape[0])
+    finally:
+        bar.close()
+    if not feats:
+        raise DataError(f"the {name!r} data set is empty")
+    features = torch.cat(feats)
+    if any(y is None for y in labels):
+        y_all = None
+    else:
+        y_all = check_labels(torch.cat(labels), features.shape[0], num_classes)
+        y_all = y_all.to(features.device)
+    if not torch.isfinite(features).all():
+        raise DataError(
+            f"the backbone produced NaN or inf features on the {name!r} data; check the "
+            "inputs (NaN pixels?) and the model's weights"
+        )
+    return FeatureSet(name, features, y_all, data, input_shape)

@@ -119,14 +119,14 @@ def plugin_registry() -> dict[str, PluginInfo]:
     return registry
 
 
-def create_plugin(name: str, **params: Any) -> Any:
-    """Instantiate the plugin registered as ``name``.
+def find_plugin(name: str) -> PluginInfo:
+    """The installed plugin registered as ``name``.
 
     Raises:
         PluginNotFoundError: No installed plugin has that name; the message lists them.
     """
     registry = plugin_registry()
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         installed = ", ".join(sorted(registry)) or "none"
         hint = (
             f" (entry-point loading is off: {DISABLE_AUTOLOAD_ENV} is set)"
@@ -138,7 +138,7 @@ def create_plugin(name: str, **params: Any) -> Any:
             f"package that provides it (plugins register in the {ENTRY_POINT_GROUP!r} "
             "entry-point group) or pass a plugin instance"
         )
-    return registry[name].factory(**params)
+    return registry[name]
 
 
 def plugin_name(plugin: Any) -> str | None:

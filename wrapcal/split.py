@@ -16,12 +16,18 @@ from torch import nn
 
 from wrapcal.errors import SplitError
 from wrapcal.hookspecs import hookimpl
+from wrapcal.torch_utils import HOW_TO_SPLIT_BY_HAND
 
-HOW_TO_SPLIT_BY_HAND = (
-    "pass the split by hand: wrapcal.wrap(model, head='name.of.final.linear') when the "
-    "model's output is that module's output, or "
-    "wrapcal.wrap(model, split=wrapcal.Split(backbone=features_module, head=head_module))"
-)
+__all__ = [
+    "HOW_TO_SPLIT_BY_HAND",
+    "FeatureTap",
+    "LinearFallbackAdapter",
+    "Split",
+    "TappedBackbone",
+    "TimmAdapter",
+    "TorchvisionAdapter",
+    "split_at",
+]
 
 
 @dataclass
@@ -157,7 +163,18 @@ class TimmAdapter:
                     kwargs[attr] = getattr(model, attr)
             source = {"library": "timm", "name": cfg["architecture"], "kwargs": kwargs}
         model.reset_classifier(0)
-        return Split(model, head, kind="timm", source=source)
+        return Split(model, head, kind="timm", source=source, head_path=_timm_head_slot(model))
+
+
+def _timm_head_slot(model: nn.Module) -> str | None:
+    """Where ``reset_classifier(0)`` left an Identity in place of the classifier."""
+    slot = model.get_classifier()
+    if not isinstance(slot, nn.Module):
+        return None
+    for name, module in model.named_modules():
+        if module is slot and name:
+            return name
+    return None
 
 
 #: torchvision heads are plain attributes, tried in this order.

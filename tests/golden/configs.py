@@ -83,13 +83,15 @@ def run_config(spec: tuple[list[Any], bool], data: dict[str, Any]) -> dict[str, 
         warnings.simplefilter("ignore")  # mc_dropout warns that it inserts dropout
         wrapped = wrapcal.wrap(model, plugins=[(n, dict(p)) for n, p in plugins])
     wrapped.eval()
-    wrapped.fit_features(
-        train=data["train"],
-        calibration=data["calibration"],
-        unlabeled=data["unlabeled"],
-        progress=False,
-        seed=0,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plugins that do not read a set say so
+        wrapped.fit_features(
+            train=data["train"],
+            calibration=data["calibration"],
+            unlabeled=data["unlabeled"],
+            progress=False,
+            seed=0,
+        )
     result = {}
     pred = wrapped.predict_features(data["eval"])
     result["logits"] = pred.logits.numpy()

@@ -424,11 +424,11 @@ def _is_saved_file(spec: str) -> bool:
 
 
 def _plugins(text: str) -> list[Any]:
-    from wrapcal import manager
+    from wrapcal.assemble import create_plugin
 
     names = [n.strip() for n in text.split(",") if n.strip()]
     # Created now, so an unknown name fails before any data is read.
-    return [manager.create_plugin(name) for name in names]
+    return [create_plugin(name) for name in names]
 
 
 # --- the command -------------------------------------------------------------------------

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wrapcal.chain import CORE_OUTPUTS, named_errors
 from wrapcal.data import check_labels, iter_batches, num_samples
 from wrapcal.errors import DataError
 from wrapcal.metrics import (
@@ -37,41 +36,24 @@ from wrapcal.metrics import (
     nll,
     ood_metrics,
 )
+from wrapcal.prediction import Prediction
 from wrapcal.probs import entropy, logits_to_probs
+from wrapcal.report.outputs import ModelOutputs, SetOutputs
 from wrapcal.report.report import Report
+from wrapcal.torch_utils import preserved_modes
 from wrapcal.wrapped import WrappedModel
 
-__all__ = ["ModelOutputs", "calibration_row", "evaluate", "ood_row", "run_model"]
+__all__ = [
+    "ModelOutputs",
+    "calibration_row",
+    "evaluate",
+    "ood_row",
+    "plugin_metrics",
+    "run_model",
+]
 
 #: Level of every bootstrap interval in the report.
 LEVEL = 0.95
-
-
-@dataclass
-class SetOutputs:
-    """One model's outputs on one data set, on the CPU.
-
-    Attributes:
-        probs: ``[N, K]`` predictive probabilities.
-        scores: Named OOD scores ``[N]``, higher = more OOD.
-        labels: ``[N]`` labels, or ``None`` when the data has none.
-        seconds: Wall-clock time of the pass (reading the data included).
-    """
-
-    probs: Tensor
-    scores: dict[str, Tensor]
-    labels: Tensor | None
-    seconds: float
-
-
-@dataclass
-class ModelOutputs:
-    """Everything one model produced: the test set's outputs and each OOD set's."""
-
-    name: str
-    info: dict[str, Any]
-    test: SetOutputs
-    ood: dict[str, SetOutputs] = field(default_factory=dict)
 
 
 def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -83,27 +65,16 @@ def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     return torch.device("cpu"), None
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the block; every submodule's own flag is restored afterwards
-    (``model.train(mode)`` would flatten a user's mix, e.g. frozen BatchNorm)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-
-
-def _bare_outputs(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def _bare_prediction(logits: Tensor) -> Prediction:
     if logits.dtype in (torch.float16, torch.bfloat16) or not logits.is_floating_point():
         logits = logits.float()
     probs = logits_to_probs(logits)
     if logits.shape[-1] > 1:
-        return probs, baseline_scores(logits)
-    # A single-logit binary model: the logit-based baselines would be constant.
-    return probs, {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
+        scores = baseline_scores(logits)
+    else:
+        # A single-logit binary model: the logit-based baselines would be constant.
+        scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
+    return Prediction.build(logits, probs, scores, {k: CORE_OUTPUTS[k] for k in scores})
 
 
 def _as_logits(out: Any, model: nn.Module) -> Tensor:
@@ -135,33 +106,30 @@ def run_model(
     """
     wrapped = isinstance(model, WrappedModel)
     device, dtype = _model_device(model)
-    probs, labels, scores = [], [], []
+    parts, labels = [], []
     bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
     start = time.perf_counter()
     try:
-        with _eval_mode(model), torch.no_grad():
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
             for x, y in iter_batches(data, batch_size):
                 if wrapped:
                     # One predict call per batch: the labels stay with their inputs.
                     pred = model.predict(x, batch_size=max(1, x.shape[0]))
-                    p, s = pred.probs, pred.scores
                 else:
                     x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-                    p, s = _bare_outputs(_as_logits(model(x), model))
-                probs.append(p.cpu())
-                scores.append({k: v.cpu() for k, v in s.items()})
+                    pred = _bare_prediction(_as_logits(model(x), model))
+                parts.append(pred.to("cpu"))
                 labels.append(y)
                 bar.update(x.shape[0])
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    if not probs:
+    if not parts:
         raise DataError(f"the data set {desc!r} is empty")
-    names = [k for k in scores[0] if all(k in s for s in scores)]
     labelled = all(y is not None for y in labels)
     return SetOutputs(
-        probs=torch.cat(probs),
-        scores={k: torch.cat([s[k] for s in scores]) for k in names},
+        prediction=Prediction.cat(parts),
         labels=torch.cat([y.cpu() for y in labels]) if labelled else None,
         seconds=seconds,
     )
@@ -238,9 +206,7 @@ def _model_info(model: nn.Module) -> dict[str, Any]:
         # The user's model: a library name, else the class the split kept inside.
         inner = getattr(model.backbone, "model", model.backbone)
         info["wrapped"] = model.source.get("name") or type(inner).__name__
-        info["plugins"] = [
-            n or type(p).__name__ for n, p in zip(model.plugin_names, model.plugins, strict=True)
-        ]
+        info["plugins"] = list(model.plugin_names)
     return info
 
 
@@ -351,4 +317,32 @@ def evaluate(
                 bar.update(1)
             ood_results[name][ood_name] = rows
     bar.close()
-    return Report.build(outputs, calibration, ood_results, settings)
+    plugin_results = {
+        name: plugin_metrics(models[name], out.test.prediction, out.test.labels)
+        for name, out in outputs.items()
+    }
+    return Report.build(outputs, calibration, ood_results, settings, plugin_results)
+
+
+def _metric(value: Any) -> Any:
+    """A plugin's metric in the report's form: ``{"value", "ci"?, ...}`` or as given."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"value": float(value)}
+    return value
+
+
+def plugin_metrics(
+    model: nn.Module, prediction: Prediction, labels: Tensor
+) -> dict[str, dict[str, Any]]:
+    """Each plugin's :meth:`~wrapcal.Plugin.report_metrics` on the test set's prediction
+    (an empty dict for a bare model or plugins that report nothing)."""
+    if not isinstance(model, WrappedModel):
+        return {}
+    found = {}
+    for name, plugin in zip(model.plugin_names, model.plugins, strict=True):
+        metrics = named_errors(name, plugin.report_metrics, prediction, labels)
+        if not isinstance(metrics, dict):
+            raise TypeError(f"plugin {name}: report_metrics() must return a dict")
+        if metrics:
+            found[name] = {str(k): _metric(v) for k, v in metrics.items()}
+    return found

@@ -8,6 +8,8 @@ function then returns ``ax.figure``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from matplotlib.axes import Axes
@@ -21,6 +23,27 @@ __all__ = ["reliability_diagram", "roc_curves", "score_histograms"]
 
 _ID_COLOR = "#1f77b4"
 _GAP_COLOR = "#d62728"
+
+
+@dataclass
+class FigureFile:
+    """A figure of the report, rendered to PNG.
+
+    Attributes:
+        kind: ``"reliability"`` or ``"ood"``.
+        model: The model's name.
+        score: The OOD score's name (``None`` for a reliability diagram).
+        title: A caption.
+        filename: Its file name under ``figures/``.
+        png: The PNG bytes.
+    """
+
+    kind: str
+    model: str
+    score: str | None
+    title: str
+    filename: str
+    png: bytes
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:

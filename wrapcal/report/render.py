@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from wrapcal.report.report import FigureFile
+    from wrapcal.report.plots import FigureFile
 
 __all__ = ["CALIBRATION_COLUMNS", "OOD_COLUMNS", "Column", "html", "markdown"]
 
@@ -170,6 +170,26 @@ def _md_metric_cells(
     return cells
 
 
+def _plugin_metric_rows(data: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """``(model, plugin, metric, value, interval)`` for every plugin's reported metric."""
+    rows = []
+    for model, plugins in data.get("plugin_metrics", {}).items():
+        for plugin, metrics in plugins.items():
+            for metric, entry in metrics.items():
+                if not isinstance(entry, dict) or "value" not in entry:
+                    continue  # tables and lists stay in the JSON
+                column = Column("value", metric, bool(entry.get("percent")), True, ci="ci")
+                value = column.text(column.value(entry))
+                rows.append((model, plugin, metric, value, column.ci_text(entry)))
+    return rows
+
+
+_PLUGIN_METRICS_NOTE = (
+    "Metrics the plugins report on their own outputs (prediction sets, decisions) on "
+    "the labelled test set; per-class tables are in report.json."
+)
+
+
 def markdown(
     data: dict[str, Any],
     figures: Sequence[FigureFile] = (),
@@ -227,6 +247,14 @@ def markdown(
                 for i, (model, score, row) in enumerate(rows_in)
             ],
             right_from=2,
+        )
+    plugin_rows = _plugin_metric_rows(data)
+    if plugin_rows:
+        lines += ["", "## Plugin metrics", "", _PLUGIN_METRICS_NOTE, ""]
+        lines += _md_table(
+            ["Model", "Plugin", "Metric", "Value", "95% interval"],
+            [[_md(c) for c in row] for row in plugin_rows],
+            right_from=3,
         )
     if figure_dir is not None and any(f.kind == "ood" for f in figures):
         lines += ["", "## OOD score figures", ""]
@@ -416,6 +444,14 @@ def html(data: dict[str, Any], figures: Sequence[FigureFile] = (), standalone: b
             f"<h3>OOD set <code>{_e(ood_set)}</code> (n = {n})</h3>",
             _ood_html(data, ood_set),
         ]
+    plugin_rows = _plugin_metric_rows(data)
+    if plugin_rows:
+        parts += ["<h2>Plugin metrics</h2>", f'<p class="legend">{_e(_PLUGIN_METRICS_NOTE)}</p>']
+        body_rows = [
+            "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in plugin_rows
+        ]
+        header = [(h, False) for h in ("Model", "Plugin", "Metric", "Value", "95% interval")]
+        parts.append(_html_table(header, body_rows))
     ood_figures = [f for f in figures if f.kind == "ood"]
     if ood_figures:
         parts.append("<h2>OOD scores: histograms and ROC curves</h2>")

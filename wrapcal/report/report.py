@@ -15,7 +15,6 @@ import json
 import math
 import platform
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,36 +23,15 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from wrapcal.report import render
-from wrapcal.report.plots import reliability_diagram, roc_curves, score_histograms
+import wrapcal.report.render as render
+from wrapcal.report.plots import FigureFile, reliability_diagram, roc_curves, score_histograms
 
 if TYPE_CHECKING:
-    from wrapcal.report.evaluate import ModelOutputs
+    from wrapcal.report.outputs import ModelOutputs
 
 __all__ = ["FigureFile", "Report", "conventions"]
 
 _DPI = 100
-
-
-@dataclass
-class FigureFile:
-    """A figure of the report, rendered to PNG.
-
-    Attributes:
-        kind: ``"reliability"`` or ``"ood"``.
-        model: The model's name.
-        score: The OOD score's name (``None`` for a reliability diagram).
-        title: A caption.
-        filename: Its file name under ``figures/``.
-        png: The PNG bytes.
-    """
-
-    kind: str
-    model: str
-    score: str | None
-    title: str
-    filename: str
-    png: bytes
 
 
 def conventions(n_bins: int, bootstrap: int, seed: int, level: float) -> dict[str, str]:
@@ -164,6 +142,7 @@ class Report:
         calibration: dict[str, dict[str, Any]],
         ood: dict[str, dict[str, dict[str, dict[str, Any]]]],
         settings: dict[str, Any],
+        plugin_metrics: dict[str, dict[str, dict[str, Any]]] | None = None,
     ) -> Report:
         """Assemble a report from ``evaluate``'s outputs and metrics."""
         first = next(iter(outputs.values()))
@@ -174,6 +153,7 @@ class Report:
                 **out.info,
                 "num_classes": int(out.test.probs.shape[1]),
                 "scores": list(out.test.scores),
+                "kinds": {k: v.value for k, v in out.test.prediction.kinds.items()},
                 "seconds": {
                     "test": out.test.seconds,
                     "ood": ood_seconds,
@@ -200,6 +180,7 @@ class Report:
             "models": models,
             "calibration": calibration,
             "ood": ood,
+            "plugin_metrics": plugin_metrics or {},
         }
         return cls(_finite(data), outputs)
 

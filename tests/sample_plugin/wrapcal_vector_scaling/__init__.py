@@ -1,21 +1,28 @@
-"""A sample third-party wrapcal plugin: vector scaling (Guo et al. 2017).
+"""A sample third-party wrapcal package: vector scaling and a Mahalanobis OOD score.
 
-It shows the whole plugin-author surface: a class with parameters in ``__init__``,
-learned tensors in buffers, a ``fit`` on cached features and a logit transform.
+It shows the plugin-author surface, as a third party writes it: classes with their
+parameters in ``__init__`` (checked against declared constraints), tags that say what
+they read and produce, learned tensors in buffers (one of them data-sized), ``fit`` on
+cached features, a logit transform and a feature-space score.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 
-from wrapcal import Plugin, Stage, hookimpl
+from wrapcal import OutputKind, Plugin, Stage, hookimpl
+from wrapcal.params import Interval
 
 
 class VectorScaling(Plugin):
     """Per-class scale and bias on the logits, fitted by NLL on the calibration set."""
 
-    stage = Stage.CALIBRATE
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "max_iter": [Interval(int, 1, 10_000)]
+    }
 
     def __init__(self, max_iter: int = 200) -> None:
         super().__init__()
@@ -23,16 +30,20 @@ class VectorScaling(Plugin):
         self.register_buffer("scale_", torch.ones(0))
         self.register_buffer("bias_", torch.zeros(0))
 
-    @hookimpl
-    def wrapcal_attach(self, wrapped) -> None:
-        k = wrapped.num_classes
-        self.scale_ = torch.ones(k, device=wrapped.device)
-        self.bias_ = torch.zeros(k, device=wrapped.device)
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.CALIBRATE
+        tags.fit_requires = {"calibration": "it fits on held-out labels"}
+        return tags
 
-    @hookimpl
-    def wrapcal_fit(self, wrapped, data) -> None:
+    def attach(self, model) -> None:
+        k = model.num_classes
+        self.scale_ = torch.ones(k, device=model.device)
+        self.bias_ = torch.zeros(k, device=model.device)
+
+    def fit(self, model, data):
         cal = data.require("calibration", "vector_scaling", "it fits on held-out labels")
-        logits = wrapped.head_logits(cal.features).double()
+        logits = model.head_logits(cal.features).double()  # the plugins before this one
         labels = cal.require_labels("vector_scaling")
         scale = torch.ones_like(logits[0]).requires_grad_()
         bias = torch.zeros_like(logits[0]).requires_grad_()
@@ -49,13 +60,51 @@ class VectorScaling(Plugin):
         opt.step(closure)
         self.scale_ = scale.detach().to(self.scale_.dtype)
         self.bias_ = bias.detach().to(self.bias_.dtype)
+        return self
 
-    @hookimpl(wrapper=True)
-    def wrapcal_transform_logits(self, wrapped, logits):
-        out = yield
-        return out * self.scale_.to(out.dtype) + self.bias_.to(out.dtype)
+    def transform_logits(self, logits):
+        return logits * self.scale_.to(logits.dtype) + self.bias_.to(logits.dtype)
+
+
+class Mahalanobis(Plugin):
+    """Mahalanobis distance to the nearest class mean (Lee et al. 2018), shared covariance."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_learned_buffer("means_", (None, "num_features"), (torch.float64,))
+        self.register_learned_buffer(
+            "precision_", ("num_features", "num_features"), (torch.float64,)
+        )
+
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.DETECT
+        tags.fit_requires = {"train": "class means and covariance of in-distribution features"}
+        tags.outputs = {"mahalanobis": OutputKind.OOD_SCORE}
+        return tags
+
+    def fit(self, model, data):
+        train = data.require("train", "mahalanobis")
+        labels = train.require_labels("mahalanobis")
+        features = model.features(train.features).mean(0).double()  # [N, D]
+        classes = max(model.num_classes, 2)
+        counts = torch.bincount(labels, minlength=classes).clamp_min(1).to(features)
+        sums = features.new_zeros(classes, features.shape[1])
+        means = sums.index_add_(0, labels, features) / counts[:, None]
+        centred = features - means[labels]
+        covariance = centred.T @ centred / len(features)
+        self.means_ = means
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
+        return self
+
+    def outputs(self, context):
+        features = context.features.mean(0).to(self.means_.dtype)  # [B, D]
+        diff = features[:, None, :] - self.means_[None]  # [B, C, D]
+        distance = torch.einsum("bcd,de,bce->bc", diff, self.precision_, diff)
+        return {"mahalanobis": distance.min(dim=1).values.to(context.probs.dtype)}
 
 
 @hookimpl
 def wrapcal_register_plugins(register) -> None:
     register("vector_scaling", VectorScaling)
+    register("mahalanobis_sample", Mahalanobis)

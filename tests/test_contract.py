@@ -1,0 +1,353 @@
+"""The plugin contract as a third-party author meets it: order, outputs, state, errors."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SmallNet, sample_plugin_installed
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+import wrapcal
+from wrapcal import OutputKind, Plugin, Stage
+from wrapcal.assemble import find_split
+from wrapcal.errors import DataError, SavedFileError
+from wrapcal.ordering import order_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_data(n: int = 200, k: int = 10, seed: int = 0):
+    """Inputs, and labels that a fixed SmallNet gets right two times in three."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        y = SmallNet(num_classes=k).eval()(x).argmax(-1)
+    y[::3] = torch.randint(0, k, y[::3].shape, generator=g)
+    return x, y
+
+
+def small_net(k: int = 10) -> SmallNet:
+    """The SmallNet ``make_data`` labels by."""
+    torch.manual_seed(0)
+    return SmallNet(num_classes=k).eval()
+
+
+class Shift(Plugin):
+    """A calibrator that adds a fitted constant to one class's logit."""
+
+    column = 0
+    order_after: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift_", torch.zeros(()))
+
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.CALIBRATE
+        tags.after = self.order_after
+        tags.fit_requires = {"calibration": ""}
+        return tags
+
+    def fit(self, model, data):
+        logits = model.head_logits(data.calibration.features)
+        # Depends on the logits it is given, so two of these do not commute.
+        self.shift_ = logits.std() - logits[:, self.column].mean()
+        return self
+
+    def transform_logits(self, logits):
+        out = logits.clone()
+        out[:, self.column] += self.shift_.to(logits.dtype)
+        return out
+
+
+class ShiftZ(Shift):
+    column = 1
+
+
+class ShiftA(Shift):
+    column = 2
+    order_after = ("ShiftZ",)  # by name it would come first; the declaration wins
+
+
+class Sets(Plugin):
+    """A decision plugin: the classes whose probability reaches a threshold."""
+
+    def __init__(self, threshold: float = 0.15) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.DECIDE
+        tags.requires_fit = False
+        tags.outputs = {"sets": OutputKind.SET, "set_size": OutputKind.UNCERTAINTY}
+        return tags
+
+    def outputs(self, context):
+        self.seen = {"probs": context.probs, "outputs": dict(context.outputs)}
+        sets = context.probs >= self.threshold
+        return {"sets": sets, "set_size": sets.sum(-1).to(context.probs.dtype)}
+
+    def report_metrics(self, prediction, labels):
+        covered = prediction.sets.gather(1, labels[:, None]).squeeze(1).float()
+        return {"coverage": {"value": float(covered.mean()), "percent": True}, "n": len(labels)}
+
+
+def fitted_in_order(model, plugins, x, y):
+    """A model with the plugins in exactly the given order (no ordering by the core)."""
+    wrapped = wrapcal.WrappedModel(find_split(copy.deepcopy(model)), plugins)
+    return wrapped.fit(calibration=(x, y), progress=False)
+
+
+def test_two_third_party_calibrators_at_one_stage_give_one_model_in_any_order(tmp_path):
+    x, y = make_data()
+    model = small_net()
+    with sample_plugin_installed(tmp_path):
+        outs = []
+        for names in (["vector_scaling", "temperature"], ["temperature", "vector_scaling"]):
+            wrapped = wrapcal.wrap(model, names).fit(calibration=(x, y), progress=False)
+            assert wrapped.plugin_names == ["temperature", "vector_scaling"]  # by name
+            outs.append(wrapped(x))
+        assert torch.equal(outs[0], outs[1])
+        # They do not commute: the other order is another model, so the tie-break matters.
+        plugins = wrapcal.assemble.resolve_plugins(["vector_scaling", "temperature"])[::-1]
+        other = fitted_in_order(model, plugins, x, y)
+        assert not torch.allclose(other(x), outs[0], atol=1e-4)
+
+
+def test_declared_after_overrides_the_name_order_inside_a_stage() -> None:
+    x, y = make_data()
+    model = small_net()
+    for plugins in ([ShiftA(), ShiftZ()], [ShiftZ(), ShiftA()]):
+        wrapped = wrapcal.wrap(model, plugins)
+        assert wrapped.plugin_names == ["ShiftZ", "ShiftA"]
+    first = type("First", (Shift,), {"order_after": ("Second",)})
+    second = type("Second", (Shift,), {"order_after": ("First",)})
+    with pytest.raises(ValueError, match="First, Second name each other.*cycle"):
+        order_plugins([("First", first()), ("Second", second())])
+    with pytest.raises(ValueError, match="ShiftZ is listed twice"):
+        wrapcal.wrap(model, [ShiftZ(), ShiftZ()])
+    # Stages order before names: a TRAIN plugin named "zzz" still comes first.
+    ordered = order_plugins([("aaa", Sets()), ("zzz", Shift())])
+    assert [n for n, _ in ordered] == ["zzz", "aaa"]
+    del x, y
+
+
+def test_a_stage_must_be_a_stage() -> None:
+    class Magic(Plugin):
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.stage = Stage.CALIBRATE + 10  # the plain int the old contract needed
+            return tags
+
+    with pytest.raises(TypeError, match=r"Magic: stage 70 is not a wrapcal.Stage.*after="):
+        wrapcal.wrap(SmallNet(), [Magic()])
+
+
+def test_decision_outputs_see_the_calibrated_probabilities_and_reach_the_prediction():
+    x, y = make_data(n=300)
+    sets = Sets()
+    wrapped = wrapcal.wrap(small_net(), [sets, "temperature"])
+    wrapped.fit(calibration=(x, y), progress=False)
+    assert wrapped.plugin_names == ["temperature", "Sets"]
+    pred = wrapped.predict(x[:50])
+    assert torch.equal(sets.seen["probs"], pred.probs)  # the calibrated ones, exactly
+    bare = torch.softmax(wrapped.head(wrapped.backbone(x[:50])), -1)
+    assert not torch.allclose(bare, pred.probs, atol=1e-3)  # temperature moved them
+    assert {"msp", "entropy", "energy"} <= set(sets.seen["outputs"])
+    assert pred.sets.dtype == torch.bool and pred.sets.shape == (50, 10)
+    assert torch.equal(pred.sets, pred.probs >= 0.15)
+    assert torch.equal(pred.set_size, pred.sets.sum(-1).float())
+    assert "set_size" in pred.scores and "sets" not in pred.scores
+    assert pred.kinds["sets"] is OutputKind.SET
+    assert pred.kinds["set_size"] is OutputKind.UNCERTAINTY
+    # Several batches: every output is concatenated along the batch.
+    batched = wrapped.predict(x, batch_size=64)
+    assert torch.equal(batched.sets[:50], pred.sets) and batched.sets.shape == (300, 10)
+    with pytest.raises(AttributeError, match="no output 'abstain'.*sets"):
+        _ = pred.abstain
+
+
+def test_the_harness_measures_scores_and_reports_the_plugins_metrics() -> None:
+    x, y = make_data(n=300)
+    wrapped = wrapcal.wrap(small_net(), [Sets()])
+    noise = 3 * torch.randn(100, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    report = wrapcal.evaluate(
+        {"sets": wrapped}, test=(x, y), ood={"noise": noise}, bootstrap=0, progress=False
+    )
+    data = report.to_dict()
+    rows = data["ood"]["sets"]["noise"]
+    assert "set_size" in rows and "sets" not in rows  # a set is not an OOD score
+    assert data["models"]["sets"]["kinds"]["sets"] == "set"
+    pred = wrapped.predict(x)
+    covered = pred.sets[torch.arange(len(y)), y].float().mean().item()
+    metrics = data["plugin_metrics"]["sets"]["Sets"]
+    assert metrics["coverage"]["value"] == pytest.approx(covered)
+    assert metrics["n"] == {"value": 300.0}
+    markdown = report.to_markdown()
+    assert "## Plugin metrics" in markdown
+    assert f"| sets | Sets | coverage | {100 * covered:.2f} | — |" in markdown
+    assert "<h2>Plugin metrics</h2>" in report.to_html()
+
+
+def test_outputs_must_be_declared_and_shaped() -> None:
+    class Undeclared(Plugin):
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.requires_fit = False
+            return tags
+
+        def outputs(self, context):
+            return {"mystery": context.probs[:, 0]}
+
+    class BadScore(Undeclared):
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.outputs = {"mystery": OutputKind.OOD_SCORE}
+            return tags
+
+        def outputs(self, context):
+            return {"mystery": context.probs}  # [B, K], not [B]
+
+    x, _ = make_data(n=8)
+    with pytest.raises(ValueError, match=r"Undeclared: output 'mystery' is not declared"):
+        wrapcal.wrap(small_net(), [Undeclared()]).predict(x)
+    with pytest.raises(ValueError, match=r"BadScore: score 'mystery' must be a float tensor"):
+        wrapcal.wrap(small_net(), [BadScore()]).predict(x)
+
+
+def test_errors_a_plugin_raises_carry_its_name() -> None:
+    class Fragile(Plugin):
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.fit_reads = ("train",)
+            return tags
+
+        def fit(self, model, data):
+            raise FloatingPointError("the loss became NaN")
+
+    x, y = make_data()
+    with pytest.raises(FloatingPointError, match=r"^plugin Fragile: the loss became NaN$"):
+        wrapcal.wrap(small_net(), [Fragile()]).fit(train=(x, y), progress=False)
+
+
+def test_fit_reads_only_the_sets_plugins_declare_and_checks_them_first() -> None:
+    x, y = make_data()
+    wrapped = wrapcal.wrap(small_net(), ["temperature"])
+    calls = []
+    wrapped.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    with pytest.warns(UserWarning, match=r"no plugin reads train=, unlabeled=: they are ignored"):
+        wrapped.fit(train=(x, y), calibration=(x[:50], y[:50]), unlabeled=x, progress=False)
+    assert wrapped.backbone_passes == 1 and sum(calls) == 50  # calibration only
+    calls.clear()
+    fresh = wrapcal.wrap(small_net(), ["temperature", "discrepancy"])
+    fresh.backbone.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    with pytest.raises(DataError, match=r"plugin discrepancy needs wrapped.fit\(unlabeled=...\)"):
+        fresh.fit(train=(x, y), calibration=(x, y), progress=False)
+    assert calls == []  # refused before any backbone pass
+
+
+def test_state_of_any_shape_is_saved_and_restored_by_the_core(tmp_path) -> None:
+    x, y = make_data(n=300, k=4)
+    model = small_net(4)
+    with sample_plugin_installed(tmp_path):
+        wrapped = wrapcal.wrap(model, ["mahalanobis_sample"]).fit(train=(x, y), progress=False)
+        plugin = wrapped.plugins[0]
+        assert plugin.means_.shape == (4, 16) and plugin.means_.dtype == torch.float64
+        path = wrapped.save(tmp_path / "m.wrapcal")
+        loaded = wrapcal.load(path, model=model)
+        assert torch.equal(loaded.plugins[0].means_, plugin.means_)
+        assert torch.equal(
+            loaded.predict(x).scores["mahalanobis"], wrapped.predict(x).scores["mahalanobis"]
+        )
+        # A tensor that breaks what the plugin declares (width != num_features) is refused.
+        plugin.means_ = torch.zeros(4, 3, dtype=torch.float64)
+        bad = wrapped.save(tmp_path / "bad.wrapcal")
+        with pytest.raises(SavedFileError, match=r"means_ is \(4, 3\).*declares \(None, 16\)"):
+            wrapcal.load(bad, model=model)
+
+
+def test_sample_mahalanobis_equals_scipy_on_digits_features(tmp_path) -> None:
+    data = wrapcal.data.digits()
+    torch.manual_seed(0)
+    model = small_net()
+    with sample_plugin_installed(tmp_path):
+        wrapped = wrapcal.wrap(model, ["mahalanobis_sample"]).fit(train=data.train, progress=False)
+    with torch.no_grad():
+        train = wrapped.backbone(data.train[0]).double().numpy()
+        test = wrapped.backbone(data.test[0][:40]).double().numpy()
+    labels = data.train[1].numpy()
+    means = np.stack([train[labels == c].mean(0) for c in range(10)])
+    centred = train - means[labels]
+    precision = np.linalg.pinv(centred.T @ centred / len(train), hermitian=True)
+    expected = [min(scipy_mahalanobis(f, m, precision) ** 2 for m in means) for f in test]
+    got = wrapped.predict(data.test[0][:40]).scores["mahalanobis"].double().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def readme_plugin_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Writing a plugin", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_plugin_example_runs_and_computes_what_it_says() -> None:
+    namespace: dict = {}
+    exec(compile(readme_plugin_example(), "README.md", "exec"), namespace)
+    plugin = namespace["ClassMeanDistance"](power=1.0)
+    data = wrapcal.data.digits()
+    torch.manual_seed(0)
+    wrapped = wrapcal.wrap(small_net(), [plugin]).fit(train=data.train, progress=False)
+    with torch.no_grad():
+        train = wrapped.backbone(data.train[0]).numpy()
+        test = wrapped.backbone(data.test[0][:30]).numpy()
+    labels = data.train[1].numpy()
+    means = np.stack([train[labels == c].mean(0) for c in range(10)])
+    expected = np.linalg.norm(test[:, None] - means[None], axis=-1).min(1)
+    got = wrapped.predict(data.test[0][:30]).scores["class_distance"].numpy()
+    # float32 distances of small features: cancellation in cdist's matrix form.
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=3e-5)
+
+
+def test_no_import_cycles_inside_wrapcal() -> None:
+    """Every import counts: under TYPE_CHECKING and inside functions too."""
+    package = ROOT / "wrapcal"
+    modules = {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+                    parts = parts[: len(parts) - (node.level - 1)]
+                    base = ".".join([*parts, *([node.module] if node.module else [])])
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target not in (name, "wrapcal"):
+                    edges[name].add(target)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges[start]:
+            if nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)):
+                return True
+        return False
+
+    cycles = sorted(m for m in modules if reaches(m, m, set()))
+    assert len(modules) > 20 and not cycles, f"modules on an import cycle: {cycles}"

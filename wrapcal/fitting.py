@@ -1,0 +1,130 @@
+"""The fit loop: one backbone pass per data set some plugin reads, then every plugin in
+stage order, each seeing the plugins fitted before it.
+
+It works on any object with the parts of a :class:`~wrapcal.WrappedModel` (it does
+not import it): ``plugins``, ``plugin_names``, ``view(i)``, ``backbone``,
+``_prepare``, ``num_features``, ``num_classes_out``, ``device``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from wrapcal.cache import FeatureSet, FitData, extract
+from wrapcal.chain import named_errors
+from wrapcal.data import check_labels
+from wrapcal.errors import DataError
+from wrapcal.plugin import get_tags
+
+__all__ = ["fit_from_data", "fit_from_features", "read_sets"]
+
+
+def read_sets(wrapped: Any) -> tuple[set[str], dict[str, dict[str, str]]]:
+    """The ``fit`` data sets some plugin reads, and for each plugin the sets it needs
+    (with why)."""
+    reads: set[str] = set()
+    needs: dict[str, dict[str, str]] = {}
+    for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True):
+        tags = get_tags(plugin)
+        reads |= set(tags.fit_requires) | set(tags.fit_reads)
+        needs[name] = dict(tags.fit_requires)
+    return reads, needs
+
+
+def _given(sets: dict[str, Any]) -> dict[str, Any]:
+    for key in sets:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise DataError(f"fit data set names must be identifiers; got {key!r}")
+    return {k: v for k, v in sets.items() if v is not None}
+
+
+def _check_required(wrapped: Any, given: dict[str, Any]) -> set[str]:
+    """Fail before any backbone pass when a plugin's required set is missing; return
+    the given sets that some plugin reads (warning about the others)."""
+    reads, needs = read_sets(wrapped)
+    for plugin, required in needs.items():
+        for name, why in required.items():
+            if name not in given:
+                have = ", ".join(sorted(given)) or "none"
+                raise DataError(
+                    f"plugin {plugin} needs wrapped.fit({name}=...)"
+                    f"{': ' + why if why else ''}; data given: {have}"
+                )
+    unused = sorted(set(given) - reads)
+    if unused and wrapped.plugins:
+        warnings.warn(
+            f"no plugin reads {', '.join(f'{n}=' for n in unused)}: "
+            f"{'it is' if len(unused) == 1 else 'they are'} ignored",
+            UserWarning,
+            stacklevel=4,
+        )
+    return set(given) & reads
+
+
+def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -> Any:
+    """``wrapped.fit``: extract the features of the sets that are read, fit the plugins."""
+    given = _given(sets)
+    used = _check_required(wrapped, given)
+
+    def extract_all() -> dict[str, FeatureSet]:
+        out = {}
+        for name in sorted(used, key=list(given).index):
+            out[name] = extract(
+                wrapped.backbone,
+                wrapped._prepare,
+                given[name],
+                name,
+                num_features=wrapped.num_features,
+                num_classes=wrapped.num_classes_out,
+                batch_size=int(options.get("batch_size", 256)),
+                progress=bool(options.get("progress", True)),
+            )
+            wrapped.backbone_passes += 1
+        return out
+
+    data = FitData(extract_all(), dict(options))
+    for feature_set in data.sets.values():
+        wrapped.input_shape = feature_set.input_shape
+    return _fit_plugins(wrapped, data, extract_all)
+
+
+def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -> Any:
+    """``wrapped.fit_features``: fit the plugins from features the user computed."""
+    given = _given(sets)
+    used = _check_required(wrapped, given)
+    feature_sets = {}
+    for name in used:
+        value = given[name]
+        feats, labels = value if isinstance(value, (tuple, list)) else (value, None)
+        feats = torch.as_tensor(feats).to(wrapped.device)
+        if feats.ndim != 2 or feats.shape[1] != wrapped.num_features:
+            raise DataError(
+                f"{name} features have shape {tuple(feats.shape)}; expected "
+                f"[N, {wrapped.num_features}], the output of wrapped.backbone"
+            )
+        if not torch.isfinite(feats).all():
+            raise DataError(f"{name} features hold NaN or inf values; check how they were made")
+        if labels is not None:
+            labels = check_labels(torch.as_tensor(labels), len(feats), wrapped.num_classes_out)
+            labels = labels.to(wrapped.device)
+        feature_sets[name] = FeatureSet(name, feats, labels, None)
+
+    def refuse() -> dict[str, FeatureSet]:
+        raise DataError("a plugin changed the backbone: call fit(...) with the data instead")
+
+    return _fit_plugins(wrapped, FitData(feature_sets, dict(options)), refuse)
+
+
+def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
+    for index, (name, plugin) in enumerate(zip(wrapped.plugin_names, wrapped.plugins, strict=True)):
+        plugin.fitted_ = False
+        result = named_errors(name, plugin.fit, wrapped.view(index), data)
+        if result is not plugin:
+            raise TypeError(f"plugin {name}: fit() must return self (the plugin)")
+        plugin.fitted_ = True
+        if get_tags(plugin).changes_backbone:
+            data.sets = recompute()
+    return wrapped

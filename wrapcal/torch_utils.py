@@ -1,0 +1,84 @@
+"""Small torch helpers shared by the core: modes, devices, feature shape checks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from wrapcal.errors import SplitError
+
+__all__ = [
+    "HOW_TO_SPLIT_BY_HAND",
+    "check_features",
+    "device_of",
+    "float_dtype_of",
+    "in_mode",
+    "preserved_modes",
+]
+
+HOW_TO_SPLIT_BY_HAND = (
+    "pass the split by hand: wrapcal.wrap(model, head='name.of.final.linear') when the "
+    "model's output is that module's output, or "
+    "wrapcal.wrap(model, split=wrapcal.Split(backbone=features_module, head=head_module))"
+)
+
+
+@contextlib.contextmanager
+def preserved_modes(*modules: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag when the block ends.
+
+    ``module.train(mode)`` would flatten a user's mix (frozen BatchNorm in a training
+    network, say); this puts back each submodule's flag as it was.
+    """
+    modes = [(m, m.training) for root in modules for m in root.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """``module`` in train or eval mode inside the block, every flag restored after."""
+    with preserved_modes(module):
+        module.train(train)
+        yield module
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where the module's first parameter or buffer is (the CPU if it has none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def float_dtype_of(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating parameter or buffer, if any."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+def check_features(features: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """The backbone's output must be ``[batch, features]`` (of ``width`` when known).
+
+    Raises:
+        SplitError: Another shape; the message says how to split by hand.
+    """
+    if not isinstance(features, torch.Tensor) or features.ndim != 2:
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)
+        raise SplitError(
+            f"the backbone returned features of shape {shape}, expected [batch, features]; "
+            f"{HOW_TO_SPLIT_BY_HAND}"
+        )
+    if width is not None and features.shape[1] != width:
+        raise SplitError(
+            f"the backbone returned {features.shape[1]} features, the head takes {width}; "
+            f"{HOW_TO_SPLIT_BY_HAND}"
+        )
+    return features
