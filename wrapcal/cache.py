@@ -7,7 +7,7 @@ argument that some plugin reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,16 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return self.features.shape[0]
+
+    def batches(
+        self, rows: int = 65536
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(features, labels)`` in chunks of ``rows``, in order: statistics accumulated
+        chunk by chunk stay in bounded memory, whatever holds the features (memory or a
+        memory-mapped file)."""
+        for start in range(0, len(self), rows):
+            labels = None if self.labels is None else self.labels[start : start + rows]
+            yield self.features[start : start + rows], labels
 
     def require_labels(self, plugin: str) -> torch.Tensor:
         """The labels, or a clear error naming the plugin that needs them."""

@@ -1,9 +1,63 @@
-"""Logits <-> probabilities, including single-logit binary classifiers."""
+"""Logits <-> probabilities, including single-logit binary classifiers.
+
+The probabilities plugins and metrics use are :func:`logits_to_probs` of the final
+logits, in the logits' dtype (``OutputContext.probs``); :func:`check_logits` refuses
+probabilities passed where logits are expected (a classic silent failure: a softmax
+of probabilities is nearly uniform, and a calibrator fitted on it does nothing useful).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from wrapcal.errors import DataError
+
+__all__ = [
+    "ROW_SUM_TOL",
+    "check_logits",
+    "combine_members",
+    "entropy",
+    "logits_to_log_probs",
+    "logits_to_probs",
+    "looks_like_probabilities",
+]
+
+#: Rows of float32 probabilities sum to 1 within this; real logits practically never do.
+ROW_SUM_TOL = 1e-3
+
+
+def looks_like_probabilities(values: torch.Tensor) -> bool:
+    """Whether ``[N, K]`` values (``K >= 2``) are probabilities: every value in [0, 1] and
+    every row summing to 1 within :data:`ROW_SUM_TOL`."""
+    if values.ndim != 2 or values.shape[-1] < 2 or values.numel() == 0:
+        return False
+    if not values.is_floating_point():
+        return False
+    lowest, highest = float(values.min()), float(values.max())
+    if lowest < 0.0 or highest > 1.0:
+        return False
+    sums = values.sum(dim=-1, dtype=torch.float64)
+    return bool(((sums - 1).abs() <= ROW_SUM_TOL).all())
+
+
+def check_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:
+    """``logits`` if they are finite logits ``[N, K]``; else a :class:`DataError` that says
+    what is wrong (NaN/inf, probabilities) and how to fix it."""
+    if not torch.isfinite(logits).all():
+        bad = (~torch.isfinite(logits)).reshape(len(logits), -1).any(-1).nonzero()
+        raise DataError(
+            f"{what} hold NaN or inf values ({len(bad)} rows, the first is row "
+            f"{int(bad[0])}); check the model's inputs (NaN pixels?) and its precision"
+        )
+    if looks_like_probabilities(logits):
+        raise DataError(
+            f"these {what} look like probabilities: every value is in [0, 1] and every row "
+            "sums to 1. Pass the model's logits (its output before softmax), or "
+            "log-probabilities (torch.log(probs)), which are valid logits; for a model "
+            "that ends in softmax, wrap it so the split takes the layer before"
+        )
+    return logits
 
 
 def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
