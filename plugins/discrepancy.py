@@ -88,7 +88,7 @@ from wrapcal.data import iter_batches
 from wrapcal.errors import DataError
 from wrapcal.params import Check, Interval
 from wrapcal.probs import logits_to_log_probs, logits_to_probs
-from wrapcal.torch_utils import in_mode, preserved_modes
+from wrapcal.torch_utils import check_features, in_mode, preserved_modes
 
 __all__ = [
     "DiscrepancyHeads",
@@ -513,17 +513,11 @@ class DiscrepancyHeads(Plugin):
         return params
 
     @staticmethod
-    def _embedder(wrapped: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        param = next(wrapped.backbone.parameters())
+    def _embedder(model: ModelView) -> Callable[[torch.Tensor], torch.Tensor]:
+        param = next(model.backbone.parameters())
 
         def embed(x: torch.Tensor) -> torch.Tensor:
-            features = wrapped.backbone(x.to(device=param.device, dtype=param.dtype))
-            if features.ndim != 2:
-                raise DataError(
-                    f"the backbone returned features of shape {tuple(features.shape)}; "
-                    "expected [batch, features]"
-                )
-            return features
+            return check_features(model.backbone(x.to(device=param.device, dtype=param.dtype)))
 
         return embed
 

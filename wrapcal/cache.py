@@ -44,9 +44,7 @@ class FeatureSet:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def batches(
-        self, rows: int = 65536
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def batches(self, rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """``(features, labels)`` in chunks of ``rows``, in order: statistics accumulated
         chunk by chunk stay in bounded memory, whatever holds the features (memory or a
         memory-mapped file)."""
@@ -54,12 +52,25 @@ class FeatureSet:
             labels = None if self.labels is None else self.labels[start : start + rows]
             yield self.features[start : start + rows], labels
 
-    def require_labels(self, plugin: str) -> torch.Tensor:
-        """The labels, or a clear error naming the plugin that needs them."""
+    def require_labels(self, plugin: str, min_classes: int = 2) -> torch.Tensor:
+        """The labels, or a clear error naming the plugin that needs them.
+
+        Args:
+            plugin: Who needs them, for the message.
+            min_classes: Labelled fits need at least this many distinct classes: a head
+                retrained on one class, or a calibrator fitted on it, learns nonsense.
+        """
         if self.labels is None:
             raise DataError(
                 f"plugin {plugin} needs labels for the {self.name!r} data; pass (X, y) "
                 "or a loader that yields (x, y) batches"
+            )
+        present = int(torch.unique(self.labels).numel())
+        if present < min_classes:
+            raise DataError(
+                f"plugin {plugin}: the {self.name!r} labels hold {present} class"
+                f"{'' if present == 1 else 'es'}; it needs at least {min_classes} (a fit on one "
+                "class learns nothing about the others): pass data with every class"
             )
         return self.labels
 

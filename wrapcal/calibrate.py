@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from wrapcal.errors import DataError
+from wrapcal.probs import ROW_SUM_TOL
 
 __all__ = ["MIN_SAMPLES", "TEMPERATURE_BOUNDS", "fit_temperature"]
 
@@ -28,8 +29,6 @@ __all__ = ["MIN_SAMPLES", "TEMPERATURE_BOUNDS", "fit_temperature"]
 MIN_SAMPLES = 50
 #: The fitted temperature is kept in this range (scikit-learn's bounds on log(1/T)).
 TEMPERATURE_BOUNDS = (math.exp(-10.0), math.exp(10.0))
-# Row sums of float32 probabilities drift from 1 by rounding; logits never come close.
-_ROW_SUM_TOL = 1e-3
 # Elements of the float64 scratch block per objective evaluation (32 MB): bounds memory
 # on ImageNet-sized calibration sets, one block for anything CIFAR-sized.
 _BLOCK_ELEMENTS = 1 << 22
@@ -266,7 +265,7 @@ def _check_logits(logits: Any) -> np.ndarray:
         )
     if lowest >= 0.0 and highest <= 1.0:
         row_sums = z.sum(axis=1, dtype=np.float64)
-        if z.shape[1] >= 2 and np.all(np.abs(row_sums - 1) <= _ROW_SUM_TOL):
+        if z.shape[1] >= 2 and np.all(np.abs(row_sums - 1) <= ROW_SUM_TOL):
             raise DataError(
                 "these look like probabilities, not logits: every value is in [0, 1] and "
                 "every row sums to 1. Temperature scaling divides logits; pass the model's "

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wrapcal.errors import DataError
 from wrapcal.plugin import Plugin
 from wrapcal.prediction import Prediction
 from wrapcal.probs import combine_members, entropy, logits_to_probs
@@ -70,6 +71,8 @@ class Chain:
         head: Features ``[B, D]`` -> logits ``[B, K]``.
         plugins: ``(name, plugin, tags)`` in stage order.
         num_features: ``D``, checked on the backbone's output.
+        input_hint: What inputs the model takes, for the message when the backbone
+            fails on a batch.
     """
 
     def __init__(
@@ -78,11 +81,13 @@ class Chain:
         head: nn.Module,
         plugins: Sequence[tuple[str, Plugin, Any]],
         num_features: int,
+        input_hint: str = "",
     ) -> None:
         self.backbone = backbone
         self.head = head
         self.plugins = list(plugins)
         self.num_features = num_features
+        self.input_hint = input_hint
 
     # --- the steps ---------------------------------------------------------------------
 
@@ -91,7 +96,18 @@ class Chain:
             if cached is None:
                 raise ValueError("no inputs and no cached features to compute features from")
             return check_features(cached, self.num_features).unsqueeze(0)
-        return check_features(self.backbone(inputs), self.num_features).unsqueeze(0)
+        try:
+            features = self.backbone(inputs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
+            # Torch's message comes from deep inside the network: say what went in.
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(
+                f"the backbone cannot take inputs of shape {list(inputs.shape)}"
+                f"{'; ' + self.input_hint if self.input_hint else ''} (torch: {first})"
+            ) from err
+        return check_features(features, self.num_features).unsqueeze(0)
 
     def features(
         self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None

@@ -88,7 +88,27 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
     data = FitData(extract_all(), dict(options))
     for feature_set in data.sets.values():
         wrapped.input_shape = feature_set.input_shape
+    _warn_on_missing_classes(data, wrapped.num_classes_out)
     return _fit_plugins(wrapped, data, extract_all)
+
+
+def _warn_on_missing_classes(data: FitData, classes: int) -> None:
+    """A labelled set large enough to hold every class but missing some is most often a
+    label mapping error (another class order, a subset of folders): say so loudly."""
+    for feature_set in data.sets.values():
+        labels = feature_set.labels
+        if labels is None or len(labels) < 10 * classes:
+            continue
+        present = int(torch.unique(labels).numel())
+        if present < classes:
+            warnings.warn(
+                f"the {feature_set.name!r} labels cover {present} of the model's {classes} "
+                f"classes in {len(labels)} samples: calibration and retraining learn nothing "
+                "about the others. Check that the labels index the model's classes in its "
+                "order (an ImageFolder maps folders in alphabetical order)",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -> Any:
@@ -111,6 +131,7 @@ def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any
             labels = check_labels(torch.as_tensor(labels), len(feats), wrapped.num_classes_out)
             labels = labels.to(wrapped.device)
         feature_sets[name] = FeatureSet(name, feats, labels, None)
+    _warn_on_missing_classes(FitData(feature_sets), wrapped.num_classes_out)
 
     def refuse() -> dict[str, FeatureSet]:
         raise DataError("a plugin changed the backbone: call fit(...) with the data instead")

@@ -88,8 +88,8 @@ def _assemble(saved: SavedFile, split: Split) -> WrappedModel:
     entries = saved.config["plugins"]
     try:
         plugins = resolve_plugins([(e["name"], e["params"]) for e in entries])
-    except PluginNotFoundError:
-        raise
+    except PluginNotFoundError as err:
+        raise SavedFileError(f"{saved.path} needs a plugin that is not installed: {err}") from err
     except (TypeError, ValueError) as err:
         raise SavedFileError(f"{saved.path}: {err}") from None
     if [name for name, _ in plugins] != [e["name"] for e in entries]:
@@ -186,8 +186,8 @@ def load(
         tensor in the dtype it was saved in.
 
     Raises:
-        SavedFileError: A missing, truncated, corrupt, hostile or mismatched file.
-        PluginNotFoundError: A plugin the file names is not installed.
+        SavedFileError: A missing, truncated, corrupt, hostile or mismatched file, or
+            one that needs a plugin that is not installed.
     """
     saved = read(path)
     _check_sizes(saved)
@@ -210,6 +210,11 @@ def load(
     _fit_learned_buffers(saved, wrapped)
     _check_tensors(saved, wrapped)
     wrapped.load_state_dict(saved.tensors, strict=True, assign=True)
+    for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True):
+        try:
+            plugin.validate_state()
+        except ValueError as err:
+            raise SavedFileError(f"{saved.path}: plugin {name}: {err}") from None
     wrapped.source = saved.config["model"] or wrapped.source
     shape = saved.config.get("input_shape")
     wrapped.input_shape = tuple(shape) if shape else None

@@ -145,6 +145,19 @@ class Plugin(nn.Module):
         for name, value in values.items():
             setattr(self, name, value)
 
+    def validate_state(self) -> None:
+        """Check learned tensors after they were loaded from a file (called by ``load``).
+
+        The default refuses NaN and inf in every floating buffer; a plugin whose learned
+        values have a range (a temperature > 0) checks that too, as its ``fit`` would.
+
+        Raises:
+            ValueError: A learned value ``fit`` could not have produced.
+        """
+        for name, buffer in self.named_buffers(recurse=False):
+            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+                raise ValueError(f"learned tensor {name} holds NaN or inf values")
+
     def check_is_fitted(self) -> None:
         """Raise :class:`NotFittedError` if the plugin needs a ``fit`` it has not had."""
         if get_tags(self).requires_fit and not self.fitted_:

@@ -41,6 +41,9 @@ class Split:
             ``"manual"``); saved so a loaded model is split the same way.
         source: How to rebuild the model by name when loading (empty for custom models).
         head_path: The dotted name of the head inside the model, when known.
+        input_shape: The shape of one input the model takes, when the adapter knows it
+            (channels for a CNN, the whole shape for a fixed-size ViT).
+        fixed_input_size: Whether only that spatial size works.
     """
 
     backbone: nn.Module
@@ -48,6 +51,8 @@ class Split:
     kind: str = "manual"
     source: dict[str, Any] = field(default_factory=dict)
     head_path: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    fixed_input_size: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -162,8 +167,32 @@ class TimmAdapter:
                 if isinstance(getattr(model, attr, None), (int, float)):
                     kwargs[attr] = getattr(model, attr)
             source = {"library": "timm", "name": cfg["architecture"], "kwargs": kwargs}
+        shape, fixed = _timm_input(model)
         model.reset_classifier(0)
-        return Split(model, head, kind="timm", source=source, head_path=_timm_head_slot(model))
+        return Split(
+            model,
+            head,
+            kind="timm",
+            source=source,
+            head_path=_timm_head_slot(model),
+            input_shape=shape,
+            fixed_input_size=fixed,
+        )
+
+
+def _timm_input(model: nn.Module) -> tuple[tuple[int, ...] | None, bool]:
+    """The input a timm model takes: a ViT with a strict patch grid fixes its size."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    channels = getattr(model, "in_chans", None) or getattr(embed, "in_chans", None)
+    if not isinstance(channels, int):
+        return None, False
+    if getattr(embed, "strict_img_size", False) and isinstance(size, (tuple, list)):
+        return (channels, *map(int, size)), True
+    default = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if isinstance(default, (tuple, list)) and len(default) == 3:
+        return (channels, *map(int, default[1:])), False  # the size is only the usual one
+    return None, False
 
 
 def _timm_head_slot(model: nn.Module) -> str | None:

@@ -43,7 +43,13 @@ class WrappedModel(nn.Module):
         plugin_names: Their names, in the same order.
         num_classes: ``K`` (1 for a single-logit binary model).
         num_features: ``D``.
-        input_shape: The shape of one input seen at ``fit`` (``None`` before).
+        input_shape: The shape of one input, as seen at ``fit`` or known from the model
+            (``None`` when unknown).
+        fixed_input_size: Whether the model takes only that spatial size (a ViT's
+            patch grid), not just that number of channels.
+        check_inputs: Refuse NaN/inf inputs and inputs of the wrong shape with a clear
+            error (the default). Set it to ``False`` in serving, where inputs are
+            trusted and the check's pass over the batch is not wanted.
         backbone_passes: How many passes over a data set the backbone has made.
     """
 
@@ -58,7 +64,9 @@ class WrappedModel(nn.Module):
         self.head_path = split.head_path
         self.num_classes = split.num_classes
         self.num_features = split.num_features
-        self.input_shape: tuple[int, ...] | None = None
+        self.input_shape: tuple[int, ...] | None = split.input_shape
+        self.fixed_input_size = split.fixed_input_size
+        self.check_inputs = True
         self.backbone_passes = 0
         for index, (name, plugin) in enumerate(plugins):
             named_errors(name, plugin.attach, self.view(index))
@@ -75,7 +83,13 @@ class WrappedModel(nn.Module):
                 self.plugin_names[:stop], list(self.plugins)[:stop], strict=True
             )
         ]
-        return Chain(self.backbone, self.head, triples, self.num_features)
+        return Chain(self.backbone, self.head, triples, self.num_features, self._input_hint())
+
+    def _input_hint(self) -> str:
+        if self.input_shape is None:
+            return ""
+        shape = [*self.input_shape] if self.fixed_input_size else [self.input_shape[0], "..."]
+        return f"the model takes inputs [N, {', '.join(map(str, shape))}]"
 
     def view(self, upto: int) -> PrefixView:
         """The model as plugin number ``upto`` sees it (the plugins before it active)."""
@@ -127,6 +141,8 @@ class WrappedModel(nn.Module):
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
         check_inputs(x)
+        if self.check_inputs:
+            self._check_batch(x)
         param = next(self.parameters(), None)
         if param is not None and (x.device != param.device or x.dtype != param.dtype):
             x = x.to(device=param.device, dtype=param.dtype)
@@ -147,6 +163,33 @@ class WrappedModel(nn.Module):
     def finish(self, members: torch.Tensor) -> torch.Tensor:
         """Final logits ``[B, K]`` of members ``[M, B, K]``: combined, then calibrated."""
         return self.chain().finish(members)[1]
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        expected = self.input_shape
+        if expected is not None:
+            batch = f"[N, {', '.join(map(str, expected))}]"
+            if tuple(x.shape) == expected:
+                raise DataError(
+                    f"inputs have shape {list(x.shape)}: one input, not a batch; the model "
+                    f"takes {batch}: pass x.unsqueeze(0)"
+                )
+            if x.ndim != len(expected) + 1 or x.shape[1] != expected[0]:
+                raise DataError(
+                    f"inputs have shape {list(x.shape)}; the model takes {batch} "
+                    f"({expected[0]} channels{' at this size' if self.fixed_input_size else ''})"
+                )
+            if self.fixed_input_size and tuple(x.shape[1:]) != expected:
+                raise DataError(
+                    f"inputs have shape {list(x.shape)}; the model takes exactly {batch} "
+                    "(its position embedding fixes the size): resize the inputs"
+                )
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).sum())
+            raise DataError(
+                f"{bad} of {x.shape[0]} inputs hold NaN or inf values, which give NaN or inf "
+                "features and predictions; fix or drop them (wrapped.check_inputs = False "
+                "turns this check off for trusted inputs)"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated logits with the model's shape, dtype and device."""

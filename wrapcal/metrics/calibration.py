@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from wrapcal.probs import check_logits
+
 ArrayLike = Tensor | np.ndarray
 DEFAULT_BINS = 15
 # Row sums drift from 1 by rounding (~1e-6 in float32); logits never pass.
@@ -164,11 +166,15 @@ def softmax_probs(logits: ArrayLike) -> Tensor:
 
     Returns:
         Probabilities of the same shape (float32 for integer or half inputs).
+
+    Raises:
+        DataError: NaN/inf values, or values that are probabilities already (a softmax of
+            probabilities is nearly uniform: every metric would be wrong).
     """
     logits = torch.as_tensor(logits)
     if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return torch.softmax(logits, dim=-1)
+    return torch.softmax(check_logits(logits), dim=-1)
 
 
 def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:

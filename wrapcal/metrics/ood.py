@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from wrapcal.metrics.calibration import SummableMetric, acc_dtype
+from wrapcal.probs import check_logits
 
 ArrayLike = Tensor | np.ndarray
 
@@ -168,12 +169,16 @@ def baseline_scores(logits: ArrayLike) -> dict[str, Tensor]:
         ``msp`` (1 - maximum softmax probability; Hendrycks & Gimpel 2017), ``max_logit``
         (minus the largest logit), ``entropy`` (of the softmax, nats) and ``energy``
         (``-logsumexp(logits)``, temperature 1; Liu et al. 2020), each ``[N]``.
+
+    Raises:
+        DataError: NaN/inf values, or probabilities where logits are expected.
     """
     logits = torch.as_tensor(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [N, K]; got shape {tuple(logits.shape)}")
     if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    check_logits(logits)
     log_p = torch.log_softmax(logits, dim=1)
     return {
         "msp": 1 - log_p.amax(dim=1).exp(),

@@ -12,6 +12,7 @@ are moved to the CPU batch by batch; the metrics run there.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,7 +38,7 @@ from wrapcal.metrics import (
     ood_metrics,
 )
 from wrapcal.prediction import Prediction
-from wrapcal.probs import entropy, logits_to_probs
+from wrapcal.probs import entropy, logits_to_probs, looks_like_probabilities
 from wrapcal.report.outputs import ModelOutputs, SetOutputs
 from wrapcal.report.report import Report
 from wrapcal.torch_utils import preserved_modes
@@ -65,14 +66,29 @@ def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     return torch.device("cpu"), None
 
 
-def _bare_prediction(logits: Tensor) -> Prediction:
-    if logits.dtype in (torch.float16, torch.bfloat16) or not logits.is_floating_point():
-        logits = logits.float()
-    probs = logits_to_probs(logits)
-    if logits.shape[-1] > 1:
+def _bare_prediction(outputs: Tensor, name: str, warned: set[str]) -> Prediction:
+    if outputs.dtype in (torch.float16, torch.bfloat16) or not outputs.is_floating_point():
+        outputs = outputs.float()
+    if looks_like_probabilities(outputs):
+        # A model that ends in softmax: its outputs are the probabilities themselves.
+        if name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"model {name!r} returns probabilities (every row sums to 1), not logits: "
+                "it is evaluated on them as probabilities; energy and max_logit need "
+                "logits (wrap the model, or drop its final softmax, to get them)",
+                UserWarning,
+                stacklevel=4,
+            )
+        probs = outputs / outputs.sum(dim=-1, keepdim=True)
+        logits = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        scores = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
+    elif outputs.shape[-1] > 1:
+        logits, probs = outputs, logits_to_probs(outputs)
         scores = baseline_scores(logits)
     else:
         # A single-logit binary model: the logit-based baselines would be constant.
+        logits, probs = outputs, logits_to_probs(outputs)
         scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
     return Prediction.build(logits, probs, scores, {k: CORE_OUTPUTS[k] for k in scores})
 
@@ -107,6 +123,7 @@ def run_model(
     wrapped = isinstance(model, WrappedModel)
     device, dtype = _model_device(model)
     parts, labels = [], []
+    warned: set[str] = set()
     bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
     start = time.perf_counter()
     try:
@@ -118,7 +135,7 @@ def run_model(
                     pred = model.predict(x, batch_size=max(1, x.shape[0]))
                 else:
                     x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-                    pred = _bare_prediction(_as_logits(model(x), model))
+                    pred = _bare_prediction(_as_logits(model(x), model), desc, warned)
                 parts.append(pred.to("cpu"))
                 labels.append(y)
                 bar.update(x.shape[0])
