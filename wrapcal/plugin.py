@@ -139,8 +139,7 @@ class Plugin(nn.Module):
         if unknown:
             raise ValueError(f"{owner}: unknown learned values {sorted(unknown)}")
         values = {k: state.get(k) for k in self._state_constraints}
-        if state["fitted"]:
-            validate(owner, values, self._state_constraints, "learned value")
+        validate(owner, values, self._state_constraints, "learned value")
         self.fitted_ = state["fitted"]
         for name, value in values.items():
             setattr(self, name, value)

@@ -162,11 +162,11 @@ class TimmAdapter:
         cfg = getattr(model, "pretrained_cfg", None) or {}
         source: dict[str, Any] = {}
         if cfg.get("architecture"):
-            kwargs: dict[str, Any] = {"num_classes": _last_linear(head).out_features}
-            for attr in ("in_chans", "drop_rate"):
-                if isinstance(getattr(model, attr, None), (int, float)):
-                    kwargs[attr] = getattr(model, attr)
-            source = {"library": "timm", "name": cfg["architecture"], "kwargs": kwargs}
+            source = {
+                "library": "timm",
+                "name": cfg["architecture"],
+                "kwargs": _timm_kwargs(model, head),
+            }
         shape, fixed = _timm_input(model)
         model.reset_classifier(0)
         return Split(
@@ -178,6 +178,24 @@ class TimmAdapter:
             input_shape=shape,
             fixed_input_size=fixed,
         )
+
+
+def _timm_kwargs(model: nn.Module, head: nn.Module) -> dict[str, Any]:
+    """The constructor arguments that rebuild this timm model with the same shapes and the
+    same eval-mode outputs (the registry's allow-list: sizes, rates, the pooling)."""
+    kwargs: dict[str, Any] = {"num_classes": _last_linear(head).out_features}
+    for attr in ("in_chans", "drop_rate"):
+        value = getattr(model, attr, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kwargs[attr] = value
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        kwargs["img_size"] = [int(v) for v in size]
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # SelectAdaptivePool2d keeps its kind
+    if isinstance(pool, str):
+        kwargs["global_pool"] = pool
+    return kwargs
 
 
 def _timm_input(model: nn.Module) -> tuple[tuple[int, ...] | None, bool]:
