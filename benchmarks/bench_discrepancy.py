@@ -44,7 +44,7 @@ def resnet20_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], to
     """The pretrained ResNet-20, CIFAR train, and a CIFAR test + MNIST unlabelled mix."""
     from safetensors.torch import load_file
 
-    from wrapcal.imagefiles import load_idx_images, load_npz_images, to_rgb32
+    from wrapcal.datasets import load_idx_images, load_npz_images, to_rgb32
     from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
     model = cifar_resnet20(num_classes=10)
@@ -63,7 +63,7 @@ def digits_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], torc
     """A random-init timm resnet18 on the bundled digits, with noise in the unlabelled set."""
     import timm
 
-    from wrapcal.data import digits
+    from wrapcal.datasets import digits
 
     data = digits()
     g = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ def load_setup() -> tuple[str, torch.nn.Module, tuple, tuple]:
     if CIFAR_NPZ.is_file() and WEIGHTS.is_file():
         from safetensors.torch import load_file
 
-        from wrapcal.imagefiles import load_npz_images
+        from wrapcal.datasets import load_npz_images
         from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
         model = cifar_resnet20(num_classes=10)
@@ -52,7 +52,7 @@ def load_setup() -> tuple[str, torch.nn.Module, tuple, tuple]:
         return "pretrained ResNet-20, cifar10_jpeg train (10000 images)", model.eval(), train, cal
     import timm
 
-    from wrapcal.data import digits
+    from wrapcal.datasets import digits
 
     data = digits()
     with torch.random.fork_rng():

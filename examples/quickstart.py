@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import wrapcal
-from wrapcal.data import digits
+from wrapcal.datasets import digits
 from wrapcal.demo import gaussian_noise, train_small_model
 
 data = digits()  # 3x32x32 tensors: train / calibration / test

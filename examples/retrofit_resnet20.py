@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 import wrapcal
-from wrapcal.imagefiles import load_idx_images, load_npz_images, to_rgb32
+from wrapcal.datasets import load_idx_images, load_npz_images, to_rgb32
 from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
 SETUPS: dict[str, list] = {

@@ -58,7 +58,9 @@ import pytest
 import torch
 from torch import nn
 
-from wrapcal import imagefiles, models
+from wrapcal import datasets as imagefiles
+from wrapcal import models
+from wrapcal.datasets import idx, npz, pixels
 from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
 __all__ = [
@@ -165,7 +167,7 @@ def _cache_key() -> str:
     for p in (CIFAR_NPZ, MNIST_IMAGES, MNIST_LABELS):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    for module in (models, imagefiles):
+    for module in (models, npz, idx, pixels):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()[:16]
 

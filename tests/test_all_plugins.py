@@ -7,7 +7,7 @@ from helpers import SmallNet
 
 import wrapcal
 from wrapcal import Stage, get_tags
-from wrapcal.data import digits
+from wrapcal.datasets import digits
 
 SPECS = [
     ("temperature", {}),

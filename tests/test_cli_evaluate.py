@@ -15,9 +15,8 @@ from safetensors.torch import save_file
 
 import wrapcal
 from wrapcal.cli import main
-from wrapcal.data import DIGITS_MEAN, DIGITS_STD, digits
+from wrapcal.datasets import DIGITS_MEAN, DIGITS_STD, NoiseImages, Normaliser, digits
 from wrapcal.metrics import accuracy, ece
-from wrapcal.report.cli import NoiseImages, Normaliser
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +82,7 @@ def _write_idx(path, images: np.ndarray) -> None:
 def test_weights_plugins_npz_and_idx(tmp_path, data, trained_timm):
     _, weights, logits = trained_timm
     # The digits as pixels in [0, 1]: normalising them with --mean/--std 0.2/0.3 gives
-    # back exactly what wrapcal.data.digits() feeds the model.
+    # back exactly what wrapcal.datasets.digits() feeds the model.
     pixels = {
         f"{split}_{kind}": (value * DIGITS_STD + DIGITS_MEAN).clamp(0, 1).numpy()
         if kind == "images"

@@ -14,6 +14,7 @@ from helpers import SmallNet, sample_plugin_installed
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 import wrapcal
+import wrapcal.datasets
 from wrapcal import OutputKind, Plugin, Stage
 from wrapcal.assemble import find_split
 from wrapcal.errors import DataError, SavedFileError
@@ -276,7 +277,7 @@ def test_state_of_any_shape_is_saved_and_restored_by_the_core(tmp_path) -> None:
 
 
 def test_sample_mahalanobis_equals_scipy_on_digits_features(tmp_path) -> None:
-    data = wrapcal.data.digits()
+    data = wrapcal.datasets.digits()
     torch.manual_seed(0)
     model = small_net()
     with sample_plugin_installed(tmp_path):
@@ -303,7 +304,7 @@ def test_the_readme_plugin_example_runs_and_computes_what_it_says() -> None:
     namespace: dict = {}
     exec(compile(readme_plugin_example(), "README.md", "exec"), namespace)
     plugin = namespace["ClassMeanDistance"](power=1.0)
-    data = wrapcal.data.digits()
+    data = wrapcal.datasets.digits()
     torch.manual_seed(0)
     wrapped = wrapcal.wrap(small_net(), [plugin]).fit(train=data.train, progress=False)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from helpers import SmallNet, SoftmaxNet, sample_plugin_installed
 from torch.utils.data import DataLoader, TensorDataset
 
 import wrapcal
+import wrapcal.datasets
 from wrapcal import OutputKind, Plugin, Stage
 from wrapcal.errors import DataError, NotFittedError, PluginNotFoundError, SplitError
 
@@ -259,7 +260,7 @@ def test_split_by_hand() -> None:
 
 
 def test_digits_default_split_is_fixed() -> None:
-    a, b = wrapcal.data.digits(), wrapcal.data.digits()
+    a, b = wrapcal.datasets.digits(), wrapcal.datasets.digits()
     assert a.train[0].shape == (1000, 3, 32, 32)
     assert len(a.calibration[1]) == 397 and len(a.test[1]) == 400
     assert torch.equal(a.test[0], b.test[0]) and torch.equal(a.train[1], b.train[1])

@@ -42,7 +42,7 @@ from wrapcal_plugins.label_smoothing import (
 import wrapcal
 from wrapcal import DataError, Plugin, Stage, get_tags
 from wrapcal.assemble import create_plugin
-from wrapcal.data import digits
+from wrapcal.datasets import digits
 from wrapcal.metrics import accuracy, ece, ece_bootstrap, nll
 
 # --- independent references -------------------------------------------------------------

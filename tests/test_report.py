@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import wrapcal
-from wrapcal.data import digits
+from wrapcal.datasets import digits
 from wrapcal.errors import DataError
 from wrapcal.metrics import (
     accuracy,

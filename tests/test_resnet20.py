@@ -24,7 +24,7 @@ from shared_data import (
     resnet20_outputs,
 )
 
-from wrapcal.imagefiles import (
+from wrapcal.datasets import (
     load_idx,
     load_idx_images,
     load_idx_labels,

@@ -1,24 +1,27 @@
-"""Data in, tensors out: loaders, datasets and ``(X, y)`` pairs; the embedded default.
+"""Data in, tensors out: loaders, datasets and ``(X, y)`` pairs.
 
 Everything that takes data accepts:
 
 * a ``torch.utils.data.DataLoader`` yielding ``(x, y)`` pairs or bare ``x`` batches,
-* a ``torch.utils.data.Dataset`` whose items are ``(x, y)`` or ``x``,
+* a ``torch.utils.data.Dataset`` whose items are ``(x, y)``, ``x`` or a dict with the
+  inputs under ``image``/``pixel_values``/... and the labels under ``label``/...,
+* a Hugging Face ``datasets.Dataset`` whose transform gives such items
+  (``ds.with_transform(fn)``: PIL images -> normalised tensors),
 * an ``(X, y)`` pair of tensors or numpy arrays, or a bare ``X`` (unlabelled data).
 
 Inputs must already be what the model takes (float tensors, normalised as the model
-expects); labels are integer class indices.
+expects); labels are integer class indices. Readers of image files and the embedded
+digits live in :mod:`wrapcal.datasets`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from wrapcal.errors import DataError
 
@@ -71,6 +74,56 @@ def check_labels(y: torch.Tensor, n: int, num_classes: int | None = None) -> tor
     return y.long()
 
 
+# Column names of the inputs and labels in dict items (Hugging Face rows, say).
+_X_KEYS = ("image", "images", "img", "pixel_values", "input", "inputs", "x")
+_Y_KEYS = ("label", "labels", "target", "targets", "y")
+
+
+def _dict_keys(item: dict) -> tuple[Any, Any]:
+    keys = set(item)
+    x_key = next((k for k in _X_KEYS if k in keys), None)
+    y_key = next((k for k in _Y_KEYS if k in keys), None)
+    if x_key is None:
+        raise DataError(
+            f"cannot find the inputs in a dict with keys {sorted(keys, key=str)}; name them "
+            f"one of {', '.join(_X_KEYS)}"
+        )
+    return x_key, y_key
+
+
+def _row_tensor(value: Any, column: Any) -> torch.Tensor:
+    if hasattr(value, "convert") and hasattr(value, "mode") and hasattr(value, "size"):
+        raise DataError(
+            f"column {column!r} holds PIL images; give the data set a transform that turns "
+            "each into a normalised tensor, e.g. hf_dataset.with_transform(fn) or a "
+            "torchvision transform"
+        )
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+
+
+def _collate(rows: list[Any]) -> Any:
+    """Rows -> a batch. Dict rows (a Hugging Face dataset's) keep only the inputs and the
+    labels, so other columns (file names, captions) never reach the collation."""
+    if not rows or not isinstance(rows[0], dict):
+        return default_collate(rows)
+    x_key, y_key = _dict_keys(rows[0])
+    x = torch.stack([_row_tensor(row[x_key], x_key) for row in rows])
+    if y_key is None:
+        return (x,)
+    return x, torch.as_tensor([int(row[y_key]) for row in rows])
+
+
+def _is_map_style(data: Any) -> bool:
+    """A Hugging Face ``datasets.Dataset``: a Dataset in all but name (``len`` and
+    integer indexing), recognised without importing ``datasets``."""
+    return (
+        type(data).__module__.split(".")[0] == "datasets"
+        and hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and hasattr(data, "column_names")
+    )
+
+
 def _split_item(item: Any) -> Batch:
     if isinstance(item, (tuple, list)):
         if len(item) == 2:
@@ -79,11 +132,7 @@ def _split_item(item: Any) -> Batch:
             return _as_tensor(item[0], "inputs"), None
         raise DataError(f"batches must be (x, y) or x; got a sequence of {len(item)} items")
     if isinstance(item, dict):
-        keys = set(item)
-        x_key = next((k for k in ("image", "images", "input", "inputs", "x") if k in keys), None)
-        y_key = next((k for k in ("label", "labels", "target", "targets", "y") if k in keys), None)
-        if x_key is None:
-            raise DataError(f"cannot find the inputs in a batch dict with keys {sorted(keys)}")
+        x_key, y_key = _dict_keys(item)
         return _as_tensor(item[x_key], "inputs"), (
             _as_tensor(item[y_key], "labels") if y_key else None
         )
@@ -111,13 +160,14 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
         for start in range(0, x_all.shape[0], batch_size):
             yield x_all[start : start + batch_size], None
         return
-    if isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, Dataset) or _is_map_style(data):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate)
         yield from iter_batches(loader, batch_size)
         return
     raise DataError(
-        f"cannot read data of type {type(data).__name__}; pass a DataLoader, a Dataset, an "
-        "(X, y) pair of tensors or arrays, or a bare X for unlabelled data"
+        f"cannot read data of type {type(data).__name__}; pass a DataLoader, a Dataset (or a "
+        "Hugging Face dataset with a transform), an (X, y) pair of tensors or arrays, or a "
+        "bare X for unlabelled data"
     )
 
 
@@ -150,60 +200,3 @@ def to_tensors(data: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.T
     if any(labelled) and not all(labelled):
         raise DataError("some batches have labels and some do not")
     return torch.cat(xs), (torch.cat(ys) if all(labelled) else None)
-
-
-# --- the embedded default ---------------------------------------------------------------
-
-#: Mean and standard deviation used to normalise the digits images.
-DIGITS_MEAN, DIGITS_STD = 0.2, 0.3
-
-
-@dataclass
-class DigitsData:
-    """scikit-learn's bundled digits as 3x32x32 float tensors, split once and for all.
-
-    Attributes:
-        train: ``(X, y)`` to train or retrain on (1000 images).
-        calibration: ``(X, y)`` for post-hoc calibration (397 images).
-        test: ``(X, y)`` for evaluation (400 images).
-        classes: The class names, ``"0"`` to ``"9"``.
-    """
-
-    train: tuple[torch.Tensor, torch.Tensor]
-    calibration: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
-    classes: list[str]
-
-
-def digits_to_images(pixels: np.ndarray, size: int = 32) -> torch.Tensor:
-    """8x8 digits with values 0..16 -> normalised ``[N, 3, size, size]`` float32."""
-    x = torch.from_numpy(np.asarray(pixels, dtype=np.float32).reshape(-1, 1, 8, 8) / 16.0)
-    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return ((x - DIGITS_MEAN) / DIGITS_STD).expand(-1, 3, -1, -1).contiguous()
-
-
-def digits(seed: int = 0, size: int = 32) -> DigitsData:
-    """Load the digits data set bundled with scikit-learn (no download).
-
-    The split is stratified and fixed by ``seed``: 1000 train, 397 calibration and 400
-    test images.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    images = digits_to_images(bunch.data, size)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    idx = np.arange(len(labels))
-    train_idx, rest = train_test_split(
-        idx, train_size=1000, stratify=bunch.target, random_state=seed
-    )
-    cal_idx, test_idx = train_test_split(
-        rest, test_size=400, stratify=bunch.target[rest], random_state=seed
-    )
-
-    def take(ix: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.from_numpy(np.sort(ix))
-        return images[t], labels[t]
-
-    return DigitsData(take(train_idx), take(cal_idx), take(test_idx), [str(i) for i in range(10)])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import wrapcal
-from wrapcal.data import DigitsData, digits, digits_to_images
+from wrapcal.datasets import DigitsData, digits, digits_to_images
 
 BUILT_IN_PLUGINS = ("label_smoothing", "discrepancy", "mc_dropout", "temperature")
 #: Per-plugin settings of the demo: alpha="auto" keeps label smoothing from

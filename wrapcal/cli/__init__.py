@@ -1,0 +1,108 @@
+"""The ``wrapcal`` command: ``demo``, ``evaluate`` and ``plugins``.
+
+Every bad input ends the command with exit code 2 and one line on stderr,
+``wrapcal <command>: error: <what is wrong and how to fix it>``, in the command
+line's own terms (its flags, never a Python call); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from wrapcal.cli.errors import CliError, one_line
+from wrapcal.errors import WrapcalError
+
+__all__ = ["build_parser", "main"]
+
+
+class UsageError(Exception):
+    """A flag argparse refused; carries the parser's program name."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) and no ``sys.exit``."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, message)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from wrapcal.cli.tables import plugin_rows, print_table
+    from wrapcal.manager import autoload_disabled, plugin_registry
+
+    registry = plugin_registry()
+    if not registry:
+        note = " (entry-point loading is off)" if autoload_disabled() else ""
+        print(f"no plugins installed{note}")
+        return 0
+    header, rows = plugin_rows(registry, params=args.params)
+    print_table(header, rows)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wrapcal.demo import run_demo
+
+    run_demo(out=args.out, progress=not args.no_progress, seed=args.seed)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from wrapcal.cli.evaluate import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``wrapcal`` command."""
+    from wrapcal.cli.options import add_evaluate_arguments, at_least
+
+    parser = _Parser(
+        prog="wrapcal",
+        description="Retrofit calibration, uncertainty and OOD detection onto classifiers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on scikit-learn's bundled digits")
+    demo.add_argument("--out", default="wrapcal-demo-report", help="report directory")
+    demo.add_argument("--seed", type=at_least(0), default=0)
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument(
+        "--params",
+        action="store_true",
+        help="list each plugin's parameters and defaults (for evaluate --plugin-arg)",
+    )
+    plugins.set_defaults(func=_cmd_plugins)
+
+    evaluate = sub.add_parser("evaluate", help="calibration and OOD report for a model")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wrapcal`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as err:
+        print(f"{err.prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (CliError, WrapcalError, OSError, ValueError, TypeError, LookupError) as err:
+        print(f"wrapcal {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wrapcal {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,66 @@
+"""The command line's own errors, and the library's errors in the command line's terms.
+
+The library speaks Python (``wrapped.fit(calibration=...)``, ``pass (X, y)``); a user
+of ``wrapcal evaluate`` gave flags. :func:`in_cli_terms` rewrites what a library message
+asks for into the flags that give it, so no message asks for a Python call.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["FIT_FLAGS", "CliError", "fit_flag", "in_cli_terms", "one_line"]
+
+#: The ``fit`` data sets the command line gives, by the flag that gives each.
+FIT_FLAGS = {"train": "--train", "calibration": "--calibration", "unlabeled": "--unlabeled"}
+
+
+class CliError(ValueError):
+    """Bad command-line input; the message names the flag and the fix."""
+
+
+def fit_flag(name: str) -> str:
+    """The flag that gives the ``fit`` data set ``name``."""
+    return FIT_FLAGS.get(name, f"a {name!r} data set (no flag gives it; use the Python API)")
+
+
+def _fit_call(match: re.Match[str]) -> str:
+    names = re.findall(r"(\w+)=", match.group(2))
+    flags = [fit_flag(n) for n in names] or ["the data flags (--train, --calibration...)"]
+    joiner = " or " if " or " in match.group(2) else " and "
+    return ("give " if match.group(1) else "") + joiner.join(flags)
+
+
+_REWRITES: list[tuple[re.Pattern[str], object]] = [
+    # "needs wrapped.fit(calibration=...)", "call wrapped.fit(train=(X, y), unlabeled=...)"
+    (re.compile(r"(call )?(?:wrapped\.)?fit\(((?:[^()]|\([^()]*\))*)\)"), _fit_call),
+    (
+        re.compile(r"pass \(X, y\) or a loader that yields \(x, y\) batches"),
+        "give labelled data (an .npz with labels, an IDX images file with its labels "
+        "file, an ImageFolder directory or digits)",
+    ),
+    (
+        re.compile(r"pass labelled data, e\.g\. \(X, y\) or a DataLoader yielding \(x, y\)"),
+        "give labelled data with --data",
+    ),
+    (re.compile(r" or pass a plugin instance"), ""),
+    (
+        re.compile(r"\(wrapped\.check_inputs = False[^)]*\)"),
+        "(check the image files)",
+    ),
+]
+
+
+def in_cli_terms(message: str) -> str:
+    """A library message with its Python calls replaced by the flags that do the same."""
+    for pattern, replacement in _REWRITES:
+        message = pattern.sub(replacement, message)  # type: ignore[arg-type]
+    return message
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line of text, in the command line's terms."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    return in_cli_terms(" ".join(text.split()))

@@ -1,0 +1,241 @@
+"""``wrapcal evaluate``: a calibration and OOD report for a model, from the command line.
+
+Examples::
+
+    wrapcal evaluate timm:resnet10t --data digits --ood noise=gaussian --out report
+    wrapcal evaluate wrapcal:cifar_resnet20 --weights cifar10_resnet20.safetensors \\
+        --data cifar10_jpeg.npz --ood mnist=t10k-images-idx3-ubyte.gz \\
+        --plugins temperature --calibration cifar10_jpeg.npz --calibration-split train
+
+The bare model is always evaluated (as ``baseline``); with ``--plugins`` it is also
+wrapped, fitted and evaluated as ``wrapped``. A saved ``.wrapcal`` file is evaluated as
+``wrapped``, beside its own backbone and head without plugins as ``baseline``.
+
+Every flag is checked before any data is read: the plugins and their parameters, the
+model name, and which data sets the plugins need (``wrapcal.fitting.read_sets``).
+docs/cli.md is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import wrapcal.cli.inputs as inputs
+import wrapcal.cli.models as models
+from wrapcal.cli.errors import FIT_FLAGS, CliError, in_cli_terms
+from wrapcal.cli.plugin_args import create_plugins
+from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Loaded, Normaliser
+
+__all__ = ["run"]
+
+COMMAND = "evaluate"
+
+
+def _settings(args: argparse.Namespace) -> ImageSettings:
+    mean = tuple(args.mean or IMAGENET_MEAN)
+    std = tuple(args.std or IMAGENET_STD)
+    if len(mean) != len(std):
+        raise CliError(
+            f"--mean has {len(mean)} values and --std {len(std)}; give as many of each "
+            "(one per channel, or one for all)"
+        )
+    size = (args.size, args.size) if args.size else None
+    return ImageSettings(Normaliser(mean, std), size, args.channels, args.seed, args.limit)
+
+
+def _fit_plan(args: argparse.Namespace, plugins: list[tuple[str, Any]]) -> dict[str, str]:
+    """The fit sets to read, each with its spec, checked against what the plugins read
+    and require before any data is read."""
+    from wrapcal.fitting import read_sets
+
+    given = {
+        "train": args.train or ("digits" if args.data == "digits" else None),
+        "calibration": args.calibration or ("digits" if args.data == "digits" else None),
+        "unlabeled": args.unlabeled or None,
+    }
+    reads, needs = read_sets(
+        SimpleNamespace(plugin_names=[n for n, _ in plugins], plugins=[p for _, p in plugins])
+    )
+    for plugin, required in needs.items():
+        for name, why in required.items():
+            if name not in FIT_FLAGS:
+                raise CliError(
+                    f"plugin {plugin} needs a fit data set named {name!r}, which the command "
+                    "line cannot give (it gives --train, --calibration and --unlabeled); fit "
+                    "it from Python"
+                )
+            if given[name] is None:
+                raise CliError(
+                    f"plugin {plugin} needs {FIT_FLAGS[name]}{': ' + why if why else ''}; "
+                    f"give it with {FIT_FLAGS[name]} SPEC (see docs/cli.md)"
+                )
+    for name, flag in FIT_FLAGS.items():
+        explicit = getattr(args, name)
+        if explicit and name not in reads:
+            users = ", ".join(n for n, _ in plugins) or "no --plugins"
+            inputs.say(COMMAND, "warning", f"no plugin reads {flag} ({users}); it is ignored")
+    return {name: spec for name, spec in given.items() if spec and name in reads}
+
+
+def _check_input(model: Any, test: Loaded, label: str) -> None:
+    channels, size = models.expected_input(model)
+    if channels is not None and test.shape[0] != channels:
+        raise CliError(
+            f"--data images have {test.shape[0]} channel(s) but {label} takes {channels}: add "
+            f"--channels {channels} (grey is replicated to RGB, RGB averaged to grey)"
+            if channels in (1, 3)
+            else f"--data images have {test.shape[0]} channel(s) but {label} takes {channels}"
+        )
+    if size is not None and tuple(test.shape[1:]) != size:
+        raise CliError(
+            f"--data images are {test.shape[1]}x{test.shape[2]} but {label} takes exactly "
+            f"{size[0]}x{size[1]}: add --size {size[0]}"
+            if size[0] == size[1]
+            else f"--data images are {test.shape[1]}x{test.shape[2]} but {label} takes "
+            f"exactly {size[0]}x{size[1]}"
+        )
+    models.probe(model, inputs.first_inputs(test.data), "the --data images")
+
+
+def _read_fit_sets(
+    plan: dict[str, str], args: argparse.Namespace, settings: ImageSettings, test: Loaded
+) -> dict[str, Loaded | Any]:
+    sets: dict[str, Any] = {}
+    for name in ("train", "calibration"):
+        if name in plan:
+            split = getattr(args, f"{name}_split")
+            flag = FIT_FLAGS[name]
+            sets[name] = inputs.read(plan[name], name, flag, settings, split, f"{flag}-split", test)
+    if "unlabeled" in plan:
+        sets["unlabeled"], _ = inputs.read_unlabeled(
+            plan["unlabeled"], settings, test, args.unlabeled_split
+        )
+    return sets
+
+
+def _relay(caught: list[warnings.WarningMessage]) -> None:
+    for warning in caught:
+        inputs.say(COMMAND, "warning", in_cli_terms(" ".join(str(warning.message).split())))
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Run the command; returns the report directory."""
+    import wrapcal
+    from wrapcal.report import evaluate as evaluate_models
+
+    progress = not args.no_progress
+    plugins = create_plugins(args.plugins, args.plugin_arg)
+    model_kwargs = models.parse_model_args(args.model_arg)
+    names_flag = inputs.read_class_names(args.class_names)
+    saved = models.is_saved_file(args.model)
+    if saved:
+        if not Path(args.model).is_file():
+            raise FileNotFoundError(f"model file not found: {args.model}")
+        extra = [f for f, v in (("--plugins", plugins), ("--plugin-arg", args.plugin_arg),
+                                ("--weights", args.weights), ("--model-arg", model_kwargs),
+                                ("--num-classes", args.num_classes)) if v]  # fmt: skip
+        if extra:
+            raise CliError(
+                f"a saved .wrapcal model already has its plugins, weights and classes; "
+                f"{', '.join(extra)} apply to FAMILY:NAME models"
+            )
+        plan: dict[str, str] = {}
+    else:
+        models.check(args.model, model_kwargs)
+        plan = _fit_plan(args, plugins)
+    if args.weights and not Path(args.weights).is_file():
+        raise FileNotFoundError(f"--weights: weights file not found: {args.weights}")
+    device = models.device(args.device)
+    settings = _settings(args)
+
+    test = inputs.read(args.data, "test", "--data", settings, args.split, "--split")
+    if saved:
+        wrapped = wrapcal.load(args.model).to(device)
+        baseline: Any = models.BackboneHead(wrapped.backbone, wrapped.head)
+        num_classes = wrapped.num_classes_out
+        model_names = models.model_class_names(wrapped)
+    else:
+        num_classes = args.num_classes or (len(names_flag) if names_flag else test.num_classes)
+        baseline = models.build(args.model, model_kwargs, num_classes)
+        if args.weights:
+            models.load_weights(baseline, args.weights)
+        baseline = baseline.to(device).eval()
+        model_names = models.model_class_names(baseline)
+    reference, source = (names_flag, "--class-names") if names_flag else (model_names, "the model")
+    if reference is None and test.kind != "folder" and test.class_names is not None:
+        reference, source = test.class_names, f"--data {args.data}"
+    if names_flag is not None and num_classes is not None and len(names_flag) != num_classes:
+        raise CliError(
+            f"--class-names gives {len(names_flag)} names but the model has {num_classes} classes"
+        )
+    test = inputs.reconcile_classes(test, "--data", reference, source, COMMAND)
+    if num_classes is None:
+        raise CliError("--data has no labels to count the classes from; give --num-classes")
+    inputs.check_label_range(test, "--data", num_classes)
+    _check_input(wrapped if saved else baseline, test, "the model")
+
+    ood = inputs.read_ood(args.ood, settings, test)
+    fit_sets = _read_fit_sets(plan, args, settings, test)
+    loud = []
+    for name in ("train", "calibration"):
+        if name in fit_sets:
+            flag = FIT_FLAGS[name]
+            fit_sets[name] = inputs.reconcile_classes(
+                fit_sets[name], flag, reference, source, COMMAND
+            )
+            inputs.check_label_range(fit_sets[name], flag, num_classes)
+            text = inputs.check_coverage(
+                fit_sets[name], flag, num_classes, args.allow_partial_classes
+            )
+            if text:
+                inputs.say(COMMAND, "WARNING", text)
+                loud.append(text)
+
+    models_to_run: dict[str, Any] = {"baseline": baseline}
+    if saved:
+        models_to_run["wrapped"] = wrapped
+    elif plugins:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            wrapped = wrapcal.wrap(baseline, [plugin for _, plugin in plugins])
+            data = {k: (v.data if isinstance(v, Loaded) else v) for k, v in fit_sets.items()}
+            if data or wrapped_requires_fit(wrapped):
+                wrapped.fit(**data, batch_size=args.batch_size, progress=progress, seed=args.seed)
+        _relay(caught)
+        models_to_run["wrapped"] = wrapped
+
+    report = evaluate_models(
+        models_to_run,
+        test.data,
+        ood,
+        n_bins=args.bins,
+        batch_size=args.batch_size,
+        progress=progress,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+    )
+    out = report.save(args.out)
+    calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]
+    print("Calibration" + calibration.rstrip())
+    print(f"\nreport written to {out / 'report.html'} (also report.md, report.json, figures/)")
+    for text in loud:
+        inputs.say(COMMAND, "WARNING", text)
+    return out
+
+
+def wrapped_requires_fit(wrapped: Any) -> bool:
+    """Whether some plugin needs ``fit`` even without data (its tags say so)."""
+    from wrapcal.plugin import get_tags
+
+    return any(get_tags(p).requires_fit for p in wrapped.plugins)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``wrapcal evaluate``; errors are left to ``wrapcal.cli.main``, which prints one
+    line and returns 2."""
+    evaluate(args)
+    return 0

@@ -1,0 +1,181 @@
+"""The flags of ``wrapcal evaluate`` and the types that check them as they are parsed."""
+
+from __future__ import annotations
+
+import argparse
+
+from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["add_evaluate_arguments", "at_least", "positive_float"]
+
+_SPECS = (
+    "'digits', an .npz file, an IDX images file (with its labels file beside it), an "
+    "ImageFolder directory or a saved Hugging Face dataset"
+)
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= ``low``, with a message that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"must be {'a positive integer' if low == 1 else f'at least {low}'}, got {value}"
+            )
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``wrapcal evaluate`` to ``parser`` (docs/cli.md describes each)."""
+    parser.description = (
+        "Evaluate a classifier's calibration and OOD detection (optionally wrapped with "
+        "plugins) and write report.html, report.md, report.json and PNG figures."
+    )
+    parser.add_argument(
+        "model",
+        help="FAMILY:NAME from wrapcal's model registry (timm:resnet18, torchvision:resnet18, "
+        "wrapcal:cifar_resnet20) or the path of a saved .wrapcal file",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", help="safetensors state dict to load into the model")
+    model.add_argument(
+        "--num-classes",
+        type=at_least(1),
+        help="number of classes of the model (default: the --class-names, else the test data's)",
+    )
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a constructor argument the registry allows (in_chans, img_size, drop_rate...); "
+        "repeatable",
+    )
+    model.add_argument(
+        "--class-names",
+        metavar="A,B,...|@FILE",
+        help="the model's class names in output order, to check ImageFolder and npz class "
+        "order against",
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help=f"labelled test data: {_SPECS}")
+    data.add_argument("--split", default="test", help="key prefix in a --data .npz (test)")
+    data.add_argument(
+        "--ood",
+        action="append",
+        default=[],
+        metavar="[NAME=]SPEC",
+        help="an OOD set (repeatable): 'gaussian' or 'uniform' noise shaped like the test "
+        "images, an .npz, an IDX images file, an ImageFolder or a saved Hugging Face dataset",
+    )
+    data.add_argument(
+        "--limit",
+        type=at_least(1),
+        help="use at most N images of every set, drawn at random (--seed), for a quick look",
+    )
+    fit = parser.add_argument_group("plugins and their fit data")
+    fit.add_argument(
+        "--plugins",
+        default="",
+        help="comma-separated plugins to wrap the model with, e.g. temperature,mc_dropout "
+        "(see 'wrapcal plugins')",
+    )
+    fit.add_argument(
+        "--plugin-arg",
+        action="append",
+        default=[],
+        metavar="PLUGIN.PARAM=VALUE",
+        help="a plugin parameter (repeatable), e.g. label_smoothing.alpha=auto; values are "
+        "read as JSON, else as text",
+    )
+    fit.add_argument(
+        "--calibration",
+        help=f"labelled calibration data: {_SPECS} (default with --data digits: digits)",
+    )
+    fit.add_argument(
+        "--calibration-split", default="calibration", help="key prefix in a .npz (calibration)"
+    )
+    fit.add_argument(
+        "--train",
+        help="labelled training data for plugins that retrain (label_smoothing, discrepancy, "
+        "mc_dropout finetune); same forms (default with --data digits: digits)",
+    )
+    fit.add_argument("--train-split", default="train", help="key prefix in a .npz (train)")
+    fit.add_argument(
+        "--unlabeled",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="unlabelled data (discrepancy: in-distribution and OOD mixed, like production "
+        "traffic); repeatable, the sets are mixed; any --ood form or 'digits'",
+    )
+    fit.add_argument(
+        "--unlabeled-split", default="unlabeled", help="key prefix in a .npz (unlabeled)"
+    )
+    fit.add_argument(
+        "--allow-partial-classes",
+        action="store_true",
+        help="fit on --calibration/--train labels that miss some classes (with a warning) "
+        "instead of refusing",
+    )
+    images = parser.add_argument_group("images")
+    images.add_argument("--size", type=at_least(1), help="resize images to SIZE x SIZE")
+    images.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        help="convert images to 1 (grey) or 3 (RGB) channels (default: as stored)",
+    )
+    images.add_argument(
+        "--mean",
+        type=finite_float,
+        nargs="+",
+        help=f"per-channel mean of the normalisation (default: ImageNet's {IMAGENET_MEAN})",
+    )
+    images.add_argument(
+        "--std",
+        type=positive_float,
+        nargs="+",
+        help=f"per-channel std of the normalisation (default: ImageNet's {IMAGENET_STD})",
+    )
+    run = parser.add_argument_group("run and report")
+    run.add_argument("--out", default="wrapcal-report", help="report directory")
+    run.add_argument("--batch-size", type=at_least(1), default=256)
+    run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (15)")
+    run.add_argument(
+        "--bootstrap", type=at_least(0), default=1000, help="bootstrap resamples, 0 for none"
+    )
+    run.add_argument(
+        "--seed", type=at_least(0), default=0, help="seed of noise, --limit, fit and bootstrap"
+    )
+    run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
