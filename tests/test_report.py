@@ -232,9 +232,11 @@ def test_ood_numbers_equal_metrics_on_the_models_outputs(run, data, ood_sets):
     assert report["data"]["ood"] == {"noise": {"n": 150}, "flipped": {"n": 120}}
 
 
-def test_each_model_reads_each_data_set_once(run, data, ood_sets):
+def test_the_models_share_one_backbone_pass_per_data_set(run, data, ood_sets):
+    """The baseline and its wrapped copy have the same backbone: one pass per data set
+    between them (the baseline's, split like the wrapped copy; the copy reuses it)."""
     total = len(data.test[1]) + 150 + 120
-    assert run["seen"] == {"baseline": total, "wrapped": total}
+    assert run["seen"]["baseline"] + run["seen"]["wrapped"] == total
 
 
 def test_user_models_keep_mode_and_weights(run):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from wrapcal.data import check_labels, iter_batches, num_samples
 from wrapcal.errors import DataError
+from wrapcal.fingerprint import StreamHash
 from wrapcal.torch_utils import check_features, in_mode
 
 __all__ = ["FeatureSet", "FitData", "extract"]
@@ -147,6 +148,7 @@ def extract(
     num_classes: int,
     batch_size: int = 256,
     progress: bool = True,
+    stream: StreamHash | None = None,
 ) -> FeatureSet:
     """Run the backbone once over ``data`` (eval mode, no gradients).
 
@@ -159,6 +161,7 @@ def extract(
         num_classes: Labels must lie in ``[0, num_classes)``.
         batch_size: Batch size for data that is not already batched.
         progress: Show a progress bar.
+        stream: Hashes every batch as it is read (the feature cache's key for loaders).
 
     Raises:
         DataError: Empty data, bad labels, or NaN/inf features.
@@ -170,6 +173,8 @@ def extract(
         with in_mode(backbone, False), torch.no_grad():
             for x, y in iter_batches(data, batch_size):
                 input_shape = input_shape or tuple(x.shape[1:])
+                if stream is not None:
+                    stream.update(x, y)
                 feats.append(check_features(backbone(prepare(x)), num_features))
                 labels.append(y)
                 bar.update(x.shape[0])

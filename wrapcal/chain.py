@@ -188,7 +188,7 @@ class Chain:
         members = self.members(features)
         combined, logits = self.finish(members)
         probs = logits_to_probs(logits)
-        outputs, kinds = self._core_outputs(members, probs)
+        outputs, kinds = self.core_outputs(members, probs)
         for name, plugin, tags in self.plugins:
             if not _overrides(plugin, "outputs"):
                 continue
@@ -204,7 +204,10 @@ class Chain:
         return Prediction.build(logits, probs, outputs, kinds)
 
     @staticmethod
-    def _core_outputs(members: torch.Tensor, probs: torch.Tensor):
+    def core_outputs(members: torch.Tensor, probs: torch.Tensor):
+        """The core's scores of members ``[M, B, K]`` and final probabilities, and their
+        kinds: ``msp``, ``entropy``, and with one member of several logits ``max_logit``
+        and ``energy`` (of the members, before any logit transform)."""
         outputs = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
         if members.shape[0] == 1 and members.shape[-1] > 1:
             outputs["max_logit"] = -members[0].amax(dim=-1)

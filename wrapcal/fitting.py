@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from wrapcal.cache import FeatureSet, FitData, extract
+from wrapcal.cache import FeatureSet, FitData
 from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
+from wrapcal.feature_cache import cached_features
 from wrapcal.plugin import get_tags
 
 __all__ = ["fit_from_data", "fit_from_features", "read_sets"]
@@ -72,7 +73,7 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
     def extract_all() -> dict[str, FeatureSet]:
         out = {}
         for name in sorted(used, key=list(given).index):
-            out[name] = extract(
+            out[name], ran = cached_features(
                 wrapped.backbone,
                 wrapped._prepare,
                 given[name],
@@ -81,8 +82,9 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
                 num_classes=wrapped.num_classes_out,
                 batch_size=int(options.get("batch_size", 256)),
                 progress=bool(options.get("progress", True)),
+                cache=options.get("cache"),
             )
-            wrapped.backbone_passes += 1
+            wrapped.backbone_passes += int(ran)
         return out
 
     data = FitData(extract_all(), dict(options))

@@ -251,6 +251,7 @@ class WrappedModel(nn.Module):
         batch_size: int = 256,
         progress: bool = True,
         seed: int = 0,
+        cache: bool = True,
         **more: Any,
     ) -> WrappedModel:
         """Fit every plugin, in stage order, from one backbone pass per data set read.
@@ -263,13 +264,16 @@ class WrappedModel(nn.Module):
             batch_size: Batch size of the backbone pass.
             progress: Show progress bars.
             seed: Seed of every random choice the plugins make.
+            cache: Share backbone features with other wrapped variants of the same
+                backbone and with ``wrapcal.evaluate`` (:mod:`wrapcal.feature_cache`);
+                ``False`` always runs the backbone.
             **more: Further named data sets a plugin reads (``conformal=...``).
 
         Returns:
             self
         """
         sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
-        options = {"batch_size": batch_size, "progress": progress, "seed": seed}
+        options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": cache}
         return fitting.fit_from_data(self, sets, options)
 
     def fit_features(

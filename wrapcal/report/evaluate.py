@@ -1,34 +1,29 @@
-"""``evaluate``: run models once over a test set and OOD sets, measure, build a Report.
+"""``evaluate``: run models over a test set and OOD sets, measure, build a Report.
 
-Every model makes one pass over every data set (the test set and each OOD set). A
-``WrappedModel`` is asked for its predictions batch by batch with ``predict``, which
-returns its calibrated probabilities and every score its plugins provide; a bare
-``nn.Module`` runs in eval mode under ``no_grad`` and gets the scores a bare classifier
-already has (:func:`wrapcal.metrics.baseline_scores`). The batches are read once, so the
-labels stay aligned with the predictions even for a shuffling ``DataLoader``. Outputs
-are moved to the CPU batch by batch; the metrics run there.
+Each model's predictions on each data set come from :mod:`wrapcal.report.passes`: the
+models share the backbone's features, so the backbone runs about once per data set.
+A wrapped model gives its calibrated probabilities and every plugin's scores and
+outputs; a bare classifier gets the scores it already has (``msp``, ``max_logit``,
+``entropy``, ``energy``). Labels stay with their inputs even for a shuffling loader.
+The metrics run on the CPU.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wrapcal.chain import CORE_OUTPUTS, named_errors
-from wrapcal.data import check_labels, iter_batches, num_samples
+from wrapcal.chain import named_errors
+from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.metrics import (
     accuracy,
     adaptive_ece,
     aurc,
     auroc_bootstrap,
-    baseline_scores,
     brier,
     classwise_ece,
     ece,
@@ -38,10 +33,9 @@ from wrapcal.metrics import (
     ood_metrics,
 )
 from wrapcal.prediction import Prediction
-from wrapcal.probs import entropy, logits_to_probs, looks_like_probabilities
-from wrapcal.report.outputs import ModelOutputs, SetOutputs
+from wrapcal.report.outputs import ModelOutputs
+from wrapcal.report.passes import model_device, runner_for
 from wrapcal.report.report import Report
-from wrapcal.torch_utils import preserved_modes
 from wrapcal.wrapped import WrappedModel
 
 __all__ = [
@@ -50,106 +44,10 @@ __all__ = [
     "evaluate",
     "ood_row",
     "plugin_metrics",
-    "run_model",
 ]
 
 #: Level of every bootstrap interval in the report.
 LEVEL = 0.95
-
-
-def _model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device, None
-    return torch.device("cpu"), None
-
-
-def _bare_prediction(outputs: Tensor, name: str, warned: set[str]) -> Prediction:
-    if outputs.dtype in (torch.float16, torch.bfloat16) or not outputs.is_floating_point():
-        outputs = outputs.float()
-    if looks_like_probabilities(outputs):
-        # A model that ends in softmax: its outputs are the probabilities themselves.
-        if name not in warned:
-            warned.add(name)
-            warnings.warn(
-                f"model {name!r} returns probabilities (every row sums to 1), not logits: "
-                "it is evaluated on them as probabilities; energy and max_logit need "
-                "logits (wrap the model, or drop its final softmax, to get them)",
-                UserWarning,
-                stacklevel=4,
-            )
-        probs = outputs / outputs.sum(dim=-1, keepdim=True)
-        logits = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
-        scores = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
-    elif outputs.shape[-1] > 1:
-        logits, probs = outputs, logits_to_probs(outputs)
-        scores = baseline_scores(logits)
-    else:
-        # A single-logit binary model: the logit-based baselines would be constant.
-        logits, probs = outputs, logits_to_probs(outputs)
-        scores = {"msp": 1 - probs.max(dim=-1).values, "entropy": entropy(probs)}
-    return Prediction.build(logits, probs, scores, {k: CORE_OUTPUTS[k] for k in scores})
-
-
-def _as_logits(out: Any, model: nn.Module) -> Tensor:
-    # Hugging Face style models return an object with .logits.
-    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
-    if not isinstance(logits, Tensor) or logits.ndim != 2:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(out).__name__
-        raise DataError(
-            f"{type(model).__name__} returned {shape}, expected logits [batch, classes]; "
-            "evaluate classifiers that map inputs to logits"
-        )
-    return logits
-
-
-def run_model(
-    model: nn.Module, data: Any, *, batch_size: int = 256, progress: bool = True, desc: str = ""
-) -> SetOutputs:
-    """One pass of ``model`` over ``data``: probabilities, scores and labels on the CPU.
-
-    Args:
-        model: A :class:`~wrapcal.WrappedModel` or a bare classifier (inputs -> logits).
-        data: Anything :func:`wrapcal.data.iter_batches` reads.
-        batch_size: Batch size for data that is not already batched.
-        progress: Show a progress bar.
-        desc: The progress bar's label.
-
-    Returns:
-        The :class:`SetOutputs`. The model's train/eval flags and weights are unchanged.
-    """
-    wrapped = isinstance(model, WrappedModel)
-    device, dtype = _model_device(model)
-    parts, labels = [], []
-    warned: set[str] = set()
-    bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
-    start = time.perf_counter()
-    try:
-        with preserved_modes(model), torch.no_grad():
-            model.eval()
-            for x, y in iter_batches(data, batch_size):
-                if wrapped:
-                    # One predict call per batch: the labels stay with their inputs.
-                    pred = model.predict(x, batch_size=max(1, x.shape[0]))
-                else:
-                    x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-                    pred = _bare_prediction(_as_logits(model(x), model), desc, warned)
-                parts.append(pred.to("cpu"))
-                labels.append(y)
-                bar.update(x.shape[0])
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    if not parts:
-        raise DataError(f"the data set {desc!r} is empty")
-    labelled = all(y is not None for y in labels)
-    return SetOutputs(
-        prediction=Prediction.cat(parts),
-        labels=torch.cat([y.cpu() for y in labels]) if labelled else None,
-        seconds=seconds,
-    )
 
 
 def _ci(interval: tuple[float, float] | None) -> list[float] | None:
@@ -212,7 +110,7 @@ def ood_row(
 
 
 def _model_info(model: nn.Module) -> dict[str, Any]:
-    device, dtype = _model_device(model)
+    device, dtype = model_device(model)
     info: dict[str, Any] = {
         "class": type(model).__name__,
         "device": str(device),
@@ -262,8 +160,13 @@ def evaluate(
     progress: bool = True,
     bootstrap: int = 1000,
     seed: int = 0,
+    cache: bool = True,
 ) -> Report:
     """Measure calibration and OOD detection of one or more models, side by side.
+
+    The models share backbone passes: the baseline and every wrapped variant of one
+    backbone run it once per data set between them (and reuse the features ``fit``
+    computed), through :mod:`wrapcal.feature_cache`.
 
     Args:
         models: One classifier, or a dict name -> model. A model is a
@@ -279,6 +182,8 @@ def evaluate(
         bootstrap: Number of bootstrap resamples for the 95% intervals of ECE (basic)
             and AUROC (percentile); 0 skips the intervals.
         seed: Seed of the bootstrap resamples.
+        cache: Share backbone features between the models and with earlier ``fit``
+            calls; ``False`` runs every model over every data set on its own.
 
     Returns:
         A :class:`~wrapcal.report.Report`; ``report.save(dir)`` writes HTML, Markdown,
@@ -295,9 +200,8 @@ def evaluate(
         raise ValueError(f"bootstrap must be a number of resamples >= 0; got {bootstrap!r}")
     outputs: dict[str, ModelOutputs] = {}
     for name, model in models.items():
-        test_out = run_model(
-            model, test, batch_size=batch_size, progress=progress, desc=f"{name}: test"
-        )
+        run = runner_for(model, cache=None if cache else False)
+        test_out = run(test, batch_size=batch_size, progress=progress, desc=f"{name}: test")
         if test_out.labels is None:
             raise DataError(
                 "the test data has no labels; pass labelled data, e.g. (X, y) or a "
@@ -308,8 +212,8 @@ def evaluate(
         )
         out = ModelOutputs(name, _model_info(model), test_out)
         for ood_name, data in ood.items():
-            out.ood[ood_name] = run_model(
-                model, data, batch_size=batch_size, progress=progress, desc=f"{name}: {ood_name}"
+            out.ood[ood_name] = run(
+                data, batch_size=batch_size, progress=progress, desc=f"{name}: {ood_name}"
             )
         outputs[name] = out
 

@@ -1,0 +1,183 @@
+"""One pass of each model over each data set, sharing the backbone's features.
+
+A wrapped model whose plugins work from cached features gets its features from the
+shared feature cache (:mod:`wrapcal.feature_cache`): the baseline and every wrapped
+variant of one backbone make one backbone pass per data set between them. A bare
+classifier is split the same way (``wrapcal.wrap(model)`` gives exactly its outputs)
+to share that pass; one that cannot be split (its last layer's output is changed
+before it is returned, e.g. by a softmax) runs on its own, batch by batch, as does a
+wrapped model whose plugins need the inputs (MC dropout over the whole network).
+Outputs are moved to the CPU; the metrics run there.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from wrapcal.assemble import wrap
+from wrapcal.chain import CORE_OUTPUTS, Chain
+from wrapcal.data import iter_batches, num_samples
+from wrapcal.errors import DataError, SplitError
+from wrapcal.feature_cache import FeatureCache, cached_features
+from wrapcal.plugin import get_tags
+from wrapcal.prediction import Prediction
+from wrapcal.probs import check_logits, entropy, logits_to_probs, looks_like_probabilities
+from wrapcal.report.outputs import SetOutputs
+from wrapcal.torch_utils import preserved_modes
+from wrapcal.wrapped import WrappedModel
+
+__all__ = ["model_device", "run_model", "runner_for"]
+
+
+def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device, None
+    return torch.device("cpu"), None
+
+
+def _bare_prediction(outputs: Tensor, name: str, warned: set[str]) -> Prediction:
+    if outputs.dtype in (torch.float16, torch.bfloat16) or not outputs.is_floating_point():
+        outputs = outputs.float()
+    if looks_like_probabilities(outputs):
+        # A model that ends in softmax: its outputs are the probabilities themselves.
+        if name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"model {name!r} returns probabilities (every row sums to 1), not logits: "
+                "it is evaluated on them as probabilities; energy and max_logit need "
+                "logits (wrap the model, or drop its final softmax, to get them)",
+                UserWarning,
+                stacklevel=4,
+            )
+        probs = outputs / outputs.sum(dim=-1, keepdim=True)
+        logits = torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))
+        scores = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
+    else:
+        # The scores a wrapped model without plugins gives, by the same formulas, so a
+        # baseline measures the same whichever way it ran.
+        check_logits(outputs)
+        logits, probs = outputs, logits_to_probs(outputs)
+        scores, _ = Chain.core_outputs(logits.unsqueeze(0), probs)
+    return Prediction.build(logits, probs, scores, {k: CORE_OUTPUTS[k] for k in scores})
+
+
+def _as_logits(out: Any, model: nn.Module) -> Tensor:
+    # Hugging Face style models return an object with .logits.
+    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(out).__name__
+        raise DataError(
+            f"{type(model).__name__} returned {shape}, expected logits [batch, classes]; "
+            "evaluate classifiers that map inputs to logits"
+        )
+    return logits
+
+
+def run_model(
+    model: nn.Module, data: Any, *, batch_size: int = 256, progress: bool = True, desc: str = ""
+) -> SetOutputs:
+    """One pass of ``model`` over ``data``: probabilities, scores and labels on the CPU.
+
+    Args:
+        model: A :class:`~wrapcal.WrappedModel` or a bare classifier (inputs -> logits).
+        data: Anything :func:`wrapcal.data.iter_batches` reads.
+        batch_size: Batch size for data that is not already batched.
+        progress: Show a progress bar.
+        desc: The progress bar's label.
+
+    Returns:
+        The :class:`SetOutputs`. The model's train/eval flags and weights are unchanged.
+    """
+    wrapped = isinstance(model, WrappedModel)
+    device, dtype = model_device(model)
+    parts, labels = [], []
+    warned: set[str] = set()
+    bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
+    start = time.perf_counter()
+    try:
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            for x, y in iter_batches(data, batch_size):
+                if wrapped:
+                    # One predict call per batch: the labels stay with their inputs.
+                    pred = model.predict(x, batch_size=max(1, x.shape[0]))
+                else:
+                    x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+                    pred = _bare_prediction(_as_logits(model(x), model), desc, warned)
+                parts.append(pred.to("cpu"))
+                labels.append(y)
+                bar.update(x.shape[0])
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if not parts:
+        raise DataError(f"the data set {desc!r} is empty")
+    labelled = all(y is not None for y in labels)
+    return SetOutputs(
+        prediction=Prediction.cat(parts),
+        labels=torch.cat([y.cpu() for y in labels]) if labelled else None,
+        seconds=seconds,
+    )
+
+
+def _from_cache(
+    wrapped: WrappedModel,
+    data: Any,
+    *,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+    cache: FeatureCache | bool | None,
+) -> SetOutputs:
+    """Predictions of a wrapped model from the shared features of ``data``."""
+    start = time.perf_counter()
+    features, _ = cached_features(
+        wrapped.backbone,
+        wrapped._prepare,
+        data,
+        desc,
+        num_features=wrapped.num_features,
+        num_classes=wrapped.num_classes_out,
+        batch_size=batch_size,
+        progress=progress,
+        cache=cache,
+    )
+    prediction = wrapped.predict_features(features.features).to("cpu")
+    labels = None if features.labels is None else features.labels.cpu()
+    return SetOutputs(prediction, labels, time.perf_counter() - start)
+
+
+def runner_for(model: nn.Module, cache: FeatureCache | bool | None = None):
+    """How ``evaluate`` runs ``model`` over a data set: ``runner(data, batch_size,
+    progress, desc) -> SetOutputs``, from the shared features when it can."""
+    if cache is False:
+        return lambda data, **kw: run_model(model, data, **kw)
+    target = model
+    if not isinstance(model, WrappedModel):
+        try:
+            target = wrap(model)
+            target.check_is_fitted()
+        except (SplitError, TypeError, ValueError):
+            return lambda data, **kw: run_model(model, data, **kw)
+    if any(get_tags(p).needs_inputs for p in target.plugins):
+        return lambda data, **kw: run_model(model, data, **kw)
+
+    def run(data: Any, **kw: Any) -> SetOutputs:
+        try:
+            return _from_cache(target, data, cache=cache, **kw)
+        except SplitError:
+            if target is model:
+                raise
+            # A model that changes its last layer's output (softmax): run it as it is.
+            return run_model(model, data, **kw)
+
+    return run
