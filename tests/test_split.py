@@ -17,7 +17,7 @@ from wrapcal.split import Split
 
 # (name, create kwargs, input side). Small variants, small inputs: the point is the
 # split, not the accuracy. Together: CNNs, ViT/DeiT, ConvNeXt, Swin, MobileNet,
-# EfficientNet, RegNet, DenseNet, MLP-Mixer and a hybrid.
+# EfficientNet, RegNet, DenseNet, MLP-Mixer, a hybrid and two distilled models.
 TIMM_MODELS = [
     ("resnet18", {}, 32),
     ("resnet10t", {}, 32),
@@ -33,6 +33,9 @@ TIMM_MODELS = [
     ("mixer_s16_224", {"img_size": 32}, 32),
     ("edgenext_xx_small", {}, 64),
     ("ghostnet_100", {}, 32),
+    # Distilled: two heads averaged in eval mode (DeiT: two tokens; LeViT: one pooling).
+    ("deit_tiny_distilled_patch16_224", {"img_size": 32}, 32),
+    ("levit_128s", {}, 224),
 ]
 
 TORCHVISION_MODELS = [
@@ -73,6 +76,33 @@ def test_timm_split_is_exact(name: str, kwargs: dict, side: int) -> None:
     assert wrapped.split_kind == "timm"
     assert wrapped.num_classes == 7
     assert wrapped.source["name"] == model.pretrained_cfg["architecture"]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "side"),
+    [("deit_tiny_distilled_patch16_224", {"img_size": 32}, 32), ("levit_128s", {}, 224)],
+)
+def test_distilled_models_take_plugins_on_the_averaged_logits(name, kwargs, side, tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    x = torch.randn(4, 3, side, side, generator=torch.Generator().manual_seed(1))
+    wrapped = wrapcal.wrap(
+        model, ["temperature", ("discrepancy", {"epochs_pretrain": 1, "epochs": 1})]
+    )
+    features = torch.randn(200, wrapped.num_features, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        labels = wrapped.head(features).argmax(-1)
+    wrapped.fit_features(
+        train=(features, labels), calibration=(features, labels), unlabeled=features, progress=False
+    )
+    with torch.no_grad():
+        members = wrapped.members(x)
+        # Head 1 is the model's own averaged pair of heads: the plugins act on what the
+        # model outputs, not on one of its heads.
+        torch.testing.assert_close(members[0], wrapped.head(wrapped.backbone(x)))
+    loaded = wrapcal.load(wrapped.save(tmp_path / "m.wrapcal"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), wrapped(x))
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,8 @@ from wrapcal.torch_utils import HOW_TO_SPLIT_BY_HAND
 
 __all__ = [
     "HOW_TO_SPLIT_BY_HAND",
+    "DistilledHead",
+    "DistilledTokens",
     "FeatureTap",
     "LinearFallbackAdapter",
     "Split",
@@ -62,7 +64,8 @@ class Split:
     @property
     def num_features(self) -> int:
         """Width of the features the head takes."""
-        return _first_linear(self.head).in_features
+        width = getattr(self.head, "in_features", None)
+        return width if isinstance(width, int) else _first_linear(self.head).in_features
 
 
 def _last_linear(module: nn.Module) -> nn.Linear:
@@ -152,6 +155,8 @@ class TimmAdapter:
         ):
             return None
         head = model.get_classifier()
+        if isinstance(head, tuple):
+            return _split_distilled(model, head)
         if not isinstance(head, nn.Module) or not any(
             isinstance(m, nn.Linear) for m in head.modules()
         ):
@@ -222,6 +227,63 @@ def _timm_head_slot(model: nn.Module) -> str | None:
         if module is slot and name:
             return name
     return None
+
+
+class DistilledHead(nn.Module):
+    """The two heads of a distilled timm model, averaged as the model does in eval mode.
+
+    DeiT's heads read two tokens (class and distillation): the features are the two
+    tokens side by side and each head reads its half. LeViT's heads read the same pooled
+    features. Either way the output is ``(head(a) + head_dist(b)) / 2``, exactly the
+    model's, and plugins act on these averaged logits.
+    """
+
+    def __init__(self, head: nn.Module, head_dist: nn.Module, two_tokens: bool) -> None:
+        super().__init__()
+        self.head = head
+        self.head_dist = head_dist
+        self.two_tokens = two_tokens
+        width = _first_linear(head).in_features
+        self.in_features = 2 * width if two_tokens else width
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.two_tokens:
+            token, dist_token = features.chunk(2, dim=-1)
+            return (self.head(token) + self.head_dist(dist_token)) / 2
+        return (self.head(features) + self.head_dist(features)) / 2
+
+
+class DistilledTokens(nn.Module):
+    """A DeiT-distilled backbone: its class and distillation tokens, side by side."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.model.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, 1]], dim=-1)
+
+
+def _split_distilled(model: nn.Module, heads: tuple[Any, ...]) -> Split:
+    if len(heads) != 2 or not all(isinstance(h, nn.Module) for h in heads):
+        raise SplitError(
+            f"timm model {type(model).__name__} has {len(heads)} classifiers; "
+            f"{HOW_TO_SPLIT_BY_HAND}"
+        )
+    two_tokens = getattr(model, "dist_token", None) is not None
+    head = DistilledHead(heads[0], heads[1], two_tokens)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    source: dict[str, Any] = {}
+    if cfg.get("architecture"):
+        kwargs = _timm_kwargs(model, head)
+        source = {"library": "timm", "name": cfg["architecture"], "kwargs": kwargs}
+    shape, fixed = _timm_input(model)
+    model.reset_classifier(0)
+    backbone = DistilledTokens(model) if two_tokens else model
+    return Split(
+        backbone, head, kind="timm", source=source, input_shape=shape, fixed_input_size=fixed
+    )
 
 
 #: torchvision heads are plain attributes, tried in this order.
