@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "react_plugin"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ash_plugin"
 
 
 def test_pip_install_then_its_own_tests_pass(tmp_path) -> None:
@@ -18,7 +18,7 @@ def test_pip_install_then_its_own_tests_pass(tmp_path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
-    assert any(p.name.startswith("wrapcal_react-0.1.0.dist-info") for p in target.iterdir())
+    assert any(p.name.startswith("wrapcal_ash-0.1.0.dist-info") for p in target.iterdir())
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]),
@@ -27,7 +27,7 @@ def test_pip_install_then_its_own_tests_pass(tmp_path) -> None:
         [sys.executable, "-m", "wrapcal.cli", "plugins"], capture_output=True, text=True, env=env
     )
     assert any(
-        line.split()[:3] == ["react", "0.1.0", "wrapcal-react"]
+        line.split()[:3] == ["ash", "0.1.0", "wrapcal-ash"]
         for line in listed.stdout.splitlines()
     )
     tests = subprocess.run(

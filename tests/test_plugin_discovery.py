@@ -135,16 +135,16 @@ def test_every_contract_method_is_documented_with_its_signature() -> None:
 def _plugin_classes() -> list[type]:
     import wrapcal_vector_scaling
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "react_plugin"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "ash_plugin"))
     try:
-        import wrapcal_react
+        import wrapcal_ash
     finally:
         sys.path.pop(0)
     classes = [info.factory for info in wrapcal.plugin_registry().values()]
     classes += [
         wrapcal_vector_scaling.VectorScaling,
         wrapcal_vector_scaling.Mahalanobis,
-        wrapcal_react.ReAct,
+        wrapcal_ash.ASH,
     ]
     return [c for c in classes if isinstance(c, type)]
 
