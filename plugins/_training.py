@@ -202,6 +202,10 @@ def fit_head_lbfgs(
         # The line search may end on an earlier trial point: evaluate where we stopped.
         objective()
         optimizer.zero_grad(set_to_none=True)
+    # L-BFGS usually stops well before max_iter: the bar ends full, saying why.
+    stopped_early = len(history) < bar.total
+    bar.total = bar.n
+    bar.set_postfix_str("converged" if stopped_early else "max_iter reached")
     bar.close()
     return history
 

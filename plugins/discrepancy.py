@@ -35,7 +35,8 @@ What this plugin does, and the choices it makes:
      ``max(0, m - mean_x [H(p1(x)) - H(p2(x))])`` with ``H`` the entropy of each
      sample's class distribution (sum over classes, then the mean over the batch, NOT
      the entropy of the batch axis as one public re-implementation computes it) and
-     the margin ``m = 1.2`` (the paper's). Minimising it maximises the entropy gap:
+     the margin ``m`` (the paper's 1.2; the default here is 2.0, see below). Minimising
+     it maximises the entropy gap:
      head 1 becomes uncertain and head 2 confident on unlabelled inputs that the
      labelled loss does not pin down, i.e. OOD ones.
 
@@ -268,7 +269,7 @@ class DiscrepancyHeads(Plugin):
         epochs_pretrain: int = 10,
         epochs: int = 10,
         lr: float = 1e-2,
-        margin: float = 1.2,
+        margin: float = 2.0,
         batch_size: int = 128,
         train_backbone_block: str | None = None,
         lr_backbone: float = 1e-4,
@@ -281,7 +282,12 @@ class DiscrepancyHeads(Plugin):
             epochs_pretrain: Epochs of supervised training of both heads.
             epochs: Epochs of fine-tuning (steps A and B alternating per mini-batch).
             lr: Adam learning rate of the heads, in both phases.
-            margin: ``m`` of the discrepancy loss (the paper: 1.2).
+            margin: ``m`` of the discrepancy loss. The paper uses 1.2; on the shared
+                ResNet-20 (``benchmarks/defaults_resnet20.py``, 4 seeds, MNIST in the
+                traffic) 2.0 measured better on every seed: AUROC 99.41-99.50% vs
+                99.28-99.50%, ECE of the heads' mean 2.1-3.1% vs 3.5-4.4%; 0.5 was worse
+                (AUROC 98.45%, ECE 5.43%). Epochs (10 + 10) and lr (1e-2): 5 epochs and
+                lr 1e-3 lost a point of accuracy, 20 epochs added nothing.
             batch_size: Mini-batch size, labelled and unlabelled alike.
             train_backbone_block: Dotted name of a backbone submodule to fine-tune too
                 (streams the data through the backbone), or ``None`` for heads only.

@@ -33,5 +33,9 @@ def _seed_before_module_fixtures():
 def _seed_global_generators():
     """A test's result must not depend on which tests ran before it (or on ``-k``, or on
     hypothesis's example database): seed the global generators a test might draw from
-    without meaning to."""
+    without meaning to, and start from an empty feature cache (backbone passes a test
+    counts are its own)."""
+    from wrapcal.feature_cache import CACHE
+
     _seed_all()
+    CACHE.clear()

@@ -452,7 +452,8 @@ def test_train_backbone_block_streams_and_recomputes_features():
     stem0, block0 = bb.stem.weight.detach().clone(), bb.block[0].weight.detach().clone()
     bn_mean0 = bb.block[1].running_mean.clone()
     flags0 = {n: p.requires_grad for n, p in w.named_parameters()}
-    w.fit(train=(x, y), unlabeled=xu, calibration=(x, y), progress=False, batch_size=32)
+    # Three distinct data sets (the same tensors twice would share one cached pass).
+    w.fit(train=(x, y), unlabeled=xu, calibration=(x[:64], y[:64]), progress=False, batch_size=32)
     assert torch.equal(bb.stem.weight, stem0)  # outside the block: frozen
     assert not torch.equal(bb.block[0].weight, block0)  # the block was trained
     assert torch.equal(bb.block[1].running_mean, bn_mean0)  # eval mode: BN stats kept

@@ -17,7 +17,8 @@ from shared_data import cifar10, pretrained_resnet20, resnet20_outputs
 
 import wrapcal
 
-SMALL_DISCREPANCY = {"epochs_pretrain": 2, "epochs": 2}
+# margin 1.2 was the default when the outputs were recorded (it is 2.0 now).
+SMALL_DISCREPANCY = {"epochs_pretrain": 2, "epochs": 2, "margin": 1.2}
 SMALL_MC = {"samples": 8, "p": 0.1}
 
 #: name -> (plugins, predict from images as well)
