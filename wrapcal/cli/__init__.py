@@ -90,18 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plugin_names() -> list[str]:
+    from wrapcal.manager import plugin_registry
+
+    try:
+        return list(plugin_registry())
+    except Exception:  # a broken plugin package must not hide the error being reported
+        return []
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wrapcal`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # said by the command they were given to, not by "wrapcal"
+            raise UsageError(
+                f"wrapcal {args.command}", f"unrecognized arguments: {' '.join(extra)}"
+            )
     except UsageError as err:
         print(f"{err.prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
     try:
         return args.func(args)
     except (CliError, WrapcalError, OSError, ValueError, TypeError, LookupError) as err:
-        print(f"wrapcal {args.command}: error: {one_line(err)}", file=sys.stderr)
+        print(f"wrapcal {args.command}: error: {one_line(err, _plugin_names())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"wrapcal {args.command}: interrupted", file=sys.stderr)

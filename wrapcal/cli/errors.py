@@ -8,6 +8,7 @@ asks for into the flags that give it, so no message asks for a Python call.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 __all__ = ["FIT_FLAGS", "CliError", "fit_flag", "in_cli_terms", "one_line"]
 
@@ -21,7 +22,7 @@ class CliError(ValueError):
 
 def fit_flag(name: str) -> str:
     """The flag that gives the ``fit`` data set ``name``."""
-    return FIT_FLAGS.get(name, f"a {name!r} data set (no flag gives it; use the Python API)")
+    return FIT_FLAGS.get(name, f"--fit-data {name}=SPEC")
 
 
 def _fit_call(match: re.Match[str]) -> str:
@@ -44,23 +45,48 @@ _REWRITES: list[tuple[re.Pattern[str], object]] = [
         "give labelled data with --data",
     ),
     (re.compile(r" or pass a plugin instance"), ""),
+    (re.compile(r"convert the images to (\d+) channels"), r"add --channels \1"),
+    (re.compile(r"one mean/std value"), "one --mean/--std value"),
     (
         re.compile(r"\(wrapped\.check_inputs = False[^)]*\)"),
         "(check the image files)",
     ),
+    (
+        re.compile(r"pass it: wrapcal\.load\(path, (model|split)=[^;]*\)\)?"),
+        "the command line cannot rebuild it: evaluate it from Python, passing the model "
+        "to wrapcal.load",
+    ),
 ]
 
 
-def in_cli_terms(message: str) -> str:
-    """A library message with its Python calls replaced by the flags that do the same."""
+_PARAM = re.compile(r"\b([Pp]ass|[Ss]et|[Uu]se) (\w+)=(True|False|None|[\w.+\-]+|'[^']*')")
+_PYTHON_JSON = {"True": "true", "False": "false", "None": "null"}
+
+
+def in_cli_terms(message: str, plugins: Iterable[str] = ()) -> str:
+    """A library message with its Python calls replaced by the flags that do the same.
+
+    Args:
+        message: The library's message.
+        plugins: Plugin names: a message about one of them that says ``pass
+            finetune=True`` says ``pass --plugin-arg mc_dropout.finetune=true``.
+    """
     for pattern, replacement in _REWRITES:
         message = pattern.sub(replacement, message)  # type: ignore[arg-type]
+    about = next((p for p in plugins if re.match(rf"(plugin )?{re.escape(p)}\b", message)), None)
+    if about is not None:
+
+        def param(match: re.Match[str]) -> str:
+            value = _PYTHON_JSON.get(match.group(3), match.group(3).strip("'"))
+            return f"{match.group(1)} --plugin-arg {about}.{match.group(2)}={value}"
+
+        message = _PARAM.sub(param, message)
     return message
 
 
-def one_line(err: BaseException) -> str:
+def one_line(err: BaseException, plugins: Iterable[str] = ()) -> str:
     """An exception as one line of text, in the command line's terms."""
     text = str(err).strip() or type(err).__name__
     if isinstance(err, KeyError) and len(err.args) == 1:
         text = str(err.args[0])
-    return in_cli_terms(" ".join(text.split()))
+    return in_cli_terms(" ".join(text.split()), plugins)

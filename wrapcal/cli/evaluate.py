@@ -26,7 +26,7 @@ from typing import Any
 
 import wrapcal.cli.inputs as inputs
 import wrapcal.cli.models as models
-from wrapcal.cli.errors import FIT_FLAGS, CliError, in_cli_terms
+from wrapcal.cli.errors import FIT_FLAGS, CliError, fit_flag, in_cli_terms
 from wrapcal.cli.plugin_args import create_plugins
 from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Loaded, Normaliser
 
@@ -47,36 +47,49 @@ def _settings(args: argparse.Namespace) -> ImageSettings:
     return ImageSettings(Normaliser(mean, std), size, args.channels, args.seed, args.limit)
 
 
-def _fit_plan(args: argparse.Namespace, plugins: list[tuple[str, Any]]) -> dict[str, str]:
-    """The fit sets to read, each with its spec, checked against what the plugins read
+def _named_sets(items: list[str]) -> dict[str, str]:
+    """``--fit-data NAME=SPEC`` (repeatable) -> name -> spec."""
+    named: dict[str, str] = {}
+    for item in items:
+        name, eq, spec = item.partition("=")
+        if not eq or not name.isidentifier() or not spec:
+            raise CliError(f"--fit-data {item!r}: use NAME=SPEC, e.g. conformal=held_out.npz")
+        if name in FIT_FLAGS:
+            raise CliError(f"--fit-data {item!r}: give the {name} data with {FIT_FLAGS[name]}")
+        if name in named:
+            raise CliError(f"--fit-data: two sets are named {name!r}")
+        named[name] = spec
+    return named
+
+
+def _fit_plan(args: argparse.Namespace, plugins: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The fit sets to read, each with its spec(s), checked against what the plugins read
     and require before any data is read."""
     from wrapcal.fitting import read_sets
 
-    given = {
+    named = _named_sets(args.fit_data)
+    given: dict[str, Any] = {
         "train": args.train or ("digits" if args.data == "digits" else None),
         "calibration": args.calibration or ("digits" if args.data == "digits" else None),
         "unlabeled": args.unlabeled or None,
+        **named,
     }
     reads, needs = read_sets(
         SimpleNamespace(plugin_names=[n for n, _ in plugins], plugins=[p for _, p in plugins])
     )
     for plugin, required in needs.items():
         for name, why in required.items():
-            if name not in FIT_FLAGS:
+            if given.get(name) is None:
+                flag = fit_flag(name)
                 raise CliError(
-                    f"plugin {plugin} needs a fit data set named {name!r}, which the command "
-                    "line cannot give (it gives --train, --calibration and --unlabeled); fit "
-                    "it from Python"
+                    f"plugin {plugin} needs {flag}{': ' + why if why else ''}; give it with "
+                    f"{flag if '=' in flag else flag + ' SPEC'} (see docs/cli.md)"
                 )
-            if given[name] is None:
-                raise CliError(
-                    f"plugin {plugin} needs {FIT_FLAGS[name]}{': ' + why if why else ''}; "
-                    f"give it with {FIT_FLAGS[name]} SPEC (see docs/cli.md)"
-                )
-    for name, flag in FIT_FLAGS.items():
-        explicit = getattr(args, name)
-        if explicit and name not in reads:
+    explicit = {**{n: getattr(args, n) for n in FIT_FLAGS}, **named}
+    for name, value in explicit.items():
+        if value and name not in reads:
             users = ", ".join(n for n, _ in plugins) or "no --plugins"
+            flag = fit_flag(name).replace("SPEC", value) if name in named else fit_flag(name)
             inputs.say(COMMAND, "warning", f"no plugin reads {flag} ({users}); it is ignored")
     return {name: spec for name, spec in given.items() if spec and name in reads}
 
@@ -102,24 +115,28 @@ def _check_input(model: Any, test: Loaded, label: str) -> None:
 
 
 def _read_fit_sets(
-    plan: dict[str, str], args: argparse.Namespace, settings: ImageSettings, test: Loaded
-) -> dict[str, Loaded | Any]:
+    plan: dict[str, Any], args: argparse.Namespace, settings: ImageSettings, test: Loaded
+) -> dict[str, Any]:
+    """Read the planned fit sets, shaped like the test set: ``Loaded`` sets, and the
+    ``unlabeled`` mix as data."""
     sets: dict[str, Any] = {}
-    for name in ("train", "calibration"):
-        if name in plan:
-            split = getattr(args, f"{name}_split")
-            flag = FIT_FLAGS[name]
-            sets[name] = inputs.read(plan[name], name, flag, settings, split, f"{flag}-split", test)
-    if "unlabeled" in plan:
-        sets["unlabeled"], _ = inputs.read_unlabeled(
-            plan["unlabeled"], settings, test, args.unlabeled_split
-        )
+    for name, spec in plan.items():
+        if name == "unlabeled":
+            sets[name], _ = inputs.read_unlabeled(spec, settings, test, args.unlabeled_split)
+            continue
+        if name in FIT_FLAGS:
+            flag, split = FIT_FLAGS[name], getattr(args, f"{name}_split")
+            split_flag = f"{flag}-split"
+        else:
+            flag, split, split_flag = f"--fit-data {name}=", None, ""
+        sets[name] = inputs.read(spec, name, flag.rstrip("="), settings, split, split_flag, test)
     return sets
 
 
-def _relay(caught: list[warnings.WarningMessage]) -> None:
+def _relay(caught: list[warnings.WarningMessage], plugins: list[str]) -> None:
     for warning in caught:
-        inputs.say(COMMAND, "warning", in_cli_terms(" ".join(str(warning.message).split())))
+        text = " ".join(str(warning.message).split())
+        inputs.say(COMMAND, "warning", in_cli_terms(text, plugins))
 
 
 def evaluate(args: argparse.Namespace) -> Path:
@@ -181,19 +198,17 @@ def evaluate(args: argparse.Namespace) -> Path:
     ood = inputs.read_ood(args.ood, settings, test)
     fit_sets = _read_fit_sets(plan, args, settings, test)
     loud = []
-    for name in ("train", "calibration"):
-        if name in fit_sets:
-            flag = FIT_FLAGS[name]
-            fit_sets[name] = inputs.reconcile_classes(
-                fit_sets[name], flag, reference, source, COMMAND
-            )
-            inputs.check_label_range(fit_sets[name], flag, num_classes)
-            text = inputs.check_coverage(
-                fit_sets[name], flag, num_classes, args.allow_partial_classes
-            )
-            if text:
-                inputs.say(COMMAND, "WARNING", text)
-                loud.append(text)
+    for name, loaded in fit_sets.items():
+        if not isinstance(loaded, Loaded):
+            continue
+        flag = fit_flag(name).replace("=SPEC", "")
+        loaded = inputs.reconcile_classes(loaded, flag, reference, source, COMMAND)
+        inputs.check_label_range(loaded, flag, num_classes)
+        text = inputs.check_coverage(loaded, flag, num_classes, args.allow_partial_classes)
+        if text:
+            inputs.say(COMMAND, "WARNING", text)
+            loud.append(text)
+        fit_sets[name] = loaded
 
     models_to_run: dict[str, Any] = {"baseline": baseline}
     if saved:
@@ -205,7 +220,7 @@ def evaluate(args: argparse.Namespace) -> Path:
             data = {k: (v.data if isinstance(v, Loaded) else v) for k, v in fit_sets.items()}
             if data or wrapped_requires_fit(wrapped):
                 wrapped.fit(**data, batch_size=args.batch_size, progress=progress, seed=args.seed)
-        _relay(caught)
+        _relay(caught, [n for n, _ in plugins])
         models_to_run["wrapped"] = wrapped
 
     report = evaluate_models(

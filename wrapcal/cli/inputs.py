@@ -41,12 +41,17 @@ def read(
     split_flag: str = "",
     like: Loaded | None = None,
 ) -> Loaded:
-    """One data flag's set, with messages that start with the flag."""
+    """One data flag's set, with messages that start with the flag.
+
+    ``split`` is the value of ``split_flag`` when the user gave it (then it must exist),
+    else ``None`` (the role's name is tried, then the file's conventional names).
+    """
     return read_spec(
         spec,
         role,
         settings,
-        split=split,
+        split=split or role,
+        strict_split=split is not None,
         like=like,
         where=f"{flag} {spec}",
         split_option=split_flag,
@@ -69,7 +74,7 @@ def read_ood(items: list[str], settings: ImageSettings, test: Loaded) -> dict[st
 
 
 def read_unlabeled(
-    specs: list[str], settings: ImageSettings, test: Loaded, split: str
+    specs: list[str], settings: ImageSettings, test: Loaded, split: str | None
 ) -> tuple[Any, int]:
     """``--unlabeled SPEC`` (repeatable): the sets' inputs mixed into one, and its size."""
     parts = [

@@ -88,7 +88,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help=f"labelled test data: {_SPECS}")
-    data.add_argument("--split", default="test", help="key prefix in a --data .npz (test)")
+    data.add_argument(
+        "--split",
+        help="key prefix in a --data .npz, split of a saved Hugging Face DatasetDict "
+        "(default: test, else the file's only or conventionally named images)",
+    )
     data.add_argument(
         "--ood",
         action="append",
@@ -122,14 +126,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"labelled calibration data: {_SPECS} (default with --data digits: digits)",
     )
     fit.add_argument(
-        "--calibration-split", default="calibration", help="key prefix in a .npz (calibration)"
+        "--calibration-split", help="the same for --calibration (default: calibration, else ...)"
     )
     fit.add_argument(
         "--train",
         help="labelled training data for plugins that retrain (label_smoothing, discrepancy, "
         "mc_dropout finetune); same forms (default with --data digits: digits)",
     )
-    fit.add_argument("--train-split", default="train", help="key prefix in a .npz (train)")
+    fit.add_argument("--train-split", help="the same for --train (default: train, else ...)")
     fit.add_argument(
         "--unlabeled",
         action="append",
@@ -139,13 +143,21 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "traffic); repeatable, the sets are mixed; any --ood form or 'digits'",
     )
     fit.add_argument(
-        "--unlabeled-split", default="unlabeled", help="key prefix in a .npz (unlabeled)"
+        "--unlabeled-split", help="the same for --unlabeled (default: unlabeled, else ...)"
+    )
+    fit.add_argument(
+        "--fit-data",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="another named fit data set a plugin reads (repeatable), e.g. "
+        "conformal=held_out.npz (npz key prefix: NAME); labels are kept when present",
     )
     fit.add_argument(
         "--allow-partial-classes",
         action="store_true",
-        help="fit on --calibration/--train labels that miss some classes (with a warning) "
-        "instead of refusing",
+        help="fit on labels (--calibration, --train, --fit-data) that miss some classes, "
+        "with a warning, instead of refusing",
     )
     images = parser.add_argument_group("images")
     images.add_argument("--size", type=at_least(1), help="resize images to SIZE x SIZE")

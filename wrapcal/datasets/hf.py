@@ -104,8 +104,9 @@ class HFImages(Dataset):
         return x, int(row[self.label_column])
 
 
-def load_hf_directory(path: str | os.PathLike, split: str | None) -> Any:
-    """The ``Dataset`` saved at ``path``; for a ``DatasetDict``, its ``split``.
+def load_hf_directory(path: str | os.PathLike, split: str | None, strict: bool = True) -> Any:
+    """The ``Dataset`` saved at ``path``; for a ``DatasetDict``, its ``split`` (or, unless
+    ``strict``, its only split when it has no ``split``).
 
     Raises:
         ValueError: ``datasets`` is not installed, or the split is missing (the message
@@ -120,6 +121,8 @@ def load_hf_directory(path: str | os.PathLike, split: str | None) -> Any:
         ) from None
     loaded = datasets.load_from_disk(os.fspath(path))
     if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded and not strict and len(loaded) == 1:
+            return next(iter(loaded.values()))
         if split not in loaded:
             raise ValueError(
                 f"{os.fspath(path)} has no split {split!r}; it has {', '.join(loaded)}"

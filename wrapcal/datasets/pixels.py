@@ -116,8 +116,9 @@ class Normaliser:
             mean, std = mean * c, std * c
         if len(mean) != c:
             raise ValueError(
-                f"mean/std have {len(mean)} values but the images have {c} channels; "
-                "give one value per channel"
+                f"mean/std have {len(mean)} values but the images have {c} channel(s): "
+                f"convert the images to {len(mean)} channels or give one mean/std value per "
+                "channel"
             )
         shape = (c, 1, 1)
         m = torch.tensor(mean, dtype=x.dtype).view(shape)

@@ -18,14 +18,13 @@ take its channels, image size and normalisation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import Subset
 
 from wrapcal.datasets.digits import DIGITS_MEAN, DIGITS_STD, digits
 from wrapcal.datasets.folder import ImageDirectory, image_transform
@@ -37,6 +36,7 @@ from wrapcal.datasets.idx import (
     load_idx_images,
     load_idx_labels,
 )
+from wrapcal.datasets.loaded import InputsOnly, Loaded, concat_inputs
 from wrapcal.datasets.noise import NOISE_KINDS, NoiseImages
 from wrapcal.datasets.npz import (
     IMAGE_KEYS,
@@ -51,11 +51,24 @@ from wrapcal.datasets.npz import (
 )
 from wrapcal.datasets.pixels import Normaliser, match_channels, match_images, resize_images
 
-__all__ = ["LABELLED_ROLES", "ImageSettings", "Loaded", "SpecError", "concat_inputs", "read_spec"]
+__all__ = [
+    "LABELLED_ROLES",
+    "UNLABELLED_ROLES",
+    "ImageSettings",
+    "Loaded",
+    "SpecError",
+    "concat_inputs",
+    "read_spec",
+]
 
-#: Roles whose data must be labelled; ``unlabeled`` and ``ood`` sets drop their labels.
+#: Roles whose data must be labelled.
 LABELLED_ROLES = ("test", "calibration", "train")
-_DIGITS_PART = {"train": "train", "calibration": "calibration", "unlabeled": "calibration"}
+#: Roles whose labels are dropped. Any other role (a named ``fit`` set such as
+#: ``conformal``) keeps its labels when the source has them.
+UNLABELLED_ROLES = ("unlabeled", "ood")
+# The digits split each role reads: named fit sets (``conformal``...) read the
+# calibration split, as ``unlabeled`` does (without its labels).
+_DIGITS_PART = {"train": "train", "test": "test", "ood": "test"}
 
 
 class SpecError(ValueError):
@@ -81,83 +94,6 @@ class ImageSettings:
     channels: int | None = None
     seed: int = 0
     limit: int | None = None
-
-
-@dataclass
-class Loaded:
-    """A data set read from a spec.
-
-    Attributes:
-        data: ``(X, y)`` tensors, a bare ``X`` or a ``Dataset`` (items ``(x, y)``/``x``).
-        n: Number of images.
-        shape: ``(C, H, W)`` of one image as the model gets it.
-        labels: Every label when known without decoding images (``None`` otherwise).
-        class_names: The class names in label order, when the source says them.
-        kind: ``digits``, ``noise``, ``npz``, ``idx``, ``folder`` or ``hf``.
-        normalise: The normalisation applied.
-    """
-
-    data: Any
-    n: int
-    shape: tuple[int, int, int]
-    labels: torch.Tensor | None
-    class_names: list[str] | None
-    kind: str
-    normalise: Normaliser
-
-    @property
-    def num_classes(self) -> int | None:
-        """The number of classes the source declares, else the largest label + 1."""
-        if self.class_names is not None:
-            return len(self.class_names)
-        if self.labels is not None and len(self.labels):
-            return int(self.labels.max()) + 1
-        return None
-
-    def relabel(self, mapping: Sequence[int]) -> Loaded:
-        """The same set with label ``i`` renumbered ``mapping[i]``."""
-        table = torch.as_tensor(list(mapping), dtype=torch.long)
-        labels = None if self.labels is None else table[self.labels]
-        if isinstance(self.data, tuple):
-            data: Any = (self.data[0], table[self.data[1]])
-        else:
-            data = _Relabelled(self.data, table)
-        return replace(self, data=data, labels=labels, class_names=None)
-
-
-class _Relabelled(Dataset):
-    def __init__(self, dataset: Dataset, table: torch.Tensor) -> None:
-        self.dataset, self.table = dataset, table
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x, y = self.dataset[i]
-        return x, int(self.table[int(y)])
-
-
-class _InputsOnly(Dataset):
-    """Items ``(x, y)`` -> ``x``: labelled data used as unlabelled."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.dataset[i]
-        return item[0] if isinstance(item, (tuple, list)) else item
-
-
-def concat_inputs(parts: Sequence[Loaded]) -> Any:
-    """Several unlabelled sets as one: tensors concatenated, else a ``ConcatDataset``."""
-    if all(isinstance(p.data, torch.Tensor) for p in parts):
-        return torch.cat([p.data for p in parts])
-    return ConcatDataset(
-        [_InputsOnly(p.data) if isinstance(p.data, Dataset) else p.data for p in parts]
-    )
 
 
 def _kinds(role: str) -> str:
@@ -204,7 +140,7 @@ def _finish_tensors(
                 x = match_channels(x, settings.channels)
             x = resize_images(x, settings.size).contiguous()
         x = normaliser(x)
-    if role not in LABELLED_ROLES:
+    if role in UNLABELLED_ROLES:
         y = None
     data = x if y is None else (x, y)
     return Loaded(data, len(x), tuple(x.shape[1:]), y, names, kind, normaliser)
@@ -213,7 +149,7 @@ def _finish_tensors(
 def _digits(role: str, settings: ImageSettings, like: Loaded | None) -> Loaded:
     size = like.shape[-1] if like is not None else (settings.size or (32, 32))[0]
     d = digits(seed=0, size=size)
-    x, y = getattr(d, _DIGITS_PART.get(role, "test"))
+    x, y = getattr(d, _DIGITS_PART.get(role, "calibration"))
     channels = like.shape[0] if like is not None else settings.channels
     if channels is not None:
         x = match_channels(x, channels).contiguous()
@@ -222,24 +158,30 @@ def _digits(role: str, settings: ImageSettings, like: Loaded | None) -> Loaded:
 
 
 def _npz(
-    path: Path, role: str, split: str | None, split_option: str, where: str
+    path: Path, role: str, splits: tuple[str | None, bool], split_option: str, where: str
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    split, strict = splits
     try:
         shapes = npz_shapes(path)
     except ValueError as err:
         raise SpecError(f"{where}: {err}") from None
     labelled = role in LABELLED_ROLES
-    use_split = split if split and any(k in shapes for k in split_image_keys(split)) else None
+    present = split is not None and any(k in shapes for k in split_image_keys(split))
+    use_split = split if present or strict else None
     accepted_images = [*(split_image_keys(split) if split else ()), *IMAGE_KEYS]
     accepted_labels = [*(split_label_keys(split) if split else ()), *LABEL_KEYS]
+    if use_split is not None:
+        accepted_images = list(split_image_keys(use_split))
+        accepted_labels = list(split_label_keys(use_split))
     found = f"keys found: {', '.join(f'{k} {list(v)}' for k, v in shapes.items()) or 'none'}"
     try:
         keys = find_npz_keys(shapes, split=use_split)
     except NpzKeyError as err:
-        splits = f"; splits present: {', '.join(err.splits)}" if err.splits else ""
+        present_splits = f"; splits present: {', '.join(err.splits)}" if err.splits else ""
+        single = "" if use_split is not None else ", or a single 3-D/4-D array"
         raise SpecError(
             f"{where}: cannot find the images ({found}); accepted names: "
-            f"{', '.join(accepted_images)}, or a single 3-D/4-D array{splits}"
+            f"{', '.join(accepted_images)}{single}{present_splits}"
             f"{f'; choose the split with {split_option} NAME' if split_option else ''}"
         ) from None
     if labelled and keys.labels is None:
@@ -248,7 +190,8 @@ def _npz(
             f"{keys.images!r} ({found}); accepted names: {', '.join(accepted_labels)} "
             "(a 1-D integer array with one label per image)"
         )
-    x, y = load_npz_images(path, keys.images, keys.labels if labelled else None)
+    keep = role not in UNLABELLED_ROLES
+    x, y = load_npz_images(path, keys.images, keys.labels if keep else None)
     return x, y, npz_class_names(path)
 
 
@@ -256,8 +199,8 @@ def _idx(path: Path, role: str, where: str) -> tuple[torch.Tensor, torch.Tensor 
     raw = torch.from_numpy(load_idx_images(path))
     x = (raw.float() / 255 if not raw.is_floating_point() else raw.float()).unsqueeze(1)
     y = None
-    if role in LABELLED_ROLES:
-        labels = labels_file_for(path)
+    labels = labels_file_for(path) if role not in UNLABELLED_ROLES else None
+    if role in LABELLED_ROLES or labels is not None:
         if labels is None:
             raise SpecError(
                 f"{where}: {role} data must be labelled, but no IDX labels file was found "
@@ -284,8 +227,8 @@ def _dataset(
     if rows is not None:
         dataset = Subset(dataset, rows.tolist())
         y = None if y is None else y[torch.from_numpy(rows)]
-    if role not in LABELLED_ROLES:
-        dataset, y = _InputsOnly(dataset), None
+    if role in UNLABELLED_ROLES or (labels is None and role not in LABELLED_ROLES):
+        dataset, y = InputsOnly(dataset), None
     return Loaded(dataset, len(dataset), shape, y, names, kind, normaliser)
 
 
@@ -301,6 +244,7 @@ def read_spec(
     settings: ImageSettings,
     *,
     split: str | None = None,
+    strict_split: bool = False,
     like: Loaded | None = None,
     where: str = "",
     split_option: str = "",
@@ -314,6 +258,9 @@ def read_spec(
         settings: Size, channels, normalisation, seed and limit.
         split: Key prefix in an ``.npz`` (``test`` for ``test_images``), split of a
             saved Hugging Face ``DatasetDict``.
+        strict_split: The split was asked for explicitly: it must exist. Otherwise a
+            file without it is read by its conventional names (``images``/``labels``)
+            or its only split.
         like: The test set: other sets take its channels, size and normalisation.
         where: How the caller names this input, to begin messages (``--calibration
             cal.npz``).
@@ -325,7 +272,7 @@ def read_spec(
     """
     where = where or spec
     try:
-        return _read(spec, role, settings, split, like, where, split_option)
+        return _read(spec, role, settings, (split, strict_split), like, where, split_option)
     except (SpecError, FileNotFoundError):
         raise
     except ValueError as err:  # a reader's own message: say which input it is about
@@ -336,11 +283,12 @@ def _read(
     spec: str,
     role: str,
     settings: ImageSettings,
-    split: str | None,
+    splits: tuple[str | None, bool],
     like: Loaded | None,
     where: str,
     split_option: str,
 ) -> Loaded:
+    split, strict = splits
     normaliser = like.normalise if like is not None else settings.normaliser
     if spec == "digits":
         return _digits(role, settings, like)
@@ -357,7 +305,7 @@ def _read(
     size, channels = _target(settings, like)
     if is_saved_hf_dataset(path):
         try:
-            dataset = load_hf_directory(path, split)
+            dataset = load_hf_directory(path, split, strict)
             image, label, names = find_columns(dataset)
         except ValueError as err:
             raise SpecError(f"{where}: {err}") from None
@@ -369,7 +317,7 @@ def _read(
         size = size or (first.size[1], first.size[0])
         channels = channels or (1 if first.mode == "L" else 3)
         hf = HFImages(dataset, image_transform(size, channels, normaliser), image, label, names)
-        labels = hf.targets if role in LABELLED_ROLES else None
+        labels = hf.targets if role not in UNLABELLED_ROLES else None
         return _dataset(hf, role, names, "hf", (channels, *size), labels, normaliser, settings)
     if path.is_dir():
         try:
@@ -381,7 +329,7 @@ def _read(
             folder, role, folder.classes, "folder", shape, folder.targets, normaliser, settings
         )
     if path.suffix == ".npz":
-        x, y, names = _npz(path, role, split, split_option, where)
+        x, y, names = _npz(path, role, (split, strict), split_option, where)
         kind = "npz"
     elif is_idx_name(path):
         x, y = _idx(path, role, where)
