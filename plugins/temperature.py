@@ -12,19 +12,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from wrapcal import Plugin, PluginTags, Stage, hookimpl
+from wrapcal import PluginTags, hookimpl
 from wrapcal.calibrate import fit_temperature
+from wrapcal.calibrator import Calibrator
 from wrapcal.params import Interval
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from wrapcal import FitData, ModelView
-
 __all__ = ["TemperatureScaler"]
 
 
-class TemperatureScaler(Plugin):
+class TemperatureScaler(Calibrator):
     """Temperature scaling: divide the logits by one T fitted on calibration data.
 
     Args:
@@ -36,6 +35,8 @@ class TemperatureScaler(Plugin):
             holds it in the saved weights.
     """
 
+    calibrator_name = "temperature"
+    fit_reason = "temperature scaling fits T on held-out labelled data the model was not trained on"
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "max_iter": [Interval(int, 1, 100_000)]
     }
@@ -48,11 +49,6 @@ class TemperatureScaler(Plugin):
 
     def __wrapcal_tags__(self) -> PluginTags:
         tags = super().__wrapcal_tags__()
-        tags.stage = Stage.CALIBRATE
-        tags.fit_requires = {
-            "calibration": "temperature scaling fits T on held-out labelled data the model "
-            "was not trained on"
-        }
         tags.exportable = True
         return tags
 
@@ -81,19 +77,11 @@ class TemperatureScaler(Plugin):
         self.check_is_fitted()
         return logits / self.temperature.to(device=logits.device, dtype=logits.dtype)
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        """The same as :meth:`transform_logits`."""
-        return self.transform_logits(logits)
-
-    def fit(self, model: ModelView, data: FitData) -> TemperatureScaler:
-        """Fit T on the calibration set's logits as the plugins before this one give them."""
-        calibration = data.require(
-            "calibration",
-            "temperature",
-            "temperature scaling fits T on held-out labelled data the model was not trained on",
-        )
-        labels = calibration.require_labels("temperature")
-        return self.fit_logits(model.head_logits(calibration.features), labels)
+    def validate_state(self) -> None:
+        """A loaded temperature must be a positive finite number, as ``fit`` gives."""
+        super().validate_state()
+        if not float(self.temperature) > 0:
+            raise ValueError(f"the temperature is {float(self.temperature)}; it must be > 0")
 
 
 @hookimpl

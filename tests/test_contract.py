@@ -113,13 +113,16 @@ def test_two_third_party_calibrators_at_one_stage_give_one_model_in_any_order(tm
     model = small_net()
     with sample_plugin_installed(tmp_path):
         outs = []
-        for names in (["vector_scaling", "temperature"], ["temperature", "vector_scaling"]):
+        for names in (
+            ["sample_vector_scaling", "temperature"],
+            ["temperature", "sample_vector_scaling"],
+        ):
             wrapped = wrapcal.wrap(model, names).fit(calibration=(x, y), progress=False)
-            assert wrapped.plugin_names == ["temperature", "vector_scaling"]  # by name
+            assert wrapped.plugin_names == ["sample_vector_scaling", "temperature"]  # by name
             outs.append(wrapped(x))
         assert torch.equal(outs[0], outs[1])
         # They do not commute: the other order is another model, so the tie-break matters.
-        plugins = wrapcal.assemble.resolve_plugins(["vector_scaling", "temperature"])[::-1]
+        plugins = wrapcal.assemble.resolve_plugins(["sample_vector_scaling", "temperature"])[::-1]
         other = fitted_in_order(model, plugins, x, y)
         assert not torch.allclose(other(x), outs[0], atol=1e-4)
 

@@ -58,7 +58,7 @@ def test_user_model_is_never_modified(tmp_path) -> None:
         before_out = model(x)
     model.train()
     with sample_plugin_installed(tmp_path):
-        wrapped = wrapcal.wrap(model, plugins=["vector_scaling", CountingPlugin()])
+        wrapped = wrapcal.wrap(model, plugins=["sample_vector_scaling", CountingPlugin()])
         wrapped.fit(train=(x, y), calibration=(x, y), progress=False)
         wrapped.eval()(x)
     assert model.training
@@ -170,15 +170,15 @@ def test_runs_on_cuda_unchanged() -> None:
 def test_unknown_plugin_lists_installed(tmp_path) -> None:
     with (
         sample_plugin_installed(tmp_path),
-        pytest.raises(PluginNotFoundError, match="installed plugins: .*vector_scaling"),
+        pytest.raises(PluginNotFoundError, match="installed plugins: .*sample_vector_scaling"),
     ):
         wrapcal.wrap(SmallNet(), plugins=["no_such_plugin"])
 
 
 def test_unfitted_plugin_says_which_call_is_missing(tmp_path) -> None:
     with sample_plugin_installed(tmp_path):
-        wrapped = wrapcal.wrap(SmallNet().eval(), plugins=["vector_scaling"])
-        with pytest.raises(NotFittedError, match=r"vector_scaling .*wrapped\.fit"):
+        wrapped = wrapcal.wrap(SmallNet().eval(), plugins=["sample_vector_scaling"])
+        with pytest.raises(NotFittedError, match=r"sample_vector_scaling .*wrapped\.fit"):
             wrapped(make_data()[0])
         with pytest.raises(DataError, match=r"needs wrapped.fit\(calibration=...\)"):
             wrapped.fit(train=make_data(), progress=False)
@@ -189,7 +189,10 @@ def test_plugin_order_does_not_matter(tmp_path) -> None:
     model = SmallNet().eval()
     outs = []
     with sample_plugin_installed(tmp_path):
-        for plugins in (["vector_scaling", CountingPlugin()], [CountingPlugin(), "vector_scaling"]):
+        for plugins in (
+            ["sample_vector_scaling", CountingPlugin()],
+            [CountingPlugin(), "sample_vector_scaling"],
+        ):
             wrapped = wrapcal.wrap(model, plugins=plugins)
             assert [type(p).__name__ for p in wrapped.plugins] == [
                 "CountingPlugin",
@@ -205,7 +208,7 @@ def test_vector_scaling_sample_plugin_lowers_nll(tmp_path) -> None:
     x, y = make_data(n=400)
     model = SmallNet().eval()
     with sample_plugin_installed(tmp_path):
-        wrapped = wrapcal.wrap(model, plugins=["vector_scaling"]).fit(
+        wrapped = wrapcal.wrap(model, plugins=["sample_vector_scaling"]).fit(
             calibration=(x, y), progress=False
         )
     with torch.no_grad():

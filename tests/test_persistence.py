@@ -27,7 +27,7 @@ def fitted_vector_scaling(model: torch.nn.Module, side: int) -> wrapcal.WrappedM
     with torch.no_grad():
         y = model.eval()(x).argmax(-1)
     y[::3] = (y[::3] + 1) % model(x[:1]).shape[-1]  # some errors, so there is something to fit
-    wrapped = wrapcal.wrap(model, plugins=["vector_scaling"])
+    wrapped = wrapcal.wrap(model, plugins=["sample_vector_scaling"])
     return wrapped.fit(calibration=(x, y), progress=False).eval()
 
 
@@ -48,11 +48,11 @@ def test_round_trip_rebuilds_by_name(make, tmp_path) -> None:
         x = batch()
         with torch.no_grad():
             assert torch.equal(loaded(x), wrapped(x))
-        plugin = loaded.get_plugin("vector_scaling")
+        plugin = loaded.get_plugin("sample_vector_scaling")
         assert plugin.fitted_ and torch.equal(plugin.scale_, wrapped.plugins[0].scale_)
     config = read(path).config
     assert config["format_version"] == FORMAT_VERSION
-    assert config["plugins"][0]["name"] == "vector_scaling"
+    assert config["plugins"][0]["name"] == "sample_vector_scaling"
 
 
 def test_file_is_plain_safetensors_with_json(tmp_path) -> None:

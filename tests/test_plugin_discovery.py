@@ -39,11 +39,11 @@ def test_built_in_plugins_come_from_the_entry_point_group() -> None:
 
 def test_sample_third_party_plugin_is_used_by_name(tmp_path) -> None:
     with sample_plugin_installed(tmp_path):
-        info = wrapcal.plugin_registry()["vector_scaling"]
+        info = wrapcal.plugin_registry()["sample_vector_scaling"]
         assert (info.package, info.version) == ("wrapcal-vector-scaling", "0.3.1")
-        wrapped = wrapcal.wrap(SmallNet(), plugins=["vector_scaling"])
+        wrapped = wrapcal.wrap(SmallNet(), plugins=["sample_vector_scaling"])
         assert type(wrapped.plugins[0]).__name__ == "VectorScaling"
-    assert "vector_scaling" not in wrapcal.plugin_registry()  # uninstalled: gone
+    assert "sample_vector_scaling" not in wrapcal.plugin_registry()  # uninstalled: gone
 
 
 def test_cli_lists_name_version_package_description(tmp_path) -> None:
@@ -60,8 +60,8 @@ def test_cli_lists_name_version_package_description(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
     assert result.stdout.splitlines()[0].split() == ["name", "version", "package", "description"]
-    assert lines["vector_scaling"].split()[1:3] == ["0.3.1", "wrapcal-vector-scaling"]
-    assert "Per-class scale and bias" in lines["vector_scaling"]
+    assert lines["sample_vector_scaling"].split()[1:3] == ["0.3.1", "wrapcal-vector-scaling"]
+    assert "Per-class scale and bias" in lines["sample_vector_scaling"]
     for name in BUILT_IN:
         assert lines[name].split()[1:3] == [wrapcal.__version__, "wrapcal"]
 

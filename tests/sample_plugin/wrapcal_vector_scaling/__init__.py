@@ -42,9 +42,9 @@ class VectorScaling(Plugin):
         self.bias_ = torch.zeros(k, device=model.device)
 
     def fit(self, model, data):
-        cal = data.require("calibration", "vector_scaling", "it fits on held-out labels")
+        cal = data.require("calibration", "sample_vector_scaling", "it fits on held-out labels")
         logits = model.head_logits(cal.features).double()  # the plugins before this one
-        labels = cal.require_labels("vector_scaling")
+        labels = cal.require_labels("sample_vector_scaling")
         scale = torch.ones_like(logits[0]).requires_grad_()
         bias = torch.zeros_like(logits[0]).requires_grad_()
         opt = torch.optim.LBFGS(
@@ -106,5 +106,5 @@ class Mahalanobis(Plugin):
 
 @hookimpl
 def wrapcal_register_plugins(register) -> None:
-    register("vector_scaling", VectorScaling)
+    register("sample_vector_scaling", VectorScaling)
     register("mahalanobis_sample", Mahalanobis)
