@@ -101,6 +101,18 @@ def _splits(keys: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _labels_beside(images_key: str) -> list[str]:
+    """The labels' names that go with an images key: ``test_images`` -> ``test_labels``,
+    ``test_x`` -> ``test_y``, ``x_test`` -> ``y_test``."""
+    stem = images_key.removesuffix("images").removesuffix("_")
+    found = [f"{stem}_labels", f"{stem}_y"] if stem and stem != images_key else []
+    if images_key.endswith("_x"):
+        found.append(images_key[:-2] + "_y")
+    if images_key.startswith("x_"):
+        found.append("y_" + images_key[2:])
+    return found
+
+
 def find_npz_keys(
     shapes: Mapping[str, tuple[int, ...]],
     images_key: str | None = None,
@@ -162,9 +174,7 @@ def find_npz_keys(
     if split is not None:
         guesses = list(split_label_keys(split))
     else:
-        stem = images_key.removesuffix("images").removesuffix("_")
-        guesses = [f"{stem}_labels", f"{stem}_y"] if stem else []
-        guesses += list(LABEL_KEYS)
+        guesses = [*_labels_beside(images_key), *LABEL_KEYS]
     found = next((k for k in guesses if k in keys and len(shapes[k]) == 1), None)
     return NpzKeys(images_key, found)
 
