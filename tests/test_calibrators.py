@@ -1,0 +1,320 @@
+"""Post-hoc calibrators: the Calibrator contract, ``fit_calibrator`` and its input checks,
+single-logit models, folds, saving and loading, tracing (``exportable``), composition
+with the plugins before them, and the ResNet-20 scenario through a wrapped model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import log_softmax
+from shared_data import requires_shared_data, resnet20_outputs
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+import wrapcal
+from wrapcal import DataError, NotFittedError, Plugin, PluginNotFoundError, Stage, get_tags
+from wrapcal.calibrator import (
+    Calibrator,
+    calibrated_log_probs,
+    fit_calibrator,
+    stratified_folds,
+)
+from wrapcal.split import Split
+
+NAMES = [
+    "temperature",
+    "vector_scaling",
+    "matrix_scaling",
+    "dirichlet",
+    "ensemble_temperature",
+    "histogram_binning",
+    "isotonic",
+    "auto_calibration",
+]
+#: Settings that keep the tests short (fewer folds; auto over the cheap candidates).
+FAST = {
+    "matrix_scaling": {"cv": 2},
+    "dirichlet": {"cv": 2},
+    "auto_calibration": {"cv": 2, "candidates": ["temperature", "vector_scaling", "isotonic"]},
+}
+
+
+def synthetic(n: int = 2000, k: int = 5, seed: int = 0, t: float = 2.0):
+    """float32 logits of a Gaussian mixture, labels drawn from softmax(z / t): t > 1 makes
+    the logits overconfident, so every calibrator has something to correct."""
+    z, y, _ = mixture(n, k, seed, t)
+    return z, y
+
+
+def mixture(n: int, k: int = 5, seed: int = 0, t: float = 2.0):
+    """``synthetic`` with its 6-d features, for models with a head."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, 6, generator=g) * 1.5
+    latent = torch.randint(0, k, (n,), generator=g)
+    feats = centres[latent] + torch.randn(n, 6, generator=g)
+    z = (feats @ centres.T).float()
+    y = torch.multinomial(torch.softmax(z.double() / t, 1), 1, generator=g)[:, 0]
+    return z, y, feats.float()
+
+
+def nll(logits, labels) -> float:
+    z = np.asarray(logits, dtype=np.float64)
+    return float(-log_softmax(z, axis=1)[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+# --- the family ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_calibrator_is_registered_and_declares_itself(name: str) -> None:
+    info = wrapcal.plugin_registry()[name]
+    assert info.package == "wrapcal" and info.description
+    plugin = info.factory()
+    assert isinstance(plugin, Calibrator)
+    tags = get_tags(plugin)
+    assert tags.stage is Stage.CALIBRATE and "calibration" in tags.fit_requires
+    assert tags.exportable
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_calibrator_lowers_held_out_nll(name: str) -> None:
+    z, y = synthetic()
+    cal = fit_calibrator(z[:1500].numpy(), y[:1500].numpy(), name, **FAST.get(name, {}))
+    out = cal.transform(z[1500:].numpy())
+    assert isinstance(out, np.ndarray) and out.shape == (500, 5) and out.dtype == np.float32
+    assert np.isfinite(out).all()
+    before, after = nll(z[1500:], y[1500:]), nll(out, y[1500:])
+    assert after < before - 0.05, (before, after)
+    if type(cal).probability_valued:  # log-probabilities: each row's exp sums to 1
+        np.testing.assert_allclose(np.exp(out.astype(np.float64)).sum(1), 1, atol=1e-5)
+    # The plugin path gives the same as transform(), in the logits' dtype and device.
+    torch.testing.assert_close(cal.transform_logits(z[1500:]), torch.from_numpy(out))
+    assert cal.transform(z[1500:].double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_single_logit_binary_model(name: str) -> None:
+    z, y = synthetic(n=1200, k=2, seed=3)
+    margin = z[:, 1] - z[:, 0]  # one logit: log p1 / p0
+    cal = fit_calibrator(margin[:900], y[:900], name, **FAST.get(name, {}))
+    out = cal.transform(margin[900:])
+    assert out.shape == (300,) and torch.isfinite(out).all()
+    pair = torch.stack([torch.zeros(300), out], 1)
+    assert nll(pair, y[900:]) < nll(torch.stack([torch.zeros(300), margin[900:]], 1), y[900:])
+
+
+def test_vector_scaling_of_one_logit_is_platt_scaling() -> None:
+    """On one binary logit, z * a + b with the pair [0, z] is logistic regression on z
+    (Platt 1999): scikit-learn's, unpenalised, gives the same probabilities."""
+    z, y = synthetic(n=1200, k=2, seed=3)
+    margin = (z[:, 1] - z[:, 0]).double()
+    ours = torch.sigmoid(fit_calibrator(margin, y, "vector_scaling").transform(margin))
+    platt = LogisticRegression(C=np.inf, tol=1e-12, max_iter=10_000)
+    platt.fit(margin.numpy()[:, None], y.numpy())
+    theirs = platt.predict_proba(margin.numpy()[:, None])[:, 1]
+    np.testing.assert_allclose(ours.numpy(), theirs, atol=2e-6)
+
+
+# --- input checks ----------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    z, y = synthetic(n=300)
+    nan = z.clone()
+    nan[7, 2] = float("nan")
+    with pytest.raises(DataError, match=r"NaN or inf.*the first is row 7"):
+        fit_calibrator(nan, y, "dirichlet")
+    with pytest.raises(DataError, match="look like probabilities"):
+        fit_calibrator(torch.softmax(z, 1), y, "isotonic")
+    with pytest.raises(DataError, match=r"labels must be in \[0, 5\)"):
+        fit_calibrator(z, y + 1, "vector_scaling")
+    with pytest.raises(DataError, match="one class only"):
+        fit_calibrator(z, torch.zeros_like(y), "histogram_binning")
+    with pytest.raises(DataError, match="integer class indices"):
+        fit_calibrator(z, y.float(), "matrix_scaling")
+    with pytest.raises(DataError, match="300 inputs but 299 labels"):
+        fit_calibrator(z, y[:-1], "ensemble_temperature")
+    with pytest.raises(DataError, match=r"shape \(2, 300, 5\)"):
+        fit_calibrator(z[None].repeat(2, 1, 1), y, "dirichlet")
+    with pytest.raises(TypeError, match="not a calibrator.*calibrators: .*dirichlet"):
+        fit_calibrator(z, y, "knn")
+    with pytest.raises(PluginNotFoundError, match="no plugin named 'dirichelt'"):
+        fit_calibrator(z, y, "dirichelt")
+    with pytest.raises(TypeError, match="no parameter 'folds'"):
+        fit_calibrator(z, y, "dirichlet", folds=3)
+    with pytest.raises(ValueError, match=r"cv=1 is invalid"):
+        fit_calibrator(z, y, "matrix_scaling", cv=1)
+    with pytest.raises(ValueError, match=r"mode='top' is invalid"):
+        fit_calibrator(z, y, "isotonic", mode="top")
+    with pytest.raises(ValueError, match="'auto_calibration' cannot be a candidate"):
+        fit_calibrator(z, y, "auto_calibration", candidates=["auto_calibration"])
+    with pytest.warns(UserWarning, match="on 40 samples"):
+        fit_calibrator(z[:40], y[:40], "vector_scaling")
+    cal = wrapcal.plugin_registry()["dirichlet"].factory()
+    with pytest.raises(NotFittedError, match="DirichletCalibration is not fitted"):
+        cal.transform(z)
+    cal.fit_logits(z, y)
+    with pytest.raises(DataError, match="look like probabilities"):
+        cal.transform(torch.softmax(z, 1))
+
+
+def test_a_wrapped_model_without_calibration_data_says_so() -> None:
+    wrapped = wrapcal.wrap(None, split=Split(nn.Identity(), nn.Linear(6, 5)), plugins=["isotonic"])
+    x = torch.randn(50, 6)
+    with pytest.raises(DataError, match=r"isotonic needs wrapped.fit\(calibration=...\)"):
+        wrapped.fit_features(train=(x, torch.arange(50) % 5), progress=False)
+    with pytest.raises(DataError, match=r"isotonic needs labels for the 'calibration'"):
+        wrapped.fit_features(calibration=x, progress=False)
+
+
+# --- helpers --------------------------------------------------------------------------
+
+
+def test_stratified_folds_partition_and_balance() -> None:
+    y = torch.cat([torch.zeros(103), torch.ones(41), torch.full((7,), 2)]).long()
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    folds = stratified_folds(y, 5, seed=0)
+    everything = torch.cat(folds).sort().values
+    assert torch.equal(everything, torch.arange(len(y)))  # disjoint and complete
+    sizes = [len(f) for f in folds]
+    assert max(sizes) - min(sizes) <= 1
+    for cls in range(3):
+        counts = [int((y[f] == cls).sum()) for f in folds]
+        assert max(counts) - min(counts) <= 1, (cls, counts)
+    assert all(torch.equal(a, b) for a, b in zip(folds, stratified_folds(y, 5, 0), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(folds, stratified_folds(y, 5, 1), strict=True))
+    with pytest.raises(ValueError, match="cannot split 3 samples into 5"):
+        stratified_folds(y[:3], 5, 0)
+
+
+def test_calibrated_log_probs_floor_and_renormalise() -> None:
+    probs = torch.tensor([[0.7, 0.3, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    out = calibrated_log_probs(probs, 1e-3)
+    want = np.maximum(probs.numpy(), 1e-3)
+    want /= want.sum(1, keepdims=True)
+    np.testing.assert_allclose(out.exp().numpy(), want, rtol=1e-12)
+    assert torch.isfinite(out).all()
+
+
+# --- persistence and export -------------------------------------------------------------
+
+
+def _features_model(plugins: list) -> wrapcal.WrappedModel:
+    torch.manual_seed(1)
+    return wrapcal.wrap(None, split=Split(nn.Identity(), nn.Linear(6, 5)), plugins=plugins)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_and_loaded_outputs_are_bit_identical(name: str, tmp_path) -> None:
+    _, y, x = mixture(900)
+    params = {"cv": 2} if name == "auto_calibration" else FAST.get(name, {})
+    wrapped = _features_model([(name, params)])
+    wrapped.fit_features(calibration=(x[:600], y[:600]), progress=False)
+    path = wrapped.save(tmp_path / "m.wrapcal")
+    loaded = wrapcal.load(path, split=Split(nn.Identity(), nn.Linear(6, 5)))
+    q = x[600:]
+    with torch.no_grad():
+        assert torch.equal(loaded(q), wrapped(q))
+    before, after = wrapped.get_plugin(name), loaded.get_plugin(name)
+    assert after.get_state() == before.get_state()
+    assert json.dumps(after.get_state())  # plain JSON
+    for key, tensor in before.state_dict().items():
+        assert torch.equal(after.state_dict()[key], tensor), key
+
+
+def test_auto_calibration_refuses_a_tampered_choice() -> None:
+    z, y = synthetic(n=600)
+    auto = fit_calibrator(z, y, "auto_calibration", **FAST["auto_calibration"])
+    state = auto.get_state()
+    fresh = wrapcal.plugin_registry()["auto_calibration"].factory(**FAST["auto_calibration"])
+    fresh.set_state({**state, "chosen_": "dirichlet"})
+    with pytest.raises(ValueError, match="chosen_ 'dirichlet' is not a candidate"):
+        fresh.validate_state()
+    with pytest.raises(ValueError, match="saved candidates"):
+        fresh.set_state({**state, "candidate_states_": {}})
+
+
+class _Transform(nn.Module):
+    def __init__(self, calibrator: Calibrator) -> None:
+        super().__init__()
+        self.calibrator = calibrator
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.calibrator.transform_logits(logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_transform_exports_with_torch_export(name: str) -> None:
+    z, y = synthetic(n=900)
+    module = _Transform(fit_calibrator(z[:600], y[:600], name, **FAST.get(name, {}))).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, (z[600:],), dynamic_shapes={"logits": {0: batch}})
+    assert torch.equal(program.module()(z[600:700]), module(z[600:700]))
+
+
+# --- composition with the plugins before ---------------------------------------------------
+
+
+class Stretch(Plugin):
+    """A feature-stage plugin before the calibrators: scales the features by 3."""
+
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.FEATURES
+        tags.requires_fit = False
+        return tags
+
+    def features(self, inputs, inner):
+        return inner(inputs) * 3
+
+
+@pytest.mark.parametrize("name", ["dirichlet", "isotonic", "ensemble_temperature"])
+def test_calibrators_fit_on_the_logits_the_plugins_before_them_give(name: str) -> None:
+    _, y, x = mixture(900)
+    params = FAST.get(name, {})
+    wrapped = _features_model([Stretch(), (name, params)])
+    wrapped.fit_features(calibration=(x[:600], y[:600]), progress=False)
+    with torch.no_grad():
+        stretched = wrapped.head(x * 3)
+    alone = fit_calibrator(stretched[:600], y[:600], name, **params)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x[600:]), alone.transform(stretched[600:]))
+
+
+# --- the ResNet-20 scenario ----------------------------------------------------------------
+
+
+@requires_shared_data
+@pytest.mark.parametrize("name", ["matrix_scaling", "histogram_binning"])
+def test_resnet20_wrapped_plugin_equals_the_logits_only_path(name: str) -> None:
+    """The shared ResNet-20's head on cached features, calibrated on half the CIFAR-10
+    JPEG test images (the file is sorted by class, so the halves are a seeded random
+    split, as in the other ResNet-20 tests): the plugin inside a wrapped model and
+    fit_calibrator on the cached logits learn the same map."""
+    o = resnet20_outputs()
+    head = nn.Linear(64, 10)
+    with torch.no_grad():
+        head.weight.copy_(o["weight"])
+        head.bias.copy_(o["bias"])
+    perm = torch.from_numpy(np.random.default_rng(0).permutation(10000))
+    cal, ev = perm[:5000], perm[5000:]
+    feats, labels = o["test_features"], o["test_labels"]
+    wrapped = wrapcal.wrap(None, split=Split(nn.Identity(), head), plugins=[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real data of this size: nothing to warn about
+        wrapped.fit_features(calibration=(feats[cal], labels[cal]), progress=False)
+    with torch.no_grad():
+        logits = head(feats)
+    alone = fit_calibrator(logits[cal], labels[cal], name)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(feats[ev]), alone.transform(logits[ev]))
+    # The cached logits (the full model's own pass) give the same map within rounding.
+    cached = fit_calibrator(o["test_logits"][cal], labels[cal], name)
+    torch.testing.assert_close(
+        cached.transform(o["test_logits"][ev]), alone.transform(logits[ev]), rtol=1e-4, atol=1e-4
+    )
