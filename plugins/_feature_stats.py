@@ -263,17 +263,19 @@ def _select(
             ordered = torch.sort(torch.cat(kept)).values
             i = rank - below
             return float(ordered[i]), float(ordered[i + 1]) if i + 1 < len(ordered) else None
-        counts = torch.zeros(bins, dtype=torch.float64)
-        mins = torch.full((bins,), float("inf"), dtype=torch.float64)
-        maxs = torch.full((bins,), float("-inf"), dtype=torch.float64)
+        counts = mins = maxs = None
         for values in chunks():
-            v = values[(values >= low) & (values <= high)].double().cpu()
+            v = values[(values >= low) & (values <= high)].double()
+            if counts is None:  # on the values' device: no transfer of the features
+                counts = v.new_zeros(bins)
+                mins, maxs = v.new_full((bins,), float("inf")), v.new_full((bins,), -float("inf"))
             # floor((v - low) / width) is monotone in v, so each bin's values are
             # exactly those within its observed [min, max].
             index = ((v - low) * (bins / (high - low))).long().clamp_(0, bins - 1)
             counts += torch.bincount(index, minlength=bins).double()
             mins.scatter_reduce_(0, index, v, "amin")
             maxs.scatter_reduce_(0, index, v, "amax")
+        counts, mins, maxs = counts.cpu(), mins.cpu(), maxs.cpu()
         cumulative = below + torch.cumsum(counts, 0)
         target = torch.tensor(float(rank), dtype=torch.float64)
         j = int(torch.searchsorted(cumulative, target, right=True))

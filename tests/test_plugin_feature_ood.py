@@ -88,6 +88,7 @@ def _synthetic_ood_features() -> dict[str, np.ndarray]:
     try:  # atomic: a parallel run never reads half a file
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **out)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -256,3 +256,19 @@ def test_scores_match_pytorch_ood() -> None:
     wrapped, react = ours("react")
     clip = float(wrapped.get_plugin("react").clip_)
     close(react, detectors.ReAct(lambda f: f, head, threshold=clip).predict(q), 1e-5)
+
+
+def test_single_logit_binary_models_work() -> None:
+    """One logit z: two classes for Mahalanobis, the logits [0, z] for the energies."""
+    torch.manual_seed(0)
+    x, y = torch.randn(400, 8).relu(), torch.randint(0, 2, (400,))
+    wrapped = _features_model(8, 1, ["knn", "mahalanobis", "vim", "react"])
+    wrapped.fit(train=(x, y), progress=False)
+    assert wrapped.get_plugin("mahalanobis").means_.shape[0] == 2
+    q = torch.randn(20, 8).relu()
+    scores = wrapped.predict_features(q).scores
+    assert all(torch.isfinite(scores[n]).all() for n in ("knn", "mahalanobis", "vim", "react"))
+    with torch.no_grad():
+        z = wrapped.head(q.clamp(max=wrapped.get_plugin("react").clip_.float()))
+    energy = -torch.logsumexp(torch.cat([torch.zeros_like(z), z], dim=1), dim=1)
+    torch.testing.assert_close(scores["react"], energy)
