@@ -543,3 +543,50 @@ def test_plugins_command_lists_parameters(capsys):
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "max_iter=100" in rows["temperature"]
     assert "samples=30" in rows["mc_dropout"] and "finetune=False" in rows["mc_dropout"]
+
+
+@pytest.mark.slow
+def test_the_shared_resnet20_on_cifar10_from_the_cli(tmp_path, capsys):
+    """The README's command on real data: the third-party ResNet-20, the CIFAR-10 JPEG
+    test set and MNIST as OOD, temperature fitted on CIFAR-10 train images, each set cut
+    to 1000 images by --limit. Every number equals one computed from the cached logits
+    of the same images (tests/shared_data.py) with numpy and scikit-learn."""
+    shared = pytest.importorskip("shared_data")
+    if not shared.HAVE_SHARED_DATA:
+        pytest.skip("shared data absent")
+    from sklearn.metrics import roc_auc_score
+
+    from wrapcal.calibrate import fit_temperature
+    from wrapcal.metrics import ece as ece_of
+
+    n = 1000
+    argv = ["wrapcal:cifar_resnet20", "--weights", str(shared.RESNET20_WEIGHTS)]
+    argv += ["--data", str(shared.CIFAR_NPZ), "--ood", f"mnist={shared.MNIST_IMAGES}"]
+    argv += ["--plugins", "temperature", "--calibration", str(shared.CIFAR_NPZ)]
+    argv += ["--calibration-split", "train", "--limit", str(n), "--bootstrap", "0"]
+    out, _, err = _run(argv, tmp_path, capsys)
+    assert "warning" not in err.lower()
+    report = _report(out)
+
+    outputs = shared.resnet20_outputs()
+    rows = {
+        name: torch.from_numpy(np.sort(np.random.default_rng(0).choice(10000, n, replace=False)))
+        for name in ("test", "train", "mnist")
+    }
+    test_logits = outputs["test_logits"][rows["test"]].double()
+    labels = outputs["test_labels"][rows["test"]]
+    t = fit_temperature(
+        outputs["train_logits"][rows["train"]], outputs["train_labels"][rows["train"]]
+    )
+    cal = report["calibration"]
+    assert cal["baseline"]["ece"] == pytest.approx(ece_of(test_logits.softmax(1), labels), abs=1e-4)
+    assert cal["wrapped"]["ece"] == pytest.approx(
+        ece_of((test_logits / t).softmax(1), labels), abs=1e-4
+    )
+    assert 0.05 < cal["baseline"]["ece"] < 0.25 and cal["wrapped"]["ece"] < cal["baseline"]["ece"]
+    msp_in = test_logits.softmax(1).max(1).values
+    msp_out = outputs["mnist_logits"][rows["mnist"]].double().softmax(1).max(1).values
+    # Scores are "higher = more OOD": the negated MSP.
+    y_ood = np.r_[np.zeros(n), np.ones(n)]
+    auroc = roc_auc_score(y_ood, -np.r_[msp_in.numpy(), msp_out.numpy()])
+    assert report["ood"]["baseline"]["mnist"]["msp"]["auroc"] == pytest.approx(auroc, abs=2e-3)
