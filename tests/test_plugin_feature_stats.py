@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
+import torchvision
 import wrapcal_plugins._feature_stats as stats
 import wrapcal_plugins.knn as knn_module
 from hypothesis import given, settings
@@ -272,3 +274,27 @@ def test_single_logit_binary_models_work() -> None:
         z = wrapped.head(q.clamp(max=wrapped.get_plugin("react").clip_.float()))
     energy = -torch.logsumexp(torch.cat([torch.zeros_like(z), z], dim=1), dim=1)
     torch.testing.assert_close(scores["react"], energy)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3),
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=3),
+    ],
+    ids=["timm-vit-pre-logits", "torchvision-sequential-head"],
+)
+def test_every_detector_on_other_backbones(make) -> None:
+    """A ViT's pre-logits token (signed, LayerNorm'd) and a torchvision head cut before its
+    last Linear: the four detectors fit and score from whatever features the split gives."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = torch.randn(120, 3, 32, 32), torch.randint(0, 3, (120,))
+    plugins = [("knn", {"k": 5}), "mahalanobis", "vim", "react"]
+    wrapped = wrapcal.wrap(model, plugins=plugins).fit(train=(x, y), progress=False)
+    q = torch.cat([x[:8], 5 * torch.randn(8, 3, 32, 32)])
+    with torch.no_grad():
+        scores = wrapped.predict(q).scores
+    for name in ("knn", "mahalanobis", "vim", "react"):
+        assert scores[name].shape == (16,) and torch.isfinite(scores[name]).all(), name
+    assert wrapped.backbone_passes == 1  # one pass over train=, every detector reads it
