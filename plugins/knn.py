@@ -119,7 +119,8 @@ class KNN(Plugin):
         tags = super().__wrapcal_tags__()
         tags.stage = Stage.DETECT
         tags.fit_reads = FIT_SETS
-        # A loop over fixed-size blocks of the bank and topk: traceable.
+        # A loop over blocks of the bank and topk: traceable (the block size follows
+        # the batch size, which an export fixes).
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
         return tags
