@@ -6,7 +6,7 @@ import argparse
 
 from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["add_evaluate_arguments", "at_least", "positive_float"]
+__all__ = ["add_evaluate_arguments", "at_least", "finite_float", "positive_float"]
 
 _SPECS = (
     "'digits', an .npz file, an IDX images file (with its labels file beside it), an "
@@ -180,14 +180,24 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"per-channel std of the normalisation (default: ImageNet's {IMAGENET_STD})",
     )
     run = parser.add_argument_group("run and report")
-    run.add_argument("--out", default="wrapcal-report", help="report directory")
-    run.add_argument("--batch-size", type=at_least(1), default=256)
-    run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (15)")
     run.add_argument(
-        "--bootstrap", type=at_least(0), default=1000, help="bootstrap resamples, 0 for none"
+        "--out", default="wrapcal-report", help="report directory (default: wrapcal-report)"
     )
     run.add_argument(
-        "--seed", type=at_least(0), default=0, help="seed of noise, --limit, fit and bootstrap"
+        "--batch-size", type=at_least(1), default=256, help="images per batch (default: 256)"
+    )
+    run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (default: 15)")
+    run.add_argument(
+        "--bootstrap",
+        type=at_least(0),
+        default=1000,
+        help="bootstrap resamples of the 95%% intervals, 0 for none (default: 1000)",
+    )
+    run.add_argument(
+        "--seed",
+        type=at_least(0),
+        default=0,
+        help="seed of noise, --limit, fit and bootstrap (default: 0)",
     )
     run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
