@@ -27,8 +27,7 @@ def test_pip_install_then_its_own_tests_pass(tmp_path) -> None:
         [sys.executable, "-m", "wrapcal.cli", "plugins"], capture_output=True, text=True, env=env
     )
     assert any(
-        line.split()[:3] == ["ash", "0.1.0", "wrapcal-ash"]
-        for line in listed.stdout.splitlines()
+        line.split()[:3] == ["ash", "0.1.0", "wrapcal-ash"] for line in listed.stdout.splitlines()
     )
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
