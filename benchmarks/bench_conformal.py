@@ -16,7 +16,8 @@ mean coverage and mean set size of every method, marginal and class-conditional,
 raw logits and after temperature scaling fitted on the calibration half, with MAPIE's
 marginal sets on the raw logits beside them.
 
-Run: ``python benchmarks/bench_conformal.py [--repeats 10] [--efficiency --splits 10]``.
+Run: ``python benchmarks/bench_conformal.py [--repeats 10] [--threads N] [--efficiency
+--splits 10]``.
 Exits with status 1 if wrapcal is slower than MAPIE or the two disagree.
 """
 
@@ -93,7 +94,10 @@ def speed(repeats: int) -> bool:
     p64, y = probs.double().numpy(), labels.numpy()
     rows = np.arange(len(y))
     print(f"fit + predict sets, alpha = {ALPHA}, on {tuple(logits.shape)} logits ({source})")
-    print(f"best of {repeats} interleaved runs; wrapcal vs MAPIE {mapie.__version__}")
+    print(
+        f"best of {repeats} interleaved runs; wrapcal ({torch.get_num_threads()} torch threads)"
+        f" vs MAPIE {mapie.__version__}"
+    )
     ok = True
     for method in ("lac", "aps", "raps"):
         runs = {
@@ -186,7 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per method")
     parser.add_argument("--efficiency", action="store_true", help="also the set-size table")
     parser.add_argument("--splits", type=int, default=10, help="splits of the size table")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: torch's default; numpy is 1)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ok = speed(args.repeats)
     if args.efficiency:
         efficiency(args.splits)
