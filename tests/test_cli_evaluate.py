@@ -537,6 +537,32 @@ def test_a_saved_hugging_face_dataset_as_test_data(tmp_path, data, trained_timm,
     assert "warning" not in err  # ClassLabel names in label order: nothing to renumber
 
 
+def test_docs_cli_md_describes_every_flag():
+    """docs/cli.md is the reference: every flag of every command is in it."""
+    from pathlib import Path
+
+    from wrapcal.cli import build_parser
+
+    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
+    flags = {
+        option
+        for command in commands.values()
+        for action in command._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    assert len(flags) > 25
+    assert sorted(f for f in flags if f"`{f}" not in text) == []
+
+
+def test_model_arguments_the_architecture_does_not_take(tmp_path, capsys):
+    argv = ["timm:resnet10t", "--model-arg", "img_size=32", "--data", "digits"]
+    _, _, err = _run(argv, tmp_path, capsys, 2)
+    assert "timm:resnet10t cannot be built with img_size=32, num_classes=10" in _one_error(err)
+
+
 def test_plugins_command_lists_parameters(capsys):
     assert main(["plugins", "--params"]) == 0
     out = capsys.readouterr().out

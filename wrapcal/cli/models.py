@@ -77,6 +77,9 @@ def build(spec: str, kwargs: dict[str, Any], num_classes: int | None) -> nn.Modu
         return registry.build_model(library, name, **kwargs)
     except ValueError as err:
         raise CliError(f"{spec}: {err}") from None
+    except TypeError as err:  # an allowed argument this architecture does not take
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise CliError(f"{spec} cannot be built with {given} ({err}); check --model-arg") from None
 
 
 def load_weights(model: nn.Module, path: str) -> None:
