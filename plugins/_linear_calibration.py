@@ -263,46 +263,47 @@ class _Search:
         self.sums: dict[tuple[float, float], list[float]] = {}
         self.best: tuple[float, float] | None = None
 
-    def score(self, point: tuple[float, float], start: list[LinearFit] | None) -> bool:
-        """Score ``point``; whether it beat the best by :data:`MIN_GAIN` (then it is best).
+    def score(
+        self, point: tuple[float, float], start: list[LinearFit] | None, margin: float
+    ) -> bool:
+        """Score ``point``: whether the walk goes on past it.
 
-        It is abandoned after a fold where its held-out NLL summed so far exceeds the
-        best point's on the same folds: that is where the walk stops in practice, and
-        the first point past the best is the most expensive to fit (weaker penalty).
+        The walk goes on if the point's cross-validated mean NLL is below the best's
+        minus ``margin`` (``margin < 0`` tolerates a plateau); the point becomes the best
+        if it is lower by :data:`MIN_GAIN` (ties go to the point tried first, the more
+        regularised). It is abandoned after any fold where its held-out NLL summed so
+        far already misses that bar on the same folds: the first point past the best is
+        the most expensive to fit (weaker penalty), and it is there that the walk stops.
         """
         fits: list[LinearFit] = []
         sums: list[float] = []
         best = None if self.best is None else self.sums[self.best]
+        seen = 0
         for f, (tr, te) in enumerate(zip(self.train, self.folds, strict=True)):
             init = None if start is None else start[f]
             fit = fit_linear(self.x[tr], self.y[tr], *point, init=init, tol=TOL_SEARCH)
             fits.append(fit)
             sums.append(heldout_nll(fit, self.x[te], self.y[te]))
-            if best is not None and sum(sums) > sum(best[: f + 1]):
+            seen += te.numel()
+            if best is not None and sum(sums) > sum(best[: f + 1]) - margin * seen:
                 break
-        seen = sum(fold.numel() for fold in self.folds[: len(sums)])
-        self.table.append(
-            {
-                "reg_lambda": point[0],
-                "reg_mu": point[1],
-                "cv_nll": sum(sums) / seen,
-                "folds": len(sums),
-            }
-        )
+        row = {"reg_lambda": point[0], "reg_mu": point[1], "cv_nll": sum(sums) / seen}
+        self.table.append({**row, "folds": len(sums)})
         self.fits[point] = fits
         if len(sums) < len(self.folds):
             return False
         self.sums[point] = sums
-        if best is not None and sum(sums) > sum(best) - MIN_GAIN * self.n:
-            return False
-        self.best = point
+        if best is None or sum(sums) < sum(best) - MIN_GAIN * self.n:
+            self.best = point
         return True
 
-    def walk(self, points: list[tuple[float, float]], start: list[LinearFit] | None) -> None:
-        """Score ``points`` in order, each warm-started from the one before, until one
-        fails to improve."""
+    def walk(
+        self, points: list[tuple[float, float]], start: list[LinearFit] | None, margin: float
+    ) -> None:
+        """Score ``points`` in order, each warm-started from the one before, until the
+        walk should stop (see :meth:`score`)."""
         for point in points:
-            if not self.score(point, start):
+            if not self.score(point, start, margin):
                 return
             start = self.fits[point]
 
@@ -326,11 +327,13 @@ def select_odir(
 
     Two walks over ``grid``, each fold warm-started from its previous solution: first
     ``lambda = mu`` from strong to weak regularisation (Kull et al. tie them when ``mu``
-    is not tuned), stopping at the first grid point that does not lower the
-    cross-validated NLL by :data:`MIN_GAIN` (the curve is smooth and single-dipped in
-    practice, and the weak end is the slow and overfitting one); then ``mu`` alone,
-    outward from the chosen ``lambda`` in both directions, each direction stopping the
-    same way. A value given by the user is kept and only the other is searched.
+    is not tuned), across the plateau of the strong end and on until the
+    cross-validated NLL rises :data:`MIN_GAIN` above the best (the curve is smooth and
+    single-dipped in practice, and the weak end is the slow and overfitting one); then
+    ``mu`` alone, outward from the chosen ``lambda`` in both directions, each direction
+    going on only while the NLL falls by :data:`MIN_GAIN`. A point must beat the best by
+    :data:`MIN_GAIN` to replace it. A value given by the user is kept and only the
+    other is searched.
 
     Returns:
         ``(lambda, mu, table, start)``: the table lists every point tried, in order,
@@ -339,14 +342,18 @@ def select_odir(
     """
     search = _Search(x, y, folds)
     lambdas = list(grid) if reg_lambda is None else [reg_lambda]
-    search.walk([(lam, lam if reg_mu is None else reg_mu) for lam in lambdas], None)
+    # The strong end is a plateau (the off-diagonal entries are all but zero there, the
+    # vector scaling limit): walk across it, stopping only where the NLL clearly rises.
+    tied = [(lam, lam if reg_mu is None else reg_mu) for lam in lambdas]
+    search.walk(tied, None, margin=-MIN_GAIN)
     assert search.best is not None  # the first point is always the best so far
     if reg_mu is None and len(grid) > 1:
         lam, mu0 = search.best
         position = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / mu0)))
         centre = search.best
         for side in (grid[position + 1 :], grid[:position][::-1]):
-            search.walk([(lam, mu) for mu in side], search.fits[centre])
+            # The intercepts' penalty rarely matters: go on only while it clearly helps.
+            search.walk([(lam, mu) for mu in side], search.fits[centre], margin=MIN_GAIN)
     lam, mu = search.best
     return lam, mu, search.table, search.average()
 

@@ -21,7 +21,9 @@ the plugin registry, like ``wrap`` does.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -46,6 +48,7 @@ __all__ = [
     "calibrated_log_probs",
     "check_calibration_data",
     "fit_calibrator",
+    "one_cpu_thread",
     "stratified_folds",
 ]
 
@@ -111,7 +114,8 @@ class Calibrator(Plugin):
                 or range, or of one class only.
         """
         z, y = check_calibration_data(logits, labels, self.display_name())
-        self._fit(z, y)
+        with one_cpu_thread(z.device):
+            self._fit(z, y)
         self.fitted_ = True
         return self
 
@@ -173,6 +177,27 @@ class Calibrator(Plugin):
 
 
 # --- helpers shared by the calibrators ---------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a calibrator's fit on one intra-op thread on the CPU, then restore the count.
+
+    A fit is hundreds of passes of operations on a few megabytes: extra threads save
+    little and add a synchronisation per operation, which dominates when the CPU is
+    shared (measured here, 2 cores under load: vector scaling on 5000 x 100 logits 0.74 s
+    on one thread, 9.1 s on two; matrix scaling 0.7-1.0 s against 1.8-12 s). CUDA work
+    is left as it is.
+    """
+    if device.type != "cpu" or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def as_logits(logits: Any) -> torch.Tensor:
