@@ -296,7 +296,8 @@ def main() -> None:
         for label, r in quality(name, logits, labels):
             lines.append(
                 f"| {label} | {100 * r['accuracy']:.2f} | {100 * r['ece']:.2f} | "
-                f"{100 * r['cw_ece']:.3f} | {r['nll']:.4f} | {r['brier']:.4f} | {r['seconds']:.2f} |"
+                f"{100 * r['cw_ece']:.3f} | {r['nll']:.4f} | {r['brier']:.4f} | "
+                f"{r['seconds']:.2f} |"
             )
         print("\n".join(lines[-len(METHODS) - 8 :]), flush=True)
     if args.markdown:
