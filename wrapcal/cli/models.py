@@ -154,6 +154,9 @@ def model_class_names(model: nn.Module) -> list[str] | None:
 def probe(model: nn.Module, batch: torch.Tensor, what: str) -> None:
     """Run two inputs through ``model``, so a shape it cannot take fails here, in words,
     not deep inside the evaluation."""
+    param = next(model.parameters(), None)
+    if param is not None:  # the data is read on the CPU; the model may be on a GPU
+        batch = batch.to(device=param.device, dtype=param.dtype)
     try:
         with torch.no_grad():
             model(batch)
