@@ -20,7 +20,7 @@ from wrapcal.errors import DataError
 from wrapcal.fingerprint import StreamHash
 from wrapcal.torch_utils import check_features, in_mode
 
-__all__ = ["FeatureSet", "FitData", "extract"]
+__all__ = ["FeatureSet", "FitData", "all_finite", "extract"]
 
 
 @dataclass
@@ -138,6 +138,13 @@ class FitData:
         )
 
 
+def all_finite(values: torch.Tensor, rows: int = 65536) -> bool:
+    """Whether every value is finite, checked in chunks of rows (no N x D temporary)."""
+    return all(
+        bool(torch.isfinite(values[i : i + rows]).all()) for i in range(0, len(values), rows)
+    )
+
+
 def extract(
     backbone: nn.Module,
     prepare: Callable[[torch.Tensor], torch.Tensor],
@@ -188,7 +195,7 @@ def extract(
     else:
         y_all = check_labels(torch.cat(labels), features.shape[0], num_classes)
         y_all = y_all.to(features.device)
-    if not torch.isfinite(features).all():
+    if not all_finite(features):
         raise DataError(
             f"the backbone produced NaN or inf features on the {name!r} data; check the "
             "inputs (NaN pixels?) and the model's weights"

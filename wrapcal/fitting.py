@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from wrapcal.cache import FeatureSet, FitData
+from wrapcal.cache import FeatureSet, FitData, all_finite
 from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
@@ -127,7 +127,7 @@ def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any
                 f"{name} features have shape {tuple(feats.shape)}; expected "
                 f"[N, {wrapped.num_features}], the output of wrapped.backbone"
             )
-        if not torch.isfinite(feats).all():
+        if not all_finite(feats):
             raise DataError(f"{name} features hold NaN or inf values; check how they were made")
         if labels is not None:
             labels = check_labels(torch.as_tensor(labels), len(feats), wrapped.num_classes_out)
