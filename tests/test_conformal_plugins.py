@@ -112,6 +112,7 @@ def test_temperature_changes_the_set_sizes_as_measured(halves):
 
 
 @requires_shared_data
+@pytest.mark.filterwarnings("ignore:no plugin reads train=")
 def test_conformal_fit_set_falls_back_to_calibration(halves):
     (f_cal, y_cal), (f_ev, _), _ = halves
     tags = get_tags(ConformalSets())
