@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from wrapcal import OutputContext, OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.conformal import bootstrap_means
 from wrapcal.params import Interval
 from wrapcal.selective import AbstentionRule, fit_abstention, risk_coverage_curve
 
-from .conformal import FIT_SETS, N_RESAMPLES, interval
+from .conformal import FIT_SETS, N_RESAMPLES, bootstrap_means, interval
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -21,13 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from wrapcal import OutputContext, OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.conformal import (
-    METHODS,
-    ConformalPredictor,
-    bootstrap_means,
-    fit_conformal,
-    prediction_sets,
-)
+from wrapcal.conformal import METHODS, ConformalPredictor, fit_conformal, prediction_sets
 from wrapcal.params import Interval, Options
 
 if TYPE_CHECKING:
@@ -35,14 +29,36 @@ if TYPE_CHECKING:
 
     from wrapcal import FitData, ModelView, Prediction
 
-__all__ = ["ConformalSets", "interval"]
+__all__ = ["ConformalSets", "bootstrap_means", "interval", "set_metrics"]
 
 #: The ``fit`` data sets read, the first given wins.
 FIT_SETS = ("conformal", "calibration")
 _WHY = "split conformal calibration needs held-out labelled data"
 #: Bootstrap resamples and level of the report's intervals (as ``wrapcal.evaluate``).
 N_RESAMPLES, LEVEL = 1000, 0.95
+# Indices per chunk of bootstrap resamples (as wrapcal.metrics.bootstrap).
+_CHUNK_ELEMENTS = 1 << 22
 _F64 = (torch.float64,)
+
+
+def bootstrap_means(values: torch.Tensor, n_resamples: int = 1000, seed: int = 0) -> torch.Tensor:
+    """Column means of ``values`` ``[N, J]`` over bootstrap resamples of its rows: ``[B, J]``.
+
+    Every column is resampled with the same rows (a paired resample), drawn from a
+    ``torch.Generator`` seeded with ``seed`` on the data's device, in chunks of about
+    4M indices whatever N and B, as :mod:`wrapcal.metrics.bootstrap` does.
+    """
+    n = values.shape[0]
+    if n == 0 or n_resamples < 1:
+        raise ValueError(f"need rows and n_resamples >= 1; got {n} rows, {n_resamples}")
+    generator = torch.Generator(device=values.device).manual_seed(seed)
+    step, out = max(1, _CHUNK_ELEMENTS // n), []
+    for low in range(0, n_resamples, step):
+        index = torch.randint(
+            n, (min(step, n_resamples - low), n), generator=generator, device=values.device
+        )
+        out.append(torch.stack([column[index].mean(dim=1) for column in values.T], dim=1))
+    return torch.cat(out)
 
 
 def interval(samples: torch.Tensor, level: float = LEVEL) -> list[float]:

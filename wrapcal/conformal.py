@@ -1,12 +1,11 @@
 """Conformal prediction sets and abstention at a chosen risk, from logits you already have.
 
 Split conformal prediction turns any classifier's probabilities into sets that hold the
-true class with probability at least ``1 - alpha``, for any model and any data
-distribution, as long as the calibration and test samples are exchangeable (Vovk et
-al. 2005). With ``n`` calibration samples and continuous scores the coverage is also at
-most ``1 - alpha + 1 / (n + 1)``. Three nonconformity scores of a class ``y`` (higher =
-less conforming), from the probabilities ``p`` sorted in decreasing order, with ``o(y)``
-the 1-based rank of ``y`` and ``U`` uniform on [0, 1):
+true class with probability at least ``1 - alpha`` (at most ``1 - alpha + 1 / (n + 1)``
+with ``n`` calibration samples and continuous scores) when the calibration and test
+samples are exchangeable (Vovk et al. 2005). Three nonconformity scores of a class ``y``
+(higher = less conforming), from the probabilities ``p`` sorted in decreasing order, with
+``o(y)`` the 1-based rank of ``y`` and ``U`` uniform on [0, 1):
 
 - ``lac`` (Sadinle, Lei & Wasserman 2019): ``1 - p_y``. The smallest sets on average.
 - ``aps`` (Romano, Sesia & Candes 2020): the mass ranked above ``y`` plus ``U p_y``.
@@ -24,26 +23,28 @@ for every class separately.
 conservative) is not drawn from a global generator: it is a seeded hash of the sample's
 logits, ``frac(16 * sum_k w_k z_k)`` with ``w ~ N(0, 1)`` drawn once from ``seed``. The
 same input gets the same set in any batch, after save and load, and in an exported
-graph (plain tensor operations). A score that is a fixed function of the input keeps the
-guarantee exactly (the calibration and test scores stay exchangeable), and the hash
-makes it continuous, so the upper bound holds too; ``tests/test_conformal.py`` measures
-that ``U`` is uniform and unrelated to the probabilities on real logits.
+graph. A score that is a fixed function of the input keeps the guarantee exactly, and
+the hash makes it continuous, so the upper bound holds too; ``tests/test_conformal.py``
+measures that ``U`` is uniform and unrelated to the probabilities on real logits.
 
 Abstention at a chosen risk is :mod:`wrapcal.selective`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from wrapcal.calibrator import one_cpu_thread
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.probs import check_logits, logits_to_probs
@@ -53,7 +54,6 @@ __all__ = [
     "METHODS",
     "RAPS_LAMBDAS",
     "ConformalPredictor",
-    "bootstrap_means",
     "conformal_quantile",
     "conformal_scores",
     "conformal_sets",
@@ -71,11 +71,10 @@ RAPS_LAMBDAS = (0.001, 0.01, 0.1, 0.2, 0.5)
 #: The threshold when too few calibration samples exist for ``alpha``: every class is in
 #: the set. Finite, so a saved model holds no inf.
 ALL_CLASSES = float(torch.finfo(torch.float64).max)
-#: ``U = frac(_HASH_SCALE * w . z)``: 16 spreads real logits over hundreds of periods (U
-#: uniform) while a rounding difference in the logits moves U by ~1e-5 only.
+#: ``U = frac(16 w . z)``: real logits spread over hundreds of periods (U uniform), while
+#: a rounding difference in the logits moves U by ~1e-5 only.
 _HASH_SCALE = 16.0
-# Indices per chunk of bootstrap resamples (as wrapcal.metrics.bootstrap).
-_CHUNK_ELEMENTS = 1 << 22
+T = TypeVar("T")
 
 
 # --- scores, quantiles, sets (the per-sample path is plain tensor operations) -----------
@@ -283,13 +282,27 @@ class ConformalPredictor:
         """Prediction sets ``[N, K]`` (bool) of logits (``probs``: their probabilities
         as the model reports them, default ``softmax(logits)``)."""
         logits = check_logits(torch.as_tensor(logits))
-        probs = logits_to_probs(logits) if probs is None else probs
-        return prediction_sets(
-            logits, probs, self.thresholds, self.weights, self.method, self.k_reg, self.lam,
-            self.randomized,
-        )  # fmt: skip
+        with one_cpu_thread(logits.device):  # row-wise work: threads only wait on a shared CPU
+            probs = logits_to_probs(logits) if probs is None else probs
+            return prediction_sets(
+                logits, probs, self.thresholds, self.weights, self.method, self.k_reg, self.lam,
+                self.randomized,
+            )  # fmt: skip
 
 
+def one_thread(fit: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fit(logits, ...)`` on one CPU thread (``wrapcal.calibrator.one_cpu_thread``):
+    its operations are small and row-wise, and extra threads only wait on a shared CPU."""
+
+    @functools.wraps(fit)
+    def run(logits: Any, *args: Any, **kwargs: Any) -> T:
+        with one_cpu_thread(getattr(logits, "device", torch.device("cpu"))):
+            return fit(logits, *args, **kwargs)
+
+    return run
+
+
+@one_thread
 def fit_conformal(
     logits: Any,
     labels: Any,
@@ -360,7 +373,7 @@ def fit_conformal(
             f"reach 1 - alpha only if n >= 1/alpha - 1 = {math.ceil(1 / alpha - 1)}; "
             "those sets hold every class. Give more calibration data or a larger alpha",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the user's call, through one_thread
         )
     return ConformalPredictor(
         method, thresholds, weights, k_reg, lam, randomized, len(labels), n_tune
@@ -377,23 +390,3 @@ def conformal_sets(cal_logits: Any, cal_labels: Any, test_logits: Any, **options
         covered = sets[torch.arange(len(sets)), test_labels]  # ~90% True
     """
     return fit_conformal(cal_logits, cal_labels, **options).sets(test_logits)
-
-
-def bootstrap_means(values: Tensor, n_resamples: int = 1000, seed: int = 0) -> Tensor:
-    """Column means of ``values`` ``[N, J]`` over bootstrap resamples of its rows: ``[B, J]``.
-
-    Every column is resampled with the same rows (a paired resample), drawn from a
-    ``torch.Generator`` seeded with ``seed`` on the data's device, in chunks of about
-    4M indices whatever N and B, as :mod:`wrapcal.metrics.bootstrap` does.
-    """
-    n = values.shape[0]
-    if n == 0 or n_resamples < 1:
-        raise ValueError(f"need rows and n_resamples >= 1; got {n} rows, {n_resamples}")
-    generator = torch.Generator(device=values.device).manual_seed(seed)
-    step, out = max(1, _CHUNK_ELEMENTS // n), []
-    for low in range(0, n_resamples, step):
-        index = torch.randint(
-            n, (min(step, n_resamples - low), n), generator=generator, device=values.device
-        )
-        out.append(torch.stack([column[index].mean(dim=1) for column in values.T], dim=1))
-    return torch.cat(out)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from wrapcal.calibrator import one_cpu_thread
 from wrapcal.errors import DataError
 
 __all__ = [
@@ -163,6 +164,11 @@ def fit_abstention(
     if not 0 < risk < 1 or not 0 < delta < 0.5:
         raise ValueError(f"risk must be in (0, 1) and delta in (0, 0.5); got {risk}, {delta}")
     msp, correct = _check(msp, correct)
+    with one_cpu_thread(msp.device):  # small operations: threads only wait on a shared CPU
+        return _fit(msp, correct, risk, delta, grid)
+
+
+def _fit(msp: Tensor, correct: Tensor, risk: float, delta: float, grid: int) -> AbstentionRule:
     thresholds = abstention_grid(grid).to(msp.device)
     ascending, order = torch.sort(msp, stable=True)
     errors = torch.cumsum((~correct[order]).to(torch.long), 0)
