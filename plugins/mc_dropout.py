@@ -169,6 +169,7 @@ class MCDropout(Plugin):
                     UserWarning,
                     stacklevel=2,
                 )
+            self._draw_masks(model.num_features)
             return
         self.dropout_modules_ = dropout_modules(model.backbone)
         # Forward hooks on each dropout module replace its (eval-mode, identity) output
@@ -184,6 +185,7 @@ class MCDropout(Plugin):
         # Cached features (a later plugin's fit) cannot rerun the backbone: there only
         # the head's dropout is sampled.
         self.p_ = float(self.p) if self.p is not None else head_rate
+        self._draw_masks(model.num_features)
         if not self.dropout_modules_ and self.pass_p_ == 0:
             raise ValueError(
                 f"scope='all' samples the network's dropout, but {model.name} has none (no "
@@ -226,17 +228,28 @@ class MCDropout(Plugin):
     def _generator(self, device: torch.device) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed)
 
+    def _draw_masks(self, width: int) -> None:
+        """Draw the ``T`` head masks once, on the CPU from ``seed``, and keep them.
+
+        They are a buffer, saved with the model: predict, a reloaded model and an
+        exported one use the very same masks, on any device.
+        """
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        keep = torch.rand(self.samples, width, generator=generator) >= self.p_
+        self.register_buffer("keep_", keep)
+
     def feature_masks(
         self, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
         """The ``T`` head-dropout masks ``[T, width]``, already scaled by ``1 / (1 - p)``.
 
-        The same for every call (the generator is reseeded), so every input sees the same
-        ``T`` thinned heads.
+        Drawn once from ``seed`` (see ``keep_``), so every input sees the same ``T``
+        thinned heads.
         """
-        device = torch.device(device)
-        keep = torch.rand(self.samples, width, generator=self._generator(device), device=device)
-        return (keep >= self.p_).to(dtype) / (1 - self.p_)
+        keep = self._buffers.get("keep_")
+        if keep is None or keep.shape != (self.samples, width):
+            self._draw_masks(width)  # used on its own, without a model (attach draws them)
+        return self.keep_.to(device=device, dtype=dtype) / (1 - self.p_)
 
     def _masked(self, features: torch.Tensor) -> torch.Tensor:
         """``[S, n, D]`` -> ``[T * S, n, D]``: the ``T`` head masks on every sample."""
