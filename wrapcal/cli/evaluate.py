@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -133,23 +136,38 @@ def _read_fit_sets(
     return sets
 
 
-def _relay(caught: list[warnings.WarningMessage], plugins: list[str]) -> None:
-    for warning in caught:
-        text = " ".join(str(warning.message).split())
-        inputs.say(COMMAND, "warning", in_cli_terms(text, plugins))
+@contextmanager
+def _relayed(plugins: list[str]) -> Iterator[None]:
+    """Library warnings as ``wrapcal evaluate: warning:`` lines, in the command's terms,
+    also when the block fails."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                text = " ".join(str(warning.message).split())
+                inputs.say(COMMAND, "warning", in_cli_terms(text, plugins))
 
 
-def evaluate(args: argparse.Namespace) -> Path:
-    """Run the command; returns the report directory."""
-    import wrapcal
-    from wrapcal.report import evaluate as evaluate_models
+@dataclass
+class _Model:
+    """The model to evaluate, what it takes and what its classes are called."""
 
-    progress = not args.no_progress
+    baseline: Any
+    saved: Any  # the loaded WrappedModel of a .wrapcal file, or None
+    num_classes: int
+    reference: list[str] | None  # the model's class names, when known
+    source: str  # where ``reference`` comes from, for messages
+
+
+def _check_flags(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], dict, dict]:
+    """Everything that can be checked without data: plugins and their parameters, the
+    model spec and its arguments, the fit sets the plugins need. Returns the plugins,
+    the model arguments and the fit plan."""
     plugins = create_plugins(args.plugins, args.plugin_arg)
     model_kwargs = models.parse_model_args(args.model_arg)
-    names_flag = inputs.read_class_names(args.class_names)
-    saved = models.is_saved_file(args.model)
-    if saved:
+    if models.is_saved_file(args.model):
         if not Path(args.model).is_file():
             raise FileNotFoundError(f"model file not found: {args.model}")
         extra = [f for f, v in (("--plugins", plugins), ("--plugin-arg", args.plugin_arg),
@@ -160,93 +178,121 @@ def evaluate(args: argparse.Namespace) -> Path:
                 f"a saved .wrapcal model already has its plugins, weights and classes; "
                 f"{', '.join(extra)} apply to FAMILY:NAME models"
             )
-        plan: dict[str, str] = {}
-    else:
-        models.check(args.model, model_kwargs)
-        plan = _fit_plan(args, plugins)
+        return plugins, model_kwargs, {}
+    models.check(args.model, model_kwargs)
     if args.weights and not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: weights file not found: {args.weights}")
-    device = models.device(args.device)
-    settings = _settings(args)
+    return plugins, model_kwargs, _fit_plan(args, plugins)
 
-    test = inputs.read(args.data, "test", "--data", settings, args.split, "--split")
-    if saved:
-        wrapped = wrapcal.load(args.model).to(device)
-        baseline: Any = models.BackboneHead(wrapped.backbone, wrapped.head)
-        num_classes = wrapped.num_classes_out
-        model_names = models.model_class_names(wrapped)
+
+def _model(args: argparse.Namespace, kwargs: dict, test: Loaded, names: Any) -> _Model:
+    """Load or build the model (its classes from the flags or the test data)."""
+    import wrapcal
+
+    device = models.device(args.device)
+    if models.is_saved_file(args.model):
+        with _relayed([]):
+            saved = wrapcal.load(args.model).to(device)
+        baseline: Any = models.BackboneHead(saved.backbone, saved.head)
+        num_classes, carried = saved.num_classes_out, models.model_class_names(saved)
     else:
-        num_classes = args.num_classes or (len(names_flag) if names_flag else test.num_classes)
-        baseline = models.build(args.model, model_kwargs, num_classes)
+        saved = None
+        num_classes = args.num_classes or (len(names) if names else test.num_classes)
+        if num_classes is None:
+            raise CliError("--data has no labels to count the classes from; give --num-classes")
+        baseline = models.build(args.model, kwargs, num_classes)
         if args.weights:
             models.load_weights(baseline, args.weights)
         baseline = baseline.to(device).eval()
-        model_names = models.model_class_names(baseline)
-    reference, source = (names_flag, "--class-names") if names_flag else (model_names, "the model")
+        carried = models.model_class_names(baseline)
+    if names is not None and len(names) != num_classes:
+        raise CliError(
+            f"--class-names gives {len(names)} names but the model has {num_classes} classes"
+        )
+    reference, source = (names, "--class-names") if names else (carried, "the model")
     if reference is None and test.kind != "folder" and test.class_names is not None:
         reference, source = test.class_names, f"--data {args.data}"
-    if names_flag is not None and num_classes is not None and len(names_flag) != num_classes:
-        raise CliError(
-            f"--class-names gives {len(names_flag)} names but the model has {num_classes} classes"
-        )
-    test = inputs.reconcile_classes(test, "--data", reference, source, COMMAND)
-    if num_classes is None:
-        raise CliError("--data has no labels to count the classes from; give --num-classes")
-    inputs.check_label_range(test, "--data", num_classes)
-    _check_input(wrapped if saved else baseline, test, "the model")
+    return _Model(baseline, saved, num_classes, reference, source)
 
-    ood = inputs.read_ood(args.ood, settings, test)
-    fit_sets = _read_fit_sets(plan, args, settings, test)
-    loud = []
-    for name, loaded in fit_sets.items():
-        if not isinstance(loaded, Loaded):
+
+def _checked_fit_sets(
+    sets: dict[str, Any], model: _Model, allow_partial: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """Class order, label range and class coverage of the labelled fit sets; returns the
+    sets as data for ``fit`` and the warnings to repeat after the results."""
+    loud, data = [], {}
+    for name, loaded in sets.items():
+        if not isinstance(loaded, Loaded):  # the unlabelled mix
+            data[name] = loaded
             continue
         flag = fit_flag(name).replace("=SPEC", "")
-        loaded = inputs.reconcile_classes(loaded, flag, reference, source, COMMAND)
-        inputs.check_label_range(loaded, flag, num_classes)
-        text = inputs.check_coverage(loaded, flag, num_classes, args.allow_partial_classes)
+        loaded = inputs.reconcile_classes(loaded, flag, model.reference, model.source, COMMAND)
+        inputs.check_label_range(loaded, flag, model.num_classes)
+        text = inputs.check_coverage(loaded, flag, model.num_classes, allow_partial)
         if text:
             inputs.say(COMMAND, "WARNING", text)
             loud.append(text)
-        fit_sets[name] = loaded
+        data[name] = loaded.data
+    return data, loud
 
-    models_to_run: dict[str, Any] = {"baseline": baseline}
-    if saved:
-        models_to_run["wrapped"] = wrapped
+
+def _wrapped(
+    args: argparse.Namespace, baseline: Any, plugins: list[tuple[str, Any]], data: dict
+) -> Any:
+    import wrapcal
+    from wrapcal.plugin import get_tags
+
+    with _relayed([n for n, _ in plugins]):
+        wrapped = wrapcal.wrap(baseline, [plugin for _, plugin in plugins])
+        if data or any(get_tags(p).requires_fit for _, p in plugins):
+            wrapped.fit(
+                **data, batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed
+            )
+    return wrapped
+
+
+def evaluate(args: argparse.Namespace) -> Path:
+    """Run the command; returns the report directory."""
+    from wrapcal.report import evaluate as evaluate_models
+
+    plugins, model_kwargs, plan = _check_flags(args)
+    names = inputs.read_class_names(args.class_names)
+    models.device(args.device)  # checked before reading data too
+    settings = _settings(args)
+
+    test = inputs.read(args.data, "test", "--data", settings, args.split, "--split")
+    model = _model(args, model_kwargs, test, names)
+    test = inputs.reconcile_classes(test, "--data", model.reference, model.source, COMMAND)
+    inputs.check_label_range(test, "--data", model.num_classes)
+    _check_input(model.saved or model.baseline, test, "the model")
+
+    ood = inputs.read_ood(args.ood, settings, test)
+    sets = _read_fit_sets(plan, args, settings, test)
+    data, loud = _checked_fit_sets(sets, model, args.allow_partial_classes)
+
+    runs: dict[str, Any] = {"baseline": model.baseline}
+    if model.saved is not None:
+        runs["wrapped"] = model.saved
     elif plugins:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            wrapped = wrapcal.wrap(baseline, [plugin for _, plugin in plugins])
-            data = {k: (v.data if isinstance(v, Loaded) else v) for k, v in fit_sets.items()}
-            if data or wrapped_requires_fit(wrapped):
-                wrapped.fit(**data, batch_size=args.batch_size, progress=progress, seed=args.seed)
-        _relay(caught, [n for n, _ in plugins])
-        models_to_run["wrapped"] = wrapped
-
-    report = evaluate_models(
-        models_to_run,
-        test.data,
-        ood,
-        n_bins=args.bins,
-        batch_size=args.batch_size,
-        progress=progress,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-    )
-    out = report.save(args.out)
+        runs["wrapped"] = _wrapped(args, model.baseline, plugins, data)
+    with _relayed([n for n, _ in plugins]):
+        report = evaluate_models(
+            runs,
+            test.data,
+            ood,
+            n_bins=args.bins,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+        )
+        out = report.save(args.out)
     calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]
     print("Calibration" + calibration.rstrip())
     print(f"\nreport written to {out / 'report.html'} (also report.md, report.json, figures/)")
     for text in loud:
         inputs.say(COMMAND, "WARNING", text)
     return out
-
-
-def wrapped_requires_fit(wrapped: Any) -> bool:
-    """Whether some plugin needs ``fit`` even without data (its tags say so)."""
-    from wrapcal.plugin import get_tags
-
-    return any(get_tags(p).requires_fit for p in wrapped.plugins)
 
 
 def run(args: argparse.Namespace) -> int:
