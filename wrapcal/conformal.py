@@ -281,8 +281,9 @@ class ConformalPredictor:
     def sets(self, logits: Any, probs: Tensor | None = None) -> Tensor:
         """Prediction sets ``[N, K]`` (bool) of logits (``probs``: their probabilities
         as the model reports them, default ``softmax(logits)``)."""
-        logits = check_logits(torch.as_tensor(logits))
+        logits = torch.as_tensor(logits)
         with one_cpu_thread(logits.device):  # row-wise work: threads only wait on a shared CPU
+            check_logits(logits)
             probs = logits_to_probs(logits) if probs is None else probs
             return prediction_sets(
                 logits, probs, self.thresholds, self.weights, self.method, self.k_reg, self.lam,
