@@ -145,6 +145,19 @@ def all_finite(values: torch.Tensor, rows: int = 65536) -> bool:
     )
 
 
+class MemorySink:
+    """Collects a data set's features in memory (the default of :func:`extract`)."""
+
+    def __init__(self) -> None:
+        self.features: list[torch.Tensor] = []
+
+    def append(self, features: torch.Tensor, labels: torch.Tensor | None) -> None:
+        self.features.append(features)
+
+    def finish(self) -> torch.Tensor:
+        return torch.cat(self.features)
+
+
 def extract(
     backbone: nn.Module,
     prepare: Callable[[torch.Tensor], torch.Tensor],
@@ -156,6 +169,7 @@ def extract(
     batch_size: int = 256,
     progress: bool = True,
     stream: StreamHash | None = None,
+    sink: Any = None,
 ) -> FeatureSet:
     """Run the backbone once over ``data`` (eval mode, no gradients).
 
@@ -169,12 +183,16 @@ def extract(
         batch_size: Batch size for data that is not already batched.
         progress: Show a progress bar.
         stream: Hashes every batch as it is read (the feature cache's key for loaders).
+        sink: Where the features go, batch by batch (``append(features, labels)``, then
+            ``finish()`` gives what the FeatureSet holds): memory by default, a file for
+            sets larger than memory (:class:`wrapcal.disk_features.DiskWriter`).
 
     Raises:
         DataError: Empty data, bad labels, or NaN/inf features.
     """
-    feats, labels = [], []
-    input_shape = None
+    sink = MemorySink() if sink is None else sink
+    labels: list[torch.Tensor | None] = []
+    rows, input_shape = 0, None
     bar = tqdm(total=num_samples(data), desc=f"features: {name}", unit="img", disable=not progress)
     try:
         with in_mode(backbone, False), torch.no_grad():
@@ -182,22 +200,23 @@ def extract(
                 input_shape = input_shape or tuple(x.shape[1:])
                 if stream is not None:
                     stream.update(x, y)
-                feats.append(check_features(backbone(prepare(x)), num_features))
+                features = check_features(backbone(prepare(x)), num_features)
+                if not all_finite(features):
+                    raise DataError(
+                        f"the backbone produced NaN or inf features on the {name!r} data; "
+                        "check the inputs (NaN pixels?) and the model's weights"
+                    )
+                sink.append(features, y)
                 labels.append(y)
+                rows += x.shape[0]
                 bar.update(x.shape[0])
     finally:
         bar.close()
-    if not feats:
+    if not rows:
         raise DataError(f"the {name!r} data set is empty")
-    features = torch.cat(feats)
+    features = sink.finish()
     if any(y is None for y in labels):
         y_all = None
     else:
-        y_all = check_labels(torch.cat(labels), features.shape[0], num_classes)
-        y_all = y_all.to(features.device)
-    if not all_finite(features):
-        raise DataError(
-            f"the backbone produced NaN or inf features on the {name!r} data; check the "
-            "inputs (NaN pixels?) and the model's weights"
-        )
+        y_all = check_labels(torch.cat(labels), rows, num_classes).to(features.device)
     return FeatureSet(name, features, y_all, data, input_shape)

@@ -18,6 +18,7 @@ from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.feature_cache import cached_features
+from wrapcal.operating_points import measure_operating_points
 from wrapcal.plugin import get_tags
 
 __all__ = ["fit_from_data", "fit_from_features", "read_sets"]
@@ -150,4 +151,8 @@ def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
         plugin.fitted_ = True
         if get_tags(plugin).changes_backbone:
             data.sets = recompute()
+    calibration = data.calibration
+    if calibration is not None and len(calibration):
+        prediction = wrapped.view(len(wrapped.plugins)).predict_features(calibration.features)
+        wrapped.operating_points = measure_operating_points(prediction, calibration.labels)
     return wrapped

@@ -218,4 +218,5 @@ def load(
     wrapped.source = saved.config["model"] or wrapped.source
     shape = saved.config.get("input_shape")
     wrapped.input_shape = tuple(shape) if shape else None
+    wrapped.operating_points = saved.config.get("operating_points")
     return wrapped.eval()

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_tensors
 
 from wrapcal import manager
 from wrapcal.errors import SavedFileError
+from wrapcal.operating_points import is_operating_points
 from wrapcal.registry import describe_model
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SavedFile", "digest", "read", "save"]
@@ -92,6 +93,7 @@ def _config(wrapped: Any) -> dict[str, Any]:
         "num_classes": wrapped.num_classes,
         "num_features": wrapped.num_features,
         "input_shape": list(wrapped.input_shape) if wrapped.input_shape else None,
+        "operating_points": wrapped.operating_points,
         "plugins": _plugin_entries(wrapped),
     }
 
@@ -217,6 +219,8 @@ def _check_config(path: Path, config: Any) -> dict[str, Any]:
             and isinstance(entry.get("state"), dict)
         ):
             raise _fail(path, "a plugin entry is not {name, params, state}")
+    if not is_operating_points(config.get("operating_points")):
+        raise _fail(path, "the operating points are not thresholds and metrics")
     shape = config.get("input_shape")
     if shape is not None and not (
         isinstance(shape, list) and all(isinstance(v, int) and 0 < v < 1 << 20 for v in shape)

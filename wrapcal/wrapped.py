@@ -51,6 +51,10 @@ class WrappedModel(nn.Module):
             error (the default). Set it to ``False`` in serving, where inputs are
             trusted and the check's pass over the batch is not wanted.
         backbone_passes: How many passes over a data set the backbone has made.
+        operating_points: Measured at ``fit`` on the calibration set: for each score the
+            threshold accepting 95% of it, and its accuracy, ECE and NLL
+            (:mod:`wrapcal.operating_points`); ``None`` before (or without calibration
+            data). Saved with the model and written into exports.
     """
 
     def __init__(self, split: Split, plugins: Sequence[tuple[str, Plugin]]) -> None:
@@ -68,6 +72,7 @@ class WrappedModel(nn.Module):
         self.fixed_input_size = split.fixed_input_size
         self.check_inputs = True
         self.backbone_passes = 0
+        self.operating_points: dict[str, Any] | None = None
         for index, (name, plugin) in enumerate(plugins):
             named_errors(name, plugin.attach, self.view(index))
         self.eval()

@@ -30,6 +30,7 @@ from wrapcal.metrics.calibration import (
 )
 from wrapcal.metrics.ood import (
     OODMetrics,
+    acceptance_threshold,
     aupr_in,
     aupr_out,
     auroc,
@@ -45,6 +46,7 @@ __all__ = [
     "CalibrationMetrics",
     "OODMetrics",
     "SummableMetric",
+    "acceptance_threshold",
     "accuracy",
     "adaptive_ece",
     "aupr_in",

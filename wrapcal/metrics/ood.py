@@ -30,6 +30,7 @@ ArrayLike = Tensor | np.ndarray
 
 __all__ = [
     "OODMetrics",
+    "acceptance_threshold",
     "aupr_in",
     "aupr_out",
     "auroc",
@@ -104,6 +105,17 @@ def aupr_out(scores_in: ArrayLike, scores_out: ArrayLike) -> float:
     """Area under the precision-recall curve with OOD positive (ranked by ``score``)."""
     s_in, s_out = check_scores(scores_in, scores_out)
     return _average_precision(s_out, s_in)
+
+
+def acceptance_threshold(scores_in: ArrayLike, tpr: float = 0.95) -> float:
+    """The score threshold that accepts ``tpr`` of in-distribution samples: the
+    ``ceil(tpr * N)``-th smallest score. Inputs with ``score <= threshold`` are accepted
+    (treated as in-distribution); the same threshold :func:`fpr_at_tpr` uses."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1]; got {tpr} — e.g. 0.95 to accept 95%")
+    s_in = _as_scores(scores_in, "scores_in")
+    k = max(1, math.ceil(round(tpr * s_in.numel(), 9)))
+    return float(torch.kthvalue(s_in.double(), k).values)
 
 
 def fpr_at_tpr(scores_in: ArrayLike, scores_out: ArrayLike, tpr: float = 0.95) -> float:
