@@ -39,7 +39,7 @@ in place, except those of ``resnet20_outputs``, which are fresh copies):
     The pass runs once (``torch.no_grad``, batches of 500) and is cached on disk as an
     ``.npz`` under ``$WRAPCAL_TEST_CACHE`` (default ``~/.cache/wrapcal-tests``), keyed
     by a hash of the weights file, the data files' sizes and mtimes, and the source of
-    ``wrapcal/models.py`` and ``wrapcal/imagefiles.py``. On 2 CPU cores computing it
+    ``wrapcal/models.py`` and the ``wrapcal.datasets`` readers. On 2 CPU cores computing it
     takes about 20 s; loading the cache well under a second.
 """
 
@@ -58,8 +58,7 @@ import pytest
 import torch
 from torch import nn
 
-from wrapcal import datasets as imagefiles
-from wrapcal import models
+from wrapcal import datasets, models
 from wrapcal.datasets import idx, npz, pixels
 from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
@@ -119,7 +118,7 @@ def cifar10(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     _require()
-    images, labels = imagefiles.load_npz_images(
+    images, labels = datasets.load_npz_images(
         CIFAR_NPZ, split=split, mean=CIFAR_MEAN, std=CIFAR_STD
     )
     assert labels is not None
@@ -129,8 +128,8 @@ def _cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 @functools.cache
 def _mnist_all() -> torch.Tensor:
     _require()
-    raw = imagefiles.load_idx_images(MNIST_IMAGES)
-    return imagefiles.to_rgb32(raw, size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
+    raw = datasets.load_idx_images(MNIST_IMAGES)
+    return datasets.to_rgb32(raw, size=32, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 
 def mnist_ood(n: int | None = None) -> torch.Tensor:
@@ -143,7 +142,7 @@ def mnist_ood(n: int | None = None) -> torch.Tensor:
 def mnist_labels() -> torch.Tensor:
     """Digit labels (int64 [10000]) of the MNIST test set."""
     _require()
-    return torch.from_numpy(imagefiles.load_idx_labels(MNIST_LABELS))
+    return torch.from_numpy(datasets.load_idx_labels(MNIST_LABELS))
 
 
 @functools.cache

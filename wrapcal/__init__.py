@@ -4,10 +4,11 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
-from wrapcal import metrics
+from wrapcal import conformal, metrics, selective
 from wrapcal.assemble import wrap
 from wrapcal.cache import FeatureSet, FitData
 from wrapcal.calibrate import fit_temperature
+from wrapcal.conformal import ConformalPredictor, conformal_sets, fit_conformal
 from wrapcal.errors import (
     DataError,
     NotFittedError,
@@ -22,6 +23,7 @@ from wrapcal.manager import get_plugin_manager, plugin_registry
 from wrapcal.plugin import Plugin, get_tags
 from wrapcal.prediction import Prediction
 from wrapcal.saving import save
+from wrapcal.selective import AbstentionRule, fit_abstention
 from wrapcal.split import Split
 from wrapcal.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
 from wrapcal.wrapped import WrappedModel
@@ -39,6 +41,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AbstentionRule",
+    "ConformalPredictor",
     "DataError",
     "FeatureSet",
     "FitData",
@@ -58,7 +62,11 @@ __all__ = [
     "WrapcalError",
     "WrappedModel",
     "__version__",
+    "conformal",
+    "conformal_sets",
     "evaluate",
+    "fit_abstention",
+    "fit_conformal",
     "fit_temperature",
     "get_plugin_manager",
     "get_tags",
@@ -68,5 +76,6 @@ __all__ = [
     "metrics",
     "plugin_registry",
     "save",
+    "selective",
     "wrap",
 ]
