@@ -160,15 +160,7 @@ class AutoCalibration(Calibrator):
             warnings.simplefilter("ignore")
             for name, calibrator in self.calibrators.items():
                 calibrator.fit_logits(logits, labels)
-                out_of_fold = torch.empty_like(logits)
-                for held_out in folds:
-                    train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-                    train[held_out] = False
-                    clone = self._candidate(name, calibrator.frozen_params())
-                    clone.fit_logits(logits[train], labels[train])
-                    with torch.no_grad():
-                        out = clone.transform_logits(logits[held_out])
-                    out_of_fold[held_out] = torch.log_softmax(out.double(), dim=1)
+                out_of_fold = calibrator.cross_val_log_probs(logits, labels, folds)
                 table.append(_row(name, out_of_fold, labels))
         identity = table[0]["nll"]
         eligible = [row for row in table[1:] if row["nll"] <= identity]

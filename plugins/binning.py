@@ -9,16 +9,17 @@ Both learn one-dimensional maps from a probability to a calibrated probability
   A class predicted too rarely to fit its own map uses the map pooled over all
   classes (``fallback="pooled"``) or is left as it is (``fallback="identity"``, Gupta
   & Ramdas's choice). The calibrated confidence ``h`` goes to the predicted class; the
-  other classes share ``1 - h`` in proportion to their probabilities.
+  other classes share ``1 - h`` in proportion to their probabilities, none above ``h``
+  (:func:`capped_shares`), so the prediction stays (unless ``h`` falls below ``1 / K``).
 * ``"one_vs_rest"`` (Zadrozny & Elkan 2002, as netcal and scikit-learn do it): for each
   class ``k``, a map of ``p_k`` against ``y == k``; the ``K`` results are renormalised.
 
 Either way the output is ``log`` of the calibrated distribution, every probability
 floored at ``min_prob`` first (a bin or an isotonic step can give 0, whose log would be
-``-inf``) and the rows renormalised: valid logits. Both modes can reorder classes (the
-top-label map is not increasing across classes, and one-vs-rest maps differ by class),
-so accuracy can move. Fitting runs in numpy on the CPU; inference is
-``searchsorted`` and gathers on stored knots (exportable).
+``-inf``) and the rows renormalised: valid logits. One-vs-rest can reorder classes (the
+maps differ by class), so accuracy can move; top label keeps the arg-max. Fitting runs
+in numpy on the CPU; inference is ``searchsorted`` and gathers on stored knots
+(exportable).
 """
 
 from __future__ import annotations
@@ -45,16 +46,45 @@ from ._maps import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["HistogramBinning", "IsotonicCalibration"]
+__all__ = ["HistogramBinning", "IsotonicCalibration", "capped_shares"]
 
 _F64 = (torch.float64,)
 _COMMON: dict[str, list[Any]] = {
     "mode": [Options(str, {"top_label", "one_vs_rest"})],
     "fallback": [Options(str, {"pooled", "identity"})],
-    "min_prob": [Interval(float, 0, 0.01, closed="right")],
+    "min_prob": [None, Interval(float, 0, 0.01, closed="right")],
 }
 
 Map = tuple[np.ndarray, np.ndarray]
+# The other classes are capped just below the top label's h, so it stays the arg-max.
+_BELOW = 1e-6
+
+
+def capped_shares(
+    shares: torch.Tensor, is_top: torch.Tensor, rest: torch.Tensor, cap: torch.Tensor
+) -> torch.Tensor:
+    """Share ``rest`` ``[B, 1]`` among the classes other than the top one in proportion
+    to ``shares`` ``[B, K]`` (0 at the top, summing to 1), none above ``cap`` ``[B, 1]``.
+
+    Water-filling: ``q_j = min(cap, t * s_j)`` with ``t`` such that the ``q_j`` sum to
+    ``rest``; the classes capped are the ``m`` largest, ``m`` the smallest number for
+    which the largest uncapped share fits under the cap. With the top-label ``h`` as the
+    cap, the predicted class stays the arg-max: the top-label calibrator changes the
+    confidence, not the prediction. Where even capping every class cannot hold the rest
+    (``h`` below ``1 / K``, a confidence under chance), the rest is shared equally.
+    Plain tensor operations (sort, cumulative sums, gathers).
+    """
+    k = shares.shape[-1]
+    s, order = shares.sort(dim=-1, descending=True)  # the top class (0) sorts last
+    tail = s.flip(-1).cumsum(-1).flip(-1)  # sum of the shares from position m on
+    m = torch.arange(k, device=s.device, dtype=s.dtype)
+    t = (rest - m * cap) / tail.clamp_min(torch.finfo(s.dtype).tiny)
+    fits = (t * s <= cap) & (rest - m * cap >= 0) & (m < k - 1)
+    first = fits.to(torch.int32).argmax(dim=-1, keepdim=True)  # the first that fits
+    filled = torch.where(m < first, cap, t.gather(-1, first) * s)
+    q = torch.zeros_like(s).scatter(-1, order, filled)
+    equal = (rest / (k - 1)).expand_as(q).masked_fill(is_top, 0)
+    return torch.where(fits.any(dim=-1, keepdim=True), q, equal)
 
 
 class _MapCalibrator(Calibrator):
@@ -62,7 +92,7 @@ class _MapCalibrator(Calibrator):
 
     probability_valued = True
 
-    def __init__(self, mode: str, fallback: str, min_prob: float) -> None:
+    def __init__(self, mode: str, fallback: str, min_prob: float | None) -> None:
         super().__init__()
         self.mode = mode
         self.fallback = fallback
@@ -126,7 +156,7 @@ class _MapCalibrator(Calibrator):
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         if self.mode == "one_vs_rest":
             p = torch.softmax(logits, dim=-1)
-            return calibrated_log_probs(self._lookup(None, p.T).T, self.min_prob)
+            return calibrated_log_probs(self._lookup(None, p.T).T, self._floor(logits))
         log_p = torch.log_softmax(logits, dim=-1)
         top = log_p.argmax(dim=-1, keepdim=True)  # [B, 1]
         confidence = log_p.gather(-1, top).exp()  # [B, 1]
@@ -134,10 +164,15 @@ class _MapCalibrator(Calibrator):
         mapped = self._lookup(route[top[:, 0]], confidence)
         h = torch.where(keep[top], confidence, mapped)  # [B, 1]
         is_top = torch.arange(logits.shape[-1], device=logits.device) == top
-        # The other classes keep their proportions: p_j / (1 - p_c), in log space.
+        # The other classes' shares of the rest, p_j / (1 - p_c), in log space.
         others = logits.masked_fill(is_top, float("-inf")).logsumexp(dim=-1, keepdim=True)
-        rest = torch.exp(torch.log1p(-h) + (logits - others))
-        return calibrated_log_probs(torch.where(is_top, h, rest), self.min_prob)
+        shares = torch.exp(logits - others).masked_fill(is_top, 0)
+        rest = capped_shares(shares, is_top, 1 - h, h * (1 - _BELOW))
+        return calibrated_log_probs(torch.where(is_top, h, rest), self._floor(logits))
+
+    def _floor(self, logits: torch.Tensor) -> float:
+        """``min_prob``, by default ``0.01 / K``: at most 1% of the mass on the floor."""
+        return 0.01 / logits.shape[-1] if self.min_prob is None else self.min_prob
 
     def validate_state(self) -> None:
         super().validate_state()
@@ -162,7 +197,9 @@ class HistogramBinning(_MapCalibrator):
         n_bins: One-vs-rest: equal-width bins of ``[0, 1]`` per class.
         fallback: Top label: a class with too few predictions uses the ``"pooled"``
             map of all classes, or stays as it is (``"identity"``, Gupta & Ramdas).
-        min_prob: Floor of every calibrated probability before renormalising.
+        min_prob: Floor of every calibrated probability before renormalising;
+            ``None``: ``0.01 / K`` (at most 1% of the mass; measured on the CIFAR logits
+            it gives a lower NLL and ECE than 1e-6 or 0.1 / K).
 
     Attributes:
         edges_: Buffer ``[R, M - 1]``: each map's inner bin edges (padded with 2).
@@ -184,7 +221,7 @@ class HistogramBinning(_MapCalibrator):
         points_per_bin: int = 50,
         n_bins: int = 15,
         fallback: str = "pooled",
-        min_prob: float = 1e-6,
+        min_prob: float | None = None,
     ) -> None:
         super().__init__(mode, fallback, min_prob)
         self.points_per_bin = points_per_bin
@@ -232,7 +269,8 @@ class IsotonicCalibration(_MapCalibrator):
         mode: ``"top_label"`` or ``"one_vs_rest"``.
         min_samples: Top label: a class needs this many predictions for its own map.
         fallback: Top label: ``"pooled"`` or ``"identity"`` for the other classes.
-        min_prob: Floor of every calibrated probability before renormalising.
+        min_prob: Floor of every calibrated probability before renormalising;
+            ``None``: ``0.01 / K``.
 
     Attributes:
         knots_x_, knots_y_: Buffers ``[R, M]``: each map's knots (padded).
@@ -250,7 +288,7 @@ class IsotonicCalibration(_MapCalibrator):
         mode: str = "one_vs_rest",
         min_samples: int = 50,
         fallback: str = "pooled",
-        min_prob: float = 1e-6,
+        min_prob: float | None = None,
     ) -> None:
         super().__init__(mode, fallback, min_prob)
         self.min_samples = min_samples

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from wrapcal import PluginTags, hookimpl
-from wrapcal.calibrator import Calibrator, stratified_folds
+from wrapcal.calibrator import Calibrator, one_cpu_thread, stratified_folds
 from wrapcal.params import Check, Interval
 
-from ._linear_calibration import LinearFit, fit_linear, select_odir
+from ._linear_calibration import TOL_SEARCH, LinearFit, fit_linear, select_odir
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +43,23 @@ def _is_table(value: Any) -> bool:
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in row.values())
         for row in value
     )
+
+
+def _cross_val(
+    fit: LinearFit, x: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor], **kw: Any
+) -> torch.Tensor:
+    """Out-of-fold log-probabilities of the linear map refitted on each fold's complement,
+    started from the fit on all the data, in float32 to the search's tolerance (these
+    refits only rank calibrators; see ``auto_calibration``)."""
+    x32 = x.float()
+    start = LinearFit(fit.weight.float(), fit.bias.float(), 0)
+    out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+    for held_out in folds:
+        train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        train[held_out] = False
+        refit = fit_linear(x32[train], labels[train], init=start, tol=TOL_SEARCH, **kw)
+        out[held_out] = torch.log_softmax(refit.logits(x32[held_out]).double(), dim=1)
+    return out
 
 
 class VectorScaling(Calibrator):
@@ -80,6 +97,13 @@ class VectorScaling(Calibrator):
     def _fit(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         fit = fit_linear(logits, labels, diagonal=True, max_iter=self.max_iter)
         self.scale_, self.bias_, self.evaluations_ = fit.weight, fit.bias, fit.evaluations
+
+    def cross_val_log_probs(
+        self, logits: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor]
+    ) -> torch.Tensor:
+        fit = LinearFit(self.scale_, self.bias_, 0)
+        with one_cpu_thread(logits.device):
+            return _cross_val(fit, logits, labels, folds, diagonal=True)
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         scale = self.scale_.to(device=logits.device, dtype=logits.dtype)
@@ -170,6 +194,14 @@ class _ODIRCalibrator(Calibrator):
         weight = self.weight_.to(device=logits.device, dtype=logits.dtype)
         bias = self.bias_.to(device=logits.device, dtype=logits.dtype)
         return torch.addmm(bias, self._inputs(logits), weight.T)
+
+    def cross_val_log_probs(
+        self, logits: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor]
+    ) -> torch.Tensor:
+        fit = LinearFit(self.weight_, self.bias_, 0)
+        lam, mu = self.reg_lambda_, self.reg_mu_
+        with one_cpu_thread(logits.device):
+            return _cross_val(fit, self._inputs(logits), labels, folds, reg_lambda=lam, reg_mu=mu)
 
     def frozen_params(self) -> dict[str, Any]:
         """The parameters with the fitted ``lambda`` and ``mu`` fixed (no search)."""

@@ -175,6 +175,24 @@ class Calibrator(Plugin):
         (cross-validation by ``auto_calibration``); by default its own parameters."""
         return self.get_params()
 
+    def cross_val_log_probs(
+        self, logits: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Out-of-fold calibrated log-probabilities ``[N, K]`` (float64) of checked
+        logits ``[N, K >= 2]``: for each fold, a copy refitted with :meth:`frozen_params`
+        on the other folds, applied to it. Call after :meth:`fit_logits` on the same data
+        (a subclass may start its refits from that fit)."""
+        out = torch.empty_like(logits, dtype=torch.float64)
+        for held_out in folds:
+            train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+            train[held_out] = False
+            clone = type(self)(**self.frozen_params())
+            clone.fit_logits(logits[train], labels[train])
+            with torch.no_grad():
+                calibrated = clone.transform_logits(logits[held_out])
+            out[held_out] = torch.log_softmax(calibrated.double(), dim=1)
+        return out
+
 
 # --- helpers shared by the calibrators ---------------------------------------------------
 
