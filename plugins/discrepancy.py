@@ -86,6 +86,7 @@ from wrapcal import (
     hookimpl,
 )
 from wrapcal.data import iter_batches
+from wrapcal.disk_features import DiskFeatures
 from wrapcal.errors import DataError
 from wrapcal.params import Check, Interval
 from wrapcal.probs import logits_to_log_probs, logits_to_probs
@@ -206,7 +207,7 @@ class _Batches:
             x = torch.from_numpy(x)
         if isinstance(y, np.ndarray):
             y = torch.from_numpy(y)
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, (torch.Tensor, DiskFeatures)):
             perm = torch.randperm(x.shape[0], generator=self.generator)
             for start in range(0, x.shape[0], self.batch_size):
                 idx = perm[start : start + self.batch_size]

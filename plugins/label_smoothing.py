@@ -42,12 +42,13 @@ from tqdm.auto import tqdm
 
 from wrapcal import FeatureSet, FitData, ModelView, Plugin, PluginTags, Stage, hookimpl
 from wrapcal.data import iter_batches, num_samples
+from wrapcal.disk_features import DiskFeatures
 from wrapcal.errors import DataError
 from wrapcal.params import Check, Interval, Options
 from wrapcal.probs import logits_to_log_probs
 from wrapcal.torch_utils import preserved_modes
 
-from ._training import fit_head_lbfgs
+from ._training import fit_head_lbfgs, train_head
 
 __all__ = [
     "DEFAULT_GRID",
@@ -107,6 +108,19 @@ def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _is_alpha(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value < 1
+
+
+#: Feature sets above this many bytes (on disk) are fitted in mini-batches; below it,
+#: by the exact full-batch solve in memory, as in-memory sets are.
+FULL_BATCH_BYTES = 1 << 30
+#: Mini-batch size of the out-of-memory head fit.
+LARGE_BATCH = 4096
+
+
+def _fits_in_memory(features: Any) -> bool:
+    if not isinstance(features, DiskFeatures):
+        return True
+    return features.rows * features.width * 4 <= FULL_BATCH_BYTES
 
 
 def _is_grid(value: Any) -> bool:
@@ -308,17 +322,36 @@ class LabelSmoothing(Plugin):
         head = model.head
         start = _clone_state(head)
         best: tuple[float, float, list[dict[str, torch.Tensor]]] | None = None
+        features, labels = train.features, train.labels
+        full_batch = _fits_in_memory(features)
+        if full_batch and isinstance(features, DiskFeatures):
+            features = features[:]  # small enough: the exact full-batch solve, in memory
         for alpha in alphas:
             _load_state(start, head)  # every alpha starts from the same weights
-            fit_head_lbfgs(
-                head,
-                train.features,
-                train.labels,
-                partial(smoothed_cross_entropy, alpha=alpha),
-                weight_decay=self.weight_decay,
-                max_iter=self.max_iter,
-                progress=progress,
-            )
+            loss = partial(smoothed_cross_entropy, alpha=alpha)
+            if full_batch:
+                fit_head_lbfgs(
+                    head,
+                    features,
+                    labels,
+                    loss,
+                    weight_decay=self.weight_decay,
+                    max_iter=self.max_iter,
+                    progress=progress,
+                )
+            else:
+                # Larger than memory (a disk cache): mini-batch Adam over the rows, the
+                # same objective, one read of the file per epoch.
+                train_head(
+                    head,
+                    features,
+                    labels,
+                    loss,
+                    epochs=self.epochs,
+                    weight_decay=self.weight_decay,
+                    batch_size=LARGE_BATCH,
+                    progress=progress,
+                )
             if calibration is None:
                 return alpha
             nll = _mean_nll(model.head_logits(calibration.features), calibration.labels)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wrapcal.cache import FeatureSet, extract
+from wrapcal.cache import FeatureSet, MemorySink, extract
 from wrapcal.data import iter_batches
 from wrapcal.fingerprint import StreamHash, backbone_fingerprint, memory_fingerprint
 
@@ -104,8 +104,36 @@ class FeatureCache:
         while self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 
-    def _candidates(self, backbone: str, probe: str) -> list[tuple[tuple[str, str], _Entry]]:
-        return [(k, e) for k, e in self._entries.items() if k[0] == backbone and e.probe == probe]
+    # --- the store protocol (shared with wrapcal.disk_cache.DiskCache) ---------------------
+
+    def lookup(
+        self, model_key: str, data_key: str, name: str, data: Any, device: torch.device
+    ) -> FeatureSet | None:
+        """The cached features of this backbone and data, or ``None``."""
+        entry = self._get((model_key, data_key))
+        if entry is None:
+            return None
+        labels = None if entry.labels is None else entry.labels.to(device)
+        return FeatureSet(name, entry.features.to(device), labels, data, entry.input_shape)
+
+    def candidates(self, model_key: str, probe: str) -> list[str]:
+        """Data keys of entries of this backbone whose first batch is ``probe``."""
+        return [k[1] for k, e in self._entries.items() if k[0] == model_key and e.probe == probe]
+
+    def new_sink(self, model_key: str) -> MemorySink:
+        """Where a pass's features go: memory."""
+        return MemorySink()
+
+    def store(
+        self, model_key: str, data_key: str, feature_set: FeatureSet, probe: str | None, sink: Any
+    ) -> FeatureSet:
+        """Keep a computed feature set (if it fits the budget); return it."""
+        entry = _Entry(feature_set.features, feature_set.labels, feature_set.input_shape, probe)
+        self._put((model_key, data_key), entry)
+        return feature_set
+
+    def discard(self, sink: Any) -> None:
+        """Nothing to clean up for a failed pass in memory."""
 
 
 #: The process-wide cache that ``fit`` and ``evaluate`` share.
@@ -127,11 +155,6 @@ def _stream_digest(data: Any, batch_size: int) -> str:
     return stream.hexdigest()
 
 
-def _feature_set(name: str, entry: _Entry, data: Any, device: torch.device) -> FeatureSet:
-    labels = None if entry.labels is None else entry.labels.to(device)
-    return FeatureSet(name, entry.features.to(device), labels, data, entry.input_shape)
-
-
 def cached_features(
     backbone: nn.Module,
     prepare: Callable[[torch.Tensor], torch.Tensor],
@@ -142,7 +165,7 @@ def cached_features(
     num_classes: int,
     batch_size: int = 256,
     progress: bool = True,
-    cache: FeatureCache | bool | None = None,
+    cache: Any = None,
 ) -> tuple[FeatureSet, bool]:
     """The backbone's features of ``data``, from the cache when it holds them.
 
@@ -155,7 +178,8 @@ def cached_features(
         num_classes: Labels must lie in ``[0, num_classes)``.
         batch_size: Batch size for data that is not already batched.
         progress: Show a progress bar.
-        cache: The cache to use (``None``: :data:`CACHE`; ``False``: none).
+        cache: The store: ``None`` or ``True`` for :data:`CACHE` (memory), a
+            :class:`~wrapcal.disk_cache.DiskCache` for a directory, ``False`` for none.
 
     Returns:
         The :class:`~wrapcal.cache.FeatureSet` and whether the backbone ran.
@@ -163,7 +187,7 @@ def cached_features(
     store = CACHE if cache is None or cache is True else cache
     device = next((t.device for t in backbone.state_dict().values()), torch.device("cpu"))
 
-    def compute(stream: StreamHash | None = None) -> FeatureSet:
+    def compute(stream: StreamHash | None = None, sink: Any = None) -> FeatureSet:
         return extract(
             backbone,
             prepare,
@@ -174,36 +198,32 @@ def cached_features(
             batch_size=batch_size,
             progress=progress,
             stream=stream,
+            sink=sink,
         )
 
     if store is False or not store.enabled:
         return compute(), True
     model_key = backbone_fingerprint(backbone)
     data_key = memory_fingerprint(data)
+    probe = None
+    if data_key is None:
+        probe = _first_batch_digest(data, batch_size)
+        if probe is not None and store.candidates(model_key, probe):
+            data_key = _stream_digest(data, batch_size)  # reading only: no backbone
     if data_key is not None:
-        entry = store._get((model_key, data_key))
-        if entry is not None:
+        found = store.lookup(model_key, data_key, name, data, device)
+        if found is not None:
             store.hits += 1
-            return _feature_set(name, entry, data, device), False
-        computed = compute()
-        store.misses += 1
-        store._put((model_key, data_key), _entry(computed, None))
-        return computed, True
-    probe = _first_batch_digest(data, batch_size)
-    candidates = store._candidates(model_key, probe) if probe is not None else []
-    if candidates:
-        digest = _stream_digest(data, batch_size)  # reading only: no backbone
-        for key, entry in candidates:
-            if key[1] == digest:
-                store._get(key)
-                store.hits += 1
-                return _feature_set(name, entry, data, device), False
-    stream = StreamHash()
-    computed = compute(stream)
+            return found, False
+    stream = StreamHash() if data_key is None else None
+    sink = store.new_sink(model_key)
+    try:
+        computed = compute(stream, sink)
+    except BaseException:
+        store.discard(sink)
+        raise
     store.misses += 1
-    store._put((model_key, stream.hexdigest()), _entry(computed, stream.first))
-    return computed, True
-
-
-def _entry(feature_set: FeatureSet, probe: str | None) -> _Entry:
-    return _Entry(feature_set.features, feature_set.labels, feature_set.input_shape, probe)
+    key = data_key if stream is None else stream.hexdigest()
+    return store.store(
+        model_key, key, computed, probe or (stream.first if stream else None), sink
+    ), True

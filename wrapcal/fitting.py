@@ -16,6 +16,7 @@ import torch
 from wrapcal.cache import FeatureSet, FitData, all_finite
 from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
+from wrapcal.disk_features import DiskFeatures
 from wrapcal.errors import DataError
 from wrapcal.feature_cache import cached_features
 from wrapcal.operating_points import measure_operating_points
@@ -122,7 +123,10 @@ def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any
     for name in used:
         value = given[name]
         feats, labels = value if isinstance(value, (tuple, list)) else (value, None)
-        feats = torch.as_tensor(feats).to(wrapped.device)
+        if isinstance(feats, DiskFeatures):
+            feats = feats.to(wrapped.device)  # read in chunks by the plugins, never whole
+        else:
+            feats = torch.as_tensor(feats).to(wrapped.device)
         if feats.ndim != 2 or feats.shape[1] != wrapped.num_features:
             raise DataError(
                 f"{name} features have shape {tuple(feats.shape)}; expected "

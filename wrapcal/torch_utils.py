@@ -8,14 +8,16 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from wrapcal.errors import SplitError
+from wrapcal.errors import DataError, SplitError
 
 __all__ = [
     "HOW_TO_SPLIT_BY_HAND",
+    "check_batch",
     "check_features",
     "device_of",
     "float_dtype_of",
     "in_mode",
+    "input_hint",
     "preserved_modes",
 ]
 
@@ -82,3 +84,49 @@ def check_features(features: torch.Tensor, width: int | None = None) -> torch.Te
             f"{HOW_TO_SPLIT_BY_HAND}"
         )
     return features
+
+
+def input_hint(expected: tuple[int, ...] | None, fixed: bool) -> str:
+    """``"the model takes inputs [N, 3, ...]"`` (the whole shape when the size is fixed)."""
+    if expected is None:
+        return ""
+    shape = [*expected] if fixed else [expected[0], "..."]
+    return f"the model takes inputs [N, {', '.join(map(str, shape))}]"
+
+
+def check_batch(x: torch.Tensor, expected: tuple[int, ...] | None, fixed: bool) -> None:
+    """Refuse a batch the model cannot take, saying what it takes.
+
+    Args:
+        x: The batch.
+        expected: The shape of one input (from ``fit`` or the split adapter), if known.
+        fixed: Whether the model takes only that spatial size (a ViT).
+
+    Raises:
+        DataError: One input instead of a batch, another number of channels or
+            dimensions, another size for a fixed-size model, or NaN/inf values.
+    """
+    if expected is not None:
+        batch = f"[N, {', '.join(map(str, expected))}]"
+        if tuple(x.shape) == expected:
+            raise DataError(
+                f"inputs have shape {list(x.shape)}: one input, not a batch; the model "
+                f"takes {batch}: pass x.unsqueeze(0)"
+            )
+        if x.ndim != len(expected) + 1 or x.shape[1] != expected[0]:
+            raise DataError(
+                f"inputs have shape {list(x.shape)}; the model takes {batch} "
+                f"({expected[0]} channels{' at this size' if fixed else ''})"
+            )
+        if fixed and tuple(x.shape[1:]) != expected:
+            raise DataError(
+                f"inputs have shape {list(x.shape)}; the model takes exactly {batch} "
+                "(its position embedding fixes the size): resize the inputs"
+            )
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).sum())
+        raise DataError(
+            f"{bad} of {x.shape[0]} inputs hold NaN or inf values, which give NaN or inf "
+            "features and predictions; fix or drop them (wrapped.check_inputs = False "
+            "turns this check off for trusted inputs)"
+        )

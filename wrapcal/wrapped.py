@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 from wrapcal import fitting, saving
 from wrapcal.chain import CACHED_BATCH, Chain, PrefixView, named_errors
 from wrapcal.data import check_inputs, iter_batches, num_samples
+from wrapcal.disk_cache import DiskCache
+from wrapcal.disk_features import DiskFeatures
 from wrapcal.errors import DataError, NotFittedError
 from wrapcal.plugin import Plugin, get_tags
 from wrapcal.prediction import Prediction
 from wrapcal.split import Split
-from wrapcal.torch_utils import device_of, in_mode
+from wrapcal.torch_utils import check_batch, device_of, in_mode, input_hint
 
 __all__ = ["WrappedModel"]
 
@@ -88,13 +90,8 @@ class WrappedModel(nn.Module):
                 self.plugin_names[:stop], list(self.plugins)[:stop], strict=True
             )
         ]
-        return Chain(self.backbone, self.head, triples, self.num_features, self._input_hint())
-
-    def _input_hint(self) -> str:
-        if self.input_shape is None:
-            return ""
-        shape = [*self.input_shape] if self.fixed_input_size else [self.input_shape[0], "..."]
-        return f"the model takes inputs [N, {', '.join(map(str, shape))}]"
+        hint = input_hint(self.input_shape, self.fixed_input_size)
+        return Chain(self.backbone, self.head, triples, self.num_features, hint)
 
     def view(self, upto: int) -> PrefixView:
         """The model as plugin number ``upto`` sees it (the plugins before it active)."""
@@ -147,7 +144,7 @@ class WrappedModel(nn.Module):
             x = torch.as_tensor(x)
         check_inputs(x)
         if self.check_inputs:
-            self._check_batch(x)
+            check_batch(x, self.input_shape, self.fixed_input_size)
         param = next(self.parameters(), None)
         if param is not None and (x.device != param.device or x.dtype != param.dtype):
             x = x.to(device=param.device, dtype=param.dtype)
@@ -168,33 +165,6 @@ class WrappedModel(nn.Module):
     def finish(self, members: torch.Tensor) -> torch.Tensor:
         """Final logits ``[B, K]`` of members ``[M, B, K]``: combined, then calibrated."""
         return self.chain().finish(members)[1]
-
-    def _check_batch(self, x: torch.Tensor) -> None:
-        expected = self.input_shape
-        if expected is not None:
-            batch = f"[N, {', '.join(map(str, expected))}]"
-            if tuple(x.shape) == expected:
-                raise DataError(
-                    f"inputs have shape {list(x.shape)}: one input, not a batch; the model "
-                    f"takes {batch}: pass x.unsqueeze(0)"
-                )
-            if x.ndim != len(expected) + 1 or x.shape[1] != expected[0]:
-                raise DataError(
-                    f"inputs have shape {list(x.shape)}; the model takes {batch} "
-                    f"({expected[0]} channels{' at this size' if self.fixed_input_size else ''})"
-                )
-            if self.fixed_input_size and tuple(x.shape[1:]) != expected:
-                raise DataError(
-                    f"inputs have shape {list(x.shape)}; the model takes exactly {batch} "
-                    "(its position embedding fixes the size): resize the inputs"
-                )
-        if not torch.isfinite(x).all():
-            bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(-1).sum())
-            raise DataError(
-                f"{bad} of {x.shape[0]} inputs hold NaN or inf values, which give NaN or inf "
-                "features and predictions; fix or drop them (wrapped.check_inputs = False "
-                "turns this check off for trusted inputs)"
-            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated logits with the model's shape, dtype and device."""
@@ -237,7 +207,10 @@ class WrappedModel(nn.Module):
         user stored); no backbone pass is made.
         """
         self.check_is_fitted()
-        features = torch.as_tensor(features).to(self.device)
+        if isinstance(features, DiskFeatures):
+            features = features.to(self.device)  # rows are read batch by batch
+        else:
+            features = torch.as_tensor(features).to(self.device)
         with in_mode(self, False):
             return self.view(len(self.plugins)).predict_features(features, batch_size)
 
@@ -257,6 +230,8 @@ class WrappedModel(nn.Module):
         progress: bool = True,
         seed: int = 0,
         cache: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_dtype: str = "float32",
         **more: Any,
     ) -> WrappedModel:
         """Fit every plugin, in stage order, from one backbone pass per data set read.
@@ -272,13 +247,20 @@ class WrappedModel(nn.Module):
             cache: Share backbone features with other wrapped variants of the same
                 backbone and with ``wrapcal.evaluate`` (:mod:`wrapcal.feature_cache`);
                 ``False`` always runs the backbone.
+            cache_dir: Keep the features in files under this directory instead of memory
+                (data sets larger than memory; reused by later runs with the same weights
+                and data): :mod:`wrapcal.disk_cache`. Plugins then fit in bounded memory.
+            cache_dtype: ``"float32"`` or ``"float16"`` (half the disk) for ``cache_dir``.
             **more: Further named data sets a plugin reads (``conformal=...``).
 
         Returns:
             self
         """
         sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
-        options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": cache}
+        store: Any = cache
+        if cache_dir is not None and cache is not False:
+            store = DiskCache(cache_dir, cache_dtype)
+        options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": store}
         return fitting.fit_from_data(self, sets, options)
 
     def fit_features(

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
+from wrapcal.disk_cache import DiskCache
 from wrapcal.errors import DataError
 from wrapcal.metrics import (
     accuracy,
@@ -161,6 +162,8 @@ def evaluate(
     bootstrap: int = 1000,
     seed: int = 0,
     cache: bool = True,
+    cache_dir: str | None = None,
+    cache_dtype: str = "float32",
 ) -> Report:
     """Measure calibration and OOD detection of one or more models, side by side.
 
@@ -184,6 +187,9 @@ def evaluate(
         seed: Seed of the bootstrap resamples.
         cache: Share backbone features between the models and with earlier ``fit``
             calls; ``False`` runs every model over every data set on its own.
+        cache_dir: Keep those features in files under this directory (data larger than
+            memory; reused across runs), as ``fit(cache_dir=...)`` does.
+        cache_dtype: ``"float32"`` or ``"float16"`` for ``cache_dir``.
 
     Returns:
         A :class:`~wrapcal.report.Report`; ``report.save(dir)`` writes HTML, Markdown,
@@ -198,9 +204,12 @@ def evaluate(
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ValueError(f"bootstrap must be a number of resamples >= 0; got {bootstrap!r}")
+    store: Any = None if cache else False
+    if cache and cache_dir is not None:
+        store = DiskCache(cache_dir, cache_dtype)
     outputs: dict[str, ModelOutputs] = {}
     for name, model in models.items():
-        run = runner_for(model, cache=None if cache else False)
+        run = runner_for(model, cache=store)
         test_out = run(test, batch_size=batch_size, progress=progress, desc=f"{name}: test")
         if test_out.labels is None:
             raise DataError(

@@ -1,0 +1,228 @@
+"""Features on disk: reused across runs, bounded memory for the plugins, never stale or
+half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SmallNet
+from torch.utils.data import Dataset
+
+import wrapcal
+from wrapcal.disk_cache import DiskCache
+from wrapcal.disk_features import DiskFeatures, DiskWriter
+from wrapcal.feature_cache import CACHE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def labelled(n: int, seed: int, model: torch.nn.Module):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = torch.randint(0, 10, y[::3].shape, generator=g)
+    return x, y
+
+
+def small_net() -> SmallNet:
+    torch.manual_seed(0)
+    return SmallNet().eval()
+
+
+class Counter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.images = 0
+        module.register_forward_hook(lambda m, i, o: setattr(self, "images", self.images + len(o)))
+
+
+def test_disk_features_read_the_rows_asked_for(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((1000, 7)).astype(np.float32)
+    writer = DiskWriter(tmp_path / "entry", "float32")
+    for start in range(0, 1000, 128):
+        writer.append(torch.from_numpy(rows[start : start + 128]), None)
+    meta = writer.finish({"probe": None})
+    assert meta["rows"] == 1000 and meta["width"] == 7
+    disk = DiskFeatures(tmp_path / "entry" / "features.bin", 1000, 7)
+    assert disk.shape == (1000, 7) and len(disk) == 1000
+    np.testing.assert_array_equal(disk[:].numpy(), rows)
+    np.testing.assert_array_equal(disk[10:250:3].numpy(), rows[10:250:3])
+    picks = torch.from_numpy(rng.integers(0, 1000, 300))
+    np.testing.assert_array_equal(disk[picks].numpy(), rows[picks.numpy()])
+    np.testing.assert_array_equal(disk[-1].numpy(), rows[-1])
+    with pytest.raises(IndexError):
+        disk[torch.tensor([1000])]
+    half = DiskWriter(tmp_path / "half", "float16")
+    half.append(torch.from_numpy(rows), None)
+    half.finish({})
+    low = DiskFeatures(tmp_path / "half" / "features.bin", 1000, 7, "float16")
+    assert low[:].dtype == torch.float32
+    np.testing.assert_allclose(low[:].numpy(), rows, rtol=1e-3, atol=1e-3)
+    assert (tmp_path / "half" / "features.bin").stat().st_size == 1000 * 7 * 2
+
+
+def test_a_cache_directory_skips_the_backbone_in_a_later_run(tmp_path):
+    model = small_net()
+    cal = labelled(300, 1, model)
+    first = wrapcal.wrap(model, ["temperature"])
+    counter = Counter(first.backbone)
+    first.fit(calibration=cal, progress=False, cache_dir=tmp_path)
+    assert counter.images == 300
+    CACHE.clear()  # a new process has no memory cache: only the directory
+    again = wrapcal.wrap(model, ["temperature"])
+    counter = Counter(again.backbone)
+    again.fit(calibration=cal, progress=False, cache_dir=tmp_path)
+    assert counter.images == 0 and again.backbone_passes == 0
+    assert again.plugins[0].temperature_ == first.plugins[0].temperature_
+    # Changed data: a new entry, never the old one.
+    other = (cal[0] + 0.5, cal[1])
+    changed = wrapcal.wrap(model, ["temperature"]).fit(
+        calibration=other, progress=False, cache_dir=tmp_path
+    )
+    assert changed.backbone_passes == 1
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+def test_every_built_in_plugin_fits_from_disk_as_from_memory(tmp_path):
+    model = small_net()
+    train, cal = labelled(400, 1, model), labelled(300, 2, model)
+    unlabeled = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
+    names = sorted(n for n in wrapcal.plugin_registry() if n not in ("auto_calibration",))
+    plugins = [(n, {"epochs_pretrain": 1, "epochs": 1}) if n == "discrepancy" else n for n in names]
+    results = []
+    for cache_dir in (None, tmp_path):
+        CACHE.clear()
+        for plugin in plugins:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wrapped = wrapcal.wrap(model, [plugin])
+                reads, _ = wrapcal.fitting.read_sets(wrapped)
+                sets = {"train": train, "calibration": cal, "unlabeled": unlabeled}
+                wrapped.fit(
+                    **{k: v for k, v in sets.items() if k in reads},
+                    progress=False,
+                    cache_dir=cache_dir,
+                )
+            results.append(wrapped.predict(cal[0][:64]))
+    half = len(results) // 2
+    for memory, disk, plugin in zip(results[:half], results[half:], plugins, strict=True):
+        assert torch.equal(memory.logits, disk.logits), plugin
+        for score in memory.scores:
+            assert torch.equal(memory.scores[score], disk.scores[score]), (plugin, score)
+
+
+def test_label_smoothing_switches_to_mini_batches_above_the_memory_budget(tmp_path, monkeypatch):
+    import wrapcal_plugins.label_smoothing as ls
+
+    model = small_net()
+    train = labelled(600, 1, model)
+    exact = wrapcal.wrap(model, [("label_smoothing", {"alpha": 0.05})])
+    exact.fit(train=train, progress=False, cache_dir=tmp_path)
+    in_memory = wrapcal.wrap(model, [("label_smoothing", {"alpha": 0.05})])
+    in_memory.fit(train=train, progress=False, cache=False)
+    x = train[0][:50]
+    with torch.no_grad():
+        assert torch.equal(exact(x), in_memory(x))  # the same exact solve
+    monkeypatch.setattr(ls, "FULL_BATCH_BYTES", 1024)  # pretend it does not fit
+    monkeypatch.setattr(ls, "LARGE_BATCH", 64)  # small data: more steps per epoch
+    batched = wrapcal.wrap(model, [("label_smoothing", {"alpha": 0.05, "epochs": 30})])
+    batched.fit(train=train, progress=False, cache_dir=tmp_path)
+    with torch.no_grad():
+        agree = (batched(x).argmax(-1) == exact(x).argmax(-1)).float().mean()
+        gap = (batched(x).softmax(-1) - exact(x).softmax(-1)).abs().max()
+    assert agree >= 0.9 and gap < 0.2  # the same objective, minimised by Adam instead
+
+
+def test_half_written_entries_are_rebuilt_never_read(tmp_path):
+    model = small_net()
+    cal = labelled(200, 1, model)
+    wrapcal.wrap(model, ["temperature"]).fit(calibration=cal, progress=False, cache_dir=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    features = entry / "features.bin"
+    features.write_bytes(features.read_bytes()[:-40])  # truncated by a crash
+    CACHE.clear()
+    rebuilt = wrapcal.wrap(model, ["temperature"])
+    rebuilt.fit(calibration=cal, progress=False, cache_dir=tmp_path)
+    assert rebuilt.backbone_passes == 1
+    meta = json.loads((entry / "meta.json").read_text())
+    assert features.stat().st_size == meta["rows"] * meta["width"] * 4
+    # An entry without its meta.json (the process died before it) is rebuilt too.
+    (entry / "meta.json").unlink()
+    CACHE.clear()
+    assert (
+        wrapcal.wrap(model, ["temperature"])
+        .fit(calibration=cal, progress=False, cache_dir=tmp_path)
+        .backbone_passes
+        == 1
+    )
+
+
+class SlowImages(Dataset):
+    """Images that take a while to read: a run can be killed half-way."""
+
+    def __init__(self, n: int) -> None:
+        self.x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        time.sleep(0.002)
+        return self.x[i], i % 10
+
+
+def test_a_run_killed_half_way_leaves_nothing_that_is_read(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path[:0] = [{str(ROOT / "tests")!r}]
+        from test_disk_cache import SlowImages, small_net
+        import wrapcal
+        wrapcal.wrap(small_net(), ["temperature"]).fit(
+            calibration=SlowImages(100000), batch_size=64, progress=False,
+            cache_dir={str(tmp_path)!r})
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(tmp_path.glob("*.partial-*/features.bin")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = list(tmp_path.glob("*.partial-*"))
+    assert partial and (partial[0] / "features.bin").stat().st_size > 0
+    assert not (partial[0] / "meta.json").exists()
+    store = DiskCache(tmp_path)  # a new run: the dead writer's folder is removed
+    assert not list(tmp_path.glob("*.partial-*")) and store.hits == 0
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+def test_evaluate_shares_a_cache_directory_with_fit(tmp_path):
+    model = small_net()
+    cal, test = labelled(200, 1, model), labelled(150, 2, model)
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(
+        calibration=cal, progress=False, cache_dir=tmp_path
+    )
+    report = wrapcal.evaluate(
+        {"w": wrapped}, test=test, bootstrap=0, progress=False, cache_dir=tmp_path
+    )
+    CACHE.clear()
+    counter = Counter(wrapped.backbone)
+    again = wrapcal.evaluate(
+        {"w": wrapped}, test=test, bootstrap=0, progress=False, cache_dir=tmp_path
+    )
+    assert counter.images == 0
+    assert again.calibration["w"] == report.calibration["w"]
