@@ -254,6 +254,7 @@ def test_cifar100_matrix_and_dirichlet_against_temperature(name: str) -> None:
         cw, nll = measured(method)
         print(f"{name} {method}: cw-ECE {cw:.5f} (TS {cw_t:.5f}), NLL {nll:.4f} (TS {nll_t:.4f})")
         assert math.isfinite(cw) and math.isfinite(nll)
-        assert nll > nll_t  # temperature keeps the better log-loss here
-        assert nll < nll_t + 0.02  # ...by a small margin
-        assert cw < cw_t * 1.1
+        # Measured (docs/calibration.md): temperature keeps both the better log-loss and
+        # the better class-wise ECE here, by small margins (< 0.01 nats, < 8%).
+        assert nll_t < nll < nll_t + 0.01
+        assert cw_t < cw < cw_t * 1.08
