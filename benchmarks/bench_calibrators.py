@@ -166,6 +166,14 @@ def quality(name: str, logits: np.ndarray, labels: np.ndarray) -> list[tuple[str
     rows.append(
         ("sklearn CalibratedClassifierCV isotonic", row(sk_iso, y_ev, time.perf_counter() - start))
     )
+    # The agreement checks use our one-vs-rest maps without the floor (min_prob tiny),
+    # which the peers do not have.
+    for label, method in [
+        ("isotonic one-vs-rest", "isotonic"),
+        ("histogram_binning one-vs-rest", "histogram_binning"),
+    ]:
+        exact = fit_calibrator(z_cal, y_cal, method, mode="one_vs_rest", min_prob=1e-300)
+        ours[label] = np.exp(exact.transform(torch.from_numpy(z_ev).double()).numpy())
     agree = {
         "temperature vs sklearn": np.abs(ours["temperature"] - sk_t).max(),
         "isotonic one-vs-rest vs sklearn": _gap(ours["isotonic one-vs-rest"], sk_iso),
@@ -201,9 +209,9 @@ def quality(name: str, logits: np.ndarray, labels: np.ndarray) -> list[tuple[str
 
 
 def _gap(ours: np.ndarray, theirs: np.ndarray, where: np.ndarray | None = None) -> float:
-    """Largest probability difference, on rows where the peer's output is defined and
-    no class was floored by ours (the floor is ours alone: min_prob)."""
-    mask = np.ones(len(ours), bool) if where is None else where
+    """Largest probability difference, on rows where the peer's output is defined
+    (every class mapped to 0 leaves netcal 0/0 and scikit-learn a uniform row)."""
+    mask = theirs.sum(1) > 0 if where is None else where
     return float(np.abs(ours[mask] - theirs[mask]).max())
 
 
