@@ -318,3 +318,14 @@ def test_resnet20_wrapped_plugin_equals_the_logits_only_path(name: str) -> None:
     torch.testing.assert_close(
         cached.transform(o["test_logits"][ev]), alone.transform(logits[ev]), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("name", NAMES)
+def test_fits_and_runs_on_cuda_unchanged(name: str) -> None:
+    z, y = synthetic(n=900)
+    cpu = fit_calibrator(z[:600], y[:600], name, **FAST.get(name, {}))
+    gpu = fit_calibrator(z[:600].cuda(), y[:600].cuda(), name, **FAST.get(name, {}))
+    out = gpu.transform(z[600:].cuda())
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), cpu.transform(z[600:]), rtol=1e-4, atol=1e-4)
