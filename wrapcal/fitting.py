@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from wrapcal import distributed
 from wrapcal.cache import FeatureSet, FitData, all_finite
 from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
@@ -72,21 +73,35 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
     given = _given(sets)
     used = _check_required(wrapped, given)
 
+    if distributed.active():
+        for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True):
+            if get_tags(plugin).streams_data:
+                raise DataError(
+                    f"plugin {name} trains the network on batches of the data, which wrapcal "
+                    "does not distribute: fine-tune with DistributedDataParallel yourself, "
+                    "then wrap the model, or run this fit in one process"
+                )
+
+    def extract(name: str) -> FeatureSet:
+        found, ran = cached_features(
+            wrapped.backbone,
+            wrapped._prepare,
+            distributed.shard(given[name]),  # this rank's shard (all of it in one process)
+            name,
+            num_features=wrapped.num_features,
+            num_classes=wrapped.num_classes_out,
+            batch_size=int(options.get("batch_size", 256)),
+            progress=bool(options.get("progress", True)) and distributed.rank() == 0,
+            cache=options.get("cache"),
+        )
+        wrapped.backbone_passes += int(ran)
+        return found
+
     def extract_all() -> dict[str, FeatureSet]:
         out = {}
         for name in sorted(used, key=list(given).index):
-            out[name], ran = cached_features(
-                wrapped.backbone,
-                wrapped._prepare,
-                given[name],
-                name,
-                num_features=wrapped.num_features,
-                num_classes=wrapped.num_classes_out,
-                batch_size=int(options.get("batch_size", 256)),
-                progress=bool(options.get("progress", True)),
-                cache=options.get("cache"),
-            )
-            wrapped.backbone_passes += int(ran)
+            local = distributed.agree(lambda n=name: extract(n), f"computing {name} features")
+            out[name] = _gathered(local)
         return out
 
     data = FitData(extract_all(), dict(options))
@@ -94,6 +109,20 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
         wrapped.input_shape = feature_set.input_shape
     _warn_on_missing_classes(data, wrapped.num_classes_out)
     return _fit_plugins(wrapped, data, extract_all)
+
+
+def _gathered(local: FeatureSet) -> FeatureSet:
+    """Every rank's rows of a feature set, in rank order (the set itself in one process)."""
+    if not distributed.active():
+        return local
+    features = local.features[:] if isinstance(local.features, DiskFeatures) else local.features
+    return FeatureSet(
+        local.name,
+        distributed.gather_rows(features),
+        distributed.gather_rows(local.labels),
+        local.data,
+        local.input_shape,
+    )
 
 
 def _warn_on_missing_classes(data: FitData, classes: int) -> None:
@@ -149,7 +178,10 @@ def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any
 def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
     for index, (name, plugin) in enumerate(zip(wrapped.plugin_names, wrapped.plugins, strict=True)):
         plugin.fitted_ = False
-        result = named_errors(name, plugin.fit, wrapped.view(index), data)
+        result = distributed.agree(
+            lambda i=index, n=name, p=plugin: named_errors(n, p.fit, wrapped.view(i), data),
+            f"fitting plugin {name}",
+        )
         if result is not plugin:
             raise TypeError(f"plugin {name}: fit() must return self (the plugin)")
         plugin.fitted_ = True

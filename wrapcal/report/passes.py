@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wrapcal import distributed
 from wrapcal.assemble import wrap
 from wrapcal.chain import CORE_OUTPUTS, Chain
 from wrapcal.data import iter_batches, num_samples
 from wrapcal.errors import DataError, SplitError
-from wrapcal.feature_cache import FeatureCache, cached_features
+from wrapcal.feature_cache import cached_features
 from wrapcal.plugin import get_tags
 from wrapcal.prediction import Prediction
 from wrapcal.probs import check_logits, entropy, logits_to_probs, looks_like_probabilities
@@ -136,7 +137,7 @@ def _from_cache(
     batch_size: int,
     progress: bool,
     desc: str,
-    cache: FeatureCache | bool | None,
+    cache: Any,
 ) -> SetOutputs:
     """Predictions of a wrapped model from the shared features of ``data``."""
     start = time.perf_counter()
@@ -151,14 +152,49 @@ def _from_cache(
         progress=progress,
         cache=cache,
     )
-    prediction = wrapped.predict_features(features.features).to("cpu")
+    prediction = wrapped.predict_features(features.features, batch_size).to("cpu")
     labels = None if features.labels is None else features.labels.cpu()
     return SetOutputs(prediction, labels, time.perf_counter() - start)
 
 
-def runner_for(model: nn.Module, cache: FeatureCache | bool | None = None):
+def _gather(local: SetOutputs) -> SetOutputs:
+    """Every rank's outputs on its shard, in rank order (as they are in one process)."""
+    if not distributed.active():
+        return local
+    p = local.prediction
+    gather = distributed.gather_rows
+    prediction = Prediction(
+        gather(p.logits),
+        gather(p.probs),
+        gather(p.label),
+        gather(p.confidence),
+        {k: gather(v) for k, v in p.scores.items()},
+        {k: gather(v) for k, v in p.outputs.items()},
+        dict(p.kinds),
+    )
+    seconds = max(distributed.gather_rows(torch.tensor([local.seconds])).tolist())
+    return SetOutputs(prediction, gather(local.labels), seconds)
+
+
+def runner_for(model: nn.Module, cache: Any = None):
     """How ``evaluate`` runs ``model`` over a data set: ``runner(data, batch_size,
-    progress, desc) -> SetOutputs``, from the shared features when it can."""
+    progress, desc) -> SetOutputs``, from the shared features when it can, on this
+    rank's shard under ``torch.distributed`` (the outputs gathered on every rank)."""
+    run = _local_runner(model, cache)
+
+    def distributed_run(data: Any, **kw: Any) -> SetOutputs:
+        if not distributed.active():
+            return run(data, **kw)
+        kw["progress"] = kw.get("progress", True) and distributed.rank() == 0
+        local = distributed.agree(
+            lambda: run(distributed.shard(data), **kw), f"evaluating on {kw.get('desc')}"
+        )
+        return _gather(local)
+
+    return distributed_run
+
+
+def _local_runner(model: nn.Module, cache: Any):
     if cache is False:
         return lambda data, **kw: run_model(model, data, **kw)
     target = model
