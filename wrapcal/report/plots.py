@@ -1,67 +1,53 @@
-"""Matplotlib figures for reports: reliability diagram, OOD score histograms, ROC curves.
+"""Matplotlib figures for reports: reliability diagram, OOD score histograms, ROC curves
+(from :mod:`wrapcal.report.curves`), and a plugin's curve (risk against coverage).
 
 Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas, never pyplot, so
 they work headless, in threads and without touching the user's global pyplot state.
 Every function returns the Figure; pass ``ax`` to draw into an axes of your own (the
 function then returns ``ax.figure``).
+
+What is drawn is data a test can read back: the reliability diagram's bars are the
+``BarContainer`` labelled ``"accuracy"`` (heights = per-bin accuracy) and ``"gap to
+confidence"`` (from the accuracy to the mean confidence); each histogram is a
+``StepPatch`` whose ``get_data()`` gives the densities and bin edges, labelled with its
+data set; each ROC curve is a line labelled with its OOD set (or score). Legends sit
+outside the axes, so they never cover a bar.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from wrapcal.metrics.calibration import DEFAULT_BINS, ArrayLike, ece, reliability_bins
-from wrapcal.metrics.ood import auroc, check_scores, roc_curve
+from wrapcal.metrics.ood import check_scores
+from wrapcal.report.curves import curve_plot, roc_curves, roc_pairs
+from wrapcal.report.plot_style import (
+    GAP_COLOR,
+    ID_COLOR,
+    LEGEND_ROW_IN,
+    SMALL_PT,
+    legend_below,
+    legend_rows,
+    margins,
+    new_figure,
+    ood_color,
+    set_title,
+    style,
+    to_numpy,
+)
 
-__all__ = ["reliability_diagram", "roc_curves", "score_histograms"]
-
-_ID_COLOR = "#1f77b4"
-_GAP_COLOR = "#d62728"
-
-
-@dataclass
-class FigureFile:
-    """A figure of the report, rendered to PNG.
-
-    Attributes:
-        kind: ``"reliability"`` or ``"ood"``.
-        model: The model's name.
-        score: The OOD score's name (``None`` for a reliability diagram).
-        title: A caption.
-        filename: Its file name under ``figures/``.
-        png: The PNG bytes.
-    """
-
-    kind: str
-    model: str
-    score: str | None
-    title: str
-    filename: str
-    png: bytes
-
-
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)  # attaches itself: fig.savefig and fig.canvas work without pyplot
-    return fig
-
-
-def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    """The given axes and their figure, or a new figure with one axes."""
-    if ax is not None:
-        return ax.figure, ax
-    fig = _new_figure(figsize)
-    return fig, fig.add_subplot()
-
-
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64).numpy()
+__all__ = [
+    "curve_plot",
+    "histogram_bins",
+    "reliability_diagram",
+    "roc_curves",
+    "roc_pairs",
+    "score_histograms",
+]
 
 
 def reliability_diagram(
@@ -75,7 +61,8 @@ def reliability_diagram(
 
     Blue bars are each bin's accuracy; red hatched bars span the gap between accuracy and
     the bin's mean confidence (above the bar: over-confident, inside it: under-confident).
-    Without ``ax`` the figure also has a histogram of the confidences below, sharing x.
+    Without ``ax`` the figure also has a histogram of the confidences below, sharing x,
+    and the legend above the diagram.
 
     Args:
         probs: ``[N, K]`` probabilities.
@@ -87,69 +74,72 @@ def reliability_diagram(
     Returns:
         The Figure drawn into.
     """
-    stats = {k: _numpy(v) for k, v in reliability_bins(probs, labels, n_bins).items()}
+    stats = {k: to_numpy(v) for k, v in reliability_bins(probs, labels, n_bins).items()}
     count, conf, acc, edges = stats["count"], stats["confidence"], stats["accuracy"], stats["edges"]
     n = count.sum()
     ece_value = ece(probs, labels, n_bins)
     filled = count > 0
     left, width = edges[:-1][filled], np.diff(edges)[filled]
-    acc_f, conf_f = acc[filled], conf[filled]
 
     if ax is None:
-        fig = _new_figure((5.0, 6.0))
+        fig = new_figure((4.6, 5.6))
         ax, hist_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        margins(fig, left=0.7, right=0.15, top=1.05, bottom=0.55, hspace=0.08)
     else:
         fig, hist_ax = ax.figure, None
-
     ax.bar(
         left,
-        acc_f,
+        acc[filled],
         width,
         align="edge",
-        color=_ID_COLOR,
+        color=ID_COLOR,
         edgecolor="white",
         linewidth=0.8,
         label="accuracy",
     )
     ax.bar(
         left,
-        conf_f - acc_f,
+        conf[filled] - acc[filled],
         width,
-        bottom=acc_f,
+        bottom=acc[filled],
         align="edge",
         facecolor="none",
-        edgecolor=_GAP_COLOR,
+        edgecolor=GAP_COLOR,
         hatch="//",
         linewidth=0.8,
         label="gap to confidence",
     )
     ax.plot([0, 1], [0, 1], "--", color="0.3", linewidth=1, label="perfect calibration")
-    ax.text(
-        0.04,
-        0.95,
-        f"ECE = {100 * ece_value:.2f}%\nN = {int(n)}, {n_bins} bins",
-        transform=ax.transAxes,
-        va="top",
-        ha="left",
-        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.9},
-    )
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    ax.set_title(title if title is not None else "Reliability diagram")
-    # Top left sits above the bars of the usual, over-confident model.
-    ax.legend(loc="upper left", bbox_to_anchor=(0.0, 0.84), fontsize="small")
+    heading = title if title is not None else "Reliability diagram"
+    set_title(ax, f"{heading}\nECE {100 * ece_value:.2f}%  (n = {int(n)}, {n_bins} bins)")
+    style(ax)
     if hist_ax is None:
         ax.set_xlabel("confidence (max probability)")
-    else:
-        hist_ax.bar(
-            edges[:-1],
-            count / n,
-            np.diff(edges),
-            align="edge",
-            color="0.55",
-            edgecolor="white",
-            linewidth=0.8,
-        )
-        hist_ax.set(xlabel="confidence (max probability)", ylabel="share of samples")
+        ax.legend(loc="upper left", fontsize=SMALL_PT)
+        return fig
+    # Above the diagram, under the title: outside the bars whatever the model does.
+    ax.legend(
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.16),
+        ncol=2,
+        fontsize=SMALL_PT,
+        frameon=False,
+        handlelength=1.6,
+        columnspacing=1.0,
+    )
+    hist_ax.bar(
+        edges[:-1],
+        count / n,
+        np.diff(edges),
+        align="edge",
+        color="0.55",
+        edgecolor="white",
+        linewidth=0.8,
+        label="share of samples",
+    )
+    hist_ax.set(xlabel="confidence (max probability)", ylabel="share")
+    style(hist_ax)
     return fig
 
 
@@ -160,7 +150,53 @@ def _score_arrays(
         raise ValueError("scores_out is empty — pass {'name of OOD set': scores, ...}")
     checked = {name: check_scores(scores_in, s) for name, s in scores_out.items()}
     first = next(iter(checked.values()))[0]
-    return _numpy(first), {name: _numpy(pair[1]) for name, pair in checked.items()}
+    return to_numpy(first), {name: to_numpy(pair[1]) for name, pair in checked.items()}
+
+
+def histogram_bins(groups: Sequence[np.ndarray], n_bins: int = 40) -> tuple[np.ndarray, str]:
+    """Bin edges shared by the histograms of several groups of one score, and the x scale.
+
+    * Integer scores over a short range (a set size): one bin per value.
+    * Non-negative scores where some group piles up at the minimum (``msp`` or
+      ``entropy`` of a confident model: the group's median within the lowest 2% of the
+      range): ``"log"`` scale, geometric bins from the 1st percentile of the positive
+      values to the maximum; smaller values are counted in the first bin.
+    * Otherwise linear bins over the 0.5 to 99.5 percentiles of all the values, so a few
+      outliers do not squash the bulk into one bin; values outside go to the end bins.
+
+    Args:
+        groups: The score's values in each group (in-distribution, each OOD set).
+        n_bins: Number of bins (log and linear scales).
+
+    Returns:
+        ``(edges, scale)`` with ``scale`` ``"linear"`` or ``"log"``; values are to be
+        clipped into ``[edges[0], edges[-1]]``.
+    """
+    groups = [np.asarray(g, dtype=np.float64) for g in groups]
+    values = np.concatenate(groups)
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        return np.array([lo - 0.5, lo + 0.5]), "linear"
+    if np.all(values == np.round(values)) and hi - lo <= 50:
+        return np.arange(lo - 0.5, hi + 1.0), "linear"
+    piled = any(np.median(g) - lo < 0.02 * (hi - lo) for g in groups)
+    positive = values[values > 0]
+    if lo >= 0 and piled and positive.size:
+        low = float(np.quantile(positive, 0.01))
+        if 0 < low < hi:
+            return np.geomspace(low, hi, n_bins + 1), "log"
+    q_lo, q_hi = np.quantile(values, [0.005, 0.995])
+    if q_hi <= q_lo:
+        q_lo, q_hi = lo, hi
+    return np.linspace(q_lo, q_hi, n_bins + 1), "linear"
+
+
+def _densities(x: np.ndarray, edges: np.ndarray, scale: str) -> np.ndarray:
+    """Density of ``x`` over ``edges`` (per unit of log10 on a log scale)."""
+    x = np.clip(x, edges[0], edges[-1])
+    if scale == "log":
+        return np.histogram(np.log10(x), bins=np.log10(edges), density=True)[0]
+    return np.histogram(x, bins=edges, density=True)[0]
 
 
 def score_histograms(
@@ -168,82 +204,69 @@ def score_histograms(
     scores_out: dict[str, ArrayLike],
     score_name: str,
     ax: Axes | None = None,
+    threshold: float | None = None,
+    tpr: float = 0.95,
+    title: str | None = None,
 ) -> Figure:
-    """Overlaid density histograms of an OOD score: ID against each OOD set.
+    """Density histograms of an OOD score: in-distribution (filled) against each OOD set.
+
+    Bins come from :func:`histogram_bins` over all the scores together (shared bins keep
+    the densities comparable). The legend sits below the axes.
 
     Args:
         scores_in: ``[N_in]`` scores of the in-distribution test set (higher = more OOD).
         scores_out: OOD set name -> ``[N_out]`` scores.
         score_name: The score's name, for the axis label and title.
         ax: Axes to draw into.
+        threshold: A threshold to mark (e.g. the one accepting 95% of the test set).
+        tpr: The share of in-distribution samples ``threshold`` accepts, for its label.
+        title: The title (default: names the score).
 
     Returns:
         The Figure drawn into.
     """
     s_in, outs = _score_arrays(scores_in, scores_out)
-    fig, ax = _figure_and_axes(ax, (6.0, 4.0))
-    everything = np.concatenate([s_in, *outs.values()])
-    lo, hi = everything.min(), everything.max()
-    # Shared bins keep the densities comparable; a constant score still gets one bin.
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 51)
-    ax.hist(
-        s_in,
-        bins=bins,
-        density=True,
-        color=_ID_COLOR,
-        alpha=0.5,
-        label=f"in-distribution (n={len(s_in)})",
+    entries = 1 + len(outs) + (threshold is not None)
+    if ax is None:
+        rows = legend_rows(entries, ncol=1)
+        fig = new_figure((4.6, 3.3 + rows * LEGEND_ROW_IN))
+        ax = fig.add_subplot()
+        margins(fig, left=0.7, right=0.15, top=0.35, bottom=0.75 + rows * LEGEND_ROW_IN)
+    else:
+        fig = ax.figure
+    edges, scale = histogram_bins([s_in, *outs.values()])
+    ax.stairs(
+        _densities(s_in, edges, scale),
+        edges,
+        fill=True,
+        color=ID_COLOR,
+        alpha=0.45,
+        label=f"in-distribution test (n={len(s_in)})",
     )
-    for name, s_out in outs.items():
-        ax.hist(
-            s_out,
-            bins=bins,
-            density=True,
-            histtype="step",
+    for i, (name, s_out) in enumerate(outs.items()):
+        ax.stairs(
+            _densities(s_out, edges, scale),
+            edges,
             linewidth=1.6,
+            color=ood_color(i),
             label=f"{name} (n={len(s_out)})",
         )
-    ax.set(xlabel=f"{score_name} (higher = more OOD)", ylabel="density")
-    ax.set_title(f"{score_name}: in-distribution vs OOD")
-    ax.legend(fontsize="small")
-    return fig
-
-
-def roc_curves(
-    scores_in: ArrayLike,
-    scores_out: dict[str, ArrayLike],
-    score_name: str,
-    ax: Axes | None = None,
-) -> Figure:
-    """ROC curve of each OOD set with in-distribution positive, AUROC in the legend.
-
-    Args:
-        scores_in: ``[N_in]`` scores of the in-distribution test set (higher = more OOD).
-        scores_out: OOD set name -> ``[N_out]`` scores.
-        score_name: The score's name, for the title.
-        ax: Axes to draw into.
-
-    Returns:
-        The Figure drawn into.
-    """
-    _score_arrays(scores_in, scores_out)  # validates before drawing anything
-    fig, ax = _figure_and_axes(ax, (5.0, 5.0))
-    for name, s_out in scores_out.items():
-        fpr, tpr, _ = roc_curve(scores_in, s_out)
-        ax.plot(
-            _numpy(fpr),
-            _numpy(tpr),
-            linewidth=1.6,
-            label=f"{name} (AUROC {100 * auroc(scores_in, s_out):.1f}%)",
+    if threshold is not None:
+        # Inside the bins' range (a threshold of 0 cannot be drawn on a log axis).
+        ax.axvline(
+            min(max(threshold, edges[0]), edges[-1]),
+            color="black",
+            linestyle="--",
+            linewidth=1.2,
+            label=f"accepts {100 * tpr:g}% of ID: {threshold:.4g}",
         )
-    ax.plot([0, 1], [0, 1], ":", color="0.4", linewidth=1, label="chance")
-    ax.set(
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-        aspect="equal",
-        xlabel="false positive rate (OOD accepted)",
-        ylabel="true positive rate (ID accepted)",
-    )
-    ax.set_title(f"ROC, {score_name} (ID = positive)")
-    ax.legend(loc="lower right", fontsize="small")
+    if scale == "log":
+        ax.set_xscale("log")
+        ax.set(xlabel=f"{score_name} (log scale; higher = more OOD)", ylabel="density per decade")
+    else:
+        ax.set(xlabel=f"{score_name} (higher = more OOD)", ylabel="density")
+    ax.set_xlim(edges[0], edges[-1])
+    set_title(ax, title or f"{score_name}: in-distribution vs OOD")
+    style(ax)
+    legend_below(ax, ncol=1)
     return fig

@@ -10,28 +10,23 @@ as PNG files under ``figures/``.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import platform
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 import wrapcal.report.render as render
-from wrapcal.report.plots import FigureFile, reliability_diagram, roc_curves, score_histograms
+from wrapcal.report.figures import FigureFile, report_figures
+from wrapcal.report.summary import summarize
 
 if TYPE_CHECKING:
     from wrapcal.report.outputs import ModelOutputs
 
 __all__ = ["FigureFile", "Report", "conventions"]
-
-_DPI = 100
 
 
 def conventions(n_bins: int, bootstrap: int, seed: int, level: float) -> dict[str, str]:
@@ -60,7 +55,18 @@ def conventions(n_bins: int, bootstrap: int, seed: int, level: float) -> dict[st
             "in-distribution is the positive class; FPR@95TPR is the share "
             "of OOD samples accepted when 95% of in-distribution samples are accepted; "
             "scores are higher = more OOD. AUPR-In ranks by -score with in-distribution "
-            "positive, AUPR-Out by score with OOD positive."
+            "positive, AUPR-Out by score with OOD positive. An AUROC below 50% marks an "
+            "inverted score: it ranks the OOD set as more in-distribution than the test set."
+        ),
+        "summary": (
+            "the summary's best score on an OOD set is the one with the highest AUROC there, "
+            "chosen on the same test and OOD samples it is measured on (optimistic for new "
+            "data). Its threshold is FPR@95TPR's: the ceil(0.95 n)-th smallest of the n "
+            "in-distribution test scores; a sample is accepted as in-distribution when its "
+            "score is <= the threshold. The share of new in-distribution data it accepts "
+            "follows Beta(k, n + 1 - k) for a continuous score, whose central interval the "
+            "summary gives. ECE before is the ECE of the model named 'baseline' (else the "
+            "first model that is not wrapped)."
         ),
         "scores": (
             "msp = 1 - max probability; max_logit = -max logit; entropy of the "
@@ -98,32 +104,6 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "x"
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
-    # Figures are built without pyplot (nothing to plt.close); clearing frees the artists.
-    fig.clear()
-    return buf.getvalue()
-
-
-def _ood_figure(out: ModelOutputs, score: str) -> Figure:
-    s_in = out.test.scores[score]
-    s_out = {name: o.scores[score] for name, o in out.ood.items() if score in o.scores}
-    fig = Figure(figsize=(10.5, 4.2))
-    FigureCanvasAgg(fig)
-    hist_ax, roc_ax = fig.subplots(1, 2, width_ratios=[1.45, 1])
-    score_histograms(s_in, s_out, score, ax=hist_ax)
-    roc_curves(s_in, s_out, score, ax=roc_ax)
-    fig.suptitle(f"{out.name}: {score}", fontweight="bold")
-    # Fixed margins: a constrained layout would draw the figure twice (slow, ~0.5 s).
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.86, wspace=0.18)
-    return fig
-
-
 class Report:
     """Results of :func:`~wrapcal.report.evaluate`: calibration and OOD tables, metadata.
 
@@ -132,6 +112,8 @@ class Report:
     """
 
     def __init__(self, data: dict[str, Any], outputs: dict[str, ModelOutputs] | None = None):
+        if "summary" not in data:  # a report saved before the summary existed
+            data = {**data, "summary": _finite(summarize(data))}
         self._data = data
         self._outputs = outputs or {}
 
@@ -182,7 +164,9 @@ class Report:
             "ood": ood,
             "plugin_metrics": plugin_metrics or {},
         }
-        return cls(_finite(data), outputs)
+        data = _finite(data)
+        data["summary"] = _finite(summarize(data, outputs))
+        return cls(data, outputs)
 
     # --- data --------------------------------------------------------------------------
 
@@ -205,6 +189,25 @@ class Report:
     def _repr_html_(self) -> str:  # Jupyter shows the tables without the figures
         return render.html(self._data, [], standalone=False)
 
+    def log_to(self, run: Any = None, **options: Any) -> str:
+        """Log the metrics, the figures and the report files to an MLflow run.
+
+        Needs ``pip install wrapcal[mlflow]``. The names and the options
+        (``tracking_uri``, ``experiment``, ``run_name``, ``artifact_path``,
+        ``directory``) are those of :func:`wrapcal.report.tracking.log_report`.
+
+        Args:
+            run: An ``mlflow.ActiveRun``, an ``mlflow.entities.Run`` or a run id; ``None``
+                logs to the active run, or to a new run when none is active.
+            **options: Passed to ``log_report``.
+
+        Returns:
+            The run's id.
+        """
+        from wrapcal.report.tracking import log_report
+
+        return log_report(self, run, **options)
+
     def __getitem__(self, key: str) -> Any:
         return copy.deepcopy(self._data[key])
 
@@ -221,46 +224,10 @@ class Report:
     # --- figures and files -------------------------------------------------------------
 
     def figures(self) -> list[FigureFile]:
-        """Render the figures: a reliability diagram per model, and per model and score
-        a figure with the score's histograms and ROC curves over all OOD sets."""
-        figures: list[FigureFile] = []
-        used: set[str] = set()
-
-        def filename(stem: str) -> str:
-            name, i = f"{stem}.png", 2
-            while name in used:  # names that differ only in symbols would collide
-                name, i = f"{stem}-{i}.png", i + 1
-            used.add(name)
-            return name
-
-        n_bins = self._data["settings"]["n_bins"]
-        for name, out in self._outputs.items():
-            fig = reliability_diagram(out.test.probs, out.test.labels, n_bins=n_bins, title=name)
-            figures.append(
-                FigureFile(
-                    "reliability",
-                    name,
-                    None,
-                    f"Reliability diagram: {name}",
-                    filename(f"reliability_{_slug(name)}"),
-                    _png(fig),
-                )
-            )
-        for name, out in self._outputs.items():
-            for score in self._data["models"][name]["scores"]:
-                if not any(score in o.scores for o in out.ood.values()):
-                    continue
-                figures.append(
-                    FigureFile(
-                        "ood",
-                        name,
-                        score,
-                        f"{name}: {score} histograms and ROC curves",
-                        filename(f"ood_{_slug(name)}_{_slug(score)}"),
-                        _png(_ood_figure(out, score)),
-                    )
-                )
-        return figures
+        """Render the figures (see :mod:`wrapcal.report.figures`): per model a
+        reliability diagram, the histogram and ROC curves of its best OOD scores, the ROC
+        curves of every score per OOD set; each plugin's curve."""
+        return report_figures(self._data, self._outputs)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``report.html``, ``report.md``, ``report.json`` and ``figures/*.png``.
