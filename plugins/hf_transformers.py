@@ -25,6 +25,7 @@ or when a ``transformers`` model is built by name.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -288,7 +289,9 @@ def build_from_config(model_type: str, kwargs: dict[str, Any]) -> nn.Module:
     from transformers import AutoModelForImageClassification
 
     _hf_config.check_for_type(model_type, kwargs)
-    kwargs = dict(kwargs)
+    # A copy: some models append to their config's lists while they are built (LeViT's
+    # down_ops), which must not change the caller's (a loaded file's) description.
+    kwargs = copy.deepcopy(kwargs)
     classes = kwargs.pop("num_classes", None)
     if classes is not None:
         if "id2label" in kwargs and len(kwargs["id2label"]) != classes:
