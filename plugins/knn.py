@@ -53,6 +53,9 @@ _WHY = "the bank of normalised in-distribution features"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Similarities held at once during a search (``B x block``): 16M floats, 64 MB.
 SEARCH_ELEMENTS = 1 << 24
+#: Bank rows per block in an exported graph, which takes any batch size: there the block
+#: cannot follow the batch (``B x 65536`` floats: 16 MB at batch 64).
+EXPORT_BLOCK = 1 << 16
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,10 @@ def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> t
     The bank's blocks are cast to the queries' dtype (float16 banks are searched in
     float32 on every device).
     """
-    block = max(k, SEARCH_ELEMENTS // max(queries.shape[0], 1))
+    if torch.compiler.is_exporting():
+        block = max(k, EXPORT_BLOCK)
+    else:
+        block = max(k, SEARCH_ELEMENTS // max(queries.shape[0], 1))
     best: torch.Tensor | None = None
     for start in range(0, bank.shape[0], block):
         similarity = queries @ bank[start : start + block].to(queries.dtype).T
@@ -119,8 +125,8 @@ class KNN(Plugin):
         tags = super().__wrapcal_tags__()
         tags.stage = Stage.DETECT
         tags.fit_reads = FIT_SETS
-        # A loop over blocks of the bank and topk: traceable (the block size follows
-        # the batch size, which an export fixes).
+        # A loop over blocks of the bank and topk: traceable (an export searches
+        # blocks of a fixed size, so its batch size stays free).
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
         return tags

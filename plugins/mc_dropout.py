@@ -308,6 +308,9 @@ class MCDropout(Plugin):
         if self.p_ == 0:
             # No dropout: T identical samples, computed once.
             return inner(features).repeat(total, 1, 1)
+        if torch.compiler.is_exporting():
+            # An exported graph takes any batch size: no loop over chunks of its rows.
+            return inner(self._masked(features))
         rows, width = features.shape[1], features.shape[2]
         chunk = max(1, _HEAD_CHUNK_ELEMENTS // (total * features.shape[0] * width))
         parts = [

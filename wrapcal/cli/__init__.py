@@ -1,4 +1,4 @@
-"""The ``wrapcal`` command: ``demo``, ``evaluate`` and ``plugins``.
+"""The ``wrapcal`` command: ``demo``, ``evaluate``, ``export`` and ``plugins``.
 
 Every bad input ends the command with exit code 2 and one line on stderr,
 ``wrapcal <command>: error: <what is wrong and how to fix it>``, in the command
@@ -60,6 +60,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from wrapcal.cli.export import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapcal`` command."""
     from wrapcal.cli.options import add_evaluate_arguments, at_least
@@ -87,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="calibration and OOD report for a model")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    from wrapcal.cli.export import add_export_arguments
+
+    export = sub.add_parser("export", help="a saved model as one ONNX or torch.export file")
+    add_export_arguments(export)
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

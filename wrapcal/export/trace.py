@@ -1,0 +1,122 @@
+"""Tracing a wrapped model with ``torch.export``: one graph, any batch size.
+
+:func:`trace` checks that every plugin is exportable, runs the chain once on an example
+batch to learn its outputs, and exports :class:`~wrapcal.export.module.InferenceModule`
+with the batch dimension dynamic. When the trace fails, the plugin part of the chain is
+traced from backbone features one plugin more at a time (:func:`find_culprit`) so that
+the error names the plugin responsible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from wrapcal.export.checks import (
+    GUIDE,
+    ExportError,
+    check_exportable,
+    find_culprit,
+    first_line,
+)
+from wrapcal.export.module import InferenceModule, OutputSpec, output_specs
+from wrapcal.torch_utils import float_dtype_of, in_mode
+
+__all__ = ["EXAMPLE_BATCH", "example_input", "export_program", "trace"]
+
+#: Rows of the example batch the graph is traced with. Not 1 or 0, which torch.export
+#: specialises on; the graph then takes any batch size from 1 up.
+EXAMPLE_BATCH = 2
+
+
+def example_input(wrapped: Any, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A seeded example batch ``[2, *input_shape]`` in the model's dtype and device.
+
+    Raises:
+        ExportError: The model does not know the shape of its inputs and none is given.
+    """
+    shape = tuple(input_shape) if input_shape is not None else wrapped.input_shape
+    if shape is None:
+        raise ExportError(
+            "the model's input shape is unknown (it was fitted from features, and the "
+            "model does not say): pass input_shape=(channels, height, width)"
+        )
+    if not all(isinstance(d, int) and d > 0 for d in shape):
+        raise ExportError(f"input_shape {shape!r} must be positive ints, one per input axis")
+    dtype = float_dtype_of(wrapped) or torch.float32
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    example = torch.randn((EXAMPLE_BATCH, *shape), generator=generator)
+    return example.to(device=wrapped.device, dtype=dtype)
+
+
+def export_program(
+    wrapped: Any, example: torch.Tensor, cached: bool = False, upto: int | None = None
+) -> tuple[ExportedProgram, list[OutputSpec]]:
+    """``torch.export`` of the chain (or of its first ``upto`` plugins from features)."""
+    with in_mode(wrapped, False), torch.no_grad():
+        specs = output_specs(wrapped, example, cached, upto)
+        module = InferenceModule(wrapped, [s.name for s in specs], cached, upto)
+        program = torch.export.export(
+            module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},), strict=False
+        )
+    return program, specs
+
+
+def feature_example(wrapped: Any, example: torch.Tensor) -> torch.Tensor:
+    """Backbone features of the example batch, for tracing the plugin part alone."""
+    with in_mode(wrapped, False), torch.no_grad():
+        return wrapped.backbone(example)
+
+
+def trace(wrapped: Any, example: torch.Tensor) -> tuple[ExportedProgram, list[OutputSpec]]:
+    """The wrapped model as an ``ExportedProgram`` with a dynamic batch, and its outputs.
+
+    Raises:
+        ExportError: A plugin is not exportable, or the trace fails (naming the plugin
+            responsible when it is one).
+        NotFittedError: A plugin still needs ``fit``.
+    """
+    check_exportable(wrapped)
+    try:
+        return export_program(wrapped, example)
+    except ExportError:
+        raise
+    except Exception as err:
+        raise blame(wrapped, example, err, "torch.export", None) from err
+
+
+def blame(wrapped: Any, example: torch.Tensor, err: Exception, step: str, then: Any) -> ExportError:
+    """An :class:`ExportError` for a failed ``step``, naming the plugin that causes it.
+
+    Args:
+        wrapped: The wrapped model.
+        example: The example input batch.
+        err: What the step raised.
+        step: ``"torch.export"`` or ``"ONNX conversion"``.
+        then: ``None``, or ``then(program)`` run on each traced prefix (the ONNX
+            conversion), for a failure that happens after ``torch.export``.
+    """
+    message = first_line(err)
+    if message.startswith("plugin "):  # raised inside a plugin's method: already named
+        return ExportError(f"{message} (during {step}; {GUIDE})")
+    features = feature_example(wrapped, example)
+
+    def attempt(upto: int) -> None:
+        program, _ = export_program(wrapped, features, cached=True, upto=upto)
+        if then is not None:
+            then(program)
+
+    culprit = find_culprit(wrapped, attempt)
+    if culprit is None:
+        return ExportError(
+            f"{step} failed on the model's backbone or head, not on a plugin: {message}"
+        )
+    return ExportError(
+        f"{culprit}: its inference cannot be exported ({step}: {message}). An exportable "
+        "plugin computes features/members/transform_logits/outputs with plain tensor "
+        "operations: no .item() or numpy, no Python branch or loop on the batch size or "
+        f"on tensor values, operators ONNX has ({GUIDE})"
+    )
