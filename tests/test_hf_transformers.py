@@ -222,6 +222,25 @@ def test_the_pooled_features_and_input_checks_per_architecture() -> None:
     assert resnet.head_path == "classifier.1" and resnet.input_shape is None
 
 
+def test_mc_dropout_finds_the_dropout_before_the_classifier() -> None:
+    """EfficientNet applies ``dropout`` (p = dropout_rate) to the classifier's input:
+    MC dropout samples that one; ViT has none, and MC dropout says so."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped = wrapcal.wrap(build("efficientnet", dropout_rate=0.3), ["mc_dropout"])
+    assert (wrapped.plugins[0].p_, wrapped.plugins[0].head_module_) == (0.3, "dropout")
+    with pytest.warns(UserWarning, match="no dropout before its head"):
+        wrapcal.wrap(build("vit"), ["mc_dropout"])
+
+
+def test_cli_builds_transformers_models_through_the_allow_list(capsys) -> None:
+    argv = ["evaluate", "transformers:vit", "--data", "digits", "--model-arg"]
+    assert main([*argv, "trust_remote_code=true"]) == 2
+    assert "'trust_remote_code' is not allowed" in capsys.readouterr().err
+    assert main([*argv, "hidden_act=/tmp/evil.py"]) == 2
+    assert "hidden_act='/tmp/evil.py' is invalid" in capsys.readouterr().err
+
+
 def test_transformers_model_that_cannot_be_split_says_why() -> None:
     config = CONFIG_MAPPING["imagegpt"](n_embd=16, n_layer=1, n_head=2, vocab_size=17)
     config.architectures = ["ImageGPTForImageClassification"]
