@@ -17,17 +17,17 @@ from wrapcal.datasets import digits
 from wrapcal.demo import gaussian_noise, train_small_model
 
 data = digits()  # 3x32x32 tensors: train / calibration / test
-model = train_small_model(data, epochs=5, progress=False)  # stands in for your timm model
+model = train_small_model(data, progress=False)  # stands in for your timm model
 
 # A copy is wrapped: `model` itself is never changed. Plugins go by stage, not list order.
 wrapped = wrapcal.wrap(model, plugins=["temperature", ("mc_dropout", {"samples": 30})])
-wrapped.fit(train=data.train, calibration=data.calibration, progress=False)
+wrapped.fit(calibration=data.calibration, progress=False)  # the only set these two read
 
 x_test, y_test = data.test
 logits = wrapped(x_test)  # calibrated logits, same shape as model(x_test)
 pred = wrapped.predict(x_test)  # probs, label, confidence, scores
 print("temperature:", round(wrapped.get_plugin("temperature").temperature_, 3))
-print("accuracy:", (pred.label == y_test).float().mean().item())
+print("accuracy:", round((pred.label == y_test).float().mean().item(), 4))
 print("scores:", sorted(pred.scores))
 
 report = wrapcal.evaluate(
@@ -36,8 +36,22 @@ report = wrapcal.evaluate(
     ood={"noise": gaussian_noise(x_test)},
     progress=False,
 )
-for name, metrics in report.calibration.items():
-    print(f"{name:9s} ECE {metrics['ece']:.4f}  NLL {metrics['nll']:.4f}")
+for name, m in report.calibration.items():
+    low, high = m["ece_ci"]
+    print(
+        f"{name:9s} ECE {100 * m['ece']:.2f}% (95% interval {100 * low:.2f}-{100 * high:.2f}%)"
+        f"  NLL {m['nll']:.4f}"
+    )
+base, wrapped_ece = report.calibration["baseline"], report.calibration["wrapped"]
+if wrapped_ece["ece_ci"][0] <= base["ece"] <= wrapped_ece["ece_ci"][1]:
+    print(
+        "-> no measurable change: on these easy, in-distribution digits the model is "
+        f"{100 * base['accuracy']:.1f}% accurate and already calibrated, so temperature "
+        "scaling has little to fix (T close to 1). On a model under distribution shift it "
+        "matters: examples/retrofit_resnet20.py takes a ResNet-20's ECE from 12.6% to 1.2%."
+    )
+auroc = report.ood["wrapped"]["noise"]["mutual_information"]["auroc"]
+print(f"MC-dropout mutual information flags the noise images with AUROC {100 * auroc:.1f}%")
 
 with tempfile.TemporaryDirectory() as tmp:
     path = wrapped.save(Path(tmp) / "model.wrapcal")  # safetensors + JSON, nothing pickled

@@ -92,15 +92,22 @@ MNIST_LABELS = SHARED_DATA / "mnist" / "t10k-labels-idx1-ubyte.gz"
 _FILES = (CIFAR_NPZ, RESNET20_WEIGHTS, MNIST_IMAGES, MNIST_LABELS)
 
 HAVE_SHARED_DATA = all(p.is_file() for p in _FILES)
+#: CI sets ``WRAPCAL_REQUIRE_SHARED_DATA=1``: then a test that needs the data fails
+#: instead of skipping, so a misconfigured CI cannot pass green without it.
+REQUIRE_SHARED_DATA = os.environ.get("WRAPCAL_REQUIRE_SHARED_DATA", "") not in ("", "0")
 _SKIP_REASON = (
     f"shared data not found at {SHARED_DATA} "
     "(set WRAPCAL_SHARED_DATA to the directory holding cifar10_jpeg.npz)"
 )
-requires_shared_data = pytest.mark.skipif(not HAVE_SHARED_DATA, reason=_SKIP_REASON)
+requires_shared_data = pytest.mark.skipif(
+    not HAVE_SHARED_DATA and not REQUIRE_SHARED_DATA, reason=_SKIP_REASON
+)
 
 
 def _require() -> None:
     if not HAVE_SHARED_DATA:
+        if REQUIRE_SHARED_DATA:
+            pytest.fail(f"WRAPCAL_REQUIRE_SHARED_DATA is set but {_SKIP_REASON}")
         pytest.skip(_SKIP_REASON)
 
 

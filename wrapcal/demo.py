@@ -1,11 +1,15 @@
 """``wrapcal demo``: the whole pipeline on data bundled with scikit-learn, no download.
 
-1. Train timm's ``resnet10t`` from scratch on the digits for a few seconds.
-2. Wrap it with all four built-in plugins (and with each one alone), fit them from one
-   backbone pass per data set. "Production traffic" for the discrepancy heads is a mix
-   of unseen digits and patches of one of scikit-learn's sample photographs.
+1. Train timm's ``resnet10t`` from scratch on the digits (to 99.8% test accuracy: a
+   properly trained baseline, so what the plugins change is theirs, not more training).
+2. Wrap it with one plugin of each family (a calibrator, a retrainer, a sampler, extra
+   heads, a feature-space detector) and with all of them plus conformal prediction
+   sets; each variant fits only the data sets its plugins read, and all of them share
+   one backbone pass per data set. "Production traffic" for the discrepancy heads is a
+   mix of unseen digits and patches of one of scikit-learn's sample photographs.
 3. Evaluate against OOD sets the traffic did not contain: patches of the *other*
-   sample photograph, and Gaussian noise; write the report (HTML, JSON, Markdown, PNG).
+   sample photograph, and Gaussian noise; print a table in the report's units, with
+   notes, and write the report (HTML, JSON, Markdown, PNG).
 """
 
 from __future__ import annotations
@@ -20,11 +24,21 @@ from tqdm.auto import tqdm
 
 import wrapcal
 from wrapcal.datasets import DigitsData, digits, digits_to_images
+from wrapcal.fitting import read_sets
+from wrapcal.registry import build_model
 
-BUILT_IN_PLUGINS = ("label_smoothing", "discrepancy", "mc_dropout", "temperature")
-#: Per-plugin settings of the demo: alpha="auto" keeps label smoothing from
-#: over-smoothing a 10-class model into underconfidence.
-DEMO_PARAMS = {"label_smoothing": {"alpha": "auto"}}
+#: The demo's variants: one plugin of each family, and all of them together. Every
+#: plugin runs with its defaults, which were chosen by measurement (see each docstring).
+SETUPS: dict[str, list[str]] = {
+    "temperature": ["temperature"],
+    "label_smoothing": ["label_smoothing"],
+    "mc_dropout": ["mc_dropout"],
+    "discrepancy": ["discrepancy"],
+    "knn": ["knn"],
+    "all": ["label_smoothing", "discrepancy", "mc_dropout", "knn", "temperature", "conformal"],
+}
+#: The OOD score each variant is judged by: the one its plugin adds (msp otherwise).
+PRIMARY_SCORES = ("discrepancy", "knn", "mutual_information", "msp")
 
 
 def train_small_model(
@@ -34,10 +48,8 @@ def train_small_model(
 
     A fixed number of epochs, not of seconds, so every machine gets the same model.
     """
-    import timm
-
     torch.manual_seed(seed)  # timm's initialisation draws from the global generator
-    model = timm.create_model("resnet10t", num_classes=10, drop_rate=0.1)
+    model = build_model("timm", "resnet10t", num_classes=10, drop_rate=0.1)
     x, y = data.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
@@ -93,26 +105,21 @@ def run_demo(
         "photo patches (flower)": photo_patches("flower", len(x_test), seed + 1),
         "gaussian noise": gaussian_noise(x_test, seed),
     }
-    missing = [p for p in BUILT_IN_PLUGINS if p not in wrapcal.plugin_registry()]
+    installed = wrapcal.plugin_registry()
+    missing = sorted({p for plugins in SETUPS.values() for p in plugins} - set(installed))
     if missing:
         raise wrapcal.PluginNotFoundError(f"the demo needs the built-in plugins; missing {missing}")
     models: dict[str, torch.nn.Module] = {"baseline": model}
-    specs = [(name, DEMO_PARAMS.get(name, {})) for name in BUILT_IN_PLUGINS]
-    setups = {spec[0]: [spec] for spec in specs}
-    setups["all four"] = specs
+    given = {"train": data.train, "calibration": data.calibration, "unlabeled": traffic}
     fit_seconds = {}
-    for name, plugins in setups.items():
+    for name, plugins in SETUPS.items():
         t0 = time.perf_counter()
         wrapped = wrapcal.wrap(model, plugins=plugins)
-        wrapped.fit(
-            train=data.train,
-            calibration=data.calibration,
-            unlabeled=traffic,
-            progress=progress,
-            seed=seed,
-        )
+        reads, _ = read_sets(wrapped)
+        sets = {k: v for k, v in given.items() if k in reads}
+        wrapped.fit(**sets, progress=progress, seed=seed)
         fit_seconds[name] = time.perf_counter() - t0
-        models[name] = wrapped.eval()
+        models[name] = wrapped
     report = evaluate(models, test=data.test, ood=ood, progress=progress, seed=seed)
     path = report.save(out)
     print_summary(report, fit_seconds)
@@ -122,27 +129,58 @@ def run_demo(
 
 
 def _primary_score(scores: list[str]) -> str:
-    """The score a plugin adds for OOD detection, else the maximum softmax probability."""
-    for name in ("discrepancy", "mutual_information", "msp"):
-        if name in scores:
-            return name
-    return scores[0]
+    """The score a variant's plugin adds for OOD detection, else the maximum softmax
+    probability."""
+    return next((name for name in PRIMARY_SCORES if name in scores), scores[0])
+
+
+def summary_lines(report: wrapcal.report.Report, fit_seconds: dict[str, float]) -> list[str]:
+    """The demo's table, in the report's units (% except NLL), with its notes."""
+    data = report.to_dict()
+    ood_sets = list(data["data"]["ood"])
+    lines = ["", "OOD sets: " + ", ".join(f"({i + 1}) {s}" for i, s in enumerate(ood_sets))]
+    lines.append(" " * 66 + "".join(f"{f'({i + 1})':^17s}|" for i in range(len(ood_sets))))
+    header = (
+        f"{'model':16s} {'acc %':>6s} {'ECE %':>6s} {'NLL':>6s} {'fit s':>6s}  {'OOD score':18s}"
+    )
+    lines.append(header + "".join(f" {'AUROC%':>7s} {'FPR95%':>7s}|" for _ in ood_sets))
+    inverted, worse = [], []
+    for model, cal in data["calibration"].items():
+        score = _primary_score(data["models"][model]["scores"])
+        row = f"{model:16s} {100 * cal['accuracy']:6.1f} {100 * cal['ece']:6.2f} {cal['nll']:6.3f}"
+        row += f" {fit_seconds.get(model, 0.0):6.1f}  {score:18s}"
+        for ood_set in ood_sets:
+            m = data["ood"][model][ood_set][score]
+            flag = "!" if m["auroc"] < 0.5 else " "
+            row += f" {100 * m['auroc']:6.1f}{flag} {100 * m['fpr95']:6.1f} |"
+            if flag == "!":
+                inverted.append(f"{model}/{score} on {ood_set}")
+            alone = next((n for n, p in SETUPS.items() if p == [score]), None)
+            if model == "all" and alone and alone in data["ood"]:
+                single = data["ood"][alone][ood_set][score]["auroc"]
+                if m["auroc"] < single - 0.01:
+                    worse.append(
+                        f"all: {score} AUROC on {ood_set} is {100 * m['auroc']:.1f}%, below "
+                        f"{alone} alone ({100 * single:.1f}%): the plugins before it in the "
+                        "chain change the features or heads it scores"
+                    )
+        lines.append(row)
+    lines += [
+        "",
+        "Every plugin is fitted on the baseline's own 1000 training digits and the 397",
+        "held-out calibration digits: none sees new labelled data, so each difference from",
+        "the baseline is the method's. The OOD sets are kinds the discrepancy heads' traffic",
+        "did not contain (it held patches of another photo). Test set: 400 digits.",
+    ]
+    if inverted:
+        lines.append(
+            "! AUROC below 50%: an inverted score, ranking these inputs as more "
+            "in-distribution than the test digits: " + "; ".join(inverted)
+        )
+    lines += worse
+    return lines
 
 
 def print_summary(report: wrapcal.report.Report, fit_seconds: dict[str, float]) -> None:
-    """A short table: calibration on the test digits, OOD detection on each OOD set."""
-    data = report.to_dict()
-    ood_sets = list(data["data"]["ood"])
-    header = f"{'model':16s} {'acc':>6s} {'ECE':>6s} {'NLL':>6s} {'fit s':>6s}  {'OOD score':18s}"
-    header += "".join(f" {'AUROC':>6s} {'FPR95':>6s} |" for _ in ood_sets)
-    print("\nOOD sets: " + ", ".join(f"({i + 1}) {s}" for i, s in enumerate(ood_sets)))
-    print(" " * 64 + "".join(f" {f'({i + 1})':^13s} |" for i in range(len(ood_sets))))
-    print(header)
-    for model, cal in data["calibration"].items():
-        score = _primary_score(data["models"][model]["scores"])
-        row = f"{model:16s} {cal['accuracy']:6.3f} {cal['ece']:6.3f} {cal['nll']:6.3f}"
-        row += f" {fit_seconds.get(model, 0.0):6.1f}  {score:18s}"
-        for s in ood_sets:
-            m = data["ood"][model][s][score]
-            row += f" {m['auroc']:6.3f} {m['fpr95']:6.3f} |"
-        print(row)
+    """Print the demo's table (see :func:`summary_lines`)."""
+    print("\n".join(summary_lines(report, fit_seconds)))

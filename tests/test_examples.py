@@ -1,0 +1,102 @@
+"""The README's headline command and the examples run, and say what they show."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shared_data import SHARED_DATA, requires_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_table_is_honest_and_in_the_reports_units(tmp_path):
+    from wrapcal.demo import SETUPS, run_demo
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = run_demo(out=tmp_path / "demo", progress=False)
+    text = printed.getvalue()
+    for name in ("report.html", "report.md", "report.json"):
+        assert (tmp_path / "demo" / name).stat().st_size > 1000
+    assert "acc %" in text and "ECE %" in text and "AUROC%" in text  # the report's units
+    assert "none sees new labelled data" in text
+    data = report.to_dict()
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()[:1]}
+    baseline = data["calibration"]["baseline"]
+    assert baseline["accuracy"] > 0.97  # a properly trained baseline
+    for name in SETUPS:
+        assert name in rows, name
+        cal = data["calibration"][name]
+        # The retraining plugins see no new data: no accuracy jump from more training.
+        assert abs(cal["accuracy"] - baseline["accuracy"]) < 0.02, name
+        assert f"{100 * cal['accuracy']:6.1f} {100 * cal['ece']:6.2f}" in rows[name]
+    # Inverted scores are flagged in the table and explained below it.
+    flagged = [
+        (model, ood_set)
+        for model in data["ood"]
+        for ood_set, scores in data["ood"][model].items()
+        for score, row in scores.items()
+        if row["auroc"] < 0.5 and score in rows.get(model, "")
+    ]
+    for model, _ in flagged:
+        assert "!" in rows[model]
+    assert ("inverted score" in text) == bool(flagged)
+    conformal = data["plugin_metrics"]["all"]["conformal"]
+    assert 0.85 <= conformal["coverage"]["value"] <= 1.0
+
+
+@pytest.mark.slow
+def test_quickstart_runs_and_explains_what_it_prints():
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = run.stdout
+    assert "saved and loaded: model.wrapcal - identical outputs" in out
+    eces = dict(re.findall(r"^(\w+)\s+ECE ([\d.]+)%", out, re.M))
+    assert set(eces) == {"baseline", "wrapped"}
+    # A wrapped ECE above the baseline's comes with its explanation, never alone.
+    if float(eces["wrapped"]) > float(eces["baseline"]):
+        assert "no measurable change" in out
+
+
+@pytest.mark.slow
+@requires_shared_data
+def test_retrofit_example_fast_mode_reproduces_the_readme_findings(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import retrofit_resnet20
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        report = retrofit_resnet20.main(
+            [
+                "--fast",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "r20"),
+                "--shared",
+                str(SHARED_DATA),
+            ]
+        )
+    data = report.to_dict()
+    cal, ood = data["calibration"], data["ood"]
+    assert 0.78 < cal["baseline"]["accuracy"] < 0.84  # the JPEG shift: about 81%
+    assert cal["temperature"]["ece"] < cal["baseline"]["ece"] / 4
+    assert ood["knn"]["MNIST"]["knn"]["auroc"] > 0.97
+    assert ood["discrepancy"]["MNIST"]["discrepancy"]["auroc"] > 0.97  # seen in the traffic
+    assert "| baseline | `msp` |" in printed.getvalue()
+    conformal = data["plugin_metrics"]["all"]["conformal"]
+    assert 0.85 <= conformal["coverage"]["value"] <= 0.95
