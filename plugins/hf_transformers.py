@@ -100,8 +100,9 @@ def _head_path(name: str, module: Any) -> str | None:
     if isinstance(module, nn.Linear):
         return name
     if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
-        if all(isinstance(m, _PARAMETER_FREE) for m in list(module)[:-1]):
-            return f"{name}.{len(module) - 1}"
+        children = list(module.named_children())
+        if all(isinstance(m, _PARAMETER_FREE) for _, m in children[:-1]):
+            return f"{name}.{children[-1][0]}"
         return name
     if _has_linear(module) and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return name  # a head with its own layers (LeViT: batch norm, then linear)

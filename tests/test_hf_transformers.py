@@ -269,6 +269,19 @@ def test_a_subclass_is_wrapped_but_loaded_only_with_the_model(tmp_path) -> None:
         assert torch.equal(wrapcal.load(path, model=model)(pixels(32)), wrapped(pixels(32)))
 
 
+def test_a_model_that_changes_its_classifiers_output_is_refused() -> None:
+    class Doubled(transformers.ViTForImageClassification):
+        def forward(self, pixel_values):
+            out = super().forward(pixel_values=pixel_values)
+            out.logits = out.logits * 2
+            return out
+
+    config = CONFIG_MAPPING["vit"](num_labels=3, **_VIT, intermediate_size=64, image_size=32)
+    wrapped = wrapcal.wrap(Doubled(config))
+    with pytest.raises(SplitError, match="its logits are not the classifier's output"):
+        wrapped(pixels(32))
+
+
 # --- every built-in plugin on a ViT ---------------------------------------------------
 
 #: Settings that keep each plugin's fit short on 1,000 digits.
