@@ -7,7 +7,8 @@ the viewport except inside a table's own scrolling box, every image no wider tha
 container, not upscaled, and its smallest text at least 9 px on screen (the PNG's smallest
 text in pixels, from the figure's font sizes, times the shown width over the PNG's
 width); the summary fits one 1400 x 900 screen without scrolling sideways, and at 420 px
-it becomes one card per model that does not scroll either; the page loads nothing (every
+it becomes one card per model that does not scroll either, while each group of figures
+becomes a strip that scrolls sideways in its own box; the page loads nothing (every
 request is the file itself or a ``data:`` image). Skipped when Playwright or Chromium is
 missing; CI installs both (``apt-get install chromium``; ``playwright`` is in the test
 extra; never ``playwright install``).
@@ -40,7 +41,14 @@ MIN_TEXT_PX = 9.0
 
 LAYOUT = """() => {
   const vw = window.innerWidth;
-  const inScroller = (el) => el.closest('.table-wrap') !== null;
+  // Tables, and figure strips on a phone, scroll sideways inside their own box.
+  const scroller = (el) => {
+    for (let p = el.parentElement; p; p = p.parentElement) {
+      if (getComputedStyle(p).overflowX === 'auto') return p;
+    }
+    return null;
+  };
+  const inScroller = (el) => scroller(el) !== null;
   const out = [];
   for (const el of document.querySelectorAll('main *')) {
     const r = el.getBoundingClientRect();
@@ -49,8 +57,10 @@ LAYOUT = """() => {
   }
   const images = [...document.images].filter(i => i.getBoundingClientRect().width > 0).map(i => {
     const r = i.getBoundingClientRect(), box = i.parentElement.getBoundingClientRect();
-    return {w: r.width, natural: i.naturalWidth, container: box.width, right: r.right,
-            font: parseFloat(i.dataset.minFontPx), alt: i.alt};
+    const strip = scroller(i);
+    return {w: r.width, natural: i.naturalWidth, container: box.width, alt: i.alt,
+            right: strip ? r.width : r.right,
+            visible: strip ? strip.clientWidth : vw, font: parseFloat(i.dataset.minFontPx)};
   });
   const wraps = [...document.querySelectorAll('#summary .table-wrap')].map(
     w => [w.scrollWidth, w.clientWidth]);
@@ -58,7 +68,8 @@ LAYOUT = """() => {
   return {scrollWidth: document.documentElement.scrollWidth, innerWidth: vw,
           height: document.documentElement.scrollHeight, outside: out, images,
           summaryWrap: wraps[0], summaryBottom: summary.bottom + window.scrollY,
-          cards: getComputedStyle(document.querySelector('#summary tbody tr')).display};
+          cards: getComputedStyle(document.querySelector('#summary tbody tr')).display,
+          strip: getComputedStyle(document.querySelector('.figures')).overflowX};
 }"""
 
 
@@ -107,7 +118,7 @@ def test_layout_at_phone_and_desktop_widths(browser, page_path, width):
         for img in got["images"]:
             assert img["w"] <= img["container"] + 0.5, img["alt"]
             assert img["w"] <= img["natural"] + 0.5, img["alt"]  # never upscaled (blurry)
-            assert img["right"] <= got["innerWidth"], img["alt"]
+            assert img["right"] <= img["visible"], img["alt"]  # whole, in view or its strip
             assert img["font"] * img["w"] / img["natural"] >= MIN_TEXT_PX, img["alt"]
         scroll, client = got["summaryWrap"]
         assert scroll <= client + 1  # the summary never scrolls sideways
@@ -115,16 +126,20 @@ def test_layout_at_phone_and_desktop_widths(browser, page_path, width):
             assert got["cards"] == "table-row" and got["summaryBottom"] <= 900
         else:
             assert got["cards"] == "block"  # one card per model
+            assert got["strip"] == "auto"  # figures side by side in a strip, not a column
     assert all(u.startswith(("file:", "data:")) for u in requests), requests
     page.close()
 
 
-def test_the_page_is_shorter_on_a_desktop_than_on_a_phone(browser, page_path):
-    heights = {}
+def test_figures_take_one_row_per_group_at_both_widths(browser, page_path):
     for width in (420, 1400):
         page = browser.new_page(viewport={"width": width, "height": 900})
         page.goto(page_path.as_uri())
-        heights[width] = page.evaluate("document.documentElement.scrollHeight")
+        rows = page.evaluate(
+            """() => [...document.querySelectorAll('.figures')].filter(g => g.offsetParent)
+                 .map(g => new Set([...g.children].map(f => f.offsetTop)).size)"""
+        )
         page.close()
-    # Figures side by side on a desktop, one under the other on a phone.
-    assert heights[1400] < 0.6 * heights[420]
+        # The reliability diagrams and the OOD figures (4 each): one row on a phone (a
+        # strip), at most two on a desktop (side by side).
+        assert rows[:2] and all(r <= (1 if width == 420 else 2) for r in rows), (width, rows)
