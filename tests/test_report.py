@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib import pyplot as plt
+from matplotlib.patches import StepPatch
 from references import ece_np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
@@ -607,3 +608,50 @@ def test_plugin_tables_and_curves_are_recognised_and_drawn(run):
     md = report.to_markdown()
     assert "| wrapped | p | coverage | 91.00 | 90.00 – 92.00 |" in md
     assert "| 1 | 12 | 75.00 |" in md
+
+
+def drawn(fig) -> dict:
+    """What a figure shows, read from its artists before the report clears it."""
+    out = {}
+    for ax in fig.axes:
+        for patch in ax.patches:
+            if isinstance(patch, StepPatch):
+                values, edges, _ = patch.get_data()
+                out[patch.get_label()] = (values.copy(), edges.copy(), ax.get_xscale())
+        for bars in ax.containers:
+            out[bars.get_label()] = np.array([b.get_height() for b in bars])
+    return out
+
+
+def test_the_report_draws_each_models_own_data(run, data, ood_sets, monkeypatch):
+    """The figures the report renders hold the model's own test and OOD data: a report
+    that drew the OOD scores as in-distribution, or another model's, fails here."""
+    import wrapcal.report.figures as figures_module
+
+    seen, render = [], figures_module._render
+    monkeypatch.setattr(
+        figures_module, "_render", lambda fig: (seen.append(drawn(fig)), render(fig))[1]
+    )
+    files = run["report"].figures()
+    assert len(seen) == len(files)
+    x_noise = ood_sets["noise"]
+    for file, got in zip(files, seen, strict=True):
+        ours = outputs(run, data.test[0])[file.model]
+        if file.kind == "reliability":
+            p, y = ours["probs"].numpy(), data.test[1].numpy()
+            conf, correct = p.max(1), p.argmax(1) == y
+            index = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+            count = np.bincount(index, minlength=15)
+            acc = np.bincount(index, weights=correct, minlength=15)[count > 0] / count[count > 0]
+            np.testing.assert_allclose(got["accuracy"], acc, atol=1e-9)
+        elif file.kind == "histogram":
+            for label, scores in (
+                ("in-distribution test (n=400)", ours["scores"][file.score]),
+                ("noise (n=150)", outputs(run, x_noise)[file.model]["scores"][file.score]),
+            ):
+                values, edges, scale = got[label]
+                x = np.clip(scores.numpy(), edges[0], edges[-1])
+                bins = np.log10(edges) if scale == "log" else edges
+                counts = np.histogram(np.log10(x) if scale == "log" else x, bins=bins)[0]
+                # float32 outputs against float64 here: a sample may sit across an edge.
+                assert np.abs(values * np.diff(bins) * len(x) - counts).max() <= 1.01
