@@ -11,11 +11,13 @@ it becomes one card per model that does not scroll either, while each group of f
 becomes a strip that scrolls sideways in its own box; the page loads nothing (every
 request is the file itself or a ``data:`` image). Skipped when Playwright or Chromium is
 missing; CI installs both (``apt-get install chromium``; ``playwright`` is in the test
-extra; never ``playwright install``).
+extra; never ``playwright install``); with ``WRAPCAL_REQUIRE_BROWSER=1`` (CI) a missing
+one fails instead.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -24,9 +26,20 @@ from torch import nn
 
 import wrapcal
 
-sync_api = pytest.importorskip("playwright.sync_api")
+#: CI sets WRAPCAL_REQUIRE_BROWSER=1: a missing browser then fails instead of skipping,
+#: so a CI that forgot to install it cannot pass green.
+REQUIRED = os.environ.get("WRAPCAL_REQUIRE_BROWSER", "") not in ("", "0")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+try:
+    from playwright import sync_api
+except ImportError:
+    if REQUIRED:
+        raise
+    pytest.skip("playwright is not installed", allow_module_level=True)
+if CHROMIUM is None:
+    if REQUIRED:
+        raise RuntimeError("WRAPCAL_REQUIRE_BROWSER is set but chromium is not installed")
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
 
 ARGS = [
     "--headless",
