@@ -63,10 +63,15 @@ def _rebuild_model(saved: SavedFile, device: str | torch.device | None = None) -
         )
     except ValueError as err:
         raise SavedFileError(f"{saved.path}: {err}") from None
-    if device is None:
-        return family.build(name, kwargs)
-    with torch.device(device):
-        return family.build(name, kwargs)
+    try:
+        if device is None:
+            return family.build(name, kwargs)
+        with torch.device(device):
+            return family.build(name, kwargs)
+    except (ValueError, TypeError, KeyError) as err:
+        # A description the family refuses while building (inconsistent sizes, a key of
+        # another model type): the file's fault, said as such.
+        raise SavedFileError(f"{saved.path}: cannot build {name}: {err}") from None
 
 
 def _split(saved: SavedFile, model: nn.Module) -> Split:
