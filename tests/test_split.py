@@ -161,3 +161,24 @@ def test_third_party_adapter_takes_precedence() -> None:
         torch.testing.assert_close(wrapped(x), model(x), rtol=0, atol=0)
     finally:
         pm.unregister(adapter)
+
+
+def test_a_bare_linear_model_is_its_own_head(tmp_path) -> None:
+    """Logistic regression on given features: identity backbone, the model as head."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x = torch.randn(80, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = (y[::3] + 1) % 3
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(calibration=(x, y), progress=False)
+    assert wrapped.split_kind == "linear" and isinstance(wrapped.backbone, torch.nn.Identity)
+    with torch.no_grad():
+        t = wrapped.get_plugin("temperature").temperature_
+        torch.testing.assert_close(wrapped(x), model(x) / t)
+    report = wrapcal.evaluate(model, (x, y), progress=False, bootstrap=0)
+    assert report.calibration["model"]["accuracy"] == pytest.approx(
+        (model(x).argmax(-1) == y).float().mean().item()
+    )
+    loaded = wrapcal.load(wrapped.save(tmp_path / "lin.wrapcal"), model=torch.nn.Linear(5, 3))
+    assert torch.equal(loaded(x), wrapped(x))

@@ -82,6 +82,12 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
             "this model was wrapped with a hand-made Split; pass it: "
             "wrapcal.load(path, split=wrapcal.Split(backbone=..., head=...))"
         )
+    if kind == "linear":
+        if not isinstance(model, nn.Linear):
+            raise SavedFileError(
+                f"{saved.path} holds a bare nn.Linear; pass one: model=nn.Linear(...)"
+            )
+        return Split(nn.Identity(), model, kind="linear")
     if kind == "module":
         if not isinstance(head_path, str):
             raise SavedFileError(f"{saved.path}: the split has no head path")

@@ -39,8 +39,9 @@ class Split:
     Attributes:
         backbone: Module mapping inputs to features ``[B, D]``.
         head: Module mapping features ``[B, D]`` to logits ``[B, K]``.
-        kind: How the split was found (``"timm"``, ``"torchvision"``, ``"module"`` or
-            ``"manual"``); saved so a loaded model is split the same way.
+        kind: How the split was found (``"timm"``, ``"torchvision"``, ``"module"``,
+            ``"linear"`` (a bare ``nn.Linear``) or ``"manual"``); saved so a loaded model is
+            split the same way.
         source: How to rebuild the model by name when loading (empty for custom models).
         head_path: The dotted name of the head inside the model, when known.
         input_shape: The shape of one input the model takes, when the adapter knows it
@@ -328,6 +329,9 @@ class LinearFallbackAdapter:
 
     @hookimpl(trylast=True)
     def wrapcal_split_model(self, model: nn.Module) -> Split | None:
+        if isinstance(model, nn.Linear):
+            # The model is its own head (logistic regression on given features).
+            return Split(nn.Identity(), model, kind="linear")
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         if not names:
             raise SplitError(

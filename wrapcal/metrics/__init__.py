@@ -30,6 +30,7 @@ from wrapcal.metrics.calibration import (
 )
 from wrapcal.metrics.ood import (
     OODMetrics,
+    acceptance_rank,
     acceptance_threshold,
     aupr_in,
     aupr_out,
@@ -46,6 +47,7 @@ __all__ = [
     "CalibrationMetrics",
     "OODMetrics",
     "SummableMetric",
+    "acceptance_rank",
     "acceptance_threshold",
     "accuracy",
     "adaptive_ece",

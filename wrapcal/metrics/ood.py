@@ -30,6 +30,7 @@ ArrayLike = Tensor | np.ndarray
 
 __all__ = [
     "OODMetrics",
+    "acceptance_rank",
     "acceptance_threshold",
     "aupr_in",
     "aupr_out",
@@ -107,14 +108,20 @@ def aupr_out(scores_in: ArrayLike, scores_out: ArrayLike) -> float:
     return _average_precision(s_out, s_in)
 
 
+def acceptance_rank(n: int, tpr: float = 0.95) -> int:
+    """``k = ceil(tpr * n)``: the rank (1-based) of the smallest in-distribution score
+    that accepts ``tpr`` of ``n`` samples (rounded first: 0.95 * 100 is 95, not 96)."""
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1]; got {tpr} — e.g. 0.95 to accept 95%")
+    return max(1, math.ceil(round(tpr * n, 9)))
+
+
 def acceptance_threshold(scores_in: ArrayLike, tpr: float = 0.95) -> float:
     """The score threshold that accepts ``tpr`` of in-distribution samples: the
     ``ceil(tpr * N)``-th smallest score. Inputs with ``score <= threshold`` are accepted
     (treated as in-distribution); the same threshold :func:`fpr_at_tpr` uses."""
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1]; got {tpr} — e.g. 0.95 to accept 95%")
     s_in = _as_scores(scores_in, "scores_in")
-    k = max(1, math.ceil(round(tpr * s_in.numel(), 9)))
+    k = acceptance_rank(s_in.numel(), tpr)
     return float(torch.kthvalue(s_in.double(), k).values)
 
 
@@ -127,12 +134,8 @@ def fpr_at_tpr(scores_in: ArrayLike, scores_out: ArrayLike, tpr: float = 0.95) -
     with it are accepted. This is scikit-learn's ``roc_curve(is_id, -score)`` FPR at the
     first point whose TPR reaches ``tpr``.
     """
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1]; got {tpr} — e.g. 0.95 for FPR@95TPR")
     s_in, s_out = check_scores(scores_in, scores_out)
-    # Rounding first keeps 0.95 * 100 from becoming ceil(95.00000000000001) = 96.
-    k = max(1, math.ceil(round(tpr * s_in.numel(), 9)))
-    threshold = torch.kthvalue(s_in, k).values
+    threshold = torch.kthvalue(s_in, acceptance_rank(s_in.numel(), tpr)).values
     return float((s_out <= threshold).sum().item() / s_out.numel())
 
 

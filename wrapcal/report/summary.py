@@ -19,10 +19,11 @@ only lay it out. Its choices are stated with the data they were made on:
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from wrapcal.metrics.ood import acceptance_rank, acceptance_threshold
 
 if TYPE_CHECKING:
     from wrapcal.report.outputs import ModelOutputs
@@ -41,10 +42,7 @@ def threshold_at_tpr(scores_in: torch.Tensor, tpr: float = TPR) -> tuple[float, 
     The ``k = ceil(tpr * n)``-th smallest score (1-based), exactly the threshold of
     :func:`wrapcal.metrics.fpr_at_tpr`: accept a sample when ``score <= threshold``.
     """
-    n = scores_in.numel()
-    # Rounding first, as fpr_at_tpr does: 0.95 * 100 must give 95, not 96.
-    k = max(1, math.ceil(round(tpr * n, 9)))
-    return float(torch.kthvalue(scores_in.double().cpu(), k).values), k
+    return acceptance_threshold(scores_in, tpr), acceptance_rank(scores_in.numel(), tpr)
 
 
 def acceptance_interval(k: int, n: int, level: float = 0.95) -> list[float]:
