@@ -100,16 +100,21 @@ def blame(wrapped: Any, example: torch.Tensor, err: Exception, step: str, then: 
             conversion), for a failure that happens after ``torch.export``.
     """
     message = first_line(err)
+    if message.startswith("Constraints violated (batch)"):
+        message = (
+            "the graph depends on the batch size (a loop or branch on it), which must stay free"
+        )
     if message.startswith("plugin "):  # raised inside a plugin's method: already named
-        return ExportError(f"{message} (during {step}; {GUIDE})")
-    features = feature_example(wrapped, example)
+        culprit, _, message = message.partition(": ")
+    else:
+        features = feature_example(wrapped, example)
 
-    def attempt(upto: int) -> None:
-        program, _ = export_program(wrapped, features, cached=True, upto=upto)
-        if then is not None:
-            then(program)
+        def attempt(upto: int) -> None:
+            program, _ = export_program(wrapped, features, cached=True, upto=upto)
+            if then is not None:
+                then(program)
 
-    culprit = find_culprit(wrapped, attempt)
+        culprit = find_culprit(wrapped, attempt)
     if culprit is None:
         return ExportError(
             f"{step} failed on the model's backbone or head, not on a plugin: {message}"
