@@ -149,3 +149,22 @@ def test_log_to_the_active_run_and_a_saved_directory(report, tmp_path, monkeypat
         log_report(report, run.info.run_id, tracking_uri=uri, directory=tmp_path)
     with pytest.raises(ValueError, match="run must be"):
         log_report(report, 42, tracking_uri=uri)
+
+
+def test_the_cli_logs_its_report_to_mlflow(tmp_path, monkeypatch):
+    from wrapcal.cli import main
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    out = tmp_path / "report"
+    argv = ["evaluate", "timm:resnet10t", "--data", "digits", "--ood", "noise=gaussian"]
+    argv += ["--plugins", "temperature", "--bootstrap", "0", "--no-progress", "--limit", "200"]
+    assert main([*argv, "--out", str(out), "--mlflow", uri, "--mlflow-experiment", "cli"]) == 0
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
+    saved = json.loads((out / "report.json").read_text())
+    ece = saved["calibration"]["wrapped"]["ece"]
+    logged = {k: v for k, v in run.data.metrics.items() if "wrapped" in k and k.endswith("ece")}
+    assert any(v == pytest.approx(ece) for v in logged.values()), logged
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "wrapcal_report")]
+    assert "wrapcal_report/report.html" in artifacts

@@ -33,7 +33,7 @@ __version__ = "0.2.0"
 
 def __getattr__(name: str):
     # The report pulls in matplotlib: import it only when it is asked for.
-    if name in ("evaluate", "Report"):
+    if name in ("evaluate", "Report", "log_report"):
         from wrapcal import report
 
         return getattr(report, name)
@@ -73,6 +73,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "load",
+    "log_report",
     "metrics",
     "plugin_registry",
     "save",

@@ -290,6 +290,18 @@ def evaluate(args: argparse.Namespace) -> Path:
     calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]
     print("Calibration" + calibration.rstrip())
     print(f"\nreport written to {out / 'report.html'} (also report.md, report.json, figures/)")
+    if args.mlflow:
+        from wrapcal.report import log_report
+
+        try:
+            run_id = log_report(
+                report, tracking_uri=args.mlflow, experiment=args.mlflow_experiment, directory=out
+            )
+        except ImportError as err:
+            raise ValueError("--mlflow needs MLflow: pip install 'wrapcal[mlflow]'") from err
+        print(
+            f"logged to MLflow ({args.mlflow}, experiment {args.mlflow_experiment!r}): run {run_id}"
+        )
     for text in loud:
         inputs.say(COMMAND, "WARNING", text)
     return out

@@ -184,6 +184,18 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", default="wrapcal-report", help="report directory (default: wrapcal-report)"
     )
     run.add_argument(
+        "--mlflow",
+        metavar="TRACKING_URI",
+        help="also log the metrics, figures and report to MLflow at this tracking URI "
+        "(e.g. sqlite:///mlflow.db, file:///path/mlruns, http://host:5000); needs "
+        "pip install 'wrapcal[mlflow]'",
+    )
+    run.add_argument(
+        "--mlflow-experiment",
+        default="wrapcal",
+        help="MLflow experiment of the run (default: wrapcal)",
+    )
+    run.add_argument(
         "--batch-size", type=at_least(1), default=256, help="images per batch (default: 256)"
     )
     run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (default: 15)")
