@@ -8,9 +8,9 @@ data a random ``--train`` of the CIFAR-10 JPEG training images (seed 0); unlabel
 ``--eval`` other test images and as many other MNIST digits (held out from the traffic),
 from cached features. Subsampled so that the user loop runs in a few minutes on 2 cores.
 
-Rows (same process, ``--threads`` torch threads, both at the plugin's defaults: Adam lr
-1e-2, margin 2.0, batches of 128, 10 pre-training + 10 fine-tuning epochs; head 1 starts
-from the model's head, head 2 from a random initialisation):
+Rows (same process, ``--threads`` torch and BLAS threads, both at the plugin's defaults:
+Adam lr 1e-2, margin 2.0, batches of 128, 10 pre-training + 10 fine-tuning epochs; head 1
+starts from the model's head, head 2 from a random initialisation):
 
 * ``pretrained``: the model as published; score 1 - max softmax probability (MSP).
 * ``wrapcal``: ``wrapcal.wrap(model, [DiscrepancyHeads()]).fit(train=(X, y),
@@ -43,7 +43,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from _timing import Checks, import_shared_data, machine_line, timed
+from _timing import Checks, import_shared_data, machine_line, threads, timed
 from torch import nn
 from wrapcal_plugins.discrepancy import DiscrepancyHeads
 
@@ -139,10 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unlabeled", type=int, default=500, help="CIFAR and MNIST, each")
     parser.add_argument("--eval", type=int, default=2000, help="held-out CIFAR and MNIST, each")
     parser.add_argument("--epochs", type=int, default=10, help="pre-training and fine-tuning")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads (0: as they are)"
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark itself, under ``main``'s thread settings; the exit status."""
     sd = import_shared_data()
     if not sd.HAVE_SHARED_DATA:
         print(f"needs the shared data ({sd.SHARED_DATA}); nothing to measure")

@@ -7,7 +7,8 @@ loops run in a few minutes on 2 cores); the CIFAR-10 JPEG test set in random ord
 0): the first ``--cal`` images are the calibration set of ``alpha="auto"``, the next
 ``--eval`` images measure accuracy, 15-bin ECE and NLL.
 
-Rows (same process, ``--threads`` torch threads, each from the same pretrained weights):
+Rows (same process, ``--threads`` torch and BLAS threads, each from the same pretrained
+weights):
 
 * ``pretrained``: the model as published, no retraining.
 * ``wrapcal``: ``wrapcal.wrap(model, [("label_smoothing", {"alpha": a})]).fit(train=(X,
@@ -50,7 +51,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _timing import Checks, import_shared_data, machine_line, timed
+from _timing import Checks, import_shared_data, machine_line, threads, timed
 from scipy.optimize import minimize
 from torch import nn
 
@@ -164,10 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10, help="user loop, frozen backbone")
     parser.add_argument("--full-epochs", type=int, default=2, help="user loop, whole network")
     parser.add_argument("--no-auto", action="store_true", help='leave out alpha="auto"')
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads (0: as they are)"
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark itself, under ``main``'s thread settings; the exit status."""
     sd = import_shared_data()
     if not sd.HAVE_SHARED_DATA:
         print(f"needs the shared data ({sd.SHARED_DATA}); nothing to measure")

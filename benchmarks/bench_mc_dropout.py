@@ -12,7 +12,7 @@ modules, so that every method has real dropout to sample:
   three stages. The backbone was not trained with it: this part shows what sampling a
   backbone's dropout costs and buys, not a tuned model.
 
-Rows (same images, same process, ``--threads`` torch threads):
+Rows (same images, same process, ``--threads`` torch and BLAS threads):
 
 * ``bare model``: one deterministic pass (eval mode): the MSP baseline.
 * ``wrapcal head``: ``wrapcal.wrap(model, [MCDropout(samples=T)]).predict(x)``: the
@@ -50,7 +50,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from _timing import Checks, import_shared_data, machine_line, timed
+from _timing import Checks, import_shared_data, machine_line, threads, timed
 from torch import nn
 from wrapcal_plugins.mc_dropout import MCDropout
 
@@ -227,11 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p", type=float, default=0.2, help="head dropout rate")
     parser.add_argument("--body-p", type=float, default=0.05, help="part B rate (0: skip B)")
     parser.add_argument("--batch", type=int, default=250, help="images per forward call")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads (0: as they are)"
+    )
     parser.add_argument("--skip", default="", help="peers to leave out: torch-uncertainty")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark itself, under ``main``'s thread settings; the exit status."""
     logging.getLogger("lightning").setLevel(logging.ERROR)
     sd = import_shared_data()
     if not sd.HAVE_SHARED_DATA:

@@ -23,9 +23,9 @@ What each row runs (what a user would otherwise write or call):
 Agreement: each peer's T must equal wrapcal's to the relative tolerance it achieves
 (``TOLERANCE``), and no peer's T may reach a lower NLL than wrapcal's (checked in
 float64 to 1e-9). Timing: runs interleaved (wrapcal, peer, peer, ..., wrapcal, ...),
-best of ``--repeats``, printed as ratios to wrapcal. torch runs on ``--threads`` threads
-(default 1: on a loaded 2-core machine two threads made every torch baseline about 10x
-slower, which would flatter wrapcal; numpy's solver is single-threaded anyway).
+best of ``--repeats``, printed as ratios to wrapcal. torch and numpy's BLAS run on
+``--threads`` threads (default 1: on a loaded 2-core machine two threads made every torch
+baseline about 10x slower, which would flatter wrapcal).
 
 Run: ``python benchmarks/bench_temperature.py [--repeats 5] [--threads 1] [--skip
 netcal,torch-uncertainty,guo]``. Peers that are not installed are left out with a note.
@@ -44,7 +44,7 @@ import numpy as np
 import sklearn
 import torch
 import torch.nn.functional as F
-from _timing import SHARED_DATA, Checks, best_times, machine_line
+from _timing import SHARED_DATA, Checks, best_times, machine_line, threads
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV, _TemperatureScaling
 from sklearn.frozen import FrozenEstimator
@@ -211,13 +211,24 @@ def peer_runs(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads (0: as they are)"
+    )
     parser.add_argument(
         "--skip", default="", help=f"comma-separated peers to leave out, of {', '.join(PEERS)}"
     )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        with threads(args.threads):
+            return run(args)
+    finally:
+        root.setLevel(level)  # run() quietens torch-uncertainty's per-fit warnings
+
+
+def run(args: argparse.Namespace) -> int:
+    """The benchmark itself, under ``main``'s thread settings; the exit status."""
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     # torch-uncertainty logs a warning on every fit without a model: noise here.
     logging.getLogger().setLevel(logging.ERROR)
