@@ -95,6 +95,40 @@ def to_onnx(program: ExportedProgram, names: list[str] | None = None) -> Any:
     )
 
 
+#: ONNX element types of the dtypes a prediction's outputs come in.
+_ONNX_TYPES = {
+    "float16": "FLOAT16",
+    "bfloat16": "BFLOAT16",
+    "float32": "FLOAT",
+    "float64": "DOUBLE",
+    "int32": "INT32",
+    "int64": "INT64",
+    "bool": "BOOL",
+}
+
+
+def _match_dtypes(model: Any, specs: list[OutputSpec]) -> None:
+    """Cast any output whose ONNX type is not the dtype ``predict`` reports.
+
+    PyTorch's decompositions compute some half-precision reductions in float32 and the
+    exporter can leave an output there (a float16 model's ``confidence`` comes out
+    float32 in torch 2.14): a Cast puts it back, so the graph's types are predict's.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    for index, (value, spec) in enumerate(zip(list(graph.outputs), specs, strict=True)):
+        want = ir.DataType[_ONNX_TYPES[spec.dtype]]
+        if value.dtype == want:
+            continue
+        cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", want)], name=f"cast_{spec.name}")
+        graph.append(cast)
+        value.name = f"{spec.name}_{value.dtype.name.lower()}"
+        out = cast.outputs[0]
+        out.name, out.dtype, out.shape = spec.name, want, value.shape
+        graph.outputs[index] = out
+
+
 def _name_batch_axis(model: Any) -> None:
     """Call the (symbolic) first axis of the input and of every output ``batch``."""
     import onnx_ir as ir
@@ -111,6 +145,7 @@ def save_onnx(
     """Write the ONNX file of a traced program, with ``metadata`` in ``metadata_props``."""
     onnx_program = to_onnx(program, [s.name for s in specs])
     model = onnx_program.model
+    _match_dtypes(model, specs)
     _name_batch_axis(model)
     model.metadata_props.update({key: to_json(value) for key, value in metadata.items()})
     size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
