@@ -114,7 +114,8 @@ def test_mc_dropout_masks_are_fixed_in_every_copy(serving, tmp_path) -> None:
     again = prediction_outputs(serving.predict(x))
     serving.save(tmp_path / "m.wrapcal")
     reloaded = prediction_outputs(wrapcal.load(tmp_path / "m.wrapcal").predict(x))
-    path = export(serving, tmp_path / "m.pt2", format="torch")
+    # The spelling: wrapcal.export is the package and the function.
+    path = wrapcal.export(serving, tmp_path / "m.pt2", format="torch")
     with torch.no_grad():
         exported = torch.export.load(str(path)).module()(x)
     for i, name in enumerate(first):

@@ -15,6 +15,8 @@ points measured at ``fit``. See docs/export.md.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,15 @@ def export(
         raise
     except Exception as err:
         raise blame(wrapped, example, err, "ONNX conversion", to_onnx) from err
+
+
+class _CallableModule(types.ModuleType):
+    """``wrapcal.export(wrapped, path)`` calls :func:`export`, while
+    ``wrapcal.export.read_metadata`` and ``from wrapcal.export import ...`` still reach
+    the package: the function and the package share the name ``export``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Path:
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
