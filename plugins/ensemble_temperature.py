@@ -163,7 +163,10 @@ class EnsembleTemperature(Calibrator):
 
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         temperature = self.temperature.to(device=logits.device, dtype=logits.dtype)
-        log_w = self.weights.to(device=logits.device, dtype=logits.dtype).log()  # -inf for 0
+        weights = self.weights.to(device=logits.device, dtype=logits.dtype)
+        # A zero weight's log would be -inf in the graph: the smallest normal number's
+        # log drops that component just as well (its terms are below rounding).
+        log_w = weights.clamp_min(torch.finfo(logits.dtype).tiny).log()
         k = torch.tensor(logits.shape[-1], dtype=logits.dtype, device=logits.device)
         parts = torch.stack(
             [
