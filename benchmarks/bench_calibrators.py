@@ -22,14 +22,16 @@ Matrix scaling and Dirichlet calibration are also timed with ``lambda`` and ``mu
 them (no ODIR penalty; unpenalised, these logits have no finite optimum) and takes
 minutes here, so it is left out.
 
-Run: ``python benchmarks/bench_calibrators.py [--repeats 5] [--scenarios ...]
-[--markdown docs-table.md]``. netcal is optional (``pip install --no-deps netcal``).
+Run: ``python benchmarks/bench_calibrators.py [--repeats 5] [--threads 1] [--scenarios
+...] [--markdown tables.md] [--skip-quality] [--skip-timing]``. netcal is optional
+(``pip install -c constraints.txt --no-deps netcal``). Exits with status 1 when an
+agreement check fails (temperature within 1e-6 of scikit-learn's, the one-vs-rest maps
+within 1e-9 of netcal's and scikit-learn's).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -38,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _timing import SHARED_DATA, Checks, best_times, import_shared_data, machine_line, threads
 from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -46,11 +49,9 @@ from sklearn.frozen import FrozenEstimator
 from wrapcal import metrics
 from wrapcal.calibrator import fit_calibrator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-SHARED_DATA = Path(
-    os.environ.get("WRAPCAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
-)
+#: Largest probability difference accepted between wrapcal and a peer computing the
+#: same map (temperature: two solvers' optima; the maps: the same arithmetic).
+AGREE = {"temperature": 1e-6, "maps": 1e-9}
 LOGIT_SETS = ["cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20", "cifar100_resnet32"]
 #: (row label, registered name, parameters)
 METHODS = [
@@ -107,10 +108,9 @@ def scenarios(names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for name in names:
         if name == "resnet20_cifar10_jpeg":
-            from shared_data import HAVE_SHARED_DATA, resnet20_outputs
-
-            if HAVE_SHARED_DATA:
-                o = resnet20_outputs()
+            shared = import_shared_data()
+            if shared.HAVE_SHARED_DATA:
+                o = shared.resnet20_outputs()
                 out[name] = (o["test_logits"].numpy(), o["test_labels"].numpy())
             continue
         path = SHARED_DATA / "logits" / f"{name}.npz"
@@ -134,7 +134,9 @@ def row(probs: np.ndarray, labels: np.ndarray, seconds: float) -> dict[str, floa
     }
 
 
-def quality(name: str, logits: np.ndarray, labels: np.ndarray) -> list[tuple[str, dict]]:
+def quality(
+    name: str, logits: np.ndarray, labels: np.ndarray, checks: Checks
+) -> list[tuple[str, dict]]:
     perm = np.random.default_rng(0).permutation(len(labels))
     cal, ev = perm[:5000], perm[5000:]
     z_cal, y_cal, z_ev, y_ev = logits[cal], labels[cal], logits[ev], labels[ev]
@@ -205,7 +207,8 @@ def quality(name: str, logits: np.ndarray, labels: np.ndarray) -> list[tuple[str
             )
             agree[f"{ourname} vs netcal"] = _gap(ours[ourname], probs, defined)
     for what, gap in agree.items():
-        print(f"  {name}: {what}: max |p - p_peer| = {gap:.2e}")
+        bound = AGREE["temperature" if what.startswith("temperature") else "maps"]
+        checks.check(f"{name}: {what}", gap <= bound, f"max |p - p_peer| = {gap:.2e}")
     return rows
 
 
@@ -249,16 +252,9 @@ def timing(repeats: int) -> None:
     except ImportError:
         pass
     everything = {**runs, **peers}
-    best = dict.fromkeys(everything, float("inf"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for fn in everything.values():
-            fn()  # warm-up: imports, first-call costs
-        for _ in range(repeats):
-            for label, fn in everything.items():
-                start = time.perf_counter()
-                fn()
-                best[label] = min(best[label], time.perf_counter() - start)
+        best = best_times(everything, repeats)
     baseline = {
         "temperature": "sklearn temperature",
         "histogram_binning top-label": "netcal HistogramBinning",
@@ -267,10 +263,8 @@ def timing(repeats: int) -> None:
         "isotonic top-label": "netcal IsotonicRegression",
     }
     unit = best.get("netcal HistogramBinning")
-    print(
-        f"\nPart 2: fit times on 5000 x 100 (CIFAR-100 ResNet-20), best of {repeats}, "
-        f"torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}"
-    )
+    print(f"\nPart 2: fit times on 5000 x 100 (CIFAR-100 ResNet-20), best of {repeats}")
+    print(machine_line())
     print("| method | fit (s) | peer | peer (s) | ratio | / netcal HB |")
     print("|---|---:|---|---:|---:|---:|")
     for label in everything:
@@ -284,14 +278,24 @@ def timing(repeats: int) -> None:
         )
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads (0: as they are)"
+    )
     parser.add_argument("--scenarios", nargs="*", default=[*LOGIT_SETS, "resnet20_cifar10_jpeg"])
     parser.add_argument("--markdown", type=Path, help="also write part 1's tables here")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
+    with threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(machine_line())
+    checks = Checks()
     lines = []
     chosen = [] if args.skip_quality else args.scenarios
     for name, (logits, labels) in scenarios(chosen).items():
@@ -300,7 +304,7 @@ def main() -> None:
             "| method | acc | ECE | cw-ECE x100 | NLL | Brier | fit (s) |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for label, r in quality(name, logits, labels):
+        for label, r in quality(name, logits, labels, checks):
             lines.append(
                 f"| {label} | {100 * r['accuracy']:.2f} | {100 * r['ece']:.2f} | "
                 f"{100 * r['cw_ece']:.3f} | {r['nll']:.4f} | {r['brier']:.4f} | "
@@ -311,7 +315,8 @@ def main() -> None:
         args.markdown.write_text("\n".join(lines) + "\n")
     if not args.skip_timing:
         timing(args.repeats)
+    return checks.report()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
