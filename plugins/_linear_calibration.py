@@ -40,7 +40,7 @@ ODIR_GRID = tuple(10.0**e for e in range(6, -6, -1))
 _DIAGONAL_FLOOR = 1e-10
 #: Stopping tolerance on the largest preconditioned gradient entry: for a final fit,
 #: and for the many fits of the cross-validation (which only rank grid points).
-TOL_FINAL, TOL_SEARCH = 1e-7, 1e-5
+TOL_FINAL, TOL_SEARCH = 1e-9, 1e-5
 #: A grid point must lower the cross-validated mean NLL by this much (nats per sample)
 #: to be preferred to a stronger regularisation: smaller differences are noise.
 MIN_GAIN = 1e-4
