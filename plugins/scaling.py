@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from wrapcal import PluginTags, hookimpl
-from wrapcal.calibrator import Calibrator, one_cpu_thread, stratified_folds
+from wrapcal.calibrator import Calibrator, stratified_folds
 from wrapcal.params import Check, Interval
+from wrapcal.torch_utils import one_cpu_thread
 
 from ._linear_calibration import TOL_SEARCH, LinearFit, fit_linear, select_odir
 

@@ -8,6 +8,7 @@ from wrapcal import conformal, metrics, selective
 from wrapcal.assemble import wrap
 from wrapcal.cache import FeatureSet, FitData
 from wrapcal.calibrate import fit_temperature
+from wrapcal.calibrator import Calibrator, fit_calibrator
 from wrapcal.conformal import ConformalPredictor, conformal_sets, fit_conformal
 from wrapcal.errors import (
     DataError,
@@ -42,6 +43,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AbstentionRule",
+    "Calibrator",
     "ConformalPredictor",
     "DataError",
     "FeatureSet",
@@ -66,6 +68,7 @@ __all__ = [
     "conformal_sets",
     "evaluate",
     "fit_abstention",
+    "fit_calibrator",
     "fit_conformal",
     "fit_temperature",
     "get_plugin_manager",

@@ -21,9 +21,7 @@ the plugin registry, like ``wrap`` does.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -35,6 +33,7 @@ from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.plugin import Plugin
 from wrapcal.probs import check_logits
+from wrapcal.torch_utils import one_cpu_thread
 from wrapcal.types import PluginTags, Stage
 
 if TYPE_CHECKING:
@@ -48,7 +47,6 @@ __all__ = [
     "calibrated_log_probs",
     "check_calibration_data",
     "fit_calibrator",
-    "one_cpu_thread",
     "stratified_folds",
 ]
 
@@ -195,27 +193,6 @@ class Calibrator(Plugin):
 
 
 # --- helpers shared by the calibrators ---------------------------------------------------
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run a calibrator's fit on one intra-op thread on the CPU, then restore the count.
-
-    A fit is hundreds of passes of operations on a few megabytes: extra threads save
-    little and add a synchronisation per operation, which dominates when the CPU is
-    shared (measured here, 2 cores under load: vector scaling on 5000 x 100 logits 0.74 s
-    on one thread, 9.1 s on two; matrix scaling 0.7-1.0 s against 1.8-12 s). CUDA work
-    is left as it is.
-    """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def as_logits(logits: Any) -> torch.Tensor:

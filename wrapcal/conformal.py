@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wrapcal.calibrator import one_cpu_thread
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.probs import check_logits, logits_to_probs
+from wrapcal.torch_utils import one_cpu_thread
 
 __all__ = [
     "ALL_CLASSES",
@@ -292,7 +292,7 @@ class ConformalPredictor:
 
 
 def one_thread(fit: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fit(logits, ...)`` on one CPU thread (``wrapcal.calibrator.one_cpu_thread``):
+    """Run ``fit(logits, ...)`` on one CPU thread (``wrapcal.torch_utils.one_cpu_thread``):
     its operations are small and row-wise, and extra threads only wait on a shared CPU."""
 
     @functools.wraps(fit)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from wrapcal.calibrator import one_cpu_thread
 from wrapcal.errors import DataError
+from wrapcal.torch_utils import one_cpu_thread
 
 __all__ = [
     "AbstentionRule",
