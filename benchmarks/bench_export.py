@@ -20,8 +20,11 @@ The ratio is predict's time over each row's. Agreement check: every ONNX Runtime
 equals predict's to ``1e-5 + 1e-5 |predict|`` (integers and booleans exactly), and the
 ``torch.export`` program's outputs are predict's bit for bit.
 
-Run: ``python benchmarks/bench_export.py [--threads 2] [--repeats 20]``. Needs
+Run: ``python benchmarks/bench_export.py [--threads 1] [--repeats 20]``. Needs
 ``../shared/data``, onnxruntime and onnxscript. Exits with status 1 when a check fails.
+One thread by default: on a shared machine, PyTorch's OpenMP threads wait for one
+another whenever another process takes a core, and single-image rows then measure the
+scheduler (ResNet-20 at batch 1 took 450 ms with 2 threads, 4.8 ms with 1).
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def agree(got: list[np.ndarray], expected: dict[str, torch.Tensor]) -> tuple[boo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
