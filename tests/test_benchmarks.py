@@ -49,7 +49,7 @@ def test_bench_temperature_agrees_with_torch_and_sklearn(capsys: pytest.CaptureF
 @requires_shared_data
 def test_bench_mc_dropout_fast(capsys: pytest.CaptureFixture) -> None:
     main = bench("bench_mc_dropout").main
-    argv = ["--n", "40", "--samples", "3", "--batch", "80", "--skip", "torch-uncertainty"]
+    argv = ["--n", "40", "--samples", "8", "--batch", "80", "--skip", "torch-uncertainty"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "[ok] wrapcal head = T masked heads on one pass" in out

@@ -144,7 +144,20 @@ def test_weights_plugins_npz_and_idx(tmp_path, data, trained_timm, digits_npz, c
     assert wrapped["accuracy"] == base["accuracy"]  # temperature keeps the arg-max
     assert wrapped["nll"] != pytest.approx(base["nll"], rel=1e-6)  # a fitted T != 1
     assert base["ece_ci"] is None
-    assert len(list((out / "figures").glob("*.png"))) == 2 * 4
+    # Per model: its reliability diagram, the primary score's histogram, the best score's
+    # ROC on each OOD set, and every score's ROC on each of the two OOD sets.
+    expected = {
+        f"{kind}_{model}{tail}.png"
+        for model in ("baseline", "wrapped")
+        for kind, tail in (
+            ("reliability", ""),
+            ("ood", "_msp_hist"),
+            ("ood", "_best_roc"),
+            ("roc", "_blobs"),
+            ("roc", "_uniform"),
+        )
+    }
+    assert {p.name for p in (out / "figures").glob("*.png")} == expected
 
 
 def test_saved_wrapcal_file_against_its_own_baseline(tmp_path, data, trained_timm, capsys):
