@@ -411,8 +411,10 @@ def test_hugging_face_dataset_where_a_dataset_is(hf_images):
                      torch.arange(12) % 3),
         progress=False,
     )  # fmt: skip
+    # The same images (checked above); the two paths batch them differently, and some
+    # CPUs' convolutions round with the batch size (T moved by 2.6e-6 on one).
     assert wrapped.get_plugin("temperature").temperature_ == pytest.approx(
-        direct.get_plugin("temperature").temperature_, rel=1e-6
+        direct.get_plugin("temperature").temperature_, rel=2e-5
     )
 
 

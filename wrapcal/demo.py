@@ -1,6 +1,6 @@
 """``wrapcal demo``: the whole pipeline on data bundled with scikit-learn, no download.
 
-1. Train timm's ``resnet10t`` from scratch on the digits (to 99.8% test accuracy: a
+1. Train timm's ``resnet10t`` from scratch on the digits (to about 99.5% test accuracy: a
    properly trained baseline, so what the plugins change is theirs, not more training).
 2. Wrap it with one plugin of each family (a calibrator, a retrainer, a sampler, extra
    heads, a feature-space detector) and with all of them plus conformal prediction
@@ -52,6 +52,13 @@ def train_small_model(
     model = build_model("timm", "resnet10t", num_classes=10, drop_rate=0.1)
     x, y = data.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    # A one-cycle schedule ends at a near-zero rate, so the last step lands near a
+    # minimum whatever the CPU's rounding: with a constant rate the final model was
+    # 97.0% on one CPU and 99.8% on another; with it 99.25-99.5% for seeds 0 and 1.
+    steps_per_epoch = -(-len(y) // 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=3e-3, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in tqdm(
@@ -61,6 +68,7 @@ def train_small_model(
             optimizer.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             optimizer.step()
+            schedule.step()
     return model.eval()
 
 

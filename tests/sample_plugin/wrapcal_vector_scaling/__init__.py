@@ -94,7 +94,9 @@ class Mahalanobis(Plugin):
         centred = features - means[labels]
         covariance = centred.T @ centred / len(features)
         self.means_ = means
-        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
+        # float32 features: eigenvalues below 1e-10 of the largest are rounding noise, and
+        # inverting them makes the distances depend on the CPU's summation order.
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True, rtol=1e-10)
         return self
 
     def outputs(self, context):
