@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from shared_data import pretrained_resnet20, resnet20_outputs  # noqa: E402
+from shared_data import pretrained_resnet20, resnet20_outputs
 
-import wrapcal  # noqa: E402
-from wrapcal.metrics import auroc, ece, fpr_at_tpr, nll  # noqa: E402
+import wrapcal
+from wrapcal.metrics import auroc, ece, fpr_at_tpr, nll
 
 
 def data() -> dict:
@@ -63,7 +63,8 @@ def measure(plugins: list, d: dict, score: str) -> dict[str, float]:
 
 def table(title: str, rows: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}")
-    print(f"  {'setting':34s} {'acc':>7s} {'ECE':>7s} {'NLL':>7s} {'AUROC':>7s} {'FPR95':>7s} {'fit s':>6s}")
+    heads = ("acc", "ECE", "NLL", "AUROC", "FPR95")
+    print(f"  {'setting':34s} " + " ".join(f"{h:>7s}" for h in heads) + f" {'fit s':>6s}")
     for name, r in rows.items():
         print(
             f"  {name:34s} {100 * r['acc']:6.2f}% {100 * r['ece']:6.2f}% {r['nll']:7.4f} "
