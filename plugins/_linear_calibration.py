@@ -61,6 +61,19 @@ class LinearFit:
         return torch.addmm(self.bias, x, self.weight.T)
 
 
+def _inverse_sqrt(diagonal: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt`` of a Hessian diagonal, floored relative to its largest entry.
+
+    When every probability is exactly 0 or 1 (separable calibration data at a large
+    starting temperature) the diagonal is all zeros: the variables are left unscaled
+    instead of being multiplied by ``inf``.
+    """
+    top = float(diagonal.max())
+    if not (math.isfinite(top) and top > 0):
+        return torch.ones_like(diagonal)
+    return diagonal.clamp_min(_DIAGONAL_FLOOR * top).rsqrt()
+
+
 class _Objective:
     """The penalised NLL and its gradient in the preconditioned variables."""
 
@@ -99,8 +112,8 @@ class _Objective:
         else:
             d_w = (v.T @ self.x.square()) / self.n + 2 * self.c_lambda * self.off
         d_b = v.mean(0) + 2 * self.c_mu
-        self.scale_w = d_w.clamp_min(_DIAGONAL_FLOOR * float(d_w.max())).rsqrt()
-        self.scale_b = d_b.clamp_min(_DIAGONAL_FLOOR * float(d_b.max())).rsqrt()
+        self.scale_w = _inverse_sqrt(d_w)
+        self.scale_b = _inverse_sqrt(d_b)
 
     def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         """The objective and its gradient at the preconditioned variables ``theta``
@@ -223,9 +236,17 @@ def lbfgs(
             f_new, g_new = fun(x_new)
             if f_new <= f + 1e-4 * t * slope or t < 1e-12:
                 break
+            if not math.isfinite(f_new):
+                # An overflowing step (separable data: the objective has no minimum and
+                # the parameters grow): shrink it. NaN in the quadratic below would make
+                # t NaN and this loop endless.
+                t *= 0.1
+                continue
             # Minimiser of the quadratic through f, slope and f_new, kept in [0.1, 0.5] t.
             t_quad = -slope * t * t / (2 * (f_new - f - slope * t))
             t = min(max(t_quad, 0.1 * t), 0.5 * t)
+        if not (math.isfinite(f_new) and f_new <= f):
+            break  # no step lowers the objective: x is as good as it gets
         s, y = x_new - x, g_new - g
         curvature = float(s @ y)
         if curvature > 1e-12 * float(y @ y):
