@@ -322,3 +322,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert err.startswith("wrapcal export: error: cannot export this model: plugin mc_dropout (")
     assert err.count("\n") == 1 and "scope='all'" in err
     assert not (tmp_path / "sampled.onnx").exists()
+
+
+def test_wrapcal_export_is_callable_after_a_plain_import_wrapcal() -> None:
+    """The README's ``import wrapcal; wrapcal.export(wrapped, path)``, in a fresh process
+    that never imported ``wrapcal.export`` itself (the exporter loads on first use)."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import wrapcal
+        assert "wrapcal.export" not in sys.modules
+        assert callable(wrapcal.export) and wrapcal.export.read_metadata
+        print(wrapcal.export.__name__)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "wrapcal.export"

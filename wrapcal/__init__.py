@@ -38,6 +38,12 @@ def __getattr__(name: str):
         from wrapcal import report
 
         return getattr(report, name)
+    if name == "export":
+        # The exporter pulls in torch.export: import it only when it is asked for. The
+        # module itself is callable: ``wrapcal.export(wrapped, "model.onnx")``.
+        import importlib
+
+        return importlib.import_module("wrapcal.export")
     raise AttributeError(f"module 'wrapcal' has no attribute {name!r}")
 
 
@@ -67,6 +73,7 @@ __all__ = [
     "conformal",
     "conformal_sets",
     "evaluate",
+    "export",
     "fit_abstention",
     "fit_calibrator",
     "fit_conformal",
