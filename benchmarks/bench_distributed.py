@@ -27,9 +27,10 @@ def timed(cmd: list[str], threads: int) -> float:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
+    with socket.socket() as s:  # a free port, released before torchrun binds it
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
         one = timed([sys.executable, str(RUN), f"{tmp}/one"], threads=2)
         two = timed(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
