@@ -9,6 +9,10 @@ Two ways to fit a head ``head(features) -> logits`` to ``loss_fn(logits, labels)
 * :func:`train_head`: mini-batch Adam, for losses that need batches (or heads too big
   for a full-batch objective).
 
+:func:`shuffled_batches` gives one epoch of mini-batches in a seeded order; every
+plugin that trains on batches (label smoothing, the discrepancy heads) reads its data
+through it.
+
 Both minimise the same objective, ``loss_fn + weight_decay / 2 * ||W||^2``, where the
 penalty covers the parameters with two or more dimensions (weight matrices, not biases
 or normalisation scales, as usual), train the head in place, and restore its
@@ -21,10 +25,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from wrapcal.data import iter_batches
+from wrapcal.disk_features import DiskFeatures
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,6 +43,7 @@ __all__ = [
     "LossFn",
     "fit_head_lbfgs",
     "l2_penalty",
+    "shuffled_batches",
     "small_work_threads",
     "train_head",
     "training_state",
@@ -41,6 +52,33 @@ __all__ = [
 #: Multiply-adds per forward pass (rows x head parameters) up to which CPU training runs
 #: on one intra-op thread (see :func:`small_work_threads`).
 SINGLE_THREAD_WORK = 1 << 24
+
+
+def shuffled_batches(
+    data: Any, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Any, torch.Tensor | None]]:
+    """One epoch of ``(x, y)`` mini-batches (``y`` is ``None`` for unlabelled data) in a
+    seeded random order.
+
+    Tensors, arrays and disk-cached features, alone or as an ``(X, y)`` pair, are indexed
+    a batch at a time through one permutation drawn from ``generator`` (a CPU generator:
+    the same order on any device), never copied whole. A ``Dataset`` is read by a
+    shuffling ``DataLoader`` on the same generator. A ``DataLoader`` is used as given: it
+    decides its own order.
+    """
+    pair = isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset)
+    x, y = data if pair else (data, None)
+    x, y = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in (x, y))
+    if isinstance(x, (torch.Tensor, DiskFeatures)):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start in range(0, x.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            yield x[idx.to(x.device)], None if y is None else y[idx.to(y.device)]
+    elif isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+        yield from iter_batches(loader, batch_size)
+    else:
+        yield from iter_batches(data, batch_size)
 
 
 def l2_penalty(module: nn.Module, weight_decay: float) -> torch.Tensor:
@@ -250,14 +288,12 @@ def train_head(
     with threads, training_state(head, train=True) as params:
         optimizer = torch.optim.Adam(params, lr=lr)
         for _ in tqdm(range(epochs), desc="train head", unit="epoch", disable=not progress):
-            order = torch.randperm(n, generator=generator).to(features.device)
             total = torch.zeros((), device=features.device)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                loss = loss_fn(head(features[idx]), labels[idx]) + l2_penalty(head, weight_decay)
+            for x, y in shuffled_batches((features, labels), batch_size, generator):
+                loss = loss_fn(head(x), y) + l2_penalty(head, weight_decay)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach() * idx.numel()
+                total += loss.detach() * x.shape[0]
             history.append(float(total) / n)
     return history

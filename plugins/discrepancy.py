@@ -11,7 +11,7 @@ What this plugin does, and the choices it makes:
 * Heads. Head 1 is the model's own head (``wrapped.head``, trained in place, so it
   includes any retraining by a label-smoothing plugin fitted before). Head 2 is a
   submodule of the plugin, a deep copy of the head's *structure* made in
-  ``wrapcal_attach`` (so a saved model rebuilds it), re-initialised at random in
+  ``attach`` (so a saved model rebuilds it), re-initialised at random in
   ``fit`` with a seeded generator. The paper initialises the two classifiers
   differently at random; a perturbed copy of head 1 would start both heads in the
   same basin, and on frozen features a linear head's cross-entropy is convex, so
@@ -25,7 +25,7 @@ What this plugin does, and the choices it makes:
   after the discrepancy heads, at a later stage, to wrap them instead).
 * Prediction: the core's ``combine_members`` averages the two heads' softmax outputs
   (log of the mean, as logits); temperature scaling fits on that mean afterwards.
-* Training (``wrapcal_fit``), on the cached features:
+* Training (``fit``), on the cached features:
 
   1. pre-training: both heads, cross-entropy on ``data.train`` (``epochs_pretrain``);
   2. fine-tuning (``epochs``): per labelled mini-batch, paired with an unlabelled one,
@@ -62,18 +62,26 @@ data. OOD kinds absent from it are not guaranteed to be caught.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from wrapcal_plugins._training import small_work_threads
+from wrapcal_plugins._discrepancy_training import (
+    NAME,
+    PairedBatches,
+    backbone_block,
+    cross_entropy,
+    discrepancy_loss,
+    embedder,
+    l1_discrepancy,
+    per_sample_entropy,
+    seeded_reinit,
+    unfreeze_only,
+)
+from wrapcal_plugins._training import shuffled_batches, small_work_threads
 
 from wrapcal import (
     FitData,
@@ -85,12 +93,8 @@ from wrapcal import (
     Stage,
     hookimpl,
 )
-from wrapcal.data import iter_batches
-from wrapcal.disk_features import DiskFeatures
-from wrapcal.errors import DataError
 from wrapcal.params import Check, Interval
-from wrapcal.probs import logits_to_log_probs, logits_to_probs
-from wrapcal.torch_utils import check_features, in_mode, preserved_modes
+from wrapcal.torch_utils import in_mode, preserved_modes
 
 __all__ = [
     "DiscrepancyHeads",
@@ -98,142 +102,6 @@ __all__ = [
     "l1_discrepancy",
     "per_sample_entropy",
 ]
-
-_NAME = "discrepancy"
-
-
-def per_sample_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each sample's class distribution: ``[..., K]`` -> ``[...]``.
-
-    Computed from log-softmax, so confident logits give 0 rather than NaN.
-    """
-    log_p = logits_to_log_probs(logits)
-    return -(log_p.exp() * log_p).sum(dim=-1)
-
-
-def discrepancy_loss(
-    logits1: torch.Tensor, logits2: torch.Tensor, margin: float = 1.2
-) -> torch.Tensor:
-    """The paper's unsupervised loss ``max(0, m - mean_x [H(p1(x)) - H(p2(x))])``.
-
-    Args:
-        logits1: Head 1's logits ``[B, K]`` on unlabelled inputs.
-        logits2: Head 2's logits ``[B, K]`` on the same inputs.
-        margin: ``m``; the loss is 0 once the mean entropy gap reaches it.
-
-    Returns:
-        A scalar tensor.
-    """
-    gap = per_sample_entropy(logits1) - per_sample_entropy(logits2)
-    return F.relu(margin - gap.mean())
-
-
-def l1_discrepancy(members: torch.Tensor) -> torch.Tensor:
-    """``sum_k |p1_k - p2_k|`` per sample from members ``[T*2, N, K]`` (head fastest).
-
-    The L1 distance is taken within each pair ``(2t, 2t + 1)`` and averaged over ``t``.
-
-    Raises:
-        ValueError: If the members do not come in pairs.
-    """
-    if members.ndim != 3 or members.shape[0] % 2:
-        raise ValueError(
-            f"the discrepancy score needs members [T*2, N, K] from the two heads; got "
-            f"shape {tuple(members.shape)}. A plugin that changes the members after the "
-            "discrepancy heads must keep the head index fastest"
-        )
-    probs = logits_to_probs(members)
-    pairs = probs.reshape(-1, 2, *probs.shape[1:])
-    return (pairs[:, 0] - pairs[:, 1]).abs().sum(dim=-1).mean(dim=0)
-
-
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # Through logits_to_log_probs so single-logit binary heads work too.
-    return F.nll_loss(logits_to_log_probs(logits), labels)
-
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-@torch.no_grad()
-def seeded_reinit(module: nn.Module, seed: int) -> None:
-    """Re-initialise ``module`` like PyTorch's defaults, from a seeded generator.
-
-    Linear and convolution layers get PyTorch's default (Kaiming-uniform weights with
-    ``a = sqrt(5)``, biases uniform in ``±1/sqrt(fan_in)``); normalisation layers
-    their deterministic reset. Values are drawn on the CPU and copied, so the same
-    seed gives the same head on any device. Other parameters keep their values.
-
-    The generator's seed is derived from ``seed`` and a fixed tag: a head that was
-    itself initialised after ``torch.manual_seed(seed)`` would otherwise get the very
-    same draws, and the two heads would start identical.
-    """
-    derived = zlib.crc32(f"wrapcal.discrepancy.head2:{seed}".encode())
-    generator = torch.Generator(device="cpu").manual_seed(derived)
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            weight = torch.empty(m.weight.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
-            m.weight.copy_(weight)
-            if m.bias is not None:
-                fan_in = m.weight[0].numel()
-                bound = 1 / math.sqrt(fan_in) if fan_in else 0.0
-                bias = torch.empty(m.bias.shape, dtype=torch.float32)
-                nn.init.uniform_(bias, -bound, bound, generator=generator)
-                m.bias.copy_(bias)
-        elif isinstance(m, _NORMS):
-            m.reset_parameters()
-
-
-class _Batches:
-    """Mini-batches for one epoch: labelled ``(x, y)`` paired with unlabelled ``x``.
-
-    ``x`` are cached features (indexed by a seeded permutation) or raw inputs
-    streamed from the user's data (shuffled the same way when they are tensors or
-    arrays; a loader is read in its own order, and the unlabelled one is cycled).
-    """
-
-    def __init__(self, labelled: Any, unlabelled: Any, batch_size: int, seed: int) -> None:
-        self.labelled = labelled
-        self.unlabelled = unlabelled
-        self.batch_size = batch_size
-        # CPU generator: the same shuffles on any device.
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self._unlabelled_iter: Iterator[torch.Tensor] | None = None
-
-    def _shuffled(self, data: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        x, y = data if isinstance(data, (tuple, list)) and len(data) == 2 else (data, None)
-        if isinstance(x, np.ndarray):
-            x = torch.from_numpy(x)
-        if isinstance(y, np.ndarray):
-            y = torch.from_numpy(y)
-        if isinstance(x, (torch.Tensor, DiskFeatures)):
-            perm = torch.randperm(x.shape[0], generator=self.generator)
-            for start in range(0, x.shape[0], self.batch_size):
-                idx = perm[start : start + self.batch_size]
-                yield x[idx.to(x.device)], None if y is None else y[idx.to(y.device)]
-        else:
-            yield from iter_batches(data, self.batch_size)
-
-    def _next_unlabelled(self) -> torch.Tensor:
-        for _ in range(2):  # a fresh pass when the last one ran out
-            if self._unlabelled_iter is None:
-                self._unlabelled_iter = (x for x, _ in self._shuffled(self.unlabelled))
-            x = next(self._unlabelled_iter, None)
-            if x is not None:
-                return x
-            self._unlabelled_iter = None
-        raise DataError("the unlabeled data set is empty")
-
-    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(x_labelled, y, x_unlabelled)`` for one pass over the labelled data."""
-        for x, y in self._shuffled(self.labelled):
-            if y is None:
-                raise DataError(
-                    f"plugin {_NAME} needs labels for the 'train' data; pass (X, y) or a "
-                    "loader that yields (x, y) batches"
-                )
-            yield x, y, self._next_unlabelled()
 
 
 def _is_history(value: Any) -> bool:
@@ -353,17 +221,19 @@ class DiscrepancyHeads(Plugin):
         return {"discrepancy": l1_discrepancy(context.members)}
 
     def fit(self, model: ModelView, data: FitData) -> DiscrepancyHeads:
-        train = data.require("train", _NAME, "labelled in-distribution data for both heads")
-        labels = train.require_labels(_NAME)
+        train = data.require("train", NAME, "labelled in-distribution data for both heads")
+        labels = train.require_labels(NAME)
         unlabeled = data.require(
             "unlabeled",
-            _NAME,
+            NAME,
             "unlabelled data (in-distribution and OOD mixed, e.g. production traffic) on "
             "which the two heads learn to disagree",
         )
         seed = data.seed if self.seed is None else int(self.seed)
         progress = bool(self.progress and data.progress)
-        block = self._backbone_block(model, train.data, unlabeled.data)
+        block = backbone_block(
+            model.backbone, self.train_backbone_block, train.data, unlabeled.data
+        )
         self._check_inner_members(model, train.features[:16])
 
         seeded_reinit(self.head2, seed)
@@ -373,7 +243,7 @@ class DiscrepancyHeads(Plugin):
         self.history_ = {"pretrain": [], "loss_a": [], "loss_b": [], "discrepancy": []}
         bar = tqdm(
             total=self.epochs_pretrain + self.epochs,
-            desc=_NAME,
+            desc=NAME,
             unit="epoch",
             disable=not progress,
         )
@@ -388,7 +258,7 @@ class DiscrepancyHeads(Plugin):
                     with small_work_threads(train.features.device, small):
                         self._pretrain(heads, params, train.features, labels, seed, bar)
                     if block is None:
-                        batches = _Batches(
+                        batches = PairedBatches(
                             (train.features, labels), unlabeled.features, self.batch_size, seed + 1
                         )
                         with small_work_threads(train.features.device, small):
@@ -397,13 +267,15 @@ class DiscrepancyHeads(Plugin):
                         groups = [
                             {"params": params},
                             {
-                                "params": self._unfreeze(model.backbone, block),
+                                "params": unfreeze_only(model.backbone, block),
                                 "lr": self.lr_backbone,
                             },
                         ]
                         model.backbone.eval()
-                        batches = _Batches(train.data, unlabeled.data, self.batch_size, seed + 1)
-                        self._finetune(heads, groups, batches, self._embedder(model), bar)
+                        batches = PairedBatches(
+                            train.data, unlabeled.data, self.batch_size, seed + 1
+                        )
+                        self._finetune(heads, groups, batches, embedder(model.backbone), bar)
             finally:
                 bar.close()
                 for p, flag in frozen.items():
@@ -423,19 +295,15 @@ class DiscrepancyHeads(Plugin):
     ) -> None:
         optimizer = torch.optim.Adam(params, lr=self.lr)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        n = features.shape[0]
         for _ in range(self.epochs_pretrain):
-            perm = torch.randperm(n, generator=generator).to(features.device)
             total = torch.zeros((), device=features.device)
-            for start in range(0, n, self.batch_size):
-                idx = perm[start : start + self.batch_size]
-                f, y = features[idx], labels[idx]
-                loss = sum(_cross_entropy(h(f), y) for h in heads)
+            for f, y in shuffled_batches((features, labels), self.batch_size, generator):
+                loss = sum(cross_entropy(h(f), y) for h in heads)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total += loss.detach() * idx.numel()
-            self.history_["pretrain"].append(float(total / n))
+                total += loss.detach() * f.shape[0]
+            self.history_["pretrain"].append(float(total / features.shape[0]))
             bar.set_postfix(ce=self.history_["pretrain"][-1])
             bar.update()
 
@@ -443,7 +311,7 @@ class DiscrepancyHeads(Plugin):
         self,
         heads: list[nn.Module],
         groups: list[dict[str, Any]],
-        batches: _Batches,
+        batches: PairedBatches,
         embed: Callable[[torch.Tensor], torch.Tensor],
         bar: tqdm,
     ) -> None:
@@ -456,7 +324,7 @@ class DiscrepancyHeads(Plugin):
             # As in the authors' code, head 2's loss in step A does not reach the backbone
             # block (a no-op on cached features, which carry no gradient).
             f2 = f.detach() if step_a else f
-            return _cross_entropy(h1(f), y) + _cross_entropy(h2(f2), y)
+            return cross_entropy(h1(f), y) + cross_entropy(h2(f2), y)
 
         for _ in range(self.epochs):
             sums = {k: 0.0 for k in ("loss_a", "loss_b", "discrepancy")}
@@ -484,50 +352,6 @@ class DiscrepancyHeads(Plugin):
             bar.set_postfix(disc=self.history_["discrepancy"][-1])
             bar.update()
 
-    # --- backbone block ----------------------------------------------------------------
-
-    def _backbone_block(self, wrapped: Any, train_data: Any, unlabeled_data: Any) -> Any:
-        if self.train_backbone_block is None:
-            return None
-        try:
-            block = wrapped.backbone.get_submodule(self.train_backbone_block)
-        except AttributeError as err:
-            names = [n for n, m in wrapped.backbone.named_children()]
-            raise ValueError(
-                f"train_backbone_block={self.train_backbone_block!r} is not a submodule of "
-                f"the backbone; its top-level children are {names} (use dotted names, e.g. "
-                "'model.layer3')"
-            ) from err
-        if not any(True for _ in block.parameters()):
-            raise ValueError(
-                f"train_backbone_block={self.train_backbone_block!r} has no parameters to train"
-            )
-        if train_data is None or unlabeled_data is None:
-            raise DataError(
-                f"plugin {_NAME} with train_backbone_block streams the inputs through the "
-                "backbone: call wrapped.fit(train=..., unlabeled=...) with the data, not "
-                "fit_features"
-            )
-        return block
-
-    @staticmethod
-    def _unfreeze(backbone: nn.Module, block: nn.Module) -> list[torch.Tensor]:
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        params = list(block.parameters())
-        for p in params:
-            p.requires_grad_(True)
-        return params
-
-    @staticmethod
-    def _embedder(model: ModelView) -> Callable[[torch.Tensor], torch.Tensor]:
-        param = next(model.backbone.parameters())
-
-        def embed(x: torch.Tensor) -> torch.Tensor:
-            return check_features(model.backbone(x.to(device=param.device, dtype=param.dtype)))
-
-        return embed
-
     def _check_inner_members(self, model: ModelView, features: torch.Tensor) -> None:
         with in_mode(model.head, False):  # head dropout would make the two calls differ
             inner = model.members(features)
@@ -541,7 +365,7 @@ class DiscrepancyHeads(Plugin):
             )
         if not torch.allclose(inner[0], own, atol=1e-5, rtol=1e-4):
             warnings.warn(
-                f"plugin {_NAME} trains the model's head, but the plugins before it change "
+                f"plugin {NAME} trains the model's head, but the plugins before it change "
                 "its output: head 1 serves their output, which training does not see; put "
                 "that plugin after the discrepancy heads (a later stage) to wrap them "
                 "instead",
@@ -551,4 +375,4 @@ class DiscrepancyHeads(Plugin):
 
 @hookimpl
 def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
-    register(_NAME, DiscrepancyHeads)
+    register(NAME, DiscrepancyHeads)

@@ -30,24 +30,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from numbers import Real
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from wrapcal import FeatureSet, FitData, ModelView, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.data import iter_batches, num_samples
 from wrapcal.disk_features import DiskFeatures
 from wrapcal.errors import DataError
 from wrapcal.params import Check, Interval, Options
 from wrapcal.probs import logits_to_log_probs
 from wrapcal.torch_utils import preserved_modes
 
+from ._smoothing_network import FineTuning, clone_state, fine_tune, load_state, mean_nll
 from ._training import fit_head_lbfgs, train_head
 
 __all__ = [
@@ -101,11 +98,6 @@ def smoothed_cross_entropy(
     return ((1 - alpha) * nll - alpha * log_p.mean(dim=-1)).mean()
 
 
-def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    log_p = logits_to_log_probs(logits.double())
-    return float(-log_p.gather(-1, labels.long().unsqueeze(-1)).mean())
-
-
 def _is_alpha(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value < 1
 
@@ -138,37 +130,6 @@ def _is_grid_nll(value: Any) -> bool:
         isinstance(pair, list) and len(pair) == 2 and _is_alpha(pair[0]) and _is_floats(pair[1:])
         for pair in value
     )
-
-
-def _clone_state(*modules: nn.Module) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
-
-
-def _load_state(states: list[dict[str, torch.Tensor]], *modules: nn.Module) -> None:
-    for module, state in zip(modules, states, strict=True):
-        module.load_state_dict(state)
-
-
-def _to_model(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return x.to(device=like.device, dtype=like.dtype if x.is_floating_point() else x.dtype)
-
-
-def _shuffled_batches(
-    data: Any, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """One epoch of training batches; ``(X, y)`` pairs and Datasets are reshuffled.
-
-    A DataLoader is used as given: it already decides its own order.
-    """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
-        x, y = (torch.as_tensor(v) for v in data)
-        order = torch.randperm(len(x), generator=generator)
-        yield from iter_batches((x[order.to(x.device)], y[order.to(y.device)]), batch_size)
-    elif isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
-        yield from iter_batches(loader, batch_size)
-    else:
-        yield from iter_batches(data, batch_size)
 
 
 class LabelSmoothing(Plugin):
@@ -320,14 +281,14 @@ class LabelSmoothing(Plugin):
         progress: bool,
     ) -> float:
         head = model.head
-        start = _clone_state(head)
+        start = clone_state(head)
         best: tuple[float, float, list[dict[str, torch.Tensor]]] | None = None
         features, labels = train.features, train.labels
         full_batch = _fits_in_memory(features)
         if full_batch and isinstance(features, DiskFeatures):
             features = features[:]  # small enough: the exact full-batch solve, in memory
         for alpha in alphas:
-            _load_state(start, head)  # every alpha starts from the same weights
+            load_state(start, head)  # every alpha starts from the same weights
             loss = partial(smoothed_cross_entropy, alpha=alpha)
             if full_batch:
                 fit_head_lbfgs(
@@ -354,12 +315,12 @@ class LabelSmoothing(Plugin):
                 )
             if calibration is None:
                 return alpha
-            nll = _mean_nll(model.head_logits(calibration.features), calibration.labels)
+            nll = mean_nll(model.head_logits(calibration.features), calibration.labels)
             self.grid_nll_.append([alpha, nll])
             if best is None or nll < best[0]:
-                best = (nll, alpha, _clone_state(head))
+                best = (nll, alpha, clone_state(head))
         assert best is not None
-        _load_state(best[2], head)
+        load_state(best[2], head)
         return best[1]
 
     # --- scope="all" ---------------------------------------------------------------------
@@ -383,151 +344,44 @@ class LabelSmoothing(Plugin):
             calibration.require_labels(NAME)
             if calibration.data is None:
                 calibration = None  # features only: nothing to stream, no early stopping
-        batch_size = int(self.batch_size or data.options.get("batch_size", 256))
-        seed = int(data.options.get("seed", 0))
+        settings = FineTuning(
+            epochs=self.epochs,
+            optimizer=self.optimizer,
+            lr=self.lr if self.lr is not None else DEFAULT_LR[self.optimizer],
+            weight_decay=self.weight_decay,
+            freeze_bn=self.freeze_bn,
+            patience=self.patience,
+            batch_size=int(self.batch_size or data.options.get("batch_size", 256)),
+            seed=int(data.options.get("seed", 0)),
+        )
         modules = (model.backbone, model.head)
-        start = _clone_state(*modules) if len(alphas) > 1 else None
+        start = clone_state(*modules) if len(alphas) > 1 else None
         best: tuple[float, float, list[dict[str, torch.Tensor]], list[float], int | None] | None
         best = None
         with preserved_modes(*modules):
             for alpha in alphas:
                 if start is not None:
-                    _load_state(start, *modules)
-                history, best_epoch = self._fine_tune(
-                    model, alpha, train.data, calibration, batch_size, seed, progress
+                    load_state(start, *modules)
+                history, best_epoch = fine_tune(
+                    model,
+                    partial(smoothed_cross_entropy, alpha=alpha),
+                    train.data,
+                    calibration,
+                    settings,
+                    progress,
+                    desc=f"label smoothing (alpha={alpha:g})",
                 )
                 nll = min(history) if history else math.nan
                 if len(alphas) > 1:
                     self.grid_nll_.append([alpha, nll])
                 if best is None or nll < best[0]:
-                    states = _clone_state(*modules) if len(alphas) > 1 else []
+                    states = clone_state(*modules) if len(alphas) > 1 else []
                     best = (nll, alpha, states, history, best_epoch)
         assert best is not None
         if best[2]:
-            _load_state(best[2], *modules)
+            load_state(best[2], *modules)
         self.history_, self.best_epoch_ = best[3], best[4]
         return best[1]
-
-    def _train_mode(self, model: ModelView) -> None:
-        for root in (model.backbone, model.head):
-            root.train()
-            if self.freeze_bn:
-                for m in root.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
-
-    def _make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        # No decay on biases and normalisation parameters (1-d), as in the head fit.
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": self.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
-        lr = self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
-        if self.optimizer == "sgd":
-            return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-        return torch.optim.Adam(groups, lr=lr)
-
-    def _fine_tune(
-        self,
-        model: ModelView,
-        alpha: float,
-        train_data: Any,
-        calibration: FeatureSet | None,
-        batch_size: int,
-        seed: int,
-        progress: bool,
-    ) -> tuple[list[float], int | None]:
-        """Fine-tune from the current weights; leave the best epoch's weights in place.
-
-        Returns:
-            The calibration NLL after each epoch (empty without calibration data) and
-            the best epoch (1-based; the last one without calibration data).
-        """
-        backbone, head = model.backbone, model.head
-        params = [p for m in (backbone, head) for p in m.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(
-                'scope="all" found no parameter with requires_grad=True; unfreeze the model '
-                'or use scope="head"'
-            )
-        optimizer = self._make_optimizer(params)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        n = num_samples(train_data)
-        bar = tqdm(
-            total=self.epochs * n if n else None,
-            desc=f"label smoothing (alpha={alpha:g})",
-            unit="img",
-            disable=not progress,
-        )
-        history: list[float] = []
-        best_nll, best_state, best_epoch = math.inf, None, None
-        try:
-            for epoch in range(1, self.epochs + 1):
-                self._train_mode(model)
-                total = torch.zeros((), dtype=torch.float64, device=params[0].device)
-                seen = 0
-                with torch.enable_grad():
-                    for x, y in _shuffled_batches(train_data, batch_size, generator):
-                        if y is None:
-                            raise DataError(
-                                'label_smoothing with scope="all" needs labelled training '
-                                "batches: pass (X, y) or a loader that yields (x, y)"
-                            )
-                        x = _to_model(x, params[0])
-                        loss = smoothed_cross_entropy(head(backbone(x)), y.to(x.device), alpha)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        total += loss.detach() * x.shape[0]
-                        seen += x.shape[0]
-                        bar.update(x.shape[0])
-                model.backbone_passes += 1
-                mean_loss = float(total) / max(seen, 1)
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"fine-tuning diverged (training loss {mean_loss}) at epoch {epoch}; "
-                        "lower lr"
-                    )
-                if calibration is None:
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-                    best_epoch = epoch
-                    continue
-                nll = self._stream_nll(model, calibration, batch_size)
-                if not math.isfinite(nll):
-                    raise FloatingPointError(
-                        f"the calibration NLL is {nll} after epoch {epoch}; lower lr"
-                    )
-                history.append(nll)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", cal_nll=f"{nll:.4f}")
-                if nll < best_nll:
-                    best_nll, best_epoch = nll, epoch
-                    best_state = _clone_state(backbone, head)
-                elif epoch - best_epoch >= self.patience:
-                    break  # early stopping: no better calibration NLL for `patience` epochs
-        finally:
-            bar.close()
-        if best_state is not None:
-            _load_state(best_state, backbone, head)
-        return history, best_epoch
-
-    @staticmethod
-    def _stream_nll(model: ModelView, calibration: FeatureSet, batch_size: int) -> float:
-        """Mean NLL of the calibration data through the whole network, in eval mode."""
-        model.backbone.eval()
-        model.head.eval()
-        like = next(iter(model.head.parameters()))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for x, y in iter_batches(calibration.data, batch_size):
-                if y is None:
-                    raise DataError("label_smoothing needs labelled calibration data")
-                x = _to_model(x, like)
-                logits = model.head_logits(model.backbone(x))
-                total += _mean_nll(logits, y.to(logits.device)) * x.shape[0]
-                count += x.shape[0]
-        model.backbone_passes += 1
-        return total / count
 
 
 @hookimpl

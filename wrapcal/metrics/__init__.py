@@ -15,19 +15,17 @@ from wrapcal.metrics.bootstrap import (
 from wrapcal.metrics.calibration import (
     ECE,
     CalibrationMetrics,
-    SummableMetric,
     accuracy,
     adaptive_ece,
     aurc,
     brier,
-    check_probs,
     classwise_ece,
     ece,
     mce,
     nll,
     reliability_bins,
-    softmax_probs,
 )
+from wrapcal.metrics.inputs import check_probs, softmax_probs
 from wrapcal.metrics.ood import (
     OODMetrics,
     acceptance_rank,
@@ -41,6 +39,7 @@ from wrapcal.metrics.ood import (
     ood_metrics,
     roc_curve,
 )
+from wrapcal.metrics.state import SummableMetric
 
 __all__ = [
     "ECE",

@@ -30,17 +30,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wrapcal.metrics.calibration import (
-    DEFAULT_BINS,
-    ArrayLike,
-    _bin_index,
-    _check_bins,
-    _top_label,
-    acc_dtype,
-    check_probs,
-    scatter_sum,
-)
+from wrapcal.metrics.calibration import DEFAULT_BINS, _bin_index, _check_bins, _top_label
+from wrapcal.metrics.inputs import ArrayLike, check_probs
 from wrapcal.metrics.ood import check_scores
+from wrapcal.metrics.state import acc_dtype, scatter_sum
 
 __all__ = ["auroc_bootstrap", "auroc_resampled", "ece_bootstrap", "ece_resampled"]
 

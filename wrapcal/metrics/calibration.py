@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from wrapcal.probs import check_logits
+from wrapcal.metrics.inputs import ArrayLike, check_probs
+from wrapcal.metrics.state import SummableMetric, acc_dtype, row_chunks, scatter_sum
 
-ArrayLike = Tensor | np.ndarray
 DEFAULT_BINS = 15
-# Row sums drift from 1 by rounding (~1e-6 in float32); logits never pass.
-_ROW_SUM_TOL = 1e-3
-# Elements per [rows, K] temporary (masks, Brier's scatter copy): ~16 MB of float32.
-_CHUNK_ELEMENTS = 1 << 22
 
 __all__ = [
     "ECE",
@@ -43,205 +38,12 @@ __all__ = [
     "adaptive_ece",
     "aurc",
     "brier",
-    "check_probs",
     "classwise_ece",
     "ece",
     "mce",
     "nll",
     "reliability_bins",
-    "softmax_probs",
 ]
-
-
-def acc_dtype(device: torch.device) -> torch.dtype:
-    """The dtype sums are accumulated in: float64, except on MPS, which has none."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
-def row_chunks(n_rows: int, n_cols: int, budget: int = _CHUNK_ELEMENTS):
-    """Yields ``(lo, hi)`` row ranges whose ``[rows, n_cols]`` blocks hold ~``budget`` items."""
-    step = max(1, budget // max(n_cols, 1))
-    for lo in range(0, n_rows, step):
-        yield lo, min(lo + step, n_rows)
-
-
-def scatter_sum(index: Tensor, values: Tensor | float, size: int) -> Tensor:
-    """``out[j] = sum of values[index == j]``, accumulated in float64.
-
-    ``index_add_`` rather than ``bincount``: under ``torch.use_deterministic_algorithms``
-    it is deterministic on CUDA, where a weighted ``bincount`` raises.
-    """
-    acc = acc_dtype(index.device)
-    out = torch.zeros(size, dtype=acc, device=index.device)
-    if not isinstance(values, Tensor):
-        values = torch.full(index.shape, values, dtype=acc, device=index.device)
-    return out.index_add_(0, index, values.to(acc))
-
-
-def _all_gather_cat(t: Tensor, group=None) -> Tensor:
-    """Concatenates a 1-D tensor of per-rank length over all ranks (all_gather pads)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    size = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    lengths = [int(s) for s in sizes]
-    # Some backends cannot send bool: travel as uint8.
-    send = t.to(torch.uint8) if t.dtype == torch.bool else t
-    padded = send.new_zeros((max(lengths), *t.shape[1:]))
-    padded[: t.shape[0]] = send
-    received = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(received, padded, group=group)
-    out = torch.cat([r[:n] for r, n in zip(received, lengths, strict=True)])
-    return out.bool() if t.dtype == torch.bool else out
-
-
-class SummableMetric:
-    """Base of the torchmetrics-style classes: ``update``, ``compute``, ``reset``.
-
-    State is a dict of tensors that add up across batches and processes
-    (``state_tensors()``), plus per-sample tensors kept as lists, one entry per batch
-    (``sample_tensors()`` concatenates them). ``sync()`` combines the state of all
-    processes under ``torch.distributed``: ``all_reduce(SUM)`` of the sums and a padded
-    ``all_gather`` of the per-sample tensors.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forgets every batch seen so far."""
-        self._sums: dict[str, Tensor] = {}
-        self._samples: dict[str, list[Tensor]] = {}
-
-    def _add_sums(self, **sums: Tensor) -> None:
-        for name, value in sums.items():
-            if name in self._sums:
-                self._sums[name] += value
-            else:
-                self._sums[name] = value
-
-    def _add_samples(self, **tensors: Tensor) -> None:
-        for name, value in tensors.items():
-            self._samples.setdefault(name, []).append(value.detach())
-
-    def _require_state(self) -> dict[str, Tensor]:
-        if not self._sums and not self._samples:
-            raise RuntimeError(f"{type(self).__name__} has no data — call update() first")
-        return self._sums
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """The live summable state: ``all_reduce`` these in place to combine processes."""
-        return self._sums
-
-    def sample_tensors(self) -> dict[str, Tensor]:
-        """The per-sample state, each list concatenated (and kept as one tensor)."""
-        for name, parts in self._samples.items():
-            if len(parts) > 1:
-                self._samples[name] = [torch.cat(parts)]
-        return {name: parts[0] for name, parts in self._samples.items()}
-
-    def sync(self, group=None) -> SummableMetric:
-        """Combines the state of all processes in place; a no-op without torch.distributed.
-
-        Every rank must call it once, after at least one ``update``, before ``compute``.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        for value in self._sums.values():
-            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        for name, value in self.sample_tensors().items():
-            self._samples[name] = [_all_gather_cat(value, group)]
-        return self
-
-
-def softmax_probs(logits: ArrayLike) -> Tensor:
-    """Turns logits ``[N, K]`` into probabilities with a numerically stable softmax.
-
-    Args:
-        logits: Unnormalised class scores, a tensor or numpy array.
-
-    Returns:
-        Probabilities of the same shape (float32 for integer or half inputs).
-
-    Raises:
-        DataError: NaN/inf values, or values that are probabilities already (a softmax of
-            probabilities is nearly uniform: every metric would be wrong).
-    """
-    logits = torch.as_tensor(logits)
-    if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return torch.softmax(check_logits(logits), dim=-1)
-
-
-def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
-    """Validates and converts ``probs [N, K]`` and integer ``labels [N]``.
-
-    Args:
-        probs: Class probabilities, rows summing to 1.
-        labels: True class indices in ``[0, K)``, on any device (moved to ``probs``').
-
-    Returns:
-        ``(probs, labels)`` as tensors on ``probs``' device: probs floating point (half
-        upcast to float32), labels int64.
-
-    Raises:
-        ValueError: naming the problem and the fix, when shapes, dtypes or values are wrong.
-    """
-    probs = torch.as_tensor(probs)
-    labels = torch.as_tensor(labels, device=probs.device)
-    if probs.ndim != 2:
-        raise ValueError(
-            f"probs must be 2-D [N, K]; got shape {tuple(probs.shape)} — pass one row of "
-            "class probabilities per sample"
-        )
-    n, k = probs.shape
-    if n == 0 or k == 0:
-        raise ValueError(f"probs is empty (shape {(n, k)}) — metrics need N > 0 and K > 0")
-    if not probs.is_floating_point():
-        raise ValueError(f"probs must be floating point; got {probs.dtype} — pass probabilities")
-    if probs.dtype in (torch.float16, torch.bfloat16):
-        probs = probs.float()
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(
-            f"labels must be 1-D with N = {n} entries to match probs; got shape "
-            f"{tuple(labels.shape)} — pass class indices, not one-hot rows"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"labels must be integer class indices; got {labels.dtype} — use labels.long()"
-        )
-    labels = labels.long()
-    # One stacked reduction, so validation costs one device sync rather than five, and no
-    # [N, K] temporary: a row sum is finite exactly when the row is.
-    acc = acc_dtype(probs.device)
-    row_sums = probs.sum(dim=1).to(acc)
-    stats = torch.stack(
-        [
-            row_sums.isfinite().all().to(acc),
-            probs.amin().to(acc),
-            (row_sums - 1).abs().amax(),
-            labels.amin().to(acc),
-            labels.amax().to(acc),
-        ]
-    ).tolist()
-    is_finite, p_min, row_dev, y_min, y_max = stats
-    if not is_finite:
-        raise ValueError("probs contains NaN or inf — check the model output before the metric")
-    if p_min < 0 or row_dev > _ROW_SUM_TOL:
-        raise ValueError(
-            f"probs must be non-negative with rows summing to 1; got min {p_min:.4g} and row "
-            f"sums off by up to {row_dev:.4g} — are these logits? use softmax_probs(logits)"
-        )
-    if y_min < 0 or y_max >= k:
-        raise ValueError(
-            f"labels must be in [0, {k}); got min {int(y_min)}, max {int(y_max)} — labels must "
-            "index the columns of probs"
-        )
-    return probs, labels
 
 
 def _check_bins(n_bins: int) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wrapcal.metrics.calibration import SummableMetric, acc_dtype
+from wrapcal.metrics.state import SummableMetric, acc_dtype
 from wrapcal.probs import check_logits
 
 ArrayLike = Tensor | np.ndarray

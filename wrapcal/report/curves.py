@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from wrapcal.metrics.calibration import ArrayLike
+from wrapcal.metrics.inputs import ArrayLike
 from wrapcal.metrics.ood import auroc, check_scores, roc_curve
 from wrapcal.report.plot_style import (
     GAP_COLOR,

@@ -13,7 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from wrapcal.metrics.calibration import ArrayLike
+from wrapcal.metrics.inputs import ArrayLike
 
 __all__ = [
     "GAP_COLOR",

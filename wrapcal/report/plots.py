@@ -22,7 +22,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from wrapcal.metrics.calibration import DEFAULT_BINS, ArrayLike, ece, reliability_bins
+from wrapcal.metrics.calibration import DEFAULT_BINS, ece, reliability_bins
+from wrapcal.metrics.inputs import ArrayLike
 from wrapcal.metrics.ood import check_scores
 from wrapcal.report.curves import curve_plot, roc_curves, roc_pairs
 from wrapcal.report.plot_style import (
