@@ -5,7 +5,8 @@
 2. Fitting: backbone passes and backbone batches during ``fit`` with plugins that work
    on features, against the number of data sets. Target: one pass per data set.
 
-Run: ``python benchmarks/bench_core.py [--batch 64] [--side 224] [--repeats 15]``.
+Run: ``python benchmarks/bench_core.py [--batch 64] [--side 224] [--repeats 15]``. Exits
+with status 1 when the fit does not run the backbone exactly once over each data set.
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ class FeatureUser(Plugin):
         return self
 
 
-def main() -> None:
+class OtherFeatureUser(FeatureUser):
+    """A second plugin reading the same sets (a plugin may be listed once)."""
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model = timm.create_model("resnet18", num_classes=10).eval()
     wrapped = wrapcal.wrap(model, plugins=[]).eval()
@@ -67,7 +72,7 @@ def main() -> None:
     print(f"  wrapped, no plugins {w * 1000:8.1f} ms   overhead {overhead:+.2f}% (target <= 2%)")
 
     small = timm.create_model("resnet18", num_classes=10).eval()
-    wrapped = wrapcal.wrap(small, plugins=[FeatureUser(), FeatureUser()])
+    wrapped = wrapcal.wrap(small, plugins=[FeatureUser(), OtherFeatureUser()])
     batches: list[int] = []
     wrapped.backbone.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
     g = torch.Generator().manual_seed(0)
@@ -97,7 +102,10 @@ def main() -> None:
     print(f"  images through the backbone {sum(batches)} for 600 images")
     print(f"  fit {fit_time:.3f} s beside one inference pass over the same data {one_pass:.3f} s")
     print(f"  ratio {fit_time / one_pass:.2f}x")
+    one_pass_each = wrapped.backbone_passes == 3 and sum(batches) == 600
+    print(f"  [{'ok' if one_pass_each else 'FAIL'}] one backbone pass per data set")
+    return 0 if one_pass_each else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -46,6 +46,14 @@ def test_bench_temperature_agrees_with_torch_and_sklearn(capsys: pytest.CaptureF
     assert "[ok] sklearn CalibratedClassifierCV: same T" in out
 
 
+def test_bench_core_fits_with_one_backbone_pass_per_set(capsys: pytest.CaptureFixture) -> None:
+    main = bench("bench_core").main
+    assert main(["--batch", "2", "--side", "32", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "backbone passes 3 for 3 data sets" in out
+    assert "images through the backbone 600 for 600 images" in out
+
+
 @requires_shared_data
 def test_bench_mc_dropout_fast(capsys: pytest.CaptureFixture) -> None:
     main = bench("bench_mc_dropout").main
