@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wrapcal import FitData, ModelView
+from wrapcal import FitData, ModelView, distributed
 from wrapcal.cache import FeatureSet
 from wrapcal.errors import DataError
 
@@ -33,6 +33,8 @@ __all__ = [
 
 #: The ``fit`` data sets the detectors learn from, in order of preference.
 FIT_SETS = ("train", "calibration")
+#: Values :func:`chunked_quantile` sorts at once, its last pass (32 MB in float64).
+GATHER_VALUES = 1 << 22
 #: Elements per chunk of features (``rows x D x S``): 4M, 32 MB in float64.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -113,6 +115,35 @@ class Moments:
         )
         self.sums.index_add_(0, labels, x)
         self.count += torch.bincount(labels, minlength=self.classes).to(x.dtype)
+
+    def combine_shards(self, source: FeatureSet, width: int, device: torch.device) -> None:
+        """Sum the statistics of every rank's shard of ``source`` into every rank (a
+        no-op for a whole set). Each rank's sums are first moved to one shift, the
+        first non-empty rank's, so the sums add up exactly as one process's would."""
+        if not source.sharded:
+            return
+        if self.sums is None:  # an empty shard
+            self.count = torch.zeros(self.classes, dtype=torch.float64, device=device)
+            self.sums = torch.zeros(self.classes, width, dtype=torch.float64, device=device)
+            self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
+        shifts = distributed.exchange(
+            None if self.shift is None or not self.total else self.shift.cpu()
+        )
+        common = next((s for s in shifts if s is not None), None)
+        if common is None:
+            return  # no rank has rows
+        common = common.to(self.sums.device)
+        if self.shift is not None and self.total:
+            # sum (y + d)(y + d)^T = sum y y^T + d a^T + a d^T + n d d^T, a = sum y
+            delta = self.shift.to(self.sums.device) - common
+            along = self.sums.sum(dim=0)
+            self.scatter += torch.outer(delta, along) + torch.outer(along, delta)
+            self.scatter += self.count.sum() * torch.outer(delta, delta)
+            self.sums += self.count[:, None] * delta
+        self.shift = common
+        self.count = source.sum_over_shards(self.count)
+        self.sums = source.sum_over_shards(self.sums)
+        self.scatter = source.sum_over_shards(self.scatter)
 
     @property
     def total(self) -> int:
@@ -205,7 +236,8 @@ def chunked_quantile(
     q: float,
     *,
     bins: int = 4096,
-    gather_limit: int = 1 << 22,
+    gather_limit: int | None = None,
+    shards: FeatureSet | None = None,
 ) -> float:
     """The exact ``q``-quantile of every value ``chunks()`` yields, in bounded memory.
 
@@ -213,13 +245,19 @@ def chunked_quantile(
     statistics at ``floor((n - 1) q)`` and the next). Rather than holding the values,
     it narrows down the range that holds the wanted rank: a pass of ``chunks()``
     counts the values in ``bins`` equal-width bins of the range, the next pass keeps
-    the bin that holds the rank, until at most ``gather_limit`` values are left, which
+    the bin that holds the rank, until at most ``gather_limit`` values (default
+    :data:`GATHER_VALUES`) are left, which
     are gathered and sorted. Deterministic; typically three passes (min/max, one
     histogram, gather); ``chunks`` must give the same values every call.
+
+    With ``shards`` (a feature set kept sharded under torch.distributed, whose values
+    ``chunks()`` yields on this rank) every count, bound and gathered value is combined
+    over the ranks: the quantile of all ranks' values, the same on every rank.
 
     Raises:
         DataError: No values, or NaN/inf among them.
     """
+    gather_limit = GATHER_VALUES if gather_limit is None else gather_limit
     n, low, high = 0, float("inf"), float("-inf")
     for values in chunks():
         if values.numel() == 0:
@@ -228,16 +266,20 @@ def chunked_quantile(
             raise DataError("the features hold NaN or inf values: no percentile of them")
         n += values.numel()
         low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if shards is not None and shards.sharded:
+        n = int(shards.sum_over_shards(torch.tensor([n], dtype=torch.float64)))
+        low = float(shards.min_over_shards(torch.tensor([low], dtype=torch.float64)))
+        high = float(shards.max_over_shards(torch.tensor([high], dtype=torch.float64)))
     if n == 0:
         raise DataError("no feature values to take a percentile of")
     position = (n - 1) * q
     rank = min(int(position), n - 1)
     fraction = position - rank
-    first, second = _select(chunks, rank, low, high, n, bins, gather_limit)
+    first, second = _select(chunks, rank, low, high, n, bins, gather_limit, shards)
     if fraction == 0 or rank + 1 >= n:
         return first
     if second is None:
-        second = _select(chunks, rank + 1, low, high, n, bins, gather_limit)[0]
+        second = _select(chunks, rank + 1, low, high, n, bins, gather_limit, shards)[0]
     # numpy's lerp, exact at both ends.
     diff = second - first
     return first + diff * fraction if fraction < 0.5 else second - diff * (1 - fraction)
@@ -251,16 +293,21 @@ def _select(
     n: int,
     bins: int,
     gather_limit: int,
+    shards: FeatureSet | None = None,
 ) -> tuple[float, float | None]:
     """The value of rank ``rank`` (0-based, ascending), and that of ``rank + 1`` when
     the same pass finds it."""
+    sharded = shards is not None and shards.sharded
     below, inside = 0, n  # values < low, values in [low, high]
     for _ in range(64):  # each pass narrows [low, high] to one of ``bins`` bins
         if low == high:
             return low, low if rank + 1 < below + inside else None
         if inside <= gather_limit:
-            kept = [v[(v >= low) & (v <= high)].double() for v in chunks()]
-            ordered = torch.sort(torch.cat(kept)).values
+            kept = [v[(v >= low) & (v <= high)].double().reshape(-1) for v in chunks()]
+            values = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.float64)
+            if sharded:
+                values = shards.cat_over_shards(values)
+            ordered = torch.sort(values).values
             i = rank - below
             return float(ordered[i]), float(ordered[i + 1]) if i + 1 < len(ordered) else None
         counts = mins = maxs = None
@@ -275,6 +322,13 @@ def _select(
             counts += torch.bincount(index, minlength=bins).double()
             mins.scatter_reduce_(0, index, v, "amin")
             maxs.scatter_reduce_(0, index, v, "amax")
+        if counts is None:  # this rank's shard is empty
+            counts = torch.zeros(bins, dtype=torch.float64)
+            mins, maxs = torch.full((bins,), float("inf")), torch.full((bins,), -float("inf"))
+            mins, maxs = mins.double(), maxs.double()
+        if sharded:
+            counts = shards.sum_over_shards(counts)
+            mins, maxs = shards.min_over_shards(mins), shards.max_over_shards(maxs)
         counts, mins, maxs = counts.cpu(), mins.cpu(), maxs.cpu()
         cumulative = below + torch.cumsum(counts, 0)
         target = torch.tensor(float(rank), dtype=torch.float64)

@@ -24,6 +24,14 @@ What this plugin does, and the choices it makes:
   (a 50,000 x 512 bank: 25.6 MFLOP x 2, a few percent of one ResNet-18 pass; see
   ``benchmarks/bench_feature_ood.py``) and ``bank_size x D x 4`` bytes of memory
   (2 bytes in float16).
+* Under ``torch.distributed`` the fit set's rows stay on their ranks (each rank
+  normalises and subsamples its own shard; the subset is drawn over the whole set, so
+  it is the one a single process keeps). By default the bank's rows are then gathered,
+  so every rank holds the whole bank. ``shard_bank=True`` keeps each rank's part only
+  (``1/N`` of the memory): a query is then searched on every rank's part and the
+  ``k`` best similarities of each are merged, so inference is collective: every rank
+  predicts together (``evaluate`` does), and ``wrapcal.distributed.unshard(wrapped)``
+  gathers the bank before ``save``/``export`` (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -41,12 +49,14 @@ from wrapcal import (
     Plugin,
     PluginTags,
     Stage,
+    distributed,
     hookimpl,
 )
+from wrapcal.distributed import DistributedError
 from wrapcal.errors import DataError
 from wrapcal.params import Interval, Options
 
-__all__ = ["KNN", "kth_nearest_distance", "normalise"]
+__all__ = ["KNN", "kth_nearest_distance", "normalise", "top_similarities"]
 
 _NAME = "knn"
 _WHY = "the bank of normalised in-distribution features"
@@ -63,9 +73,9 @@ def normalise(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Euclidean distance from each unit-norm query ``[B, D]`` to its ``k``-th nearest
-    unit-norm bank row ``[N, D]``, searched exactly block by block.
+def top_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``min(k, N)`` largest similarities ``q.b`` of each unit-norm query ``[B, D]``
+    to the unit-norm bank rows ``[N, D]``, largest first, searched exactly block by block.
 
     The bank's blocks are cast to the queries' dtype (float16 banks are searched in
     float32 on every device).
@@ -74,16 +84,50 @@ def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> t
         block = max(k, EXPORT_BLOCK)
     else:
         block = max(k, SEARCH_ELEMENTS // max(queries.shape[0], 1))
-    best: torch.Tensor | None = None
+    best = queries.new_zeros(queries.shape[0], 0)
     for start in range(0, bank.shape[0], block):
         similarity = queries @ bank[start : start + block].to(queries.dtype).T
-        if best is not None:
-            similarity = torch.cat([best, similarity], dim=1)
+        similarity = torch.cat([best, similarity], dim=1)
         best = similarity.topk(min(k, similarity.shape[1]), dim=1).values
-    if best is None or best.shape[1] < k:
+    return best
+
+
+def _distance(similarity: torch.Tensor) -> torch.Tensor:
+    # For unit vectors ||z - b||^2 = 2 - 2 z.b.
+    return (2 - 2 * similarity).clamp_min(0).sqrt()
+
+
+def kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Euclidean distance from each unit-norm query ``[B, D]`` to its ``k``-th nearest
+    unit-norm bank row ``[N, D]``, searched exactly block by block."""
+    best = top_similarities(queries, bank, k)
+    if best.shape[1] < k:
         raise ValueError(f"the bank holds fewer than k={k} features")
     # topk is sorted, largest first: column k - 1 is the k-th nearest.
-    return (2 - 2 * best[:, k - 1]).clamp_min(0).sqrt()
+    return _distance(best[:, k - 1])
+
+
+def sharded_kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`kth_nearest_distance` of this rank's queries against the bank formed by
+    every rank's part ``bank``; every rank calls it together (with its own queries).
+
+    Each rank searches every rank's queries in its own part; the ``k`` best similarities
+    of each part are gathered and merged: the same neighbours as one search of the whole
+    bank.
+    """
+    sizes: list[int] = []
+    everyone = distributed.gather_rows(queries, sizes=sizes)
+    assert everyone is not None
+    local = top_similarities(everyone, bank, k)
+    if local.shape[1] < k:  # a part with fewer than k rows: pad with "never nearest"
+        pad = local.new_full((local.shape[0], k - local.shape[1]), float("-inf"))
+        local = torch.cat([local, pad], dim=1)
+    merged = distributed.gather_rows(local)
+    assert merged is not None
+    start = sum(sizes[: distributed.rank()])
+    mine = merged.reshape(len(sizes), everyone.shape[0], k)[:, start : start + queries.shape[0]]
+    best = mine.permute(1, 0, 2).reshape(queries.shape[0], -1).topk(k, dim=1).values
+    return _distance(best[:, k - 1])
 
 
 class KNN(Plugin):
@@ -95,6 +139,9 @@ class KNN(Plugin):
             ``None`` keeps them all.
         dtype: ``"float32"`` or ``"float16"``, the bank's storage type.
         seed: Seed of the subset; ``None`` takes the ``seed`` given to ``wrapped.fit``.
+        shard_bank: Under ``torch.distributed``, keep only this rank's part of the bank
+            (inference then searches every part, with every rank predicting together);
+            no effect in one process.
 
     Attributes:
         bank_: ``[N, D]`` the normalised features searched (a saved buffer).
@@ -105,6 +152,7 @@ class KNN(Plugin):
         "bank_size": [None, Interval(int, 1, None)],
         "dtype": [Options(str, DTYPES)],
         "seed": [None, Interval(int, 0, 2**63 - 1)],
+        "shard_bank": [bool],
     }
 
     def __init__(
@@ -113,12 +161,17 @@ class KNN(Plugin):
         bank_size: int | None = None,
         dtype: str = "float32",
         seed: int | None = None,
+        shard_bank: bool = False,
     ) -> None:
         super().__init__()
         self.k = k
         self.bank_size = bank_size
         self.dtype = dtype
         self.seed = seed
+        self.shard_bank = shard_bank
+        # Ranks whose parts form the bank (1: this rank holds all of it). Not saved: a
+        # sharded bank is gathered (unshard) before it can be.
+        self._bank_ranks = 1
         self.register_learned_buffer("bank_", (None, "num_features"), tuple(DTYPES.values()))
 
     def __wrapcal_tags__(self) -> PluginTags:
@@ -129,33 +182,44 @@ class KNN(Plugin):
         # blocks of a fixed size, so its batch size stays free).
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
+        tags.fits_from_shards = True  # each rank normalises its own rows
+        tags.collective_outputs = self._bank_ranks > 1
         return tags
 
     def fit(self, model: ModelView, data: FitData) -> KNN:
         """Store the normalised features of ``train`` (else ``calibration``)."""
         source = fit_set(data, _NAME, _WHY)
-        total = len(source)
+        total = source.total
         size = total if self.bank_size is None else min(self.bank_size, total)
         if size < self.k:
             raise DataError(
                 f"plugin {_NAME}: k={self.k} neighbours, but the bank holds {size} features "
                 f"(the {source.name!r} set has {total}); lower k or give more data"
             )
-        keep = None
+        # The subset is drawn over the whole set's row indices, so that every rank keeps
+        # its rows of the one subset a single process would keep.
+        keep = torch.ones(total, dtype=torch.bool)
         if size < total:
             seed = data.seed if self.seed is None else int(self.seed)
             generator = torch.Generator(device="cpu").manual_seed(seed)
             keep = torch.zeros(total, dtype=torch.bool)
             keep[torch.randperm(total, generator=generator)[:size]] = True
-        parts, start = [], 0
+        sharded = self.shard_bank and distributed.active()
+        if sharded and not source.sharded:  # a whole set: this rank keeps its block
+            rank, ranks = distributed.rank(), distributed.world()
+            keep[: rank * total // ranks] = False
+            keep[(rank + 1) * total // ranks :] = False
+        parts = [torch.zeros(0, model.num_features, dtype=DTYPES[self.dtype], device=model.device)]
+        start = source.offset  # the whole set's index of this rank's first row
         for features, _ in mean_feature_chunks(model, source):
             rows = features.shape[0]
-            if keep is not None:
-                features = features[keep[start : start + rows].to(features.device)]
+            features = features[keep[start : start + rows].to(features.device)]
             start += rows
             unit = normalise(features.to(compute_dtype(features.dtype)))
             parts.append(unit.to(DTYPES[self.dtype]))
-        self.bank_ = torch.cat(parts)
+        bank = torch.cat(parts)
+        self._bank_ranks = distributed.world() if sharded else 1
+        self.bank_ = bank if sharded else source.cat_over_shards(bank)
         return self
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
@@ -163,7 +227,26 @@ class KNN(Plugin):
         nearest bank feature."""
         features = context.features.mean(dim=0)
         queries = normalise(features.to(compute_dtype(features.dtype)))
-        return {_NAME: kth_nearest_distance(queries, self.bank_, self.k)}
+        if self._bank_ranks == 1:
+            return {_NAME: kth_nearest_distance(queries, self.bank_, self.k)}
+        if distributed.world() != self._bank_ranks:
+            raise DistributedError(
+                f"this knn bank is split over {self._bank_ranks} ranks (shard_bank=True) "
+                f"and this process sees {distributed.world()}: predict on every rank "
+                "together inside the process group, or call "
+                "wrapcal.distributed.unshard(wrapped) on every rank first"
+            )
+        return {_NAME: sharded_kth_nearest_distance(queries, self.bank_, self.k)}
+
+    def unshard(self) -> KNN:
+        """Gather every rank's part of the bank, in rank order, onto every rank (call on
+        every rank): the bank a single process would hold."""
+        if self._bank_ranks > 1:
+            bank = distributed.gather_rows(self.bank_)
+            assert bank is not None
+            self.bank_ = bank
+            self._bank_ranks = 1
+        return self
 
 
 @hookimpl

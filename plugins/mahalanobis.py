@@ -105,6 +105,7 @@ class Mahalanobis(Plugin):
         tags = super().__wrapcal_tags__()
         tags.stage = Stage.DETECT
         tags.fit_reads = FIT_SETS
+        tags.fits_from_shards = True  # the sums are all-reduced over the ranks
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
         return tags
@@ -116,6 +117,7 @@ class Mahalanobis(Plugin):
         moments = Moments(classes=max(model.num_classes, 2))
         for features, labels in mean_feature_chunks(model, source):
             moments.update(features, labels)
+        moments.combine_shards(source, model.num_features, model.device)
         means, _ = moments.class_means()
         center = moments.mean()
         whitening = pinv_factor(moments.within_class_covariance())

@@ -82,6 +82,7 @@ class ReAct(Plugin):
         # Acts on the features the heads read: every head and every sample sees them clipped.
         tags.stage = Stage.FEATURES
         tags.fit_reads = FIT_SETS
+        tags.fits_from_shards = True  # counts and bounds are combined over the ranks
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
         return tags
@@ -90,7 +91,9 @@ class ReAct(Plugin):
         """The clip value: the exact percentile of the training features' values."""
         source = fit_set(data, _NAME, _WHY)
         clip = chunked_quantile(
-            lambda: feature_value_chunks(model, source), float(self.percentile) / 100
+            lambda: feature_value_chunks(model, source),
+            float(self.percentile) / 100,
+            shards=source,
         )
         self.clip_ = torch.tensor(clip, dtype=torch.float64, device=model.device)
         return self

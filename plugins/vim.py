@@ -103,6 +103,7 @@ class ViM(Plugin):
         tags = super().__wrapcal_tags__()
         tags.stage = Stage.DETECT
         tags.fit_reads = FIT_SETS
+        tags.fits_from_shards = True  # the sums are all-reduced over the ranks
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
         return tags
@@ -129,6 +130,7 @@ class ViM(Plugin):
         moments = Moments(classes=1, shift=origin)
         for features, _ in mean_feature_chunks(model, source):
             moments.update(features)
+        moments.combine_shards(source, model.num_features, weight.device)
         # eigh sorts eigenvalues in ascending order: the first columns span the
         # directions the training features vary least in.
         _, vectors = torch.linalg.eigh(moments.second_moment())
@@ -138,10 +140,12 @@ class ViM(Plugin):
             features = model.features(chunk).mean(dim=0).to(torch.float64)
             residual_sum += float(((features - origin) @ basis).norm(dim=-1).sum())
             logit_sum += float(max_logit(combine_members(model.members(chunk))).double().sum())
+        sums = torch.tensor([logit_sum, residual_sum], dtype=torch.float64)
+        logit_sum, residual_sum = (float(v) for v in source.sum_over_shards(sums))
         if residual_sum <= 0:
             raise DataError(
                 f"plugin {_NAME}: the {source.name!r} features have no residual off their "
-                f"{self.dim_}-dimensional principal subspace ({len(source)} rows); give more "
+                f"{self.dim_}-dimensional principal subspace ({source.total} rows); give more "
                 "data or a smaller dim"
             )
         self.origin_ = origin

@@ -64,6 +64,19 @@ def test_two_ranks_fit_and_evaluate_like_one_process(tmp_path):
     assert single["world"] == 1 and sharded["world"] == 2
     close(sharded["models"], single["models"])
     close(sharded["report"], single["report"])
+    # Shards of 500 and 501 rows in batches of 100: the ranks ran 5 and 6 batches.
+    close(sharded["odd_report"], single["odd_report"])
+    # Only the calibration set was gathered for the model whose plugins all fit from
+    # shards; the train set stayed on its ranks (it is gathered for the chain model,
+    # whose heads train on it).
+    assert single["gathered"] == {name: [] for name in single["gathered"]}
+    assert sharded["gathered"]["sharded"] == ["calibration"]
+    assert "train" in sharded["gathered"]["chain"]
+    # The KNN bank was split across the ranks until unshard (then equal, below).
+    assert single["bank_rows"] == [1500]
+    assert sum(sharded["bank_rows"]) == 1500 and max(sharded["bank_rows"]) < 1000
+    assert single["save_before_unshard"] == "saved"
+    assert "unshard(wrapped) on every rank" in sharded["save_before_unshard"]
     a = load_file(str(tmp_path / "one" / "tensors.safetensors"))
     b = load_file(str(tmp_path / "two" / "tensors.safetensors"))
     assert a.keys() == b.keys()
@@ -82,3 +95,15 @@ def test_a_failing_rank_makes_every_rank_fail_with_its_message(tmp_path):
     assert "rank 1 failed while computing calibration features" in failed.stderr
     assert "labels must be in [0, 10)" in failed.stderr
     assert not (tmp_path / "fail" / "result.json").exists()
+
+
+@pytest.mark.slow
+@requires_shared_data
+def test_a_rank_failing_between_collectives_of_a_sharded_fit_fails_every_rank(tmp_path):
+    # Rank 1 fails after the first of two all-reduces; rank 0, waiting in the second,
+    # must hear of it there (not wait for the backend's timeout of 30 minutes).
+    failed = launch(tmp_path / "fail", 2, "fail-after-reduce-on-rank-1", timeout=300)
+    assert failed.returncode != 0
+    assert "rank 1 failed while fitting plugin" in failed.stderr
+    assert "a shard-aware fit failed after its first all-reduce" in failed.stderr
+    assert "DistributedError" in failed.stderr  # rank 0's error, naming rank 1's

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from wrapcal import distributed
 from wrapcal.data import check_labels, iter_batches, num_samples
 from wrapcal.errors import DataError
 from wrapcal.fingerprint import StreamHash
@@ -34,6 +35,9 @@ class FeatureSet:
         data: The data as the user gave it, for plugins that stream batches through
             the whole network (``None`` when fitted from features).
         input_shape: The shape of one input (``None`` when fitted from features).
+        rows_per_rank: Under ``torch.distributed``, when the set is kept sharded: how
+            many rows each rank holds (``features`` are this rank's, in rank order).
+            ``None`` when ``features`` hold the whole set.
     """
 
     name: str
@@ -41,9 +45,51 @@ class FeatureSet:
     labels: torch.Tensor | None
     data: Any = None
     input_shape: tuple[int, ...] | None = None
+    rows_per_rank: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
+        """The rows held here (this rank's shard when :attr:`sharded`)."""
         return self.features.shape[0]
+
+    # --- sharded sets (torch.distributed) ------------------------------------------------
+    # Plugins that declare ``tags.fits_from_shards`` may be handed a shard; they combine
+    # over the ranks with these, which are identities for a whole set.
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this is one rank's shard of a set split across the ranks."""
+        return self.rows_per_rank is not None
+
+    @property
+    def total(self) -> int:
+        """Rows of the whole set, over every rank."""
+        return len(self) if self.rows_per_rank is None else sum(self.rows_per_rank)
+
+    @property
+    def offset(self) -> int:
+        """Index in the whole set of this shard's first row (0 for a whole set)."""
+        return 0 if self.rows_per_rank is None else sum(self.rows_per_rank[: distributed.rank()])
+
+    def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks when the set is sharded, else itself."""
+        return distributed.all_reduce(tensor, "sum") if self.sharded else tensor
+
+    def min_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum over the ranks when the set is sharded, else itself."""
+        return distributed.all_reduce(tensor, "min") if self.sharded else tensor
+
+    def max_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over the ranks when the set is sharded, else itself."""
+        return distributed.all_reduce(tensor, "max") if self.sharded else tensor
+
+    def cat_over_shards(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` concatenated in rank order when the set is sharded,
+        else ``rows``."""
+        if not self.sharded:
+            return rows
+        gathered = distributed.gather_rows(rows)
+        assert gathered is not None
+        return gathered
 
     def batches(self, rows: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """``(features, labels)`` in chunks of ``rows``, in order: statistics accumulated

@@ -13,7 +13,7 @@ plugin sees of the model in ``attach`` and ``fit``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from types import MappingProxyType
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wrapcal import distributed
 from wrapcal.errors import DataError
 from wrapcal.plugin import Plugin
 from wrapcal.prediction import Prediction
@@ -50,6 +51,8 @@ def named_errors(name: str, call: Callable[..., Any], *args: Any) -> Any:
     """
     try:
         return call(*args)
+    except distributed.DistributedError:
+        raise  # names the rank and what it was doing: already says where
     except Exception as err:
         first = err.args[0] if err.args else None
         if isinstance(first, str) and not first.startswith("plugin "):
@@ -182,6 +185,38 @@ class Chain:
                 ]
             )
 
+    @property
+    def collective(self) -> bool:
+        """Whether inference synchronises the ranks (a plugin's ``collective_outputs``)."""
+        return any(tags.collective_outputs for _, _, tags in self.plugins)
+
+    def predict_each(
+        self,
+        batches: Iterable[torch.Tensor],
+        stand_in: Callable[[], torch.Tensor],
+        *,
+        cached: bool = True,
+    ) -> list[Prediction]:
+        """Predictions of each batch (cached features, or inputs with ``cached=False``).
+
+        When a plugin synchronises the ranks at inference, every rank runs the same
+        number of batches (:func:`wrapcal.distributed.lockstep`): a rank whose batches
+        ran out runs ``stand_in()`` and drops its result.
+        """
+
+        def run(batch: torch.Tensor) -> Prediction:
+            return self.predict(None, batch) if cached else self.predict(batch)
+
+        if not (self.collective and distributed.active()):
+            return [run(batch) for batch in batches]
+        parts = []
+        for batch in distributed.lockstep(batches):
+            if batch is None:
+                run(stand_in())
+            else:
+                parts.append(run(batch))
+        return parts
+
     def predict(self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None):
         """The whole chain: a :class:`~wrapcal.Prediction` with every plugin's outputs."""
         features = self.features(inputs, cached)
@@ -279,10 +314,10 @@ class PrefixView:
         return self._chain.cached_logits(features, batch_size)
 
     def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+        batches = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
         with torch.no_grad():
             return Prediction.cat(
-                [
-                    self._chain.predict(None, features[i : i + batch_size])
-                    for i in range(0, features.shape[0], batch_size)
-                ]
+                self._chain.predict_each(
+                    batches, lambda: features[:1].new_zeros(1, features.shape[1])
+                )
             )

@@ -5,20 +5,25 @@ the process group is initialised, ``wrapped.fit`` and ``wrapcal.evaluate`` shard
 data set across the ranks: a tensor, array or ``(X, y)`` pair and a ``Dataset`` are cut
 into contiguous blocks (rank ``r`` of ``N`` takes rows ``[r n / N, (r + 1) n / N)``); a
 ``DataLoader`` whose sampler is a ``DistributedSampler`` is taken as the user's own
-sharding. Each rank runs the backbone on its shard only. What the plugins fit from is
-then gathered, in rank order, so every rank fits the same plugins from the same
-features and ends with the same model; ``evaluate`` gathers the predictions the same
-way, so every rank holds the same report (write it from rank 0).
+sharding. Each rank runs the backbone on its shard only. A fit data set that only
+shard-aware plugins read (``tags.fits_from_shards``) stays sharded: those plugins
+combine what they need across ranks (statistics summed, a KNN bank kept per rank).
+Any other fit set is gathered, in rank order, so every rank fits the same plugins from
+the same features; ``evaluate`` gathers the predictions the same way, so every rank
+holds the same report (write it from rank 0).
 
 A rank that fails (bad data, a plugin's error) makes every rank fail with its message
 at the next synchronisation point, instead of leaving the others waiting in a
-collective until the backend's timeout.
+collective until the backend's timeout. That holds because every collective made
+while a rank may fail (inside :func:`agree`) starts with a status exchange: use the
+collectives of this module there (:func:`all_reduce`, :func:`gather_rows`,
+:func:`exchange`, :func:`lockstep`), never ``torch.distributed``'s own.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,9 +33,24 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from wrapcal.errors import WrapcalError
 
-__all__ = ["DistributedError", "active", "agree", "gather_rows", "rank", "shard", "world"]
+__all__ = [
+    "DistributedError",
+    "active",
+    "agree",
+    "all_reduce",
+    "check_whole",
+    "exchange",
+    "gather_rows",
+    "lockstep",
+    "rank",
+    "shard",
+    "unshard",
+    "world",
+]
 
 T = TypeVar("T")
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 
 
 class DistributedError(WrapcalError, RuntimeError):
@@ -83,11 +103,49 @@ def shard(data: Any) -> Any:
     return data
 
 
+# --- failure-aware synchronisation ------------------------------------------------------
+
+
+def _reported(error: BaseException) -> bool:
+    """Whether every other rank already knows of this error (so no rank waits for news)."""
+    return isinstance(error, DistributedError) or getattr(error, "_wrapcal_reported", False)
+
+
+def _statuses(status: tuple[int, str | None, str | None, Any]) -> list[Any]:
+    everyone: list[Any] = [None] * world()
+    dist.all_gather_object(everyone, status)
+    return everyone
+
+
+def _raise_for_failures(everyone: list[Any]) -> None:
+    for r, what, message, _ in everyone:
+        if message is not None:
+            raise DistributedError(f"rank {r} failed while {what}: {message}")
+
+
+def exchange(payload: Any) -> list[Any]:
+    """Every rank's ``payload`` (small, picklable), in rank order.
+
+    Raises:
+        DistributedError: Another rank failed inside :func:`agree` before reaching this
+            point; its message is passed on.
+    """
+    if not active():
+        return [payload]
+    everyone = _statuses((rank(), None, None, payload))
+    _raise_for_failures(everyone)
+    return [p for *_, p in everyone]
+
+
 def agree(step: Callable[[], T], what: str) -> T:
     """Run ``step`` on every rank; if it fails on any rank, fail on all with the message.
 
+    ``step`` may synchronise with the other ranks, through this module's collectives
+    only: each starts with a status exchange, so a rank that failed before reaching it
+    is reported there rather than waited for.
+
     Args:
-        step: This rank's work (no collective calls inside it).
+        step: This rank's work.
         what: What the step does, for the message.
 
     Raises:
@@ -96,50 +154,108 @@ def agree(step: Callable[[], T], what: str) -> T:
     """
     if not active():
         return step()
-    result: Any = None
-    error: BaseException | None = None
     try:
         result = step()
-    except Exception as err:  # reported to the other ranks, then raised here
-        error = err
-    status = (
-        rank(),
-        None if error is None else "".join(traceback.format_exception_only(error)).strip(),
-    )
-    everyone: list[Any] = [None] * world()
-    dist.all_gather_object(everyone, status)
-    if error is not None:
-        raise error
-    failed = [(r, message) for r, message in everyone if message is not None]
-    if failed:
-        r, message = failed[0]
-        raise DistributedError(f"rank {r} failed while {what}: {message}")
+    except Exception as err:
+        if _reported(err):
+            raise  # every rank already knows: nobody waits for this rank's status
+        message = "".join(traceback.format_exception_only(err)).strip()
+        _statuses((rank(), what, message, None))
+        err._wrapcal_reported = True  # type: ignore[attr-defined]
+        raise
+    _raise_for_failures(_statuses((rank(), None, None, None)))
     return result
 
 
-def gather_rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+def _comm_device(tensor: torch.Tensor) -> torch.device:
+    """Where a tensor must be for the backend (NCCL moves CUDA tensors only)."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``tensor`` combined over every rank (``"sum"``, ``"min"`` or ``"max"``), as a new
+    tensor on ``tensor``'s device (the tensor itself outside a process group)."""
+    if not active():
+        return tensor
+    exchange(None)
+    combined = tensor.detach().to(_comm_device(tensor), copy=True)
+    dist.all_reduce(combined, op=_REDUCE_OPS[op])
+    return combined.to(tensor.device)
+
+
+def gather_rows(
+    tensor: torch.Tensor | None, *, sizes: list[int] | None = None
+) -> torch.Tensor | None:
     """Every rank's rows of ``tensor``, concatenated in rank order, on every rank.
 
     The ranks may hold different numbers of rows; ``None`` (unlabelled) on any rank gives
-    ``None``.
+    ``None``. ``sizes``, when given, is filled with each rank's number of rows.
     """
     if not active():
+        if sizes is not None and tensor is not None:
+            sizes[:] = [tensor.shape[0]]
         return tensor
-    present = [None] * world()
-    dist.all_gather_object(present, tensor is not None)
-    if not all(present):
+    found = exchange(None if tensor is None else int(tensor.shape[0]))
+    if any(n is None for n in found):
         return None
     assert tensor is not None
-    device = tensor.device
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
-    rows = torch.tensor([tensor.shape[0]], device=device)
-    sizes = [torch.zeros_like(rows) for _ in range(world())]
-    dist.all_gather(sizes, rows)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    if sizes is not None:
+        sizes[:] = found
+    device = _comm_device(tensor)
+    padded = torch.zeros((max(found), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor.to(device)
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
-    whole = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
+    whole = torch.cat([p[:n] for p, n in zip(parts, found, strict=True)])
     return whole.to(tensor.device)
+
+
+def lockstep(items: Iterable[T]) -> Iterator[T | None]:
+    """This rank's ``items`` in rounds that every rank runs together.
+
+    Inference whose plugins search data held by every rank (a sharded KNN bank) makes
+    one collective call per batch, so every rank must run the same number of batches.
+    Ranks whose items ran out get ``None`` (run a small stand-in batch and drop its
+    result) until every rank's items have.
+    """
+    iterator = iter(items)
+    end = object()
+    while True:
+        item = next(iterator, end)
+        if not any(exchange(item is not end)):
+            return
+        yield None if item is end else item  # type: ignore[misc]
+
+
+def sharded_plugins(wrapped: Any) -> list[str]:
+    """Names of the plugins whose learned state is split across the ranks."""
+    return [name for name, _, tags in wrapped.chain().plugins if tags.collective_outputs]
+
+
+def check_whole(wrapped: Any, action: str) -> None:
+    """Refuse ``action`` (save, export) on a model with sharded plugins, naming the fix.
+
+    Raises:
+        DistributedError: A plugin holds only this rank's part of its state.
+    """
+    names = sharded_plugins(wrapped)
+    if names:
+        raise DistributedError(
+            f"cannot {action} this model: plugin {', '.join(names)} holds only rank "
+            f"{rank()}'s part of its state (fitted with shard_bank=True under "
+            "torch.distributed); call wrapcal.distributed.unshard(wrapped) on every rank "
+            f"first, then {action} from rank 0"
+        )
+
+
+def unshard(wrapped: Any) -> Any:
+    """Gather every rank's part of plugins whose learned state is sharded (a KNN bank
+    fitted with ``shard_bank=True``), so each rank holds the whole model: needed before
+    ``save`` or ``export``, or inference outside the process group. Call it on every
+    rank. Returns ``wrapped``."""
+    for _, plugin, tags in wrapped.chain().plugins:
+        if tags.collective_outputs:
+            plugin.unshard()
+    return wrapped

@@ -101,7 +101,7 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
         out = {}
         for name in sorted(used, key=list(given).index):
             local = distributed.agree(lambda n=name: extract(n), f"computing {name} features")
-            out[name] = _gathered(local)
+            out[name] = _kept_sharded(local) if _shardable(wrapped, name) else _gathered(local)
         return out
 
     data = FitData(extract_all(), dict(options))
@@ -109,6 +109,27 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
         wrapped.input_shape = feature_set.input_shape
     _warn_on_missing_classes(data, wrapped.num_classes_out)
     return _fit_plugins(wrapped, data, extract_all)
+
+
+def _shardable(wrapped: Any, name: str) -> bool:
+    """Whether the fit set ``name`` may stay sharded: under torch.distributed, when
+    every plugin that reads it combines across ranks itself."""
+    if not distributed.active():
+        return False
+    readers = [
+        get_tags(p)
+        for p in wrapped.plugins
+        if name in get_tags(p).fit_reads or name in get_tags(p).fit_requires
+    ]
+    return all(tags.fits_from_shards for tags in readers)
+
+
+def _kept_sharded(local: FeatureSet) -> FeatureSet:
+    """This rank's rows, marked with every rank's row count (nothing gathered)."""
+    counts = distributed.exchange(len(local))
+    return FeatureSet(
+        local.name, local.features, local.labels, local.data, local.input_shape, tuple(counts)
+    )
 
 
 def _gathered(local: FeatureSet) -> FeatureSet:
@@ -130,14 +151,15 @@ def _warn_on_missing_classes(data: FitData, classes: int) -> None:
     label mapping error (another class order, a subset of folders): say so loudly."""
     for feature_set in data.sets.values():
         labels = feature_set.labels
-        if labels is None or len(labels) < 10 * classes:
+        if labels is None or feature_set.total < 10 * classes:
             continue
-        present = int(torch.unique(labels).numel())
+        counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=classes)[:classes]
+        present = int((feature_set.sum_over_shards(counts) > 0).sum())
         if present < classes:
             warnings.warn(
                 f"the {feature_set.name!r} labels cover {present} of the model's {classes} "
-                f"classes in {len(labels)} samples: calibration and retraining learn nothing "
-                "about the others. Check that the labels index the model's classes in its "
+                f"classes in {feature_set.total} samples: calibration and retraining learn "
+                "nothing about the others. Check that the labels index the model's classes in its "
                 "order (an ImageFolder maps folders in alphabetical order)",
                 UserWarning,
                 stacklevel=4,
@@ -188,7 +210,13 @@ def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
         if get_tags(plugin).changes_backbone:
             data.sets = recompute()
     calibration = data.calibration
-    if calibration is not None and len(calibration):
-        prediction = wrapped.view(len(wrapped.plugins)).predict_features(calibration.features)
-        wrapped.operating_points = measure_operating_points(prediction, calibration.labels)
+    if calibration is not None and calibration.total:
+        calibration = _gathered(calibration) if calibration.sharded else calibration
+
+        def measure() -> Any:
+            view = wrapped.view(len(wrapped.plugins))
+            prediction = view.predict_features(calibration.features)
+            return measure_operating_points(prediction, calibration.labels)
+
+        wrapped.operating_points = distributed.agree(measure, "measuring operating points")
     return wrapped

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from wrapcal import manager
+from wrapcal import distributed, manager
 from wrapcal.errors import SavedFileError
 from wrapcal.operating_points import is_operating_points
 from wrapcal.registry import describe_model
@@ -125,6 +125,7 @@ def save(wrapped: Any, path: str | os.PathLike) -> Path:
         SavedFileError: A plugin without a registered name, or parameters or learned
             values that are not JSON.
     """
+    distributed.check_whole(wrapped, "save")
     path = Path(path)
     config = _config(wrapped)
     tensors = {k: v.detach().cpu().contiguous() for k, v in wrapped.state_dict().items()}

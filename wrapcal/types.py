@@ -81,6 +81,13 @@ class PluginTags:
         exportable: Inference is plain tensor operations that ``torch.export`` / ONNX
             can trace.
         outputs: The per-sample outputs the plugin adds, by name, with their kind.
+        fits_from_shards: Under ``torch.distributed``, ``fit`` can take a data set
+            as this rank's shard (``FeatureSet.sharded``) and combine what it needs
+            across ranks itself (``FeatureSet.sum_over_shards`` ...). A fit set that
+            only such plugins read is never gathered (docs/scale.md).
+        collective_outputs: Inference synchronises the ranks (a KNN bank searched per
+            shard): every rank must predict together, and the model cannot be saved or
+            exported before ``wrapcal.distributed.unshard``.
     """
 
     stage: Stage = Stage.CALIBRATE
@@ -95,6 +102,8 @@ class PluginTags:
     streams_data: bool = False
     exportable: bool = False
     outputs: dict[str, OutputKind] = field(default_factory=dict)
+    fits_from_shards: bool = False
+    collective_outputs: bool = False
 
 
 @dataclass(frozen=True)

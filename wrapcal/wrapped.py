@@ -8,7 +8,7 @@ load) in :mod:`wrapcal.assemble`, files in :mod:`wrapcal.persistence`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,12 @@ class WrappedModel(nn.Module):
             x = x.to(device=param.device, dtype=param.dtype)
         return x
 
+    def _stand_in(self) -> torch.Tensor:
+        """One input of zeros, for the padding rounds of a collective predict."""
+        if self.input_shape is None:
+            raise DataError("the model's input shape is unknown: fit it from data first")
+        return self._prepare(torch.zeros(1, *self.input_shape))
+
     def members(self, x: torch.Tensor) -> torch.Tensor:
         """Member logits ``[M, B, K]`` of a batch (``M = 1`` without heads or samplers)."""
         self.check_is_fitted()
@@ -187,15 +193,18 @@ class WrappedModel(nn.Module):
         self.check_is_fitted()
         chain = self.chain()
         with in_mode(self, False), torch.no_grad():
-            if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size:
+            if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
                 return chain.predict(self._prepare(x))
-            parts = []
             with tqdm(
                 total=num_samples(x), desc="predict", unit="img", disable=not progress
             ) as bar:
-                for xb, _ in iter_batches(x, batch_size):
-                    parts.append(chain.predict(self._prepare(xb)))
-                    bar.update(xb.shape[0])
+
+                def batches() -> Iterator[torch.Tensor]:
+                    for xb, _ in iter_batches(x, batch_size):
+                        yield self._prepare(xb)
+                        bar.update(xb.shape[0])
+
+                parts = chain.predict_each(batches(), self._stand_in, cached=False)
             if not parts:
                 raise DataError("no inputs to predict: the data is empty")
             return Prediction.cat(parts)

@@ -1,8 +1,14 @@
 """Fit and evaluate every built-in plugin on the shared ResNet-20, in one process or
 under ``torchrun`` (run by ``tests/test_distributed.py``), and write what was learned.
 
-Usage: ``python run.py OUT [fail-on-rank-1]``. Under torchrun every rank fits from its
-shard of each data set; rank 0 writes ``OUT/result.json`` and ``OUT/tensors.safetensors``.
+Usage: ``python run.py OUT [fail-on-rank-1 | fail-after-reduce-on-rank-1]``. Under
+torchrun every rank fits from its shard of each data set; rank 0 writes
+``OUT/result.json`` and ``OUT/tensors.safetensors``.
+
+The ``sharded`` model's plugins all fit from shards, so its train set is never gathered
+(the names of the sets gathered are recorded), and its KNN bank stays split across the
+ranks until ``unshard``; it is also evaluated on a test set whose shards run unequal
+numbers of batches.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import wrapcal_plugins._feature_stats as feature_stats
 from shared_data import cifar10, mnist_ood, pretrained_resnet20
 
 import wrapcal
-from wrapcal import distributed
+from wrapcal import distributed, fitting
+from wrapcal.errors import DataError
 
 BATCH = 250  # divides every shard: the same batches in one process and in two
 
@@ -39,12 +47,55 @@ MODELS = {
         "conformal",
         "abstain",
     ],
+    "sharded": [
+        "react",
+        ("knn", {"k": 10, "bank_size": 1500, "shard_bank": True}),
+        ("mahalanobis", {"relative": True}),
+        "vim",
+        "temperature",
+        "conformal",
+    ],
 }
+# ReAct's exact percentile narrows the range by histograms until this many values are
+# left: small here so that the histogram passes run (and are combined over ranks).
+feature_stats.GATHER_VALUES = 4096
+
+
+class FailsAfterReduce(wrapcal.Plugin):
+    """Fits from shards; on rank 1 it fails between two all-reduces."""
+
+    def __wrapcal_tags__(self) -> wrapcal.PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = wrapcal.Stage.DETECT
+        tags.fit_reads = ("train",)
+        tags.fits_from_shards = True
+        return tags
+
+    def fit(self, model, data) -> FailsAfterReduce:
+        data.train.sum_over_shards(torch.ones(1))
+        if distributed.rank() == 1:
+            raise DataError("a shard-aware fit failed after its first all-reduce")
+        data.train.sum_over_shards(torch.ones(1))  # rank 0 must hear of it here
+        return self
+
+
+def record_gathers() -> list[str]:
+    """Names of the fit sets gathered across ranks, in order, from now on."""
+    names: list[str] = []
+    gathered = fitting._gathered
+
+    def spy(local):
+        if distributed.active():
+            names.append(local.name)
+        return gathered(local)
+
+    fitting._gathered = spy
+    return names
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    fail = len(sys.argv) > 2
+    fail = sys.argv[2] if len(sys.argv) > 2 else ""
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -60,7 +111,11 @@ def main() -> None:
         "calibration": (images[:1000], labels[:1000]),
         "unlabeled": torch.cat([images[1000:1500], mnist_ood(500)]),
     }
-    if fail and distributed.rank() == 1:
+    if fail == "fail-after-reduce-on-rank-1":
+        wrapped = wrapcal.wrap(pretrained_resnet20(), [FailsAfterReduce()])
+        wrapped.fit(train=data["train"], batch_size=BATCH, progress=False)
+        return
+    if fail == "fail-on-rank-1" and distributed.rank() == 1:
         data["calibration"] = (images[:1000], labels[:1000] + 100)  # out of range: a data error
     calibrators = [
         name
@@ -70,7 +125,8 @@ def main() -> None:
         and name not in ("auto_calibration",)
     ]
     models = {**MODELS, "calibrators": sorted(calibrators)}
-    result: dict = {"world": distributed.world(), "models": {}}
+    gathered_function = fitting._gathered
+    result: dict = {"world": distributed.world(), "models": {}, "gathered": {}}
     tensors: dict = {}
     wrapped_models = {}
     for name, plugins in models.items():
@@ -78,18 +134,37 @@ def main() -> None:
             warnings.simplefilter("ignore")
             wrapped = wrapcal.wrap(pretrained_resnet20(), plugins)
             reads, _ = wrapcal.fitting.read_sets(wrapped)
+            gathered = record_gathers()
             wrapped.fit(
                 **{k: v for k, v in data.items() if k in reads},
                 batch_size=BATCH,
                 progress=False,
             )
+        fitting._gathered = gathered_function
+        result["gathered"][name] = gathered
         wrapped_models[name] = wrapped
         result["models"][name] = {
             "plugins": wrapped.plugin_names,
             "states": [p.get_state() for p in wrapped.plugins],
             "operating_points": wrapped.operating_points,
         }
-        tensors[name] = {k: v.detach().cpu() for k, v in wrapped.state_dict().items()}
+    knn = wrapped_models["sharded"].get_plugin("knn")
+    result["bank_rows"] = distributed.exchange(int(knn.bank_.shape[0]))
+    # Unequal shards (500 and 501 rows, batches of 100: 5 and 6 batches per rank).
+    odd = wrapcal.evaluate(
+        {"sharded": wrapped_models["sharded"]},
+        test=(images[2000:3001], labels[2000:3001]),
+        ood={"mnist": mnist_ood(1001)},
+        batch_size=100,
+        bootstrap=0,
+        progress=False,
+    )
+    result["odd_report"] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
+    try:
+        wrapped_models["sharded"].save(out / "refused.wrapcal")
+        result["save_before_unshard"] = "saved"
+    except distributed.DistributedError as err:
+        result["save_before_unshard"] = str(err)
     report = wrapcal.evaluate(
         {"baseline": pretrained_resnet20(), **wrapped_models},
         test=(images[2000:3000], labels[2000:3000]),
@@ -99,6 +174,9 @@ def main() -> None:
         progress=False,
     )
     result["report"] = {k: report.to_dict()[k] for k in ("calibration", "ood", "plugin_metrics")}
+    distributed.unshard(wrapped_models["sharded"])
+    for name, wrapped in wrapped_models.items():
+        tensors[name] = {k: v.detach().cpu() for k, v in wrapped.state_dict().items()}
     if distributed.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, default=float))

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from wrapcal import distributed
 from wrapcal.errors import WrapcalError
 from wrapcal.plugin import Plugin, get_tags
 
@@ -83,6 +84,7 @@ def check_exportable(wrapped: Any) -> None:
         NotFittedError: A plugin still needs ``fit``.
     """
     wrapped.check_is_fitted()
+    distributed.check_whole(wrapped, "export")
     reasons = [
         _reason(name, plugin)
         for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True)

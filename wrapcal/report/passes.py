@@ -104,10 +104,18 @@ def run_model(
     warned: set[str] = set()
     bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
     start = time.perf_counter()
+    batches: Any = iter_batches(data, batch_size)
+    if wrapped and model.chain().collective and distributed.active():
+        # Its inference synchronises the ranks: every rank runs as many batches.
+        batches = distributed.lockstep(batches)
     try:
         with preserved_modes(model), torch.no_grad():
             model.eval()
-            for x, y in iter_batches(data, batch_size):
+            for batch in batches:
+                if batch is None:
+                    model.predict(model._stand_in())  # a padding round; dropped
+                    continue
+                x, y = batch
                 if wrapped:
                     # One predict call per batch: the labels stay with their inputs.
                     pred = model.predict(x, batch_size=max(1, x.shape[0]))
