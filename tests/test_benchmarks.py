@@ -82,3 +82,19 @@ def test_bench_discrepancy_fast(capsys: pytest.CaptureFixture) -> None:
     main = bench("bench_discrepancy").main
     assert main(["--train", "256", "--unlabeled", "128", "--eval", "1000", "--epochs", "3"]) == 0
     assert "[ok] auroc: wrapcal vs the user loop" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_sharded_fit_agrees_across_one_process_and_two_ranks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # Three launches (one process, two gloo ranks gathered, two sharded) on tiny sizes:
+    # the script exits 1 unless they fitted the same state.
+    monkeypatch.setattr(sys, "argv", ["bench_sharded_fit.py", "--rows", "6000", "--width", "32"])
+    with pytest.raises(SystemExit) as done:
+        bench("bench_sharded_fit").main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0, out
+    assert "fitted state: the same in every run" in out
+    # The sharded run split the bank over its two ranks; the others hold every row.
+    assert " 3,000" in out and " 6,000" in out
