@@ -2,7 +2,8 @@
 
 The work is ``tests/distributed/run.py``: fit every built-in plugin on the shared
 ResNet-20 (2000 train, 1000 calibration, 1000 unlabelled images) and evaluate on 1000
-test and 500 MNIST images. One process with two intra-op threads against two gloo
+test and 500 MNIST images; and the shard-aware ``sharded`` model, also evaluated on
+1001 test and 1001 MNIST images. One process with two intra-op threads against two gloo
 ranks with one thread each, on the same 2 cores. Needs ../shared/data.
 """
 
