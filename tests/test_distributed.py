@@ -66,6 +66,7 @@ def test_two_ranks_fit_and_evaluate_like_one_process(tmp_path):
     close(sharded["report"], single["report"])
     # Shards of 500 and 501 rows in batches of 100: the ranks ran 5 and 6 batches.
     close(sharded["odd_report"], single["odd_report"])
+    close(sharded["odd_report_uncached"], single["odd_report_uncached"])
     # Only the calibration set was gathered for the model whose plugins all fit from
     # shards; the train set stayed on its ranks (it is gathered for the chain model,
     # whose heads train on it).

@@ -160,6 +160,17 @@ def main() -> None:
         progress=False,
     )
     result["odd_report"] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
+    # The same through the model's own predict, batch by batch (no feature cache).
+    odd = wrapcal.evaluate(
+        {"sharded": wrapped_models["sharded"]},
+        test=(images[2000:3001], labels[2000:3001]),
+        ood={"mnist": mnist_ood(1001)},
+        batch_size=100,
+        bootstrap=0,
+        progress=False,
+        cache=False,
+    )
+    result["odd_report_uncached"] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
     try:
         wrapped_models["sharded"].save(out / "refused.wrapcal")
         result["save_before_unshard"] = "saved"
