@@ -209,7 +209,7 @@ class KNN(Plugin):
             rank, ranks = distributed.rank(), distributed.world()
             keep[: rank * total // ranks] = False
             keep[(rank + 1) * total // ranks :] = False
-        parts = [torch.zeros(0, model.num_features, dtype=DTYPES[self.dtype], device=model.device)]
+        parts = []
         start = source.offset  # the whole set's index of this rank's first row
         for features, _ in mean_feature_chunks(model, source):
             rows = features.shape[0]
@@ -217,7 +217,8 @@ class KNN(Plugin):
             start += rows
             unit = normalise(features.to(compute_dtype(features.dtype)))
             parts.append(unit.to(DTYPES[self.dtype]))
-        bank = torch.cat(parts)
+        empty = torch.zeros(0, model.num_features, dtype=DTYPES[self.dtype], device=model.device)
+        bank = torch.cat(parts) if parts else empty
         self._bank_ranks = distributed.world() if sharded else 1
         self.bank_ = bank if sharded else source.cat_over_shards(bank)
         return self
@@ -242,6 +243,12 @@ class KNN(Plugin):
         """Gather every rank's part of the bank, in rank order, onto every rank (call on
         every rank): the bank a single process would hold."""
         if self._bank_ranks > 1:
+            if distributed.world() != self._bank_ranks:
+                raise DistributedError(
+                    f"this knn bank is split over {self._bank_ranks} ranks and this process "
+                    f"sees {distributed.world()}: unshard inside the process group it was "
+                    "fitted in, on every rank"
+                )
             bank = distributed.gather_rows(self.bank_)
             assert bank is not None
             self.bank_ = bank

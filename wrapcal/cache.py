@@ -112,7 +112,7 @@ class FeatureSet:
                 f"plugin {plugin} needs labels for the {self.name!r} data; pass (X, y) "
                 "or a loader that yields (x, y) batches"
             )
-        present = int(torch.unique(self.labels).numel())
+        present = self._classes_present()
         if present < min_classes:
             raise DataError(
                 f"plugin {plugin}: the {self.name!r} labels hold {present} class"
@@ -120,6 +120,18 @@ class FeatureSet:
                 "class learns nothing about the others): pass data with every class"
             )
         return self.labels
+
+    def _classes_present(self) -> int:
+        """Distinct labels in the whole set (over every rank's shard when sharded: data
+        sorted by class gives shards of one class each)."""
+        assert self.labels is not None
+        if not self.sharded:
+            return int(torch.unique(self.labels).numel())
+        labels = self.labels.reshape(-1).long().cpu()
+        top = torch.tensor([int(labels.max()) if len(labels) else -1], dtype=torch.float64)
+        classes = int(self.max_over_shards(top)) + 1
+        counts = torch.bincount(labels, minlength=classes)[:classes].to(torch.float64)
+        return int((self.sum_over_shards(counts) > 0).sum())
 
 
 @dataclass
@@ -161,7 +173,7 @@ class FitData:
     def require(self, name: str, plugin: str, why: str = "") -> FeatureSet:
         """The named set, or an error that says which ``fit`` argument is missing."""
         found = self.sets.get(name)
-        if found is None or len(found) == 0:
+        if found is None or found.total == 0:
             given = ", ".join(sorted(self.sets)) or "none"
             raise DataError(
                 f"plugin {plugin} needs wrapped.fit({name}=...){': ' + why if why else ''}; "
@@ -174,7 +186,7 @@ class FitData:
         ``calibration``, say), or an error naming them all."""
         for name in names:
             found = self.sets.get(name)
-            if found is not None and len(found):
+            if found is not None and found.total:
                 return found
         wanted = " or ".join(f"{n}=..." for n in names)
         given = ", ".join(sorted(self.sets)) or "none"

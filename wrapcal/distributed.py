@@ -108,7 +108,7 @@ def shard(data: Any) -> Any:
 
 def _reported(error: BaseException) -> bool:
     """Whether every other rank already knows of this error (so no rank waits for news)."""
-    return isinstance(error, DistributedError) or getattr(error, "_wrapcal_reported", False)
+    return getattr(error, "_wrapcal_reported", False)
 
 
 def _statuses(status: tuple[int, str | None, str | None, Any]) -> list[Any]:
@@ -120,7 +120,9 @@ def _statuses(status: tuple[int, str | None, str | None, Any]) -> list[Any]:
 def _raise_for_failures(everyone: list[Any]) -> None:
     for r, what, message, _ in everyone:
         if message is not None:
-            raise DistributedError(f"rank {r} failed while {what}: {message}")
+            error = DistributedError(f"rank {r} failed while {what}: {message}")
+            error._wrapcal_reported = True  # type: ignore[attr-defined]  # news to no rank
+            raise error
 
 
 def exchange(payload: Any) -> list[Any]:
@@ -179,8 +181,8 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     tensor on ``tensor``'s device (the tensor itself outside a process group)."""
     if not active():
         return tensor
+    combined = tensor.detach().to(_comm_device(tensor), copy=True)  # before: it may fail
     exchange(None)
-    combined = tensor.detach().to(_comm_device(tensor), copy=True)
     dist.all_reduce(combined, op=_REDUCE_OPS[op])
     return combined.to(tensor.device)
 
@@ -207,6 +209,7 @@ def gather_rows(
     padded = torch.zeros((max(found), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor.to(device)
     parts = [torch.empty_like(padded) for _ in range(world())]
+    exchange(None)  # every rank allocated: a rank that could not has said so
     dist.all_gather(parts, padded)
     whole = torch.cat([p[:n] for p, n in zip(parts, found, strict=True)])
     return whole.to(tensor.device)

@@ -101,7 +101,10 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
         out = {}
         for name in sorted(used, key=list(given).index):
             local = distributed.agree(lambda n=name: extract(n), f"computing {name} features")
-            out[name] = _kept_sharded(local) if _shardable(wrapped, name) else _gathered(local)
+            combine = _kept_sharded if _shardable(wrapped, name) else _gathered
+            out[name] = distributed.agree(
+                lambda c=combine, s=local: c(s), f"gathering {name} features"
+            )
         return out
 
     data = FitData(extract_all(), dict(options))
@@ -211,12 +214,12 @@ def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
             data.sets = recompute()
     calibration = data.calibration
     if calibration is not None and calibration.total:
-        calibration = _gathered(calibration) if calibration.sharded else calibration
 
         def measure() -> Any:
+            whole = _gathered(calibration) if calibration.sharded else calibration
             view = wrapped.view(len(wrapped.plugins))
-            prediction = view.predict_features(calibration.features)
-            return measure_operating_points(prediction, calibration.labels)
+            prediction = view.predict_features(whole.features)
+            return measure_operating_points(prediction, whole.labels)
 
         wrapped.operating_points = distributed.agree(measure, "measuring operating points")
     return wrapped

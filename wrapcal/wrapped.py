@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wrapcal import fitting, saving
+from wrapcal import distributed, fitting, saving
 from wrapcal.chain import CACHED_BATCH, Chain, PrefixView, named_errors
 from wrapcal.data import check_inputs, iter_batches, num_samples
 from wrapcal.disk_cache import DiskCache
@@ -151,7 +151,8 @@ class WrappedModel(nn.Module):
         return x
 
     def _stand_in(self) -> torch.Tensor:
-        """One input of zeros, for the padding rounds of a collective predict."""
+        """One input of zeros, for the padding rounds of a collective predict on a rank
+        that had no inputs of its own to copy the shape of."""
         if self.input_shape is None:
             raise DataError("the model's input shape is unknown: fit it from data first")
         return self._prepare(torch.zeros(1, *self.input_shape))
@@ -195,18 +196,30 @@ class WrappedModel(nn.Module):
         with in_mode(self, False), torch.no_grad():
             if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
                 return chain.predict(self._prepare(x))
-            with tqdm(
-                total=num_samples(x), desc="predict", unit="img", disable=not progress
-            ) as bar:
+            first: list[torch.Tensor] = []  # one input, the shape of a padding round's
 
-                def batches() -> Iterator[torch.Tensor]:
-                    for xb, _ in iter_batches(x, batch_size):
-                        yield self._prepare(xb)
-                        bar.update(xb.shape[0])
+            def batches(bar: Any) -> Iterator[torch.Tensor]:
+                for xb, _ in iter_batches(x, batch_size):
+                    xb = self._prepare(xb)
+                    first[:] = first or [xb[:1]]
+                    yield xb
+                    bar.update(xb.shape[0])
 
-                parts = chain.predict_each(batches(), self._stand_in, cached=False)
-            if not parts:
-                raise DataError("no inputs to predict: the data is empty")
+            def stand_in() -> torch.Tensor:
+                return torch.zeros_like(first[0]) if first else self._stand_in()
+
+            def run() -> list[Prediction]:
+                with tqdm(
+                    total=num_samples(x), desc="predict", unit="img", disable=not progress
+                ) as bar:
+                    parts = chain.predict_each(batches(bar), stand_in, cached=False)
+                if not parts:
+                    raise DataError("no inputs to predict: the data is empty")
+                return parts
+
+            # Collective inference: a rank that fails tells the others instead of
+            # leaving them waiting in the next round.
+            parts = distributed.agree(run, "predicting") if chain.collective else run()
             return Prediction.cat(parts)
 
     def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):

@@ -148,6 +148,16 @@ def main() -> None:
             "states": [p.get_state() for p in wrapped.plugins],
             "operating_points": wrapped.operating_points,
         }
+    # Two classes sorted by class: each rank's contiguous shard holds one of them (a
+    # fit that counted classes per shard would refuse it).
+    two = torch.nonzero(train_y[:2000] < 2).squeeze(1)
+    two = two[torch.argsort(train_y[two], stable=True)]
+    on_sorted = wrapcal.wrap(pretrained_resnet20(), ["mahalanobis"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "labels cover 2 of 10 classes"
+        on_sorted.fit(train=(train_x[two], train_y[two]), batch_size=BATCH, progress=False)
+    result["models"]["sorted"] = {"states": [p.get_state() for p in on_sorted.plugins]}
+    tensors["sorted"] = {k: v.detach().cpu() for k, v in on_sorted.state_dict().items()}
     knn = wrapped_models["sharded"].get_plugin("knn")
     result["bank_rows"] = distributed.exchange(int(knn.bank_.shape[0]))
     # Unequal shards (500 and 501 rows, batches of 100: 5 and 6 batches per rank).
