@@ -268,8 +268,9 @@ def chunked_quantile(
         low, high = min(low, float(values.min())), max(high, float(values.max()))
     if shards is not None and shards.sharded:
         n = int(shards.sum_over_shards(torch.tensor([n], dtype=torch.float64)))
-        low = float(shards.min_over_shards(torch.tensor([low], dtype=torch.float64)))
-        high = float(shards.max_over_shards(torch.tensor([high], dtype=torch.float64)))
+        # max(high) = -min(-high): both bounds in one collective.
+        bounds = shards.min_over_shards(torch.tensor([low, -high], dtype=torch.float64))
+        low, high = float(bounds[0]), -float(bounds[1])
     if n == 0:
         raise DataError("no feature values to take a percentile of")
     position = (n - 1) * q
@@ -324,11 +325,12 @@ def _select(
             maxs.scatter_reduce_(0, index, v, "amax")
         if counts is None:  # this rank's shard is empty
             counts = torch.zeros(bins, dtype=torch.float64)
-            mins, maxs = torch.full((bins,), float("inf")), torch.full((bins,), -float("inf"))
-            mins, maxs = mins.double(), maxs.double()
+            mins = torch.full((bins,), float("inf"), dtype=torch.float64)
+            maxs = -mins
         if sharded:
             counts = shards.sum_over_shards(counts)
-            mins, maxs = shards.min_over_shards(mins), shards.max_over_shards(maxs)
+            bounds = shards.min_over_shards(torch.cat([mins, -maxs]))
+            mins, maxs = bounds[:bins], -bounds[bins:]
         counts, mins, maxs = counts.cpu(), mins.cpu(), maxs.cpu()
         cumulative = below + torch.cumsum(counts, 0)
         target = torch.tensor(float(rank), dtype=torch.float64)

@@ -198,7 +198,7 @@ class KNN(Plugin):
             )
         # The subset is drawn over the whole set's row indices, so that every rank keeps
         # its rows of the one subset a single process would keep.
-        keep = torch.ones(total, dtype=torch.bool)
+        keep = None  # every row
         if size < total:
             seed = data.seed if self.seed is None else int(self.seed)
             generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -207,13 +207,15 @@ class KNN(Plugin):
         sharded = self.shard_bank and distributed.active()
         if sharded and not source.sharded:  # a whole set: this rank keeps its block
             rank, ranks = distributed.rank(), distributed.world()
+            keep = torch.ones(total, dtype=torch.bool) if keep is None else keep
             keep[: rank * total // ranks] = False
             keep[(rank + 1) * total // ranks :] = False
         parts = []
         start = source.offset  # the whole set's index of this rank's first row
         for features, _ in mean_feature_chunks(model, source):
             rows = features.shape[0]
-            features = features[keep[start : start + rows].to(features.device)]
+            if keep is not None:
+                features = features[keep[start : start + rows].to(features.device)]
             start += rows
             unit = normalise(features.to(compute_dtype(features.dtype)))
             parts.append(unit.to(DTYPES[self.dtype]))
@@ -230,25 +232,25 @@ class KNN(Plugin):
         queries = normalise(features.to(compute_dtype(features.dtype)))
         if self._bank_ranks == 1:
             return {_NAME: kth_nearest_distance(queries, self.bank_, self.k)}
+        self._check_ranks(
+            "predict on every rank together inside the process group, or call "
+            "wrapcal.distributed.unshard(wrapped) on every rank first"
+        )
+        return {_NAME: sharded_kth_nearest_distance(queries, self.bank_, self.k)}
+
+    def _check_ranks(self, fix: str) -> None:
+        """Refuse a sharded bank outside the process group it was fitted in."""
         if distributed.world() != self._bank_ranks:
             raise DistributedError(
                 f"this knn bank is split over {self._bank_ranks} ranks (shard_bank=True) "
-                f"and this process sees {distributed.world()}: predict on every rank "
-                "together inside the process group, or call "
-                "wrapcal.distributed.unshard(wrapped) on every rank first"
+                f"and this process sees {distributed.world()}: {fix}"
             )
-        return {_NAME: sharded_kth_nearest_distance(queries, self.bank_, self.k)}
 
     def unshard(self) -> KNN:
         """Gather every rank's part of the bank, in rank order, onto every rank (call on
         every rank): the bank a single process would hold."""
         if self._bank_ranks > 1:
-            if distributed.world() != self._bank_ranks:
-                raise DistributedError(
-                    f"this knn bank is split over {self._bank_ranks} ranks and this process "
-                    f"sees {distributed.world()}: unshard inside the process group it was "
-                    "fitted in, on every rank"
-                )
+            self._check_ranks("unshard inside the process group it was fitted in, on every rank")
             bank = distributed.gather_rows(self.bank_)
             assert bank is not None
             self.bank_ = bank

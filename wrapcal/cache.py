@@ -112,7 +112,7 @@ class FeatureSet:
                 f"plugin {plugin} needs labels for the {self.name!r} data; pass (X, y) "
                 "or a loader that yields (x, y) batches"
             )
-        present = self._classes_present()
+        present = self.classes_present()
         if present < min_classes:
             raise DataError(
                 f"plugin {plugin}: the {self.name!r} labels hold {present} class"
@@ -121,10 +121,11 @@ class FeatureSet:
             )
         return self.labels
 
-    def _classes_present(self) -> int:
+    def classes_present(self) -> int:
         """Distinct labels in the whole set (over every rank's shard when sharded: data
-        sorted by class gives shards of one class each)."""
-        assert self.labels is not None
+        sorted by class gives shards of one class each); 0 for unlabelled data."""
+        if self.labels is None:
+            return 0
         if not self.sharded:
             return int(torch.unique(self.labels).numel())
         labels = self.labels.reshape(-1).long().cpu()

@@ -156,8 +156,7 @@ def _warn_on_missing_classes(data: FitData, classes: int) -> None:
         labels = feature_set.labels
         if labels is None or feature_set.total < 10 * classes:
             continue
-        counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=classes)[:classes]
-        present = int((feature_set.sum_over_shards(counts) > 0).sum())
+        present = feature_set.classes_present()
         if present < classes:
             warnings.warn(
                 f"the {feature_set.name!r} labels cover {present} of the model's {classes} "

@@ -150,9 +150,11 @@ class WrappedModel(nn.Module):
             x = x.to(device=param.device, dtype=param.dtype)
         return x
 
-    def _stand_in(self) -> torch.Tensor:
-        """One input of zeros, for the padding rounds of a collective predict on a rank
-        that had no inputs of its own to copy the shape of."""
+    def _stand_in(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """One input of zeros for a padding round of a collective predict: shaped like
+        ``like`` (one of this rank's inputs), else like the inputs ``fit`` saw."""
+        if like is not None:
+            return torch.zeros_like(like[:1])
         if self.input_shape is None:
             raise DataError("the model's input shape is unknown: fit it from data first")
         return self._prepare(torch.zeros(1, *self.input_shape))
@@ -196,17 +198,16 @@ class WrappedModel(nn.Module):
         with in_mode(self, False), torch.no_grad():
             if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
                 return chain.predict(self._prepare(x))
-            first: list[torch.Tensor] = []  # one input, the shape of a padding round's
+            last: list[torch.Tensor] = []  # this rank's latest batch, to shape padding
 
             def batches(bar: Any) -> Iterator[torch.Tensor]:
                 for xb, _ in iter_batches(x, batch_size):
-                    xb = self._prepare(xb)
-                    first[:] = first or [xb[:1]]
-                    yield xb
+                    last[:] = [self._prepare(xb)]
+                    yield last[0]
                     bar.update(xb.shape[0])
 
             def stand_in() -> torch.Tensor:
-                return torch.zeros_like(first[0]) if first else self._stand_in()
+                return self._stand_in(last[0] if last else None)
 
             def run() -> list[Prediction]:
                 with tqdm(

@@ -160,27 +160,19 @@ def main() -> None:
     tensors["sorted"] = {k: v.detach().cpu() for k, v in on_sorted.state_dict().items()}
     knn = wrapped_models["sharded"].get_plugin("knn")
     result["bank_rows"] = distributed.exchange(int(knn.bank_.shape[0]))
-    # Unequal shards (500 and 501 rows, batches of 100: 5 and 6 batches per rank).
-    odd = wrapcal.evaluate(
-        {"sharded": wrapped_models["sharded"]},
-        test=(images[2000:3001], labels[2000:3001]),
-        ood={"mnist": mnist_ood(1001)},
-        batch_size=100,
-        bootstrap=0,
-        progress=False,
-    )
-    result["odd_report"] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
-    # The same through the model's own predict, batch by batch (no feature cache).
-    odd = wrapcal.evaluate(
-        {"sharded": wrapped_models["sharded"]},
-        test=(images[2000:3001], labels[2000:3001]),
-        ood={"mnist": mnist_ood(1001)},
-        batch_size=100,
-        bootstrap=0,
-        progress=False,
-        cache=False,
-    )
-    result["odd_report_uncached"] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
+    # Unequal shards (500 and 501 rows, batches of 100: 5 and 6 batches per rank), from
+    # the feature cache and through the model's own predict, batch by batch.
+    for key, cache in (("odd_report", True), ("odd_report_uncached", False)):
+        odd = wrapcal.evaluate(
+            {"sharded": wrapped_models["sharded"]},
+            test=(images[2000:3001], labels[2000:3001]),
+            ood={"mnist": mnist_ood(1001)},
+            batch_size=100,
+            bootstrap=0,
+            progress=False,
+            cache=cache,
+        )
+        result[key] = {k: odd.to_dict()[k] for k in ("calibration", "ood")}
     try:
         wrapped_models["sharded"].save(out / "refused.wrapcal")
         result["save_before_unshard"] = "saved"

@@ -111,13 +111,12 @@ def run_model(
     try:
         with preserved_modes(model), torch.no_grad():
             model.eval()
-            first = None  # one input, the shape of a padding round's
+            x = None
             for batch in batches:
-                if batch is None:  # a padding round; its prediction is dropped
-                    model.predict(model._stand_in() if first is None else torch.zeros_like(first))
+                if batch is None:  # a padding round, shaped like this rank's last input
+                    model.predict(model._stand_in(x))
                     continue
                 x, y = batch
-                first = x[:1] if first is None else first
                 if wrapped:
                     # One predict call per batch: the labels stay with their inputs.
                     pred = model.predict(x, batch_size=max(1, x.shape[0]))
