@@ -47,7 +47,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 
 from wrapcal import metrics
-from wrapcal.calibrator import fit_calibrator
+from wrapcal.logits.calibrators import fit_calibrator
 
 #: Largest probability difference accepted between wrapcal and a peer computing the
 #: same map (temperature: two solvers' optima; the maps: the same arithmetic).

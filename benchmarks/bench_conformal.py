@@ -1,6 +1,6 @@
 """Benchmark: conformal prediction sets from 10000 x 100 logits, wrapcal vs MAPIE.
 
-Speed: fitting (calibrating) and predicting sets with ``wrapcal.conformal.fit_conformal``
+Speed: fitting (calibrating) and predicting sets with ``wrapcal.logits.conformal.fit_conformal``
 and ``ConformalPredictor.sets`` beside MAPIE's ``SplitConformalClassifier``
 (``conformalize`` + ``predict_set``, ``prefit=True`` on a classifier that returns the
 same float64 probabilities) for LAC, APS and RAPS (automatic ``k_reg`` / ``lam`` on both
@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wrapcal.calibrate import fit_temperature
-from wrapcal.conformal import fit_conformal
-from wrapcal.probs import logits_to_probs
+from wrapcal.logits.conformal import fit_conformal
+from wrapcal.logits.temperature import fit_temperature
+from wrapcal.plugin.probs import logits_to_probs
 
 SHARED_DATA = Path(
     os.environ.get("WRAPCAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"

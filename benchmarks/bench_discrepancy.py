@@ -45,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from _timing import Checks, import_shared_data, machine_line, threads, timed
 from torch import nn
-from wrapcal_plugins.discrepancy import DiscrepancyHeads
 
 import wrapcal
 from wrapcal import metrics
+from wrapcal_plugins.ood.discrepancy import DiscrepancyHeads
 
 AUROC_TOL = 0.02
 ACC_TOL = 0.02

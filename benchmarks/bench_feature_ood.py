@@ -30,11 +30,11 @@ from _timing import median_seconds
 from bench_metrics import measure
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from wrapcal_plugins.knn import kth_nearest_distance, normalise
 
 import wrapcal
-from wrapcal.cache import FeatureSet, FitData
-from wrapcal.split import Split
+from wrapcal.features.extract import FeatureSet, FitData
+from wrapcal.model.split import Split
+from wrapcal_plugins.ood.knn import kth_nearest_distance, normalise
 
 
 def bench_knn(bank_rows: int, width: int, batch: int, repeats: int) -> None:

@@ -53,10 +53,10 @@ from collections.abc import Callable
 import torch
 from _timing import Checks, import_shared_data, machine_line, threads, timed
 from torch import nn
-from wrapcal_plugins.mc_dropout import MCDropout
 
 import wrapcal
 from wrapcal import metrics
+from wrapcal_plugins.sampling.mc_dropout import MCDropout
 
 #: Samples of the exact predictive mean part A's estimates are compared with (head only).
 REFERENCE_T = 2000

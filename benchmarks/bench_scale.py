@@ -1,8 +1,8 @@
 """Every built-in plugin fitted from a disk cache of synthetic features: time and memory.
 
 Writes ``--rows`` x ``--width`` synthetic features (``--classes`` Gaussian classes, in
-chunks, never all in memory) into a :class:`~wrapcal.disk_features.DiskWriter` folder,
-then fits each built-in plugin from those :class:`~wrapcal.disk_features.DiskFeatures`
+chunks, never all in memory) into a :class:`~wrapcal.features.disk_arrays.DiskWriter` folder,
+then fits each built-in plugin from those :class:`~wrapcal.features.disk_arrays.DiskFeatures`
 in its own process, and prints its time and the peak resident memory it added above the
 process's start (model and Python included in the start). The same fits from
 in-memory features at ``--memory-rows`` (the largest size this machine holds
@@ -49,7 +49,7 @@ def class_means(classes: int, width: int) -> torch.Tensor:
 
 
 def write_features(folder: Path, rows: int, width: int, classes: int, dtype: str) -> None:
-    from wrapcal.disk_features import DiskWriter
+    from wrapcal.features.disk_arrays import DiskWriter
 
     generator = torch.Generator().manual_seed(1)
     means = class_means(classes, width)
@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
 
     import wrapcal
-    from wrapcal.disk_features import DiskFeatures
+    from wrapcal.features.disk_arrays import DiskFeatures
 
     meta = json.loads((args.dir / "meta.json").read_text())
     features = DiskFeatures(args.dir / "features.bin", meta["rows"], meta["width"], meta["storage"])
@@ -89,7 +89,7 @@ def child(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = wrapcal.wrap(None, [(args.plugin, PLUGINS[args.plugin])], split=split)
-        reads, _ = wrapcal.fitting.read_sets(wrapped)
+        reads, _ = wrapcal.model.fitting.read_sets(wrapped)
         given = {"train": (features, labels), "calibration": calibration, "unlabeled": features}
         wrapped.fit_features(**{k: v for k, v in given.items() if k in reads}, progress=False)
     seconds = time.perf_counter() - start

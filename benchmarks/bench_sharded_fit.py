@@ -81,7 +81,8 @@ def worker(out: Path, mode: str, rows: int, width: int) -> None:
     import torch.distributed as dist
 
     import wrapcal
-    from wrapcal import distributed, fitting
+    from wrapcal import distributed
+    from wrapcal.model import fitting
 
     if "RANK" in os.environ:
         dist.init_process_group("gloo")

@@ -6,7 +6,7 @@ logits of the same shape whose labels follow them. Everyone gets the same float3
 
 What each row runs (what a user would otherwise write or call):
 
-* ``wrapcal``: :func:`wrapcal.calibrate.fit_temperature` (safeguarded Newton in float64).
+* ``wrapcal``: :func:`wrapcal.logits.temperature.fit_temperature` (safeguarded Newton in float64).
 * ``torch L-BFGS on log T``: the textbook recipe, ``torch.optim.LBFGS`` with strong Wolfe
   line search on ``log T`` (so T stays positive), ``F.cross_entropy(logits / T, y)``.
 * ``Guo et al. reference code``: gpleiss/temperature_scaling as published: L-BFGS on T
@@ -49,7 +49,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV, _TemperatureScaling
 from sklearn.frozen import FrozenEstimator
 
-from wrapcal.calibrate import fit_temperature
+from wrapcal.logits.temperature import fit_temperature
 
 LOGITS = SHARED_DATA / "logits" / "cifar100_resnet20.npz"
 #: Relative tolerance on T each peer achieves on the CIFAR-100 ResNet-20 logits (measured:

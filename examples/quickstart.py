@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 import wrapcal
+from wrapcal.cli.demo import gaussian_noise, train_small_model
 from wrapcal.datasets import digits
-from wrapcal.demo import gaussian_noise, train_small_model
 
 data = digits()  # 3x32x32 tensors: train / calibration / test
 model = train_small_model(data, progress=False)  # stands in for your timm model

@@ -1,7 +1,7 @@
 """Retrofit a published CIFAR-10 ResNet-20 with every built-in plugin; write the report.
 
 The model: third-party weights (``../shared/data/models/cifar10_resnet20.safetensors``)
-loaded into ``wrapcal.models.cifar_resnet20``. The data: the JPEG copy of CIFAR-10 (a
+loaded into ``wrapcal.files.cifar_resnets.cifar_resnet20``. The data: the JPEG copy of CIFAR-10 (a
 real distribution shift from what the model was trained on) and MNIST as far OOD.
 
 Protocol (fixed permutations, seed 0):
@@ -34,8 +34,8 @@ from safetensors.torch import load_file
 
 import wrapcal
 from wrapcal.datasets import load_idx_images, load_npz_images, to_rgb32
-from wrapcal.fitting import read_sets
-from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
+from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
+from wrapcal.model.fitting import read_sets
 
 SETUPS: dict[str, list] = {
     "temperature": ["temperature"],

@@ -35,7 +35,7 @@ def _seed_global_generators():
     hypothesis's example database): seed the global generators a test might draw from
     without meaning to, and start from an empty feature cache (backbone passes a test
     counts are its own)."""
-    from wrapcal.feature_cache import CACHE
+    from wrapcal.features.memory_store import CACHE
 
     _seed_all()
     CACHE.clear()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wrapcal import manager
+from wrapcal.model import discovery as manager
 
 SAMPLE_PLUGIN_DIR = Path(__file__).parent / "sample_plugin"
 

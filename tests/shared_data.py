@@ -23,7 +23,7 @@ in place, except those of ``resnet20_outputs``, which are fresh copies):
 
     ``mnist_labels()``: int64 [10000] digit labels of the MNIST test set.
 
-    ``pretrained_resnet20()``: a new ``wrapcal.models.cifar_resnet20`` in eval mode
+    ``pretrained_resnet20()``: a new ``wrapcal.files.cifar_resnets.cifar_resnet20`` in eval mode
     with the third-party CIFAR-10 weights loaded (``strict=True``) on each call.
 
     ``resnet20_outputs()``: the pretrained ResNet-20's penultimate features (float32,
@@ -58,9 +58,10 @@ import pytest
 import torch
 from torch import nn
 
-from wrapcal import datasets, models
+from wrapcal import datasets
 from wrapcal.datasets import idx, npz, pixels
-from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
+from wrapcal.files import cifar_resnets as models
+from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD, cifar_resnet20
 
 __all__ = [
     "CIFAR_NPZ",

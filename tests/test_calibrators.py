@@ -17,13 +17,13 @@ from torch import nn
 
 import wrapcal
 from wrapcal import DataError, NotFittedError, Plugin, PluginNotFoundError, Stage, get_tags
-from wrapcal.calibrator import (
+from wrapcal.model.split import Split
+from wrapcal.plugin.calibrator import (
     Calibrator,
     calibrated_log_probs,
     fit_calibrator,
     stratified_folds,
 )
-from wrapcal.split import Split
 
 NAMES = [
     "temperature",

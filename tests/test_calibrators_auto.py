@@ -11,11 +11,12 @@ import pytest
 import torch
 from scipy.special import log_softmax, softmax
 from shared_data import SHARED_DATA, resnet20_outputs
-from wrapcal_plugins.auto_calibration import DEFAULT_CANDIDATES, METRICS
 
 from wrapcal import metrics
-from wrapcal.calibrate import fit_temperature
-from wrapcal.calibrator import fit_calibrator, stratified_folds
+from wrapcal.logits.calibrators import fit_calibrator
+from wrapcal.logits.temperature import fit_temperature
+from wrapcal.plugin.calibrator import stratified_folds
+from wrapcal_plugins.calibration.auto_calibration import DEFAULT_CANDIDATES, METRICS
 
 CHEAP = ["temperature", "vector_scaling", "ensemble_temperature", "isotonic"]
 

@@ -16,10 +16,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.isotonic import IsotonicRegression
-from wrapcal_plugins._maps import interp_lookup, pad_knots, pad_steps, step_lookup
-from wrapcal_plugins.binning import capped_shares
 
-from wrapcal.calibrator import fit_calibrator
+from wrapcal.logits.calibrators import fit_calibrator
+from wrapcal_plugins.calibration._maps import interp_lookup, pad_knots, pad_steps, step_lookup
+from wrapcal_plugins.calibration.binning import capped_shares
 
 TINY = 1e-300  # a floor that changes nothing in float64: outputs compare exactly
 LOGITS = SHARED_DATA / "logits" / "cifar10_resnet20.npz"

@@ -13,12 +13,13 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax, logsumexp, softmax
 from shared_data import SHARED_DATA
 from sklearn.linear_model import LogisticRegression
-from wrapcal_plugins._linear_calibration import MIN_GAIN
-from wrapcal_plugins.ensemble_temperature import mixture_weights
 
 from wrapcal import metrics
-from wrapcal.calibrate import fit_temperature
-from wrapcal.calibrator import fit_calibrator, stratified_folds
+from wrapcal.logits.calibrators import fit_calibrator
+from wrapcal.logits.temperature import fit_temperature
+from wrapcal.plugin.calibrator import stratified_folds
+from wrapcal_plugins.calibration._linear_calibration import MIN_GAIN
+from wrapcal_plugins.calibration.ensemble_temperature import mixture_weights
 
 LOGITS_DIR = SHARED_DATA / "logits"
 requires_logits = pytest.mark.skipif(

@@ -260,8 +260,8 @@ def test_every_other_builtin_plugin_runs_from_the_cli(tmp_path, capsys, trained_
     """Whatever else is built in runs from the command line, all together, with the data
     their tags ask for (one run: each plugin's own runs are in its tests), and their
     scores reach the report."""
-    from wrapcal.assemble import create_plugin
-    from wrapcal.fitting import read_sets
+    from wrapcal.model.assemble import create_plugin
+    from wrapcal.model.fitting import read_sets
 
     names = _other_builtins()
     if not names:
@@ -596,7 +596,7 @@ def test_the_shared_resnet20_on_cifar10_from_the_cli(tmp_path, capsys):
         pytest.skip("shared data absent")
     from sklearn.metrics import roc_auc_score
 
-    from wrapcal.calibrate import fit_temperature
+    from wrapcal.logits.temperature import fit_temperature
     from wrapcal.metrics import ece as ece_of
 
     n = 1000

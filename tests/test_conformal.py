@@ -1,4 +1,4 @@
-"""Conformal prediction sets (wrapcal.conformal): the math against the papers' formulas
+"""Conformal prediction sets (wrapcal.logits.conformal): the math against the papers' formulas
 written out in numpy, coverage over 200 random splits of real logits, MAPIE beside it.
 
 Real data: the four public CIFAR ResNet logit sets of ``../shared/data/logits`` and the
@@ -19,7 +19,7 @@ from scipy import stats
 from shared_data import SHARED_DATA, requires_shared_data, resnet20_outputs
 
 from wrapcal import DataError
-from wrapcal.conformal import (
+from wrapcal.logits.conformal import (
     ALL_CLASSES,
     conformal_quantile,
     conformal_scores,
@@ -30,7 +30,7 @@ from wrapcal.conformal import (
     true_class_scores,
     tune_raps,
 )
-from wrapcal.probs import logits_to_probs
+from wrapcal.plugin.probs import logits_to_probs
 
 LOGITS_DIR = SHARED_DATA / "logits"
 LOGIT_SETS = ["cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20", "cifar100_resnet32"]

@@ -17,14 +17,14 @@ from scipy import stats
 from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
 from test_conformal import load_logits, requires_logits, splits
 from torch import nn
-from wrapcal_plugins.abstain import Abstain
-from wrapcal_plugins.conformal import ConformalSets
 
 import wrapcal
 from wrapcal import DataError, NotFittedError, OutputContext, Stage, get_tags
-from wrapcal.conformal import fit_conformal
-from wrapcal.probs import logits_to_probs
-from wrapcal.selective import abstention_grid, fit_abstention, risk_coverage_curve
+from wrapcal.logits.abstention import abstention_grid, fit_abstention, risk_coverage_curve
+from wrapcal.logits.conformal import fit_conformal
+from wrapcal.plugin.probs import logits_to_probs
+from wrapcal_plugins.decide.abstain import Abstain
+from wrapcal_plugins.decide.conformal import ConformalSets
 
 ALPHA = 0.1
 
@@ -145,7 +145,7 @@ def test_standalone_plugin_and_errors():
     assert plugin.fit_logits(logits[:1000], labels[:1000]) is plugin
     assert torch.equal(
         plugin.predict_sets(logits[1000:]),
-        wrapcal.conformal.conformal_sets(
+        wrapcal.logits.conformal.conformal_sets(
             logits[:1000], labels[:1000], logits[1000:], alpha=0.2, method="lac"
         ),
     )

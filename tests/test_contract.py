@@ -16,9 +16,9 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 import wrapcal
 import wrapcal.datasets
 from wrapcal import OutputKind, Plugin, Stage
-from wrapcal.assemble import find_split
 from wrapcal.errors import DataError, SavedFileError
-from wrapcal.ordering import order_plugins
+from wrapcal.model.assemble import find_split
+from wrapcal.model.ordering import order_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,9 @@ def test_two_third_party_calibrators_at_one_stage_give_one_model_in_any_order(tm
             outs.append(wrapped(x))
         assert torch.equal(outs[0], outs[1])
         # They do not commute: the other order is another model, so the tie-break matters.
-        plugins = wrapcal.assemble.resolve_plugins(["sample_vector_scaling", "temperature"])[::-1]
+        plugins = wrapcal.model.assemble.resolve_plugins(["sample_vector_scaling", "temperature"])[
+            ::-1
+        ]
         other = fitted_in_order(model, plugins, x, y)
         assert not torch.allclose(other(x), outs[0], atol=1e-4)
 

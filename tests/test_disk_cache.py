@@ -20,9 +20,9 @@ from helpers import SmallNet
 from torch.utils.data import Dataset
 
 import wrapcal
-from wrapcal.disk_cache import DiskCache
-from wrapcal.disk_features import DiskFeatures, DiskWriter
-from wrapcal.feature_cache import CACHE
+from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter
+from wrapcal.features.disk_store import DiskCache
+from wrapcal.features.memory_store import CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_every_built_in_plugin_fits_from_disk_as_from_memory(tmp_path):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 wrapped = wrapcal.wrap(model, [plugin])
-                reads, _ = wrapcal.fitting.read_sets(wrapped)
+                reads, _ = wrapcal.model.fitting.read_sets(wrapped)
                 sets = {"train": train, "calibration": cal, "unlabeled": unlabeled}
                 wrapped.fit(
                     **{k: v for k, v in sets.items() if k in reads},
@@ -124,7 +124,7 @@ def test_every_built_in_plugin_fits_from_disk_as_from_memory(tmp_path):
 
 
 def test_label_smoothing_switches_to_mini_batches_above_the_memory_budget(tmp_path, monkeypatch):
-    import wrapcal_plugins.label_smoothing as ls
+    import wrapcal_plugins.retrain.label_smoothing as ls
 
     model = small_net()
     train = labelled(600, 1, model)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_table_is_honest_and_in_the_reports_units(tmp_path):
-    from wrapcal.demo import SETUPS, run_demo
+    from wrapcal.cli.demo import SETUPS, run_demo
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 import wrapcal  # noqa: E402
-from wrapcal import registry, saving  # noqa: E402
 from wrapcal.cli import main  # noqa: E402
 from wrapcal.cli.models import model_class_names  # noqa: E402
 from wrapcal.datasets import DIGITS_MEAN, DIGITS_STD, digits  # noqa: E402
 from wrapcal.errors import DataError, SavedFileError, SplitError  # noqa: E402
-from wrapcal.fitting import read_sets  # noqa: E402
+from wrapcal.files import families as registry  # noqa: E402
+from wrapcal.files import format as saving  # noqa: E402
+from wrapcal.model.fitting import read_sets  # noqa: E402
 
 AutoModel = transformers.AutoModelForImageClassification
 CONFIG_MAPPING = transformers.models.auto.configuration_auto.CONFIG_MAPPING
@@ -509,10 +510,10 @@ def _peak_rss_mb() -> float:
 def test_wrapcal_imports_transformers_only_for_its_models(tmp_path) -> None:
     code = (
         "import sys, torch, wrapcal\n"
-        "from wrapcal.models import cifar_resnet20\n"
+        "from wrapcal.files.cifar_resnets import cifar_resnet20\n"
         "w = wrapcal.wrap(cifar_resnet20())\n"
         f"w.save({str(tmp_path / 'r.wrapcal')!r}); wrapcal.load({str(tmp_path / 'r.wrapcal')!r})\n"
-        "wrapcal.plugin_registry(); wrapcal.registry.families()\n"
+        "wrapcal.plugin_registry(); wrapcal.files.families.families()\n"
         "assert 'transformers' not in sys.modules, 'transformers was imported'\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

@@ -10,7 +10,7 @@ from helpers import SmallNet
 from torch.utils.data import DataLoader, TensorDataset
 
 import wrapcal
-from wrapcal.feature_cache import CACHE
+from wrapcal.features.memory_store import CACHE
 
 VARIANTS = {
     "temperature": [("temperature", {})],

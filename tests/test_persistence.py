@@ -14,8 +14,8 @@ from safetensors import safe_open
 
 import wrapcal
 from wrapcal.errors import SavedFileError
-from wrapcal.models import cifar_resnet20
-from wrapcal.saving import FORMAT_VERSION, read
+from wrapcal.files.cifar_resnets import cifar_resnet20
+from wrapcal.files.format import FORMAT_VERSION, read
 
 
 def batch(side: int = 32, n: int = 4) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch) -> None:
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("wrapcal.saving.save_tensors", broken_save)
+    monkeypatch.setattr("wrapcal.files.format.save_tensors", broken_save)
     with pytest.raises(OSError, match="disk full"):
         wrapcal.wrap(SmallNet(num_classes=3).eval()).save(path)
     assert path.read_bytes() == original

@@ -12,7 +12,8 @@ import pytest
 from helpers import SAMPLE_PLUGIN_DIR, SmallNet, sample_plugin_installed
 
 import wrapcal
-from wrapcal import hookspecs, manager
+from wrapcal.model import discovery as manager
+from wrapcal.plugin import hookspecs
 
 BUILT_IN = {"temperature", "mc_dropout", "label_smoothing", "discrepancy"}
 README = Path(__file__).resolve().parents[1] / "README.md"

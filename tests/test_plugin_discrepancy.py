@@ -16,18 +16,18 @@ from shared_data import (
     resnet20_outputs,
 )
 from torch import nn
-from wrapcal_plugins.discrepancy import (
+
+import wrapcal
+from wrapcal import Plugin, Stage, get_tags
+from wrapcal.errors import DataError
+from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD
+from wrapcal.metrics.ood import auroc, fpr_at_tpr
+from wrapcal_plugins.ood.discrepancy import (
     DiscrepancyHeads,
     discrepancy_loss,
     l1_discrepancy,
     per_sample_entropy,
 )
-
-import wrapcal
-from wrapcal import Plugin, Stage, get_tags
-from wrapcal.errors import DataError
-from wrapcal.metrics.ood import auroc, fpr_at_tpr
-from wrapcal.models import CIFAR_MEAN, CIFAR_STD
 
 # --- formulas written out independently (numpy, float64) -------------------------------
 

@@ -35,7 +35,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import wrapcal
-from wrapcal.split import Split
+from wrapcal.model.split import Split
 
 pytestmark = requires_shared_data
 

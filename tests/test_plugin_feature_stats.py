@@ -8,18 +8,18 @@ import pytest
 import timm
 import torch
 import torchvision
-import wrapcal_plugins._feature_stats as stats
-import wrapcal_plugins.knn as knn_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from wrapcal_plugins._feature_stats import Moments, chunked_quantile
-from wrapcal_plugins.knn import kth_nearest_distance, normalise
 
 import wrapcal
+import wrapcal_plugins.ood._feature_stats as stats
+import wrapcal_plugins.ood.knn as knn_module
 from wrapcal import OutputContext
 from wrapcal.errors import DataError
-from wrapcal.split import Split
+from wrapcal.model.split import Split
+from wrapcal_plugins.ood._feature_stats import Moments, chunked_quantile
+from wrapcal_plugins.ood.knn import kth_nearest_distance, normalise
 
 # --- the exact chunked percentile ------------------------------------------------------
 

@@ -31,19 +31,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from references import ece_np, nll_np, scipy_temperature
 from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
-from wrapcal_plugins._training import fit_head_lbfgs, train_head
-from wrapcal_plugins.label_smoothing import (
+
+import wrapcal
+from wrapcal import DataError, Plugin, Stage, get_tags
+from wrapcal.datasets import digits
+from wrapcal.metrics import accuracy, ece, ece_bootstrap, nll
+from wrapcal.model.assemble import create_plugin
+from wrapcal.plugin.training import fit_head_lbfgs, train_head
+from wrapcal_plugins.retrain.label_smoothing import (
     DEFAULT_GRID,
     LabelSmoothing,
     smoothed_cross_entropy,
     smoothed_targets,
 )
-
-import wrapcal
-from wrapcal import DataError, Plugin, Stage, get_tags
-from wrapcal.assemble import create_plugin
-from wrapcal.datasets import digits
-from wrapcal.metrics import accuracy, ece, ece_bootstrap, nll
 
 # --- independent references -------------------------------------------------------------
 

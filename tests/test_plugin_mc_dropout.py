@@ -20,12 +20,12 @@ from shared_data import (
 )
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from wrapcal_plugins.mc_dropout import DEFAULT_P, MCDropout, mc_scores, seeded_dropout
 
 import wrapcal
 from wrapcal import Plugin, Stage
 from wrapcal.errors import DataError, NotFittedError
 from wrapcal.metrics import accuracy, auroc, ece, fpr_at_tpr
+from wrapcal_plugins.sampling.mc_dropout import DEFAULT_P, MCDropout, mc_scores, seeded_dropout
 
 SCORE_NAMES = (
     "predictive_entropy",

@@ -29,14 +29,14 @@ from shared_data import (
     requires_shared_data,
     resnet20_outputs,
 )
-from wrapcal_plugins.temperature import TemperatureScaler
 
 import wrapcal
 from wrapcal import DataError, NotFittedError, Plugin, Stage
-from wrapcal import calibrate as calibrate_module
-from wrapcal.calibrate import MIN_SAMPLES, fit_temperature
+from wrapcal.files.cifar_resnets import cifar_resnet20
+from wrapcal.logits import temperature as calibrate_module
+from wrapcal.logits.temperature import MIN_SAMPLES, fit_temperature
 from wrapcal.metrics import ece as wrapcal_ece
-from wrapcal.models import cifar_resnet20
+from wrapcal_plugins.calibration.temperature import TemperatureScaler
 
 LOGITS_DIR = SHARED_DATA / "logits"
 LOGITS_FILES = ["cifar100_resnet20", "cifar100_resnet32", "cifar10_resnet20", "cifar10_resnet32"]

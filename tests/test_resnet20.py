@@ -31,7 +31,7 @@ from wrapcal.datasets import (
     load_npz_images,
     to_rgb32,
 )
-from wrapcal.models import CIFAR_MEAN, CIFAR_STD, cifar_resnet, cifar_resnet20
+from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD, cifar_resnet, cifar_resnet20
 
 
 def ece_top_label(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:

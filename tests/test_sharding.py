@@ -13,8 +13,8 @@ from helpers import SmallNet
 
 import wrapcal
 from wrapcal import distributed
-from wrapcal.cache import FeatureSet
 from wrapcal.export.checks import check_exportable
+from wrapcal.features.extract import FeatureSet
 
 
 def _data(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from helpers import SmallNet
 import wrapcal
 from wrapcal import hookimpl
 from wrapcal.errors import SplitError
-from wrapcal.split import Split
+from wrapcal.model.split import Split
 
 # (name, create kwargs, input side). Small variants, small inputs: the point is the
 # split, not the accuracy. Together: CNNs, ViT/DeiT, ConvNeXt, Swin, MobileNet,

@@ -20,11 +20,11 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 import wrapcal
-from wrapcal import saving
-from wrapcal.calibrate import fit_temperature
 from wrapcal.errors import DataError, SavedFileError
+from wrapcal.files import format as saving
+from wrapcal.files.cifar_resnets import cifar_resnet20
+from wrapcal.logits.temperature import fit_temperature
 from wrapcal.metrics import baseline_scores, ece, softmax_probs
-from wrapcal.models import cifar_resnet20
 
 
 def batch(n: int = 8, side: int = 8, seed: int = 1) -> torch.Tensor:

@@ -4,12 +4,7 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
-from wrapcal import conformal, metrics, selective
-from wrapcal.assemble import wrap
-from wrapcal.cache import FeatureSet, FitData
-from wrapcal.calibrate import fit_temperature
-from wrapcal.calibrator import Calibrator, fit_calibrator
-from wrapcal.conformal import ConformalPredictor, conformal_sets, fit_conformal
+from wrapcal import _compat, metrics
 from wrapcal.errors import (
     DataError,
     NotFittedError,
@@ -18,16 +13,28 @@ from wrapcal.errors import (
     SplitError,
     WrapcalError,
 )
-from wrapcal.hookspecs import hookimpl, hookspec
-from wrapcal.loading import load
-from wrapcal.manager import get_plugin_manager, plugin_registry
-from wrapcal.plugin import Plugin, get_tags
-from wrapcal.prediction import Prediction
-from wrapcal.saving import save
-from wrapcal.selective import AbstentionRule, fit_abstention
-from wrapcal.split import Split
-from wrapcal.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
-from wrapcal.wrapped import WrappedModel
+from wrapcal.features.extract import FeatureSet, FitData
+from wrapcal.files.format import save
+from wrapcal.files.load import load
+from wrapcal.logits import abstention as selective
+from wrapcal.logits import conformal
+from wrapcal.logits.abstention import AbstentionRule, fit_abstention
+from wrapcal.logits.calibrators import fit_calibrator
+from wrapcal.logits.conformal import ConformalPredictor, conformal_sets, fit_conformal
+from wrapcal.logits.temperature import fit_temperature
+from wrapcal.model.assemble import wrap
+from wrapcal.model.discovery import get_plugin_manager, plugin_registry
+from wrapcal.model.split import Split
+from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.calibrator import Calibrator
+from wrapcal.plugin.hookspecs import hookimpl, hookspec
+from wrapcal.plugin.prediction import Prediction
+from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
+
+# Import paths of 0.2.0 (``wrapcal.cache``, ``wrapcal.params``, ``wrapcal_plugins.knn``...)
+# keep working for this release, with a DeprecationWarning naming the new path.
+_compat.install()
 
 __version__ = "0.2.0"
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from wrapcal.errors import DataError
+from wrapcal.plugin.validation import check_labels
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -52,26 +53,6 @@ def check_inputs(x: torch.Tensor) -> torch.Tensor:
             f"inputs have shape {tuple(x.shape)}; expected a batch [N, ...] with N first"
         )
     return x
-
-
-def check_labels(y: torch.Tensor, n: int, num_classes: int | None = None) -> torch.Tensor:
-    """Labels must be integer class indices ``[N]`` within ``[0, num_classes)``."""
-    if y.ndim != 1:
-        raise DataError(
-            f"labels have shape {tuple(y.shape)}; expected class indices of shape [{n}] "
-            "(not one-hot)"
-        )
-    if torch.is_floating_point(y) or y.dtype == torch.bool:
-        raise DataError(f"labels have dtype {y.dtype}; expected integer class indices")
-    if y.shape[0] != n:
-        raise DataError(f"{n} inputs but {y.shape[0]} labels; give one label per input")
-    if y.numel() and (int(y.min()) < 0 or (num_classes and int(y.max()) >= num_classes)):
-        bound = f"[0, {num_classes})" if num_classes else "[0, K)"
-        raise DataError(
-            f"labels must be in {bound}; got min {int(y.min())}, max {int(y.max())}. "
-            "Map them to class indices of the model's outputs"
-        )
-    return y.long()
 
 
 # Column names of the inputs and labels in dict items (Hugging Face rows, say).

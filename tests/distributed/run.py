@@ -25,12 +25,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import wrapcal_plugins._feature_stats as feature_stats
 from shared_data import cifar10, mnist_ood, pretrained_resnet20
 
 import wrapcal
-from wrapcal import distributed, fitting
+import wrapcal_plugins.ood._feature_stats as feature_stats
+from wrapcal import distributed
 from wrapcal.errors import DataError
+from wrapcal.model import fitting
 
 BATCH = 250  # divides every shard: the same batches in one process and in two
 
@@ -133,7 +134,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wrapped = wrapcal.wrap(pretrained_resnet20(), plugins)
-            reads, _ = wrapcal.fitting.read_sets(wrapped)
+            reads, _ = wrapcal.model.fitting.read_sets(wrapped)
             gathered = record_gathers()
             wrapped.fit(
                 **{k: v for k, v in data.items() if k in reads},

@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from wrapcal.cli.tables import plugin_rows, print_table
-    from wrapcal.manager import autoload_disabled, plugin_registry
+    from wrapcal.model.discovery import autoload_disabled, plugin_registry
 
     registry = plugin_registry()
     if not registry:
@@ -48,7 +48,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from wrapcal.demo import run_demo
+    from wrapcal.cli.demo import run_demo
 
     run_demo(out=args.out, progress=not args.no_progress, seed=args.seed)
     return 0
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plugin_names() -> list[str]:
-    from wrapcal.manager import plugin_registry
+    from wrapcal.model.discovery import plugin_registry
 
     try:
         return list(plugin_registry())

@@ -12,7 +12,7 @@ wrapped, fitted and evaluated as ``wrapped``. A saved ``.wrapcal`` file is evalu
 ``wrapped``, beside its own backbone and head without plugins as ``baseline``.
 
 Every flag is checked before any data is read: the plugins and their parameters, the
-model name, and which data sets the plugins need (``wrapcal.fitting.read_sets``).
+model name, and which data sets the plugins need (``wrapcal.model.fitting.read_sets``).
 docs/cli.md is the reference.
 """
 
@@ -68,7 +68,7 @@ def _named_sets(items: list[str]) -> dict[str, str]:
 def _fit_plan(args: argparse.Namespace, plugins: list[tuple[str, Any]]) -> dict[str, Any]:
     """The fit sets to read, each with its spec(s), checked against what the plugins read
     and require before any data is read."""
-    from wrapcal.fitting import read_sets
+    from wrapcal.model.fitting import read_sets
 
     named = _named_sets(args.fit_data)
     given: dict[str, Any] = {
@@ -240,7 +240,7 @@ def _wrapped(
     args: argparse.Namespace, baseline: Any, plugins: list[tuple[str, Any]], data: dict
 ) -> Any:
     import wrapcal
-    from wrapcal.plugin import get_tags
+    from wrapcal.plugin.base import get_tags
 
     with _relayed([n for n, _ in plugins]):
         wrapped = wrapcal.wrap(baseline, [plugin for _, plugin in plugins])

@@ -6,7 +6,7 @@ Examples::
     wrapcal export model.wrapcal --format torch --out model.pt2   # + model.json
 
 The model is rebuilt from the file (a model wrapcal can build by name: timm,
-torchvision, ``wrapcal.models``); see docs/export.md for what the file holds.
+torchvision, ``wrapcal.files.cifar_resnets``); see docs/export.md for what the file holds.
 """
 
 from __future__ import annotations

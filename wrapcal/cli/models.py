@@ -1,4 +1,4 @@
-"""The model to evaluate: built by name through :mod:`wrapcal.registry`, or loaded from a
+"""The model to evaluate: built by name through :mod:`wrapcal.files.families`, or loaded from a
 saved ``.wrapcal`` file; weights, device, the input it takes and its class names."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from wrapcal import registry
 from wrapcal.cli.errors import CliError
 from wrapcal.cli.plugin_args import parse_value
+from wrapcal.files import families as registry
 
 __all__ = [
     "BackboneHead",

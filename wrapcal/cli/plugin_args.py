@@ -84,7 +84,7 @@ def create_plugins(text: str, items: list[str]) -> list[tuple[str, Any]]:
         CliError: Unknown plugin, bad form, unknown parameter or a value the plugin
             does not accept; the message names the flag.
     """
-    from wrapcal.assemble import create_plugin
+    from wrapcal.model.assemble import create_plugin
 
     names = _plugin_names(text)
     params = parse_plugin_args(items, names)

@@ -10,7 +10,7 @@ own terms.
 
 Example:
     >>> from wrapcal.datasets import load_npz_images
-    >>> from wrapcal.models import CIFAR_MEAN, CIFAR_STD
+    >>> from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD
     >>> x, y = load_npz_images("cifar10_jpeg.npz", split="test",
     ...                        mean=CIFAR_MEAN, std=CIFAR_STD)  # doctest: +SKIP
 """

@@ -27,7 +27,7 @@ __all__ = [
     "to_unit_float",
 ]
 
-#: The ImageNet statistics that timm, torchvision and ``wrapcal.models`` expect.
+#: The ImageNet statistics that timm, torchvision and ``wrapcal.files.cifar_resnets`` expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

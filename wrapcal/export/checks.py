@@ -17,7 +17,7 @@ from typing import Any
 
 from wrapcal import distributed
 from wrapcal.errors import WrapcalError
-from wrapcal.plugin import Plugin, get_tags
+from wrapcal.plugin.base import Plugin, get_tags
 
 __all__ = ["ExportError", "check_exportable", "describe_plugin", "find_culprit", "first_line"]
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from wrapcal.export.module import OutputSpec
-from wrapcal.plugin import get_tags
+from wrapcal.plugin.base import get_tags
 
 __all__ = ["KEYS", "SMALL", "build_metadata", "class_names_of", "read_metadata", "to_json"]
 

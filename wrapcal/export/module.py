@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from wrapcal.prediction import Prediction
+from wrapcal.plugin.prediction import Prediction
 
 __all__ = ["CORE_OUTPUTS", "InferenceModule", "OutputSpec", "output_specs"]
 

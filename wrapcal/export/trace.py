@@ -23,7 +23,7 @@ from wrapcal.export.checks import (
     first_line,
 )
 from wrapcal.export.module import InferenceModule, OutputSpec, output_specs
-from wrapcal.torch_utils import float_dtype_of, in_mode
+from wrapcal.plugin.torch_helpers import float_dtype_of, in_mode
 
 __all__ = ["EXAMPLE_BATCH", "example_input", "export_program", "trace"]
 

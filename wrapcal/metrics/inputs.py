@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from wrapcal.metrics.state import acc_dtype
-from wrapcal.probs import check_logits
+from wrapcal.plugin.probs import check_logits
 
 __all__ = ["ArrayLike", "check_probs", "softmax_probs"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from wrapcal.metrics.state import SummableMetric, acc_dtype
-from wrapcal.probs import check_logits
+from wrapcal.plugin.probs import check_logits
 
 ArrayLike = Tensor | np.ndarray
 

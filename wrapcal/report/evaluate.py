@@ -16,10 +16,9 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wrapcal.chain import named_errors
 from wrapcal.data import check_labels
-from wrapcal.disk_cache import DiskCache
 from wrapcal.errors import DataError
+from wrapcal.features.disk_store import DiskCache
 from wrapcal.metrics import (
     accuracy,
     adaptive_ece,
@@ -33,11 +32,12 @@ from wrapcal.metrics import (
     nll,
     ood_metrics,
 )
-from wrapcal.prediction import Prediction
+from wrapcal.model.chain import named_errors
+from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.prediction import Prediction
 from wrapcal.report.outputs import ModelOutputs
 from wrapcal.report.passes import model_device, runner_for
 from wrapcal.report.report import Report
-from wrapcal.wrapped import WrappedModel
 
 __all__ = [
     "ModelOutputs",
@@ -169,7 +169,7 @@ def evaluate(
 
     The models share backbone passes: the baseline and every wrapped variant of one
     backbone run it once per data set between them (and reuse the features ``fit``
-    computed), through :mod:`wrapcal.feature_cache`.
+    computed), through :mod:`wrapcal.features.memory_store`.
 
     Args:
         models: One classifier, or a dict name -> model. A model is a

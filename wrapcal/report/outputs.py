@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from wrapcal.prediction import Prediction
+from wrapcal.plugin.prediction import Prediction
 
 __all__ = ["ModelOutputs", "SetOutputs"]
 

@@ -1,7 +1,7 @@
 """One pass of each model over each data set, sharing the backbone's features.
 
 A wrapped model whose plugins work from cached features gets its features from the
-shared feature cache (:mod:`wrapcal.feature_cache`): the baseline and every wrapped
+shared feature cache (:mod:`wrapcal.features.memory_store`): the baseline and every wrapped
 variant of one backbone make one backbone pass per data set between them. A bare
 classifier is split the same way (``wrapcal.wrap(model)`` gives exactly its outputs)
 to share that pass; one that cannot be split (its last layer's output is changed
@@ -21,17 +21,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from wrapcal import distributed
-from wrapcal.assemble import wrap
-from wrapcal.chain import CORE_OUTPUTS, Chain
 from wrapcal.data import iter_batches, num_samples
 from wrapcal.errors import DataError, SplitError
-from wrapcal.feature_cache import cached_features
-from wrapcal.plugin import get_tags
-from wrapcal.prediction import Prediction
-from wrapcal.probs import check_logits, entropy, logits_to_probs, looks_like_probabilities
+from wrapcal.features.memory_store import cached_features
+from wrapcal.model.assemble import wrap
+from wrapcal.model.chain import CORE_OUTPUTS, Chain
+from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.base import get_tags
+from wrapcal.plugin.prediction import Prediction
+from wrapcal.plugin.probs import check_logits, entropy, logits_to_probs, looks_like_probabilities
+from wrapcal.plugin.torch_helpers import preserved_modes
 from wrapcal.report.outputs import SetOutputs
-from wrapcal.torch_utils import preserved_modes
-from wrapcal.wrapped import WrappedModel
 
 __all__ = ["model_device", "run_model", "runner_for"]
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from wrapcal import OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.params import Interval, Options
+from wrapcal.plugin.constraints import Interval, Options
 
 __version__ = "0.1.0"
 

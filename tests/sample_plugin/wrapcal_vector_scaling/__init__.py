@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from wrapcal import OutputKind, Plugin, Stage, hookimpl
-from wrapcal.params import Interval
+from wrapcal.plugin.constraints import Interval
 
 
 class VectorScaling(Plugin):

@@ -1,1 +1,0 @@
-"""wrapcal's built-in plugins, found through the ``wrapcal`` entry-point group."""

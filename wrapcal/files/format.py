@@ -1,0 +1,269 @@
+"""The ``.wrapcal`` file: one safetensors file, its configuration as JSON inside.
+
+The tensors are the wrapped model's ``state_dict``; the header's metadata holds one
+JSON document under ``"wrapcal"``: format version, how to rebuild the model (a name
+in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the sizes, each
+plugin's name, parameters and learned plain values, and a SHA-256 digest over the
+configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled.
+
+``save`` writes a temporary file beside the target (with the target's mode, or the
+umask's) and renames it, so a failed save leaves the old file intact. ``read`` reads
+the file once, checks its structure and the digest, and returns the configuration
+and the tensors; :func:`wrapcal.load` builds the model from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from wrapcal import distributed
+from wrapcal.errors import SavedFileError
+from wrapcal.files.families import describe_model
+from wrapcal.model import discovery as manager
+from wrapcal.model.operating_points import is_operating_points
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "SavedFile", "digest", "read", "save"]
+
+FORMAT = "wrapcal"
+FORMAT_VERSION = 2
+#: The safetensors header (tensor index and metadata) may not be larger than this.
+MAX_HEADER_BYTES = 64 << 20
+_TMP_SUFFIX = ".wrapcal-tmp"
+
+
+@dataclass
+class SavedFile:
+    """A saved file's checked contents.
+
+    Attributes:
+        path: Where it was read from.
+        config: The JSON configuration (without the digest).
+        tensors: Name -> tensor, on the CPU, as stored.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def digest(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the configuration (canonical JSON) and every tensor, in name order."""
+    h = hashlib.sha256(b"wrapcal-digest-v1\0")
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{tensor.dtype!s}\0{tuple(tensor.shape)}\0".encode())
+        if tensor.numel():
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _plugin_entries(wrapped: Any) -> list[dict[str, Any]]:
+    entries = []
+    for plugin, name in zip(wrapped.plugins, wrapped.plugin_names, strict=True):
+        if manager.plugin_name(plugin) is None and name not in manager.plugin_registry():
+            raise SavedFileError(
+                f"plugin {name} has no registered name, so a saved model could not be "
+                "loaded; register it in the 'wrapcal' entry-point group"
+            )
+        entries.append({"name": name, "params": plugin.get_params(), "state": plugin.get_state()})
+    return entries
+
+
+def _config(wrapped: Any) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": describe_model(wrapped),
+        "split": {"kind": wrapped.split_kind, "head_path": wrapped.head_path},
+        "num_classes": wrapped.num_classes,
+        "num_features": wrapped.num_features,
+        "input_shape": list(wrapped.input_shape) if wrapped.input_shape else None,
+        "operating_points": wrapped.operating_points,
+        "plugins": _plugin_entries(wrapped),
+    }
+
+
+def _clean_stale(directory: Path, name: str) -> None:
+    """Remove temporary files of earlier saves of ``name`` whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]+{re.escape(_TMP_SUFFIX)}\Z")
+    for entry in directory.iterdir():
+        found = pattern.match(entry.name)
+        if not found:
+            continue
+        pid = int(found.group(1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+        except OSError:
+            pass  # alive under another user: not ours to remove
+
+
+def save(wrapped: Any, path: str | os.PathLike) -> Path:
+    """Save ``wrapped`` to ``path`` (conventionally ``*.wrapcal``).
+
+    Returns:
+        The path written.
+
+    Raises:
+        SavedFileError: A plugin without a registered name, or parameters or learned
+            values that are not JSON.
+    """
+    distributed.check_whole(wrapped, "save")
+    path = Path(path)
+    config = _config(wrapped)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in wrapped.state_dict().items()}
+    try:
+        config["digest"] = digest(config, tensors)
+        text = json.dumps(config)
+    except (TypeError, ValueError) as err:
+        raise SavedFileError(f"a plugin parameter or learned value is not JSON: {err}") from err
+    payload = save_tensors(tensors, metadata={FORMAT: text})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(path.parent, path.name)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
+    # os.open applies the umask, as a plain open() would; an existing file keeps its mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return path
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _fail(path: Path, what: str) -> SavedFileError:
+    return SavedFileError(
+        f"{path} is not a readable wrapcal file: {what}. Save the model again with "
+        "wrapped.save(path)"
+    )
+
+
+def _json(path: Path, text: str | bytes, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise _fail(path, f"the {what} is nested too deeply to be a wrapcal file") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _fail(path, f"the {what} is not valid JSON ({err})") from None
+
+
+def _split_file(path: Path, blob: bytes) -> dict[str, Any]:
+    if len(blob) < 8:
+        raise _fail(path, "the file is too short to be a wrapcal file (truncated?)")
+    (size,) = struct.unpack("<Q", blob[:8])
+    if size > MAX_HEADER_BYTES or 8 + size > len(blob):
+        raise _fail(path, "the header length does not fit the file (truncated or corrupt?)")
+    header = _json(path, blob[8 : 8 + size], "safetensors header")
+    if not isinstance(header, dict):
+        raise _fail(path, "the safetensors header is not an object")
+    return header
+
+
+def _check_config(path: Path, config: Any) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise _fail(path, "the wrapcal configuration is not an object")
+    version = config.get("format_version")
+    if config.get("format") != FORMAT or not isinstance(version, int):
+        raise _fail(path, "the wrapcal configuration has no format version")
+    if version > FORMAT_VERSION:
+        raise SavedFileError(
+            f"{path} has format version {version}; this wrapcal reads up to "
+            f"{FORMAT_VERSION}. Upgrade wrapcal"
+        )
+    if version < FORMAT_VERSION:
+        raise SavedFileError(
+            f"{path} has format version {version}, written by an older wrapcal without a "
+            "digest; load it with that version and save it again"
+        )
+    expected = {
+        "model": dict,
+        "split": dict,
+        "num_classes": int,
+        "num_features": int,
+        "plugins": list,
+        "digest": str,
+    }
+    for key, kind in expected.items():
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise _fail(path, f"the configuration's {key!r} is missing or not a {kind.__name__}")
+    for entry in config["plugins"]:
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("params"), dict)
+            and isinstance(entry.get("state"), dict)
+        ):
+            raise _fail(path, "a plugin entry is not {name, params, state}")
+    if not is_operating_points(config.get("operating_points")):
+        raise _fail(path, "the operating points are not thresholds and metrics")
+    shape = config.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and all(isinstance(v, int) and 0 < v < 1 << 20 for v in shape)
+    ):
+        raise _fail(path, "the input shape is not a list of sizes")
+    return config
+
+
+def read(path: str | os.PathLike) -> SavedFile:
+    """Read a saved file once and check it: structure, configuration and digest.
+
+    Raises:
+        SavedFileError: Missing, truncated, corrupt (digest mismatch), not a wrapcal
+            file, or a newer format; the message says which.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SavedFileError(f"no saved model at {path}")
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise SavedFileError(f"cannot read {path}: {err}") from err
+    header = _split_file(path, blob)
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or FORMAT not in metadata:
+        raise SavedFileError(
+            f"{path} is a safetensors file but not a wrapcal one (no '{FORMAT}' metadata); "
+            "for bare weights, build the model and load_state_dict yourself, then wrap it"
+        )
+    if not isinstance(metadata[FORMAT], str):
+        raise _fail(path, "the wrapcal configuration is not a string")
+    config = _check_config(path, _json(path, metadata[FORMAT], "wrapcal configuration"))
+    try:
+        tensors = load_tensors(blob)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
+        raise _fail(path, f"the tensors cannot be read (truncated or corrupt?): {err}") from None
+    stored = config.pop("digest")
+    if digest(config, tensors) != stored:
+        raise _fail(
+            path,
+            "the file is corrupt: its contents do not match the digest stored when it was "
+            "saved (a changed byte in the tensors or the configuration)",
+        )
+    return SavedFile(path, config, tensors)

@@ -1,0 +1,156 @@
+"""Assembly: resolve plugins, split the model, build the ``WrappedModel``.
+
+The one path used by :func:`wrap` and by :func:`wrapcal.load`: plugins are created by
+name (their parameters checked against their declared constraints), ordered by stage
+(:mod:`wrapcal.model.ordering`), and attached to the split model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from wrapcal.errors import SplitError
+from wrapcal.model import discovery as manager
+from wrapcal.model.ordering import order_plugins
+from wrapcal.model.split import Split, split_at
+from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.constraints import suggest
+from wrapcal.plugin.torch_helpers import HOW_TO_SPLIT_BY_HAND
+
+__all__ = ["build", "create_plugin", "find_split", "resolve_plugins", "wrap"]
+
+
+def create_plugin(name: str, params: Any = None) -> Plugin:
+    """Create the plugin registered as ``name`` with ``params``, checked.
+
+    Raises:
+        PluginNotFoundError: No installed plugin has that name.
+        TypeError: ``params`` is not a dict, or names a parameter the plugin does not
+            have (the message lists the ones it has).
+        ValueError: A parameter value the plugin does not accept.
+    """
+    params = {} if params is None else params
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise TypeError(f"plugin {name}: parameters must be a dict name -> value")
+    info = manager.find_plugin(name)
+    factory = info.factory
+    signature = inspect.signature(factory)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    known = [n for n in signature.parameters if n != "self"]
+    for key in params:
+        if not accepts_any and key not in known:
+            raise TypeError(
+                f"plugin {name} has no parameter {key!r}{suggest(key, known)}; its "
+                f"parameters are {', '.join(known) or 'none'}"
+            )
+    plugin = factory(**params)
+    if not isinstance(plugin, Plugin):
+        raise TypeError(
+            f"plugin {name}: its factory returned a {type(plugin).__name__}, not a wrapcal.Plugin"
+        )
+    plugin.validate_params(f"plugin {name}")
+    return plugin
+
+
+def resolve_plugins(plugins: Any) -> list[tuple[str, Plugin]]:
+    """Names, ``(name, params)`` pairs and instances -> ``(name, plugin)`` in stage order."""
+    if isinstance(plugins, (str, Plugin)) or (
+        isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
+    ):
+        raise TypeError(
+            f"plugins must be a list, e.g. plugins=[{plugins!r}]; got a single "
+            f"{type(plugins).__name__}"
+        )
+    pairs: list[tuple[str, Plugin]] = []
+    for item in plugins:
+        if isinstance(item, str):
+            pairs.append((item, create_plugin(item)))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            pairs.append((item[0], create_plugin(item[0], item[1])))
+        elif isinstance(item, Plugin):
+            name = manager.plugin_name(item) or type(item).__name__
+            item.validate_params(f"plugin {name}")
+            pairs.append((name, item))
+        else:
+            raise TypeError(
+                "plugins must be names, (name, params) pairs or wrapcal.Plugin instances; "
+                f"got {type(item).__name__}"
+            )
+    for index, (name, plugin) in enumerate(pairs):
+        if any(plugin is other for _, other in pairs[:index]):
+            raise ValueError(f"plugin {name} is listed twice (the same instance)")
+        get_tags(plugin)  # checks the stage and output kinds now, not at first use
+    return order_plugins(pairs)
+
+
+def find_split(model: nn.Module) -> Split:
+    """Split ``model`` (modified in place) with the first adapter that knows it."""
+    split = manager.get_plugin_manager().hook.wrapcal_split_model(model=model)
+    if split is None:
+        raise SplitError(f"no adapter could split {type(model).__name__}; {HOW_TO_SPLIT_BY_HAND}")
+    return split
+
+
+def build(split: Split, plugins: list[tuple[str, Plugin]], stacklevel: int) -> WrappedModel:
+    """``WrappedModel(split, plugins)``, with the plugins' attach warnings pointing at the
+    caller ``stacklevel - 1`` frames up (a warning from inside the core helps no one,
+    and the default filter would show only the first of its kind)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = WrappedModel(split, plugins)
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=stacklevel)
+    return wrapped
+
+
+def _copy_split(split: Split) -> Split:
+    # The user's modules are never changed: fitting trains the copy's head in place.
+    return Split(
+        copy.deepcopy(split.backbone),
+        copy.deepcopy(split.head),
+        split.kind,
+        dict(split.source),
+        split.head_path,
+    )
+
+
+def wrap(
+    model: nn.Module | None,
+    plugins: Sequence[Any] = (),
+    *,
+    inplace: bool = False,
+    head: str | None = None,
+    split: Split | None = None,
+) -> WrappedModel:
+    """Wrap a classifier with plugins.
+
+    Args:
+        model: A timm or torchvision model, or any ``nn.Module`` that maps inputs to
+            logits and ends in an ``nn.Linear`` (``None`` with ``split=``).
+        plugins: Plugin names (``"temperature"``), ``(name, params)`` pairs or plugin
+            instances. They act by stage, not in list order.
+        inplace: Use ``model`` (or the ``split``'s modules) itself instead of a copy.
+            The copy is the default: the user's model is never changed.
+        head: The dotted name of the final linear layer, to split there by hand.
+        split: A complete :class:`~wrapcal.model.split.Split`, to skip the adapters.
+
+    Returns:
+        The :class:`~wrapcal.WrappedModel`, in eval mode (an inference object; see
+        its documentation).
+    """
+    if split is None and not isinstance(model, nn.Module):
+        raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
+    resolved = resolve_plugins(plugins)
+    if split is None:
+        target = model if inplace else copy.deepcopy(model)
+        split = split_at(target, head) if head is not None else find_split(target)
+    elif not inplace:
+        split = _copy_split(split)
+    return build(split, resolved, stacklevel=3)

@@ -1,0 +1,71 @@
+"""The order plugins act in: by stage, then by declared ``after`` / ``before``, then name.
+
+The same plugins in any list order give the same model: the list order is never used.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from typing import Any
+
+from wrapcal.plugin.base import get_tags
+
+__all__ = ["order_plugins"]
+
+
+def order_plugins(plugins: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Sort ``(name, plugin)`` pairs into the order they act in.
+
+    Stages come in :class:`~wrapcal.Stage` order. Inside a stage a plugin comes after
+    the plugins it names in its tags' ``after`` and before those in ``before`` (names
+    of plugins that are absent are ignored); among plugins free to go next, the
+    smallest name goes first.
+
+    Raises:
+        ValueError: Two plugins share a name, or ``after`` / ``before`` form a cycle.
+    """
+    names = [name for name, _ in plugins]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(
+            f"plugin {twice[0]} is listed twice; give it once (with all its parameters)"
+        )
+    by_stage: dict[Any, list[tuple[str, Any]]] = {}
+    for name, plugin in plugins:
+        by_stage.setdefault(get_tags(plugin).stage, []).append((name, plugin))
+    ordered: list[tuple[str, Any]] = []
+    for stage in sorted(by_stage):
+        ordered += _within_stage(by_stage[stage])
+    return ordered
+
+
+def _within_stage(group: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    present = {name: plugin for name, plugin in group}
+    needs: dict[str, set[str]] = {name: set() for name in present}
+    for name, plugin in group:
+        tags = get_tags(plugin)
+        for other in tags.after:
+            if other in present and other != name:
+                needs[name].add(other)
+        for other in tags.before:
+            if other in present and other != name:
+                needs[other].add(name)
+    ready = [name for name, deps in needs.items() if not deps]
+    heapq.heapify(ready)
+    out: list[tuple[str, Any]] = []
+    while ready:
+        name = heapq.heappop(ready)
+        out.append((name, present[name]))
+        for other, deps in needs.items():
+            if name in deps:
+                deps.discard(name)
+                if not deps:
+                    heapq.heappush(ready, other)
+    if len(out) != len(group):
+        stuck = sorted(set(present) - {name for name, _ in out})
+        raise ValueError(
+            f"plugins {', '.join(stuck)} name each other in after=/before= in a cycle; "
+            "drop one of the constraints"
+        )
+    return out

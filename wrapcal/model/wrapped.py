@@ -1,0 +1,311 @@
+"""``WrappedModel``: a split classifier with plugins, for inference.
+
+``wrapped(x)`` returns calibrated logits with the model's shape, dtype and device, so
+it drops into code that used the model; ``predict`` adds probabilities and every
+plugin's scores and outputs. Fitting lives in :mod:`wrapcal.model.fitting`, assembly (wrap,
+load) in :mod:`wrapcal.model.assemble`, files in :mod:`wrapcal.persistence`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from wrapcal import distributed
+from wrapcal.data import check_inputs, iter_batches, num_samples
+from wrapcal.errors import DataError, NotFittedError
+from wrapcal.features.disk_arrays import DiskFeatures
+from wrapcal.features.disk_store import DiskCache
+from wrapcal.files import format as saving
+from wrapcal.model import fitting
+from wrapcal.model.chain import CACHED_BATCH, Chain, PrefixView, named_errors
+from wrapcal.model.split import Split
+from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.prediction import Prediction
+from wrapcal.plugin.torch_helpers import check_batch, device_of, in_mode, input_hint
+
+__all__ = ["WrappedModel"]
+
+
+class WrappedModel(nn.Module):
+    """A classifier split into backbone and head, with plugins applied.
+
+    Create it with :func:`wrapcal.wrap`; load a saved one with :func:`wrapcal.load`.
+    It is an inference object: it starts in eval mode, and ``forward`` and ``predict``
+    give the same answers (batch-norm running statistics, no dropout) unless you call
+    ``wrapped.train()`` yourself, which only ``forward`` honours.
+
+    Attributes:
+        backbone: Inputs -> features ``[B, D]``.
+        head: The model's head, features -> logits ``[B, K]``.
+        plugins: The plugins, in the order they act (:mod:`wrapcal.model.ordering`).
+        plugin_names: Their names, in the same order.
+        num_classes: ``K`` (1 for a single-logit binary model).
+        num_features: ``D``.
+        input_shape: The shape of one input, as seen at ``fit`` or known from the model
+            (``None`` when unknown).
+        fixed_input_size: Whether the model takes only that spatial size (a ViT's
+            patch grid), not just that number of channels.
+        check_inputs: Refuse NaN/inf inputs and inputs of the wrong shape with a clear
+            error (the default). Set it to ``False`` in serving, where inputs are
+            trusted and the check's pass over the batch is not wanted.
+        backbone_passes: How many passes over a data set the backbone has made.
+        operating_points: Measured at ``fit`` on the calibration set: for each score the
+            threshold accepting 95% of it, and its accuracy, ECE and NLL
+            (:mod:`wrapcal.model.operating_points`); ``None`` before (or without calibration
+            data). Saved with the model and written into exports.
+    """
+
+    def __init__(self, split: Split, plugins: Sequence[tuple[str, Plugin]]) -> None:
+        super().__init__()
+        self.backbone = split.backbone
+        self.head = split.head
+        self.plugins = nn.ModuleList([plugin for _, plugin in plugins])
+        self.plugin_names = [name for name, _ in plugins]
+        self.split_kind = split.kind
+        self.source = dict(split.source)
+        self.head_path = split.head_path
+        self.num_classes = split.num_classes
+        self.num_features = split.num_features
+        self.input_shape: tuple[int, ...] | None = split.input_shape
+        self.fixed_input_size = split.fixed_input_size
+        self.check_inputs = True
+        self.backbone_passes = 0
+        self.operating_points: dict[str, Any] | None = None
+        for index, (name, plugin) in enumerate(plugins):
+            named_errors(name, plugin.attach, self.view(index))
+        self.eval()
+
+    # --- plugins -----------------------------------------------------------------------
+
+    def chain(self, upto: int | None = None) -> Chain:
+        """The plugins before index ``upto`` (all of them by default), as a chain."""
+        stop = len(self.plugins) if upto is None else upto
+        triples = [
+            (name, plugin, get_tags(plugin))
+            for name, plugin in zip(
+                self.plugin_names[:stop], list(self.plugins)[:stop], strict=True
+            )
+        ]
+        hint = input_hint(self.input_shape, self.fixed_input_size)
+        return Chain(self.backbone, self.head, triples, self.num_features, hint)
+
+    def view(self, upto: int) -> PrefixView:
+        """The model as plugin number ``upto`` sees it (the plugins before it active)."""
+        return PrefixView(self, self.chain(upto))
+
+    def get_plugin(self, name_or_type: str | type) -> Plugin:
+        """The plugin registered under a name, or the first of a type."""
+        for plugin, name in zip(self.plugins, self.plugin_names, strict=True):
+            if name == name_or_type or (
+                isinstance(name_or_type, type) and isinstance(plugin, name_or_type)
+            ):
+                return plugin
+        raise KeyError(f"no plugin {name_or_type!r} in this model; it has {self.plugin_names}")
+
+    def check_is_fitted(self) -> None:
+        """Raise :class:`NotFittedError` naming every plugin that still needs ``fit``."""
+        missing = [
+            name
+            for name, plugin in zip(self.plugin_names, self.plugins, strict=True)
+            if get_tags(plugin).requires_fit and not plugin.fitted_
+        ]
+        if missing:
+            raise NotFittedError(
+                f"plugins {', '.join(missing)} are not fitted: call wrapped.fit(train=..., "
+                "calibration=..., unlabeled=...) with the data they need before predicting"
+            )
+
+    # --- description -------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return device_of(self)
+
+    @property
+    def model_name(self) -> str:
+        """A readable name of the wrapped model, for messages."""
+        inner = getattr(self.backbone, "model", self.backbone)
+        return str(self.source.get("name") or type(inner).__name__)
+
+    @property
+    def num_classes_out(self) -> int:
+        """Number of classes of the predictions (2 for a single-logit binary model)."""
+        return max(self.num_classes, 2)
+
+    # --- inference ---------------------------------------------------------------------
+
+    def _prepare(self, x: Any) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+        check_inputs(x)
+        if self.check_inputs:
+            check_batch(x, self.input_shape, self.fixed_input_size)
+        param = next(self.parameters(), None)
+        if param is not None and (x.device != param.device or x.dtype != param.dtype):
+            x = x.to(device=param.device, dtype=param.dtype)
+        return x
+
+    def _stand_in(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """One input of zeros for a padding round of a collective predict: shaped like
+        ``like`` (one of this rank's inputs), else like the inputs ``fit`` saw."""
+        if like is not None:
+            return torch.zeros_like(like[:1])
+        if self.input_shape is None:
+            raise DataError("the model's input shape is unknown: fit it from data first")
+        return self._prepare(torch.zeros(1, *self.input_shape))
+
+    def members(self, x: torch.Tensor) -> torch.Tensor:
+        """Member logits ``[M, B, K]`` of a batch (``M = 1`` without heads or samplers)."""
+        self.check_is_fitted()
+        chain = self.chain()
+        return chain.members(chain.features(self._prepare(x)))
+
+    def head_members(self, features: torch.Tensor) -> torch.Tensor:
+        """Member logits ``[M, N, K]`` of backbone features ``[N, D]`` (no backbone pass)."""
+        self.check_is_fitted()
+        chain = self.chain()
+        return chain.members(chain.features(None, features))
+
+    def finish(self, members: torch.Tensor) -> torch.Tensor:
+        """Final logits ``[B, K]`` of members ``[M, B, K]``: combined, then calibrated."""
+        return self.chain().finish(members)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Calibrated logits with the model's shape, dtype and device."""
+        self.check_is_fitted()
+        return self.chain().logits(self._prepare(x))
+
+    def predict(self, x: Any, batch_size: int = 256, progress: bool = False) -> Prediction:
+        """Predict with probabilities, labels, confidences, scores and plugin outputs.
+
+        Runs in eval mode without gradients, whatever the model's mode.
+
+        Args:
+            x: A batch (tensor or array) or any data ``wrapcal.data`` reads.
+            batch_size: Batch size when ``x`` is a data set.
+            progress: Show a progress bar over batches.
+
+        Returns:
+            A :class:`~wrapcal.Prediction` on the model's device.
+        """
+        self.check_is_fitted()
+        chain = self.chain()
+        with in_mode(self, False), torch.no_grad():
+            if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
+                return chain.predict(self._prepare(x))
+            last: list[torch.Tensor] = []  # this rank's latest batch, to shape padding
+
+            def batches(bar: Any) -> Iterator[torch.Tensor]:
+                for xb, _ in iter_batches(x, batch_size):
+                    last[:] = [self._prepare(xb)]
+                    yield last[0]
+                    bar.update(xb.shape[0])
+
+            def stand_in() -> torch.Tensor:
+                return self._stand_in(last[0] if last else None)
+
+            def run() -> list[Prediction]:
+                with tqdm(
+                    total=num_samples(x), desc="predict", unit="img", disable=not progress
+                ) as bar:
+                    parts = chain.predict_each(batches(bar), stand_in, cached=False)
+                if not parts:
+                    raise DataError("no inputs to predict: the data is empty")
+                return parts
+
+            # Collective inference: a rank that fails tells the others instead of
+            # leaving them waiting in the next round.
+            parts = distributed.agree(run, "predicting") if chain.collective else run()
+            return Prediction.cat(parts)
+
+    def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+        """Predict, with every plugin's outputs, from backbone features ``[N, D]``.
+
+        ``features`` are ``wrapped.backbone`` outputs (the ``fit`` cache, or features a
+        user stored); no backbone pass is made.
+        """
+        self.check_is_fitted()
+        if isinstance(features, DiskFeatures):
+            features = features.to(self.device)  # rows are read batch by batch
+        else:
+            features = torch.as_tensor(features).to(self.device)
+        with in_mode(self, False):
+            return self.view(len(self.plugins)).predict_features(features, batch_size)
+
+    def head_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+        """Final logits ``[N, K]`` from backbone features ``[N, D]``, every plugin applied."""
+        return self.chain().cached_logits(features, batch_size)
+
+    # --- fitting and saving --------------------------------------------------------------
+
+    def fit(
+        self,
+        train: Any = None,
+        calibration: Any = None,
+        unlabeled: Any = None,
+        *,
+        batch_size: int = 256,
+        progress: bool = True,
+        seed: int = 0,
+        cache: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_dtype: str = "float32",
+        **more: Any,
+    ) -> WrappedModel:
+        """Fit every plugin, in stage order, from one backbone pass per data set read.
+
+        Args:
+            train: Labelled data to retrain on (label smoothing, discrepancy heads) or
+                to learn in-distribution statistics from.
+            calibration: Labelled held-out data for post-hoc calibration.
+            unlabeled: Unlabelled data (production traffic) for the discrepancy heads.
+            batch_size: Batch size of the backbone pass.
+            progress: Show progress bars.
+            seed: Seed of every random choice the plugins make.
+            cache: Share backbone features with other wrapped variants of the same
+                backbone and with ``wrapcal.evaluate`` (:mod:`wrapcal.features.memory_store`);
+                ``False`` always runs the backbone.
+            cache_dir: Keep the features in files under this directory instead of memory
+                (data sets larger than memory; reused by later runs with the same weights
+                and data): :mod:`wrapcal.features.disk_store`. Plugins then fit in bounded memory.
+            cache_dtype: ``"float32"`` or ``"float16"`` (half the disk) for ``cache_dir``.
+            **more: Further named data sets a plugin reads (``conformal=...``).
+
+        Returns:
+            self
+        """
+        sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
+        store: Any = cache
+        if cache_dir is not None and cache is not False:
+            store = DiskCache(cache_dir, cache_dtype)
+        options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": store}
+        return fitting.fit_from_data(self, sets, options)
+
+    def fit_features(
+        self,
+        train: Any = None,
+        calibration: Any = None,
+        unlabeled: Any = None,
+        *,
+        progress: bool = True,
+        seed: int = 0,
+        **more: Any,
+    ) -> WrappedModel:
+        """Fit from features already computed with ``wrapped.backbone``.
+
+        Each argument is ``(features, labels)`` or bare ``features`` (``[N, D]``).
+        Plugins that stream data through the network cannot be fitted this way.
+        """
+        sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
+        return fitting.fit_from_features(self, sets, {"progress": progress, "seed": seed})
+
+    def save(self, path: str | Path) -> Path:
+        """Save weights (safetensors) and configuration (JSON) in one file."""
+        return saving.save(self, path)

@@ -1,0 +1,59 @@
+"""The discovery hooks: how packages register plugins, split adapters and model families.
+
+Hooks only register things (as in simonw/llm). They are answered by modules and
+objects on the global plugin manager (:func:`wrapcal.model.discovery.get_plugin_manager`),
+found through the ``wrapcal`` entry-point group. What a plugin does to a model is not
+a hook: it is the plugin's own documented methods (:class:`wrapcal.Plugin`), which the
+core calls in stage order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+hookspec = pluggy.HookspecMarker("wrapcal")
+hookimpl = pluggy.HookimplMarker("wrapcal")
+
+__all__ = ["hookimpl", "hookspec"]
+
+
+@hookspec
+def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Register plugin factories by name.
+
+    Args:
+        register: Call ``register("temperature", TemperatureScaler)``; the factory is
+            called with the user's keyword arguments and must return a
+            :class:`wrapcal.Plugin`.
+    """
+
+
+@hookspec(firstresult=True)
+def wrapcal_split_model(model: nn.Module) -> Any:
+    """Split a classifier into a feature extractor and a head.
+
+    The first adapter that recognises the model returns its :class:`wrapcal.Split`;
+    the others return ``None``. Built-in adapters handle timm, torchvision and, last
+    (``trylast``), any model whose final operation is an ``nn.Linear``.
+
+    Args:
+        model: The model to split. The adapter may modify it (``wrap`` passes a copy
+            unless the user asked for ``inplace=True``).
+    """
+
+
+@hookspec
+def wrapcal_register_models(register: Callable[[Any], None]) -> None:
+    """Register model families that ``wrapcal.load`` and the CLI may build by name.
+
+    Args:
+        register: Call ``register(wrapcal.files.families.ModelFamily(...))`` with the
+            family's prefix, builder, known names and allow-listed arguments.
+    """

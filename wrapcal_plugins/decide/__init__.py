@@ -1,0 +1,1 @@
+"""Decisions from the calibrated output: conformal prediction sets and abstention."""

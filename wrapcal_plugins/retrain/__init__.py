@@ -1,0 +1,1 @@
+"""Retrainers: plugins that change the model's own head or network (label smoothing)."""

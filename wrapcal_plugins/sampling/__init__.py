@@ -1,0 +1,1 @@
+"""Samplers: plugins that draw several predictions per input at inference (MC dropout)."""
