@@ -39,25 +39,63 @@ class SoftmaxNet(SmallNet):
 
 
 @contextmanager
-def sample_plugin_installed(tmp_path: Path) -> Iterator[None]:
-    """Make the sample plugin package visible through real entry-point metadata.
+def installed_distribution(
+    tmp_path: Path,
+    name: str,
+    version: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str] | None = None,
+    extra_paths: tuple[Path, ...] = (),
+) -> Iterator[Path]:
+    """Make a package look installed: real ``.dist-info`` metadata on ``sys.path``.
 
     A ``.dist-info`` directory on ``sys.path`` is what pip writes for an installed
-    package; ``importlib.metadata`` (and so pluggy) finds it the same way.
+    package; ``importlib.metadata`` (and so wrapcal's discovery) finds it the same way.
+    The plugin manager is rebuilt on entry and on exit, when everything is removed again.
+
+    Args:
+        tmp_path: A fresh directory for the metadata (and the modules).
+        name: The distribution's name (``"wrapcal-vector-scaling"``).
+        version: Its version.
+        entry_points: Entry-point name -> module, in the ``wrapcal`` group.
+        modules: Module name -> source, written beside the metadata.
+        extra_paths: Further directories the modules live in (put on ``sys.path``).
+
+    Yields:
+        The directory on ``sys.path`` that holds the metadata.
     """
-    dist = tmp_path / "wrapcal_vector_scaling-0.3.1.dist-info"
-    dist.mkdir()
+    dist = tmp_path / f"{name.replace('-', '_')}-{version}.dist-info"
+    dist.mkdir(parents=True)
     (dist / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: wrapcal-vector-scaling\nVersion: 0.3.1\n"
-        "Summary: A sample third-party wrapcal plugin\n"
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        "Summary: A test package for wrapcal plugin discovery\n"
     )
-    (dist / "entry_points.txt").write_text("[wrapcal]\nvector_scaling = wrapcal_vector_scaling\n")
-    sys.path[:0] = [str(tmp_path), str(SAMPLE_PLUGIN_DIR)]
+    lines = "".join(f"{ep} = {module}\n" for ep, module in entry_points.items())
+    (dist / "entry_points.txt").write_text(f"[wrapcal]\n{lines}")
+    for module, source in (modules or {}).items():
+        (tmp_path / f"{module}.py").write_text(source)
+    paths = [str(tmp_path), *map(str, extra_paths)]
+    sys.path[:0] = paths
     manager.reset()
     try:
-        yield
+        yield tmp_path
     finally:
-        sys.path.remove(str(tmp_path))
-        sys.path.remove(str(SAMPLE_PLUGIN_DIR))
-        sys.modules.pop("wrapcal_vector_scaling", None)
+        for path in paths:
+            sys.path.remove(path)
+        for module in [*(modules or {}), *entry_points.values()]:
+            sys.modules.pop(module, None)
         manager.reset()
+
+
+@contextmanager
+def sample_plugin_installed(tmp_path: Path) -> Iterator[None]:
+    """Make the sample plugin package (``tests/sample_plugin``) visible through real
+    entry-point metadata, as ``wrapcal-vector-scaling`` 0.3.1."""
+    with installed_distribution(
+        tmp_path,
+        "wrapcal-vector-scaling",
+        "0.3.1",
+        {"vector_scaling": "wrapcal_vector_scaling"},
+        extra_paths=(SAMPLE_PLUGIN_DIR,),
+    ):
+        yield

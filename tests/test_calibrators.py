@@ -5,6 +5,7 @@ with the plugins before them, and the ResNet-20 scenario through a wrapped model
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -17,13 +18,9 @@ from torch import nn
 
 import wrapcal
 from wrapcal import DataError, NotFittedError, Plugin, PluginNotFoundError, Stage, get_tags
+from wrapcal.logits.calibrators import fit_calibrator
 from wrapcal.model.split import Split
-from wrapcal.plugin.calibrator import (
-    Calibrator,
-    calibrated_log_probs,
-    fit_calibrator,
-    stratified_folds,
-)
+from wrapcal.plugin.calibrator import Calibrator, calibrated_log_probs, stratified_folds
 
 NAMES = [
     "temperature",
@@ -134,9 +131,12 @@ def test_bad_inputs_raise_clear_errors() -> None:
         fit_calibrator(z, y + 1, "vector_scaling")
     with pytest.raises(DataError, match="one class only"):
         fit_calibrator(z, torch.zeros_like(y), "histogram_binning")
+    # Float labels must hold whole numbers (the one rule of wrapcal.plugin.validation,
+    # which fit_temperature and the metrics follow too); scores or probabilities are refused.
     with pytest.raises(DataError, match="integer class indices"):
-        fit_calibrator(z, y.float(), "matrix_scaling")
-    with pytest.raises(DataError, match="300 inputs but 299 labels"):
+        fit_calibrator(z, y.float() + 0.5, "matrix_scaling")
+    # One message for every logits-only entry point (fit_temperature's words).
+    with pytest.raises(DataError, match="300 rows of logits but 299 labels"):
         fit_calibrator(z, y[:-1], "ensemble_temperature")
     with pytest.raises(DataError, match=r"shape \(2, 300, 5\)"):
         fit_calibrator(z[None].repeat(2, 1, 1), y, "dirichlet")
@@ -169,6 +169,81 @@ def test_a_wrapped_model_without_calibration_data_says_so() -> None:
         wrapped.fit_features(train=(x, torch.arange(50) % 5), progress=False)
     with pytest.raises(DataError, match=r"isotonic needs labels for the 'calibration'"):
         wrapped.fit_features(calibration=x, progress=False)
+
+
+# --- one validator: numpy (numpy 2 included) and torch inputs agree --------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["temperature", "vector_scaling", "dirichlet", "isotonic"])
+def test_numpy_arrays_and_tensors_give_the_same_fit(name, dtype) -> None:
+    z, y = synthetic(n=600)
+    z_np, y_np = z.numpy().astype(dtype), y.numpy()
+    z_t, y_t = torch.from_numpy(z_np), torch.from_numpy(y_np)
+    from_numpy = fit_calibrator(z_np, y_np, name, **FAST.get(name, {}))
+    from_torch = fit_calibrator(z_t, y_t, name, **FAST.get(name, {}))
+    out = from_numpy.transform(z_np)
+    assert isinstance(out, np.ndarray) and out.shape == (600, 5)
+    np.testing.assert_array_equal(out, from_torch.transform(z_t).numpy())
+    # The map changes the logits: equal outputs are not equal because nothing was fitted.
+    assert np.abs(out - z_np).max() > 1e-3
+    t = wrapcal.fit_temperature(z_np, y_np)
+    assert t == wrapcal.fit_temperature(z_t, y_t) and 1.2 < t < 3.5  # drawn at t = 2
+    assert t == wrapcal.fit_temperature(z_np, y_np.astype(np.float32))  # whole floats
+    assert t == wrapcal.fit_temperature(z_np, y_np[:, None])  # [N, 1] is [N]
+
+
+def _message(call) -> str:
+    with pytest.raises(DataError) as caught:
+        call()
+    return str(caught.value)
+
+
+def test_bad_inputs_give_one_message_from_numpy_torch_and_every_entry_point() -> None:
+    z, y = synthetic(n=300)
+    z, y = z.numpy(), y.numpy()
+    nan, inf = z.copy(), z.copy()
+    nan[7, 2], inf[9, 0] = np.nan, np.inf
+    probs = torch.softmax(torch.from_numpy(z), 1).numpy()
+    cases = {
+        "nan": ((nan, y), r"NaN or inf values: 1 NaN and 0 inf \(1 rows, the first is row 7\)"),
+        "inf": ((inf, y), r"0 NaN and 1 inf \(1 rows, the first is row 9\)"),
+        "probabilities": ((probs, y), "look like probabilities, not logits.*log-probabilities"),
+        "label too big": ((z, np.where(y == 0, 5, y)), r"labels must be in \[0, 5\); got min"),
+        "negative label": ((z, y - 1), r"labels must be in \[0, 5\); got min -1"),
+        "binary label 2": ((z[:, :1], np.minimum(y, 2)), r"\[0, 2\) for a single binary"),
+        "empty": ((z[:0], y[:0]), r"calibration logits have shape \(0, 5\)"),
+        "length": ((z, y[:-1]), "300 rows of logits but 299 labels"),
+        "one-hot": ((z, np.eye(5)[y]), r"one-hot\? pass labels.argmax"),
+        "float labels": ((z, y + 0.5), "non-integer values; expected integer class indices"),
+        "one class": ((z, np.full_like(y, 3)), r"one class only \(3\)"),
+    }
+    entry_points = {
+        "fit_temperature": wrapcal.fit_temperature,
+        "fit_calibrator": lambda a, b: fit_calibrator(a, b, "dirichlet"),
+        "fit_conformal": wrapcal.fit_conformal,
+    }
+    for case, ((logits, labels), expected) in cases.items():
+        messages = {}
+        for entry, fit in entry_points.items():
+            if case == "one class" and entry == "fit_conformal":
+                continue  # one class is a valid conformal calibration set
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the single-logit case warns too
+                from_numpy = _message(lambda f=fit, a=logits, b=labels: f(a, b))
+                from_torch = _message(
+                    lambda f=fit, a=logits, b=labels: f(torch.from_numpy(a), torch.from_numpy(b))
+                )
+            assert from_numpy == from_torch, (case, entry)
+            # The one-class message names what is fitted; the rest of it is shared.
+            messages[entry] = from_numpy.replace("dirichlet", "temperature scaling")
+        assert len(set(messages.values())) == 1, (case, messages)  # one set of messages
+        assert re.search(expected, from_numpy), (case, from_numpy)
+    # The same rules at inference: transform refuses what fit refuses, in the same words.
+    cal = fit_calibrator(z, y, "dirichlet")
+    assert _message(lambda: cal.transform(probs)) == _message(
+        lambda: cal.transform(torch.from_numpy(probs))
+    )
 
 
 # --- helpers --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ coverage study takes seconds.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from scipy import stats
 from shared_data import SHARED_DATA, requires_shared_data, resnet20_outputs
 
 from wrapcal import DataError
+from wrapcal.logits.abstention import fit_abstention, risk_coverage_curve
 from wrapcal.logits.conformal import (
     ALL_CLASSES,
     conformal_quantile,
@@ -392,3 +394,106 @@ def test_beside_mapie(name):
     # 8 splits), and the two libraries split differently: only roughly the same sizes.
     assert np.mean(sizes["aps"]) == pytest.approx(np.mean(sizes["mapie_aps"]), rel=0.02)
     assert np.mean(sizes["raps"]) == pytest.approx(np.mean(sizes["mapie_raps"]), rel=0.25)
+
+
+# --- one validator: numpy (numpy 2 included) and torch inputs agree --------------------
+
+
+def _logits_and_labels(dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=(400, 6)) * 3).astype(dtype)
+    labels = np.where(rng.random(400) < 0.8, logits.argmax(1), rng.integers(0, 6, 400))
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_arrays_and_tensors_give_the_same_sets(dtype):
+    """numpy 2 arrays carry ``.device == "cpu"`` (a string): it must not be read as a torch
+    device (``conformal_sets`` raised AttributeError on numpy inputs)."""
+    z, y = _logits_and_labels(dtype)
+    from_numpy = conformal_sets(z, y, z, alpha=0.1)
+    from_torch = conformal_sets(torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(z))
+    assert from_numpy.dtype == torch.bool and from_numpy.shape == (400, 6)
+    assert torch.equal(from_numpy, from_torch)
+    assert torch.equal(conformal_sets(z.tolist(), y.tolist(), z.tolist()), from_torch)
+    for method in ("lac", "raps"):
+        a = fit_conformal(z, y, method=method, classwise=method == "lac")
+        b = fit_conformal(
+            torch.from_numpy(z), torch.from_numpy(y), method=method, classwise=method == "lac"
+        )
+        assert torch.equal(a.thresholds, b.thresholds) and (a.k_reg, a.lam) == (b.k_reg, b.lam)
+        assert torch.equal(a.sets(z), b.sets(torch.from_numpy(z)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpy_arrays_and_tensors_give_the_same_abstention(dtype):
+    z, y = _logits_and_labels(dtype)
+    p = torch.softmax(torch.from_numpy(z).double(), 1)
+    msp = (1 - p.amax(1)).numpy().astype(dtype)
+    correct = z.argmax(1) == y
+    # About 17% of these predictions are wrong: a 30% risk certifies a real threshold.
+    a = fit_abstention(msp, correct, risk=0.3)
+    b = fit_abstention(torch.from_numpy(msp), torch.from_numpy(correct), risk=0.3)
+    assert a == b and a.threshold > 0  # something is accepted: the rule is not trivial
+    assert risk_coverage_curve(msp, correct) == risk_coverage_curve(
+        torch.from_numpy(msp), torch.from_numpy(correct)
+    )
+
+
+def _message(call) -> str:
+    with pytest.raises(DataError) as caught:
+        call()
+    return str(caught.value)
+
+
+def test_bad_inputs_give_one_message_from_numpy_and_torch():
+    z, y = _logits_and_labels(np.float32)
+    nan, inf = z.copy(), z.copy()
+    nan[7, 2], inf[9, 0] = np.nan, np.inf
+    probs = torch.softmax(torch.from_numpy(z), 1).numpy()
+    cases = {
+        "nan": ((nan, y), r"NaN or inf values: 1 NaN and 0 inf \(1 rows, the first is row 7\)"),
+        "inf": ((inf, y), r"0 NaN and 1 inf \(1 rows, the first is row 9\)"),
+        "probabilities": ((probs, y), "look like probabilities, not logits"),
+        "label too big": ((z, np.where(y == 0, 6, y)), r"labels must be in \[0, 6\); got min"),
+        "negative label": ((z, y - 1), r"labels must be in \[0, 6\); got min -1"),
+        "empty": ((z[:0], y[:0]), r"calibration logits have shape \(0, 6\)"),
+        "length": ((z, y[:-1]), "400 rows of logits but 399 labels"),
+        "float labels": ((z, y + 0.5), "non-integer values; expected integer class indices"),
+    }
+    for name, ((logits, labels), expected) in cases.items():
+        from_numpy = _message(lambda a=logits, b=labels: fit_conformal(a, b))
+        from_torch = _message(
+            lambda a=logits, b=labels: fit_conformal(torch.from_numpy(a), torch.from_numpy(b))
+        )
+        assert from_numpy == from_torch, name
+        assert re.search(expected, from_numpy), (name, from_numpy)
+    # Test logits are checked by the same rules, with the same messages.
+    predictor = fit_conformal(z, y)
+    assert _message(lambda: predictor.sets(nan)) == _message(
+        lambda: predictor.sets(torch.from_numpy(nan))
+    )
+    # One class only is a valid calibration set for conformal sets (the threshold is
+    # that class's), and numpy and torch agree on it.
+    one = np.full_like(y, 2)
+    assert torch.equal(
+        fit_conformal(z, one).thresholds, fit_conformal(torch.from_numpy(z), one).thresholds
+    )
+    # Abstention's inputs: NaN, empty and mismatched lengths, the same from both kinds.
+    msp = np.linspace(0, 0.5, 400)
+    msp_nan = msp.copy()
+    msp_nan[3] = np.nan
+    correct = np.ones(400, bool)
+    for bad_msp, bad_correct, expected in [
+        (msp_nan, correct, r"msp hold NaN or inf values: 1 NaN and 0 inf"),
+        (msp[:0], correct[:0], "msp is empty"),
+        (msp, correct[:-1], r"same N; got \(400,\) and \(399,\)"),
+        (msp[:, None], correct, "msp must be 1-D"),
+    ]:
+        from_numpy = _message(lambda a=bad_msp, b=bad_correct: fit_abstention(a, b))
+        from_torch = _message(
+            lambda a=bad_msp, b=bad_correct: fit_abstention(
+                torch.from_numpy(a), torch.from_numpy(b)
+            )
+        )
+        assert from_numpy == from_torch and re.search(expected, from_numpy), from_numpy

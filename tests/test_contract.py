@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import copy
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +361,104 @@ def test_no_import_cycles_inside_wrapcal() -> None:
 
     cycles = sorted(m for m in modules if reaches(m, m, set()))
     assert len(modules) > 20 and not cycles, f"modules on an import cycle: {cycles}"
+
+
+def _imports_of(path: Path) -> list[tuple[str, list[str]]]:
+    """``(module, names)`` of every absolute import in a file, in functions and
+    ``TYPE_CHECKING`` blocks too (``import a.b`` gives ``("a.b", [])``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_built_in_plugins_import_only_wrapcal_and_the_plugin_sdk() -> None:
+    """The built-ins prove the SDK: what they need, a third party finds in ``wrapcal``
+    (its public names) and ``wrapcal.plugin``; nothing deeper that a refactor may move."""
+    public = set(wrapcal.__all__)
+    files = sorted((ROOT / "wrapcal_plugins").rglob("*.py"))
+    assert len(files) > 20
+    wrong = []
+    for path in files:
+        for module, names in _imports_of(path):
+            if module in ("wrapcal.plugin", "wrapcal_plugins") or module.startswith(
+                "wrapcal_plugins."
+            ):
+                continue
+            if module == "wrapcal":
+                wrong += [f"{path.name}: from wrapcal import {n}" for n in names if n not in public]
+            elif module.startswith("wrapcal."):
+                wrong.append(f"{path.relative_to(ROOT)}: {module}")
+    assert not wrong, "built-in plugins reach into the core:\n" + "\n".join(wrong)
+
+
+def test_the_sdk_exports_every_name_it_lists() -> None:
+    import wrapcal.plugin as sdk
+
+    missing = [name for name in sdk.__all__ if not hasattr(sdk, name)]
+    assert not missing and len(set(sdk.__all__)) == len(sdk.__all__), missing
+    for name in ("Plugin", "Calibrator", "Stage", "OutputKind", "PluginTags", "OutputContext"):
+        assert getattr(sdk, name) is getattr(wrapcal, name)
+
+
+def test_the_floor_plan_keeps_at_most_eight_modules_at_the_top() -> None:
+    top = sorted(
+        p.name
+        for p in (ROOT / "wrapcal").glob("*.py")
+        if p.name not in ("__init__.py", "__main__.py", "_version.py")
+    )
+    assert len(top) <= 8, top
+    for room in ("plugin", "features", "model", "files", "logits", "metrics", "report"):
+        assert (ROOT / "wrapcal" / room / "__init__.py").is_file(), room
+
+
+def test_no_module_below_the_public_api_imports_it() -> None:
+    """Only the command line (the top layer) may use ``wrapcal``'s public names; every
+    other module imports the module that holds what it needs (``from wrapcal import
+    distributed`` names a submodule, which is fine)."""
+    package = ROOT / "wrapcal"
+    submodules = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if p.is_dir()
+    }
+    wrong = []
+    for path in package.rglob("*.py"):
+        rel = path.relative_to(package)
+        if rel.parts[0] in ("cli", "__init__.py"):
+            continue
+        for module, names in _imports_of(path):
+            if module == "wrapcal" and not names:
+                wrong.append(f"{rel}: import wrapcal")
+            elif module == "wrapcal":
+                wrong += [f"{rel}: from wrapcal import {n}" for n in names if n not in submodules]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "name"),
+    [
+        ("wrapcal.params", "wrapcal.plugin.constraints", "Interval"),
+        ("wrapcal.cache", "wrapcal.features.extract", "FitData"),
+        ("wrapcal.calibrator", "wrapcal.logits.calibrators", "fit_calibrator"),
+        ("wrapcal.calibrator", "wrapcal.plugin.calibrator", "Calibrator"),
+        ("wrapcal.manager", "wrapcal.model.discovery", "plugin_registry"),
+        ("wrapcal_plugins.knn", "wrapcal_plugins.ood.knn", "KNN"),
+    ],
+)
+def test_the_import_paths_of_0_2_0_still_work_and_warn(old: str, new: str, name: str) -> None:
+    """A package written against 0.2.0's paths keeps working for this release, with the
+    very same objects, and is told where they moved."""
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        f"    old = importlib.import_module({old!r})\n"
+        f"new = importlib.import_module({new!r})\n"
+        f"assert getattr(old, {name!r}) is getattr(new, {name!r})\n"
+        "assert any(issubclass(w.category, DeprecationWarning) and "
+        f"{new!r} in str(w.message) for w in caught), [str(w.message) for w in caught]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

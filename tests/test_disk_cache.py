@@ -226,3 +226,65 @@ def test_evaluate_shares_a_cache_directory_with_fit(tmp_path):
     )
     assert counter.images == 0
     assert again.calibration["w"] == report.calibration["w"]
+
+
+# --- the FeatureStore protocol and the wrapped model's feature pass ----------------------
+
+
+def _protocol_methods(protocol: type) -> dict[str, list[str]]:
+    import inspect
+
+    return {
+        name: list(inspect.signature(member).parameters)
+        for name, member in vars(protocol).items()
+        if callable(member) and not name.startswith("_")
+    }
+
+
+def test_memory_and_disk_stores_implement_the_feature_store_protocol(tmp_path):
+    import inspect
+
+    from wrapcal.features.extract import FeatureSink, MemorySink
+    from wrapcal.features.memory_store import FeatureCache
+    from wrapcal.features.store import FeatureStore
+
+    wanted = _protocol_methods(FeatureStore)
+    assert set(wanted) == {"lookup", "candidates", "new_sink", "store", "discard"}
+    for store in (FeatureCache(), DiskCache(tmp_path / "store")):
+        for name, params in wanted.items():
+            got = list(inspect.signature(getattr(type(store), name)).parameters)
+            assert got == params, (type(store).__name__, name)
+        assert isinstance(store.enabled, bool) and store.hits == store.misses == 0
+        sink = store.new_sink("model")
+        for method in _protocol_methods(FeatureSink):
+            assert callable(getattr(sink, method)), (type(sink).__name__, method)
+        store.discard(sink)
+    assert set(_protocol_methods(FeatureSink)) == {"append", "finish"}
+    assert all(callable(getattr(MemorySink(), m)) for m in ("append", "finish"))
+    # A disk store completes only the sinks it made: a foreign one is refused clearly.
+    with pytest.raises(TypeError, match=r"only the sinks it made .*got MemorySink"):
+        DiskCache(tmp_path / "other").discard(MemorySink())
+
+
+def test_features_of_runs_the_backbone_once_per_store(tmp_path):
+    model = small_net()
+    wrapped = wrapcal.wrap(model)
+    x, y = labelled(90, seed=4, model=model)
+    with torch.no_grad():
+        expected = wrapped.backbone(x)
+    store = DiskCache(tmp_path / "features")
+    first, ran = wrapped.features_of((x, y), "probe", batch_size=32, cache=store)
+    assert ran and isinstance(first.features, DiskFeatures)
+    torch.testing.assert_close(first.features[:], expected)
+    assert torch.equal(first.labels, y) and first.input_shape == (3, 8, 8)
+    again, ran_again = wrapped.features_of((x, y), "probe", batch_size=32, cache=store)
+    assert not ran_again and (store.hits, store.misses) == (1, 1)
+    torch.testing.assert_close(again.features[:], expected)
+    # No store: the backbone runs every time, features in memory.
+    plain, ran_plain = wrapped.features_of(x, cache=False)
+    assert ran_plain and plain.labels is None
+    torch.testing.assert_close(plain.features, expected)
+    # Inputs are refused by the same check as predict's (prepare).
+    with pytest.raises(wrapcal.DataError, match="dtype torch.int64"):
+        wrapped.features_of(torch.zeros(4, 3, 8, 8, dtype=torch.long), cache=False)
+    assert wrapped.stand_in(x[:5]).shape == (1, 3, 8, 8)

@@ -33,6 +33,8 @@ from wrapcal.metrics import (
     reliability_bins,
     softmax_probs,
 )
+from wrapcal.metrics.bootstrap import auroc_bootstrap, auroc_resampled
+from wrapcal.plugin.bootstrap import bootstrap_means, percentile_interval, resample_indices
 
 SHARED_DATA = Path(
     os.environ.get("WRAPCAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -335,7 +337,7 @@ def test_calibrated_samples_any_seed(seed):
         (np.full(4, 0.25), [0], "must be 2-D"),
         (np.zeros((0, 3)), [], "empty"),
         (np.full((2, 2), 0.5), [0], "labels must be 1-D with N = 2"),
-        (np.full((2, 2), 0.5), [0.0, 1.0], "integer class indices"),
+        (np.full((2, 2), 0.5), [0.0, 0.5], "integer class indices"),
         (np.full((2, 2), 0.5), [0, 2], r"labels must be in \[0, 2\); got min 0, max 2"),
         (np.full((2, 2), 0.5), [-1, 0], "index the columns"),
         (np.array([[0.5, np.nan], [0.5, 0.5]]), [0, 1], "NaN or inf"),
@@ -431,6 +433,51 @@ def test_ece_bootstrap_interval():
     big = calibrated_sample(8000, 5, seed=8, sharpen=1.5)
     low_b, high_b = ece_bootstrap(*big, n_resamples=300)
     assert 0.3 < (high_b - low_b) / (high - low) < 0.75
+
+
+def _old_chunked_draws(sizes, n_resamples, seed, chunk_elements):
+    """The index draw each bootstrap wrote out before they shared one (kept here to pin the
+    numbers): chunks of max(1, chunk // sum(sizes)) resamples, one randint per size."""
+    gen = torch.Generator().manual_seed(seed)
+    step = max(1, chunk_elements // sum(sizes))
+    chunks = []
+    for lo in range(0, n_resamples, step):
+        b = min(step, n_resamples - lo)
+        chunks.append(tuple(torch.randint(n, (b, n), generator=gen) for n in sizes))
+    return chunks
+
+
+def test_metrics_and_plugins_share_one_bootstrap():
+    probs, labels = calibrated_sample(300, 4, seed=5, sharpen=2.0)
+    n, b, seed, chunk = len(labels), 70, 3, 4 * 300  # 4 resamples per chunk: 18 chunks
+    draws = _old_chunked_draws((n,), b, seed, chunk)
+    assert len(draws) == 18
+    shared = list(resample_indices((n,), b, seed, "cpu", chunk))
+    assert all(torch.equal(a[0], c[0]) for a, c in zip(draws, shared, strict=True))
+    index = torch.cat([d[0] for d in draws])
+    values = ece_resampled(probs, labels, index)
+    # The same numbers as before: the interval of the old draws' ECEs, read as before.
+    q_low, q_high = np.percentile(values.numpy(), [2.5, 97.5])
+    got = ece_bootstrap(
+        probs, labels, n_resamples=b, seed=seed, method="percentile", chunk_elements=chunk
+    )
+    assert got == pytest.approx((q_low, q_high), abs=1e-12)
+    assert percentile_interval(values) == pytest.approx([q_low, q_high], abs=1e-12)
+    # The plugins' means draw the same rows from the same seed (one chunk of 70 here).
+    correct = torch.from_numpy(probs.argmax(1) == labels).double()
+    means = bootstrap_means(correct[:, None], b, seed)
+    one_chunk = torch.randint(n, (b, n), generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(means[:, 0], correct[one_chunk].mean(dim=1))
+    # AUROC resamples ID and OOD rows separately from one generator, ID first.
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(size=120), rng.normal(0.8, 1, size=80)
+    draws = _old_chunked_draws((120, 80), 50, seed, 1000)
+    aurocs = torch.cat([auroc_resampled(s_in, s_out, i, o) for i, o in draws])
+    q_low, q_high = np.percentile(aurocs.numpy(), [2.5, 97.5])
+    got = auroc_bootstrap(s_in, s_out, n_resamples=50, seed=seed, chunk_elements=1000)
+    assert got == pytest.approx((q_low, q_high), abs=1e-12)
+    with pytest.raises(ValueError, match="n_resamples must be >= 1"):
+        next(resample_indices((n,), 0, seed, "cpu"))
 
 
 # ---------------------------------------------------------------- real data
@@ -547,3 +594,66 @@ def test_cuda_matches_cpu():
     low, high = auroc_bootstrap(s_in.cuda(), s_out.cuda(), n_resamples=200)
     assert low < ood_metrics(s_in, s_out)["auroc"] < high
     assert ece_bootstrap(p.cuda(), y.cuda(), n_resamples=200)[0] < ece(p, y)
+
+
+def _failing_rank_worker(rank, world, init_file, out_file):
+    import datetime
+
+    import torch.distributed as dist
+
+    from wrapcal import distributed
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),  # a hang fails the test, after a minute
+    )
+    result = {}
+    try:
+        # Bool per-sample state travels (as uint8) and comes back bool, rows in rank order.
+        flags = torch.tensor([True, False]) if rank == 0 else torch.tensor([True])
+        gathered = distributed.gather_rows(flags)
+        result["flags"] = [gathered.dtype == torch.bool, gathered.tolist()]
+        metric = ECE()
+        metric.update(torch.tensor([[0.9, 0.1]]), torch.tensor([rank]))
+
+        def step():
+            if rank == 1:
+                raise ValueError("bad batch on rank 1")
+            return metric.sync()
+
+        try:
+            distributed.agree(step, "syncing the metric")
+            result["sync"] = "synced"
+        except Exception as err:  # the test reads the message
+            result["sync"] = f"{type(err).__name__}: {err}"
+        Path(f"{out_file}.{rank}").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(150)
+def test_sync_reports_a_failed_rank_instead_of_waiting(tmp_path):
+    """``sync`` gathers through wrapcal.distributed, whose collectives start with the
+    failure-status exchange: inside ``agree``, a rank that failed before ``sync`` makes
+    the others fail with its message (its own all_gather used to wait for it)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    args = (2, tmp_path / "init", tmp_path / "out")
+    peer = torch.multiprocessing.get_context("spawn").Process(
+        target=_failing_rank_worker, args=(1, *args)
+    )
+    peer.start()
+    try:
+        _failing_rank_worker(0, *args)
+    finally:
+        peer.join(timeout=90)
+    assert peer.exitcode == 0
+    first, second = (json.loads((tmp_path / f"out.{r}").read_text()) for r in range(2))
+    assert first["flags"] == second["flags"] == [True, [True, False, True]]
+    assert first["sync"] == (
+        "DistributedError: rank 1 failed while syncing the metric: ValueError: bad batch on rank 1"
+    )
+    assert second["sync"] == "ValueError: bad batch on rank 1"

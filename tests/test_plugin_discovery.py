@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.metadata
 import inspect
 import os
 import subprocess
@@ -38,6 +41,37 @@ def test_built_in_plugins_come_from_the_entry_point_group() -> None:
         assert info.description, f"{name} has no one-line description"
 
 
+def test_wrapcal_registers_its_own_entry_points_as_the_built_ins() -> None:
+    """pytest's builtin_plugins habit: the modules of wrapcal's own distribution's
+    ``wrapcal`` group, registered by wrapcal under ``wrapcal:<entry point>``, are the
+    built-ins; the core names none of them in code."""
+    own = [
+        ep
+        for ep in importlib.metadata.distribution("wrapcal").entry_points
+        if ep.group == manager.ENTRY_POINT_GROUP
+    ]
+    assert len(own) >= 10
+    pm = wrapcal.get_plugin_manager()
+    modules = set()
+    for ep in own:
+        assert pm.get_plugin(f"wrapcal:{ep.name}") is importlib.import_module(ep.value), ep.name
+        modules.add(ep.value)
+    for name, info in wrapcal.plugin_registry().items():
+        assert info.builtin == (info.factory.__module__ in modules), name
+    assert "wrapcal_plugins" not in Path(manager.__file__).read_text()
+    core = Path(manager.__file__).parents[1]
+    for path in core.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            assert not any(n.startswith("wrapcal_plugins") for n in names), path
+
+
 def test_sample_third_party_plugin_is_used_by_name(tmp_path) -> None:
     with sample_plugin_installed(tmp_path):
         info = wrapcal.plugin_registry()["sample_vector_scaling"]
@@ -67,20 +101,35 @@ def test_cli_lists_name_version_package_description(tmp_path) -> None:
         assert lines[name].split()[1:3] == [wrapcal.__version__, "wrapcal"]
 
 
-def test_autoload_can_be_turned_off(monkeypatch) -> None:
-    result = run_cli("plugins", env={"WRAPCAL_DISABLE_PLUGIN_AUTOLOAD": "1"})
-    assert result.returncode == 0
-    assert "no plugins installed (entry-point loading is off)" in result.stdout
-    monkeypatch.setenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD", "1")
-    manager.reset()
-    try:
-        with pytest.raises(wrapcal.PluginNotFoundError, match="entry-point loading is off"):
-            wrapcal.wrap(SmallNet(), plugins=["temperature"])
-        # The core's own split adapters are not entry points: wrapping still works.
-        assert wrapcal.wrap(SmallNet(), plugins=[]).split_kind == "module"
-    finally:
-        monkeypatch.delenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD")
+def test_autoload_switch_turns_off_third_party_packages_only(tmp_path, monkeypatch) -> None:
+    """Issue 23 changed this: the switch used to remove the built-ins too ("no plugins
+    installed"); now wrapcal registers its built-ins itself, as pytest keeps its own."""
+    with sample_plugin_installed(tmp_path):
+        everything = manager.plugin_registry()
+        built_in = {name for name, info in everything.items() if info.builtin}
+        assert built_in >= BUILT_IN and "sample_vector_scaling" in everything
+        monkeypatch.setenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD", "1")
         manager.reset()
+        try:
+            assert set(manager.plugin_registry()) == built_in  # every built-in, nothing else
+            with pytest.raises(
+                wrapcal.PluginNotFoundError, match="third-party entry points are off"
+            ):
+                wrapcal.wrap(SmallNet(), plugins=["sample_vector_scaling"])
+            assert wrapcal.wrap(SmallNet(), plugins=["temperature"]).plugin_names == ["temperature"]
+            # The core's own split adapters are not entry points either.
+            assert wrapcal.wrap(SmallNet(), plugins=[]).split_kind == "module"
+            path = os.pathsep.join([str(tmp_path), str(SAMPLE_PLUGIN_DIR)])
+            result = run_cli("plugins", env={"PYTHONPATH": path})
+        finally:
+            monkeypatch.delenv("WRAPCAL_DISABLE_PLUGIN_AUTOLOAD")
+            manager.reset()
+    assert result.returncode == 0, result.stderr
+    names = {line.split()[0] for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert built_in <= names and "sample_vector_scaling" not in names
+    assert "third-party plugins are not loaded: WRAPCAL_DISABLE_PLUGIN_AUTOLOAD is set" in (
+        result.stdout
+    )
 
 
 def hook_specs() -> list[str]:
@@ -107,6 +156,7 @@ CONTRACT = (
     "transform_logits",
     "outputs",
     "report_metrics",
+    "unshard",
 )
 
 

@@ -212,18 +212,29 @@ def test_score_matches_the_papers_formula_on_real_features(spec, reference) -> N
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_react_clips_at_the_exact_percentile_and_changes_the_logits() -> None:
+def test_react_clips_at_the_exact_percentile_for_its_score_only() -> None:
+    """The clip value is the exact 90th percentile of the training values; the model's
+    logits are the unclipped ones (issue 23: ReAct clipped what every head read before;
+    now it is a detector, and only its score sees the clipped features)."""
     s = scenario()
     wrapped = fitted(["react"])
     clip = wrapped.get_plugin("react").clip_
     assert clip.dtype == torch.float64
     assert float(clip) == pytest.approx(np.percentile(f64(s["train"]).ravel(), 90), abs=1e-12)
     with torch.no_grad():
-        logits = wrapped.predict_features(s["test"]).logits
-    want = np_logits(np.minimum(f64(s["test"]), float(clip)))
-    np.testing.assert_allclose(logits.double().numpy(), want, rtol=1e-5, atol=1e-5)
-    accuracy = (logits.argmax(1) == s["test_labels"]).float().mean()
-    assert abs(float(accuracy) - 0.81) < 0.03  # the model still classifies
+        pred = wrapped.predict_features(s["test"])
+    np.testing.assert_allclose(
+        pred.logits.double().numpy(), np_logits(f64(s["test"])), rtol=1e-5, atol=1e-5
+    )
+    clipped = np_logits(np.minimum(f64(s["test"]), float(clip)))
+    np.testing.assert_allclose(
+        pred.scores["react"].double().numpy(), -logsumexp(clipped, axis=1), rtol=1e-5, atol=1e-5
+    )
+    accuracy = (pred.logits.argmax(1) == s["test_labels"]).float().mean()
+    assert abs(float(accuracy) - 0.82) < 0.03  # the model's own accuracy, unclipped
+    # Not a copy of the core's energy (that of the unclipped logits).
+    differs = (pred.scores["react"] - pred.scores["energy"]).abs() > 1e-4
+    assert float(differs.float().mean()) > 0.9
 
 
 # The detectors' AUROC / FPR@95 on this scenario (2000 vs 2000 per OOD kind), floors set

@@ -172,7 +172,11 @@ def test_vim_needs_a_linear_head_and_a_residual_space() -> None:
     assert wrapped.get_plugin("vim").residual_basis_.shape == (8, 4)
 
 
-def test_react_clips_what_every_later_step_sees() -> None:
+def test_react_clips_for_its_own_score_only() -> None:
+    """ReAct is a detector: the energy of the head's logits of the clipped features. The
+    model's logits, probabilities and the core's energy stay those of the unclipped
+    features (issue 23: before, it clipped what every head read, and its score was a copy
+    of the core's energy)."""
     torch.manual_seed(0)
     x, y = torch.randn(2000, 8).relu(), torch.randint(0, 3, (2000,))
     wrapped = _features_model(8, 3, [("react", {"percentile": 80})])
@@ -180,11 +184,16 @@ def test_react_clips_what_every_later_step_sees() -> None:
     clip = float(wrapped.get_plugin("react").clip_)
     assert clip == pytest.approx(np.quantile(x.double().numpy(), 0.8), abs=1e-12)
     q = 3 * torch.randn(20, 8).abs()
+    pred = wrapped.predict(q)
     with torch.no_grad():
-        want = wrapped.head(q.clamp(max=clip))
-        assert torch.equal(wrapped(q), want)
-        energy = -torch.logsumexp(want, dim=-1)
-    torch.testing.assert_close(wrapped.predict(q).scores["react"], energy)
+        clipped, plain = wrapped.head(q.clamp(max=clip)), wrapped.head(q)
+        assert torch.equal(wrapped(q), plain)
+    assert torch.equal(pred.logits, plain)
+    torch.testing.assert_close(pred.scores["react"], -torch.logsumexp(clipped, dim=-1))
+    torch.testing.assert_close(pred.scores["energy"], -torch.logsumexp(plain, dim=-1))
+    # Every row has a value above the clip: no row's react equals its energy.
+    assert (q > clip).any(dim=1).all()
+    assert not torch.isclose(pred.scores["react"], pred.scores["energy"]).any()
 
 
 # --- traceable inference (exportable=True) ----------------------------------------------
@@ -193,13 +202,15 @@ def test_react_clips_what_every_later_step_sees() -> None:
 class _Scores(nn.Module):
     """One plugin's ``outputs`` as a module of (features, logits), for torch.export."""
 
-    def __init__(self, plugin: wrapcal.Plugin, name: str) -> None:
+    def __init__(self, plugin: wrapcal.Plugin, name: str, head: nn.Module) -> None:
         super().__init__()
-        self.plugin, self.name = plugin, name
+        self.plugin, self.name, self.head = plugin, name, head
 
     def forward(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=-1)
-        context = OutputContext(features[None], logits[None], logits, logits, probs, {})
+        context = OutputContext(
+            features[None], logits[None], logits, logits, probs, {}, head=self.head
+        )
         return self.plugin.outputs(context)[self.name]
 
 
@@ -208,7 +219,7 @@ def test_scores_export_with_torch_export(name: str) -> None:
     torch.manual_seed(0)
     x, y = torch.randn(500, 8), torch.randint(0, 3, (500,))
     wrapped = _features_model(8, 3, [name]).fit(train=(x, y), progress=False)
-    module = _Scores(wrapped.get_plugin(name), name)
+    module = _Scores(wrapped.get_plugin(name), name, wrapped.head)
     q = torch.randn(16, 8)
     logits = wrapped.head(q).detach()
     exported = torch.export.export(module, (q, logits))

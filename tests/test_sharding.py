@@ -70,3 +70,42 @@ def test_a_bank_split_across_ranks_is_refused_outside_its_process_group(tmp_path
         check_exportable(wrapped)
     with pytest.raises(distributed.DistributedError, match=r"split over 2 ranks .* sees 1"):
         wrapped.predict(_data(4)[0])
+
+
+class _Recording(wrapcal.Plugin):
+    """A plugin that says whether its state is sharded and records ``unshard`` calls."""
+
+    def __init__(self, label: str = "", sharded: bool = False, calls: list | None = None):
+        super().__init__()
+        self.label, self.sharded, self.calls = label, sharded, calls
+
+    def __wrapcal_tags__(self) -> wrapcal.PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = wrapcal.Stage.DETECT
+        tags.requires_fit = False
+        tags.collective_outputs = self.sharded
+        return tags
+
+    def unshard(self) -> None:
+        assert self.calls is not None
+        self.calls.append(self.label)
+
+
+def test_unshard_calls_the_declared_method_of_every_sharded_plugin_in_chain_order():
+    calls: list[str] = []
+    # One class each: a model holds one plugin per name (the class name here).
+    plugins = [
+        type(f"Recording_{label}", (_Recording,), {})(label, sharded=sharded, calls=calls)
+        for label, sharded in (("first", True), ("whole", False), ("second", True))
+    ]
+    split = wrapcal.Split(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    wrapped = wrapcal.wrap(None, plugins, split=split)
+    assert sorted(distributed.sharded_plugins(wrapped)) == sorted(
+        name for name, p in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
+        if p.sharded  # type: ignore[attr-defined]
+    )
+    assert distributed.unshard(wrapped) is wrapped
+    order = [p.label for p in wrapped.plugins if p.sharded]  # type: ignore[attr-defined]
+    assert calls == order and len(calls) == 2  # never the plugin with whole state
+    # The declared default is a no-op: a plugin without sharded state need not define it.
+    assert wrapcal.Plugin.unshard(plugins[1]) is None

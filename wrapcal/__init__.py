@@ -4,10 +4,12 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
-from wrapcal import _compat, metrics
+from wrapcal import _compat, distributed, metrics
+from wrapcal._version import __version__
 from wrapcal.errors import (
     DataError,
     NotFittedError,
+    PluginNameClashError,
     PluginNotFoundError,
     SavedFileError,
     SplitError,
@@ -36,7 +38,6 @@ from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTag
 # keep working for this release, with a DeprecationWarning naming the new path.
 _compat.install()
 
-__version__ = "0.2.0"
 
 
 def __getattr__(name: str):
@@ -66,6 +67,7 @@ __all__ = [
     "OutputContext",
     "OutputKind",
     "Plugin",
+    "PluginNameClashError",
     "PluginNotFoundError",
     "PluginTags",
     "Prediction",
@@ -79,6 +81,7 @@ __all__ = [
     "__version__",
     "conformal",
     "conformal_sets",
+    "distributed",
     "evaluate",
     "export",
     "fit_abstention",

@@ -19,7 +19,7 @@ import types
 import warnings
 from typing import Any
 
-__all__ = ["MOVED", "install"]
+__all__ = ["MOVED", "PUBLIC_ALIASES", "install"]
 
 #: Old dotted path -> the modules that now hold its names, first match wins.
 MOVED: dict[str, tuple[str, ...]] = {
@@ -28,7 +28,6 @@ MOVED: dict[str, tuple[str, ...]] = {
     "wrapcal.calibrate": ("wrapcal.logits.temperature",),
     "wrapcal.calibrator": ("wrapcal.plugin.calibrator", "wrapcal.logits.calibrators"),
     "wrapcal.chain": ("wrapcal.model.chain",),
-    "wrapcal.conformal": ("wrapcal.logits.conformal",),
     "wrapcal.demo": ("wrapcal.cli.demo",),
     "wrapcal.disk_cache": ("wrapcal.features.disk_store",),
     "wrapcal.disk_features": ("wrapcal.features.disk_arrays",),
@@ -47,7 +46,6 @@ MOVED: dict[str, tuple[str, ...]] = {
     "wrapcal.probs": ("wrapcal.plugin.probs",),
     "wrapcal.registry": ("wrapcal.files.families",),
     "wrapcal.saving": ("wrapcal.files.format",),
-    "wrapcal.selective": ("wrapcal.logits.abstention",),
     "wrapcal.split": ("wrapcal.model.split",),
     "wrapcal.torch_utils": ("wrapcal.plugin.torch_helpers",),
     "wrapcal.types": ("wrapcal.plugin.types",),
@@ -128,7 +126,18 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 _FINDER = _MovedModuleFinder()
 
 
+#: Public modules kept under their 0.2.0 names, without a warning: ``wrapcal.conformal``
+#: and ``wrapcal.selective`` are documented API, now held in ``wrapcal.logits``.
+PUBLIC_ALIASES = {
+    "wrapcal.conformal": "wrapcal.logits.conformal",
+    "wrapcal.selective": "wrapcal.logits.abstention",
+}
+
+
 def install() -> None:
-    """Put the finder of old paths on ``sys.meta_path`` (once)."""
+    """Put the finder of old paths on ``sys.meta_path`` and the public aliases in
+    ``sys.modules`` (once)."""
+    for alias, target in PUBLIC_ALIASES.items():
+        sys.modules.setdefault(alias, importlib.import_module(target))
     if _FINDER not in sys.meta_path:
         sys.meta_path.append(_FINDER)

@@ -132,7 +132,7 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
         x_all, y_all = _as_tensor(data[0], "X"), _as_tensor(data[1], "y")
         check_inputs(x_all)
-        check_labels(y_all, x_all.shape[0])
+        y_all = check_labels(y_all, x_all.shape[0])
         for start in range(0, x_all.shape[0], batch_size):
             yield x_all[start : start + batch_size], y_all[start : start + batch_size]
         return

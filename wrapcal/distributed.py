@@ -23,8 +23,8 @@ collectives of this module there (:func:`all_reduce`, :func:`gather_rows`,
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from wrapcal.errors import WrapcalError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from wrapcal.plugin.types import PluginTags
 
 __all__ = [
     "DistributedError",
@@ -57,19 +62,20 @@ class DistributedError(WrapcalError, RuntimeError):
     """Another rank failed; the message says which and why."""
 
 
-def active() -> bool:
-    """Whether a process group with more than one rank is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def active(group: ProcessGroup | None = None) -> bool:
+    """Whether a process group (``group``, the default one by default) with more than one
+    rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def rank() -> int:
-    """This process's rank (0 outside a process group)."""
-    return dist.get_rank() if active() else 0
+def rank(group: ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (0 outside a process group)."""
+    return dist.get_rank(group) if active(group) else 0
 
 
-def world() -> int:
-    """The number of ranks (1 outside a process group)."""
-    return dist.get_world_size() if active() else 1
+def world(group: ProcessGroup | None = None) -> int:
+    """The number of ranks in ``group`` (1 outside a process group)."""
+    return dist.get_world_size(group) if active(group) else 1
 
 
 def _block(n: int) -> tuple[int, int]:
@@ -111,9 +117,11 @@ def _reported(error: BaseException) -> bool:
     return getattr(error, "_wrapcal_reported", False)
 
 
-def _statuses(status: tuple[int, str | None, str | None, Any]) -> list[Any]:
-    everyone: list[Any] = [None] * world()
-    dist.all_gather_object(everyone, status)
+def _statuses(
+    status: tuple[int, str | None, str | None, Any], group: ProcessGroup | None = None
+) -> list[Any]:
+    everyone: list[Any] = [None] * world(group)
+    dist.all_gather_object(everyone, status, group=group)
     return everyone
 
 
@@ -125,16 +133,20 @@ def _raise_for_failures(everyone: list[Any]) -> None:
             raise error
 
 
-def exchange(payload: Any) -> list[Any]:
+def exchange(payload: Any, *, group: ProcessGroup | None = None) -> list[Any]:
     """Every rank's ``payload`` (small, picklable), in rank order.
+
+    Args:
+        payload: This rank's part.
+        group: The ranks that exchange (the default process group by default).
 
     Raises:
         DistributedError: Another rank failed inside :func:`agree` before reaching this
             point; its message is passed on.
     """
-    if not active():
+    if not active(group):
         return [payload]
-    everyone = _statuses((rank(), None, None, payload))
+    everyone = _statuses((rank(group), None, None, payload), group)
     _raise_for_failures(everyone)
     return [p for *_, p in everyone]
 
@@ -176,43 +188,58 @@ def _comm_device(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
-def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """``tensor`` combined over every rank (``"sum"``, ``"min"`` or ``"max"``), as a new
-    tensor on ``tensor``'s device (the tensor itself outside a process group)."""
-    if not active():
+def all_reduce(
+    tensor: torch.Tensor, op: str = "sum", *, group: ProcessGroup | None = None
+) -> torch.Tensor:
+    """``tensor`` combined over every rank of ``group`` (``"sum"``, ``"min"`` or
+    ``"max"``), as a new tensor on ``tensor``'s device (the tensor itself outside a
+    process group)."""
+    if not active(group):
         return tensor
     combined = tensor.detach().to(_comm_device(tensor), copy=True)  # before: it may fail
-    exchange(None)
-    dist.all_reduce(combined, op=_REDUCE_OPS[op])
+    exchange(None, group=group)
+    dist.all_reduce(combined, op=_REDUCE_OPS[op], group=group)
     return combined.to(tensor.device)
 
 
 def gather_rows(
-    tensor: torch.Tensor | None, *, sizes: list[int] | None = None
+    tensor: torch.Tensor | None,
+    *,
+    sizes: list[int] | None = None,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor | None:
     """Every rank's rows of ``tensor``, concatenated in rank order, on every rank.
 
-    The ranks may hold different numbers of rows; ``None`` (unlabelled) on any rank gives
-    ``None``. ``sizes``, when given, is filled with each rank's number of rows.
+    The ranks may hold different numbers of rows: each pads its rows to the largest
+    count for the ``all_gather``, and the padding is cut off again. It starts with the
+    status exchange (the row counts travel in it), like every collective here. Boolean
+    tensors travel as ``uint8`` (some backends cannot send ``bool``) and come back as
+    ``bool``.
+
+    Args:
+        tensor: This rank's rows; ``None`` (unlabelled) on any rank gives ``None``.
+        sizes: When given, filled with each rank's number of rows.
+        group: The ranks that gather (the default process group by default).
     """
-    if not active():
+    if not active(group):
         if sizes is not None and tensor is not None:
             sizes[:] = [tensor.shape[0]]
         return tensor
-    found = exchange(None if tensor is None else int(tensor.shape[0]))
+    found = exchange(None if tensor is None else int(tensor.shape[0]), group=group)
     if any(n is None for n in found):
         return None
     assert tensor is not None
     if sizes is not None:
         sizes[:] = found
     device = _comm_device(tensor)
-    padded = torch.zeros((max(found), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
-    padded[: tensor.shape[0]] = tensor.to(device)
-    parts = [torch.empty_like(padded) for _ in range(world())]
-    exchange(None)  # every rank allocated: a rank that could not has said so
-    dist.all_gather(parts, padded)
+    send = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+    padded = torch.zeros((max(found), *send.shape[1:]), dtype=send.dtype, device=device)
+    padded[: tensor.shape[0]] = send.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world(group))]
+    exchange(None, group=group)  # every rank allocated: a rank that could not has said so
+    dist.all_gather(parts, padded, group=group)
     whole = torch.cat([p[:n] for p, n in zip(parts, found, strict=True)])
-    return whole.to(tensor.device)
+    return whole.to(device=tensor.device, dtype=tensor.dtype)
 
 
 def lockstep(items: Iterable[T]) -> Iterator[T | None]:
@@ -232,12 +259,46 @@ def lockstep(items: Iterable[T]) -> Iterator[T | None]:
         yield None if item is end else item  # type: ignore[misc]
 
 
-def sharded_plugins(wrapped: Any) -> list[str]:
+# --- models with sharded plugins ---------------------------------------------------------
+# The wrapped model imports this module, so these functions take it through the small
+# protocols below (what they read of it) instead of importing its class.
+
+
+class ShardedPlugin(Protocol):
+    """A plugin as :func:`unshard` sees it: ``Plugin.unshard``, declared in
+    :class:`wrapcal.plugin.base.Plugin` (a no-op unless the plugin keeps sharded state)."""
+
+    def unshard(self) -> object:
+        """Gather every rank's part of the plugin's learned state."""
+        ...
+
+
+class PluginChain(Protocol):
+    """The plugins of a model in the order they act: ``(name, plugin, tags)``."""
+
+    @property
+    def plugins(self) -> Sequence[tuple[str, ShardedPlugin, PluginTags]]:
+        """The plugins, with their names and tags."""
+        ...
+
+
+class ChainedModel(Protocol):
+    """What these functions read of a :class:`~wrapcal.WrappedModel`: its plugin chain."""
+
+    def chain(self) -> PluginChain:
+        """The model's plugins, in order."""
+        ...
+
+
+M = TypeVar("M", bound=ChainedModel)
+
+
+def sharded_plugins(wrapped: ChainedModel) -> list[str]:
     """Names of the plugins whose learned state is split across the ranks."""
     return [name for name, _, tags in wrapped.chain().plugins if tags.collective_outputs]
 
 
-def check_whole(wrapped: Any, action: str) -> None:
+def check_whole(wrapped: ChainedModel, action: str) -> None:
     """Refuse ``action`` (save, export) on a model with sharded plugins, naming the fix.
 
     Raises:
@@ -253,11 +314,16 @@ def check_whole(wrapped: Any, action: str) -> None:
         )
 
 
-def unshard(wrapped: Any) -> Any:
+def unshard(wrapped: M) -> M:
     """Gather every rank's part of plugins whose learned state is sharded (a KNN bank
     fitted with ``shard_bank=True``), so each rank holds the whole model: needed before
     ``save`` or ``export``, or inference outside the process group. Call it on every
-    rank. Returns ``wrapped``."""
+    rank. Returns ``wrapped``.
+
+    It calls the declared ``Plugin.unshard()`` of every plugin that keeps sharded state
+    (its tags' ``collective_outputs``), in the chain's order, so every rank makes the
+    same collectives in the same order.
+    """
     for _, plugin, tags in wrapped.chain().plugins:
         if tags.collective_outputs:
             plugin.unshard()

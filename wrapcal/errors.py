@@ -22,6 +22,11 @@ class PluginNotFoundError(WrapcalError, LookupError):
     """No installed plugin has the requested name."""
 
 
+class PluginNameClashError(PluginNotFoundError):
+    """Several installed packages register the requested plain name: pick one with its
+    qualified name ``"package:name"`` (the message lists them)."""
+
+
 class SavedFileError(WrapcalError, ValueError):
     """A saved wrapcal file is missing, truncated, corrupt or does not match the model."""
 

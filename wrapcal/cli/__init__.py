@@ -34,16 +34,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from wrapcal.cli.tables import plugin_rows, print_table
-    from wrapcal.model.discovery import autoload_disabled, plugin_registry
+    from wrapcal.cli.tables import clash_notes, plugin_rows, print_table
+    from wrapcal.model.discovery import (
+        DISABLE_AUTOLOAD_ENV,
+        autoload_disabled,
+        clashes,
+        plugin_registry,
+    )
 
     registry = plugin_registry()
+    off = f"third-party plugins are not loaded: {DISABLE_AUTOLOAD_ENV} is set"
     if not registry:
-        note = " (entry-point loading is off)" if autoload_disabled() else ""
-        print(f"no plugins installed{note}")
+        print(f"no plugins installed{f' ({off})' if autoload_disabled() else ''}")
         return 0
     header, rows = plugin_rows(registry, params=args.params)
     print_table(header, rows)
+    notes = clash_notes(clashes())
+    if autoload_disabled():
+        notes.append(off)
+    if notes:
+        print()
+        print("\n".join(notes))
     return 0
 
 

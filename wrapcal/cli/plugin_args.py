@@ -1,9 +1,11 @@
 """``--plugins`` and ``--plugin-arg``: plugins created from the command line, checked.
 
 ``--plugin-arg PLUGIN.PARAMETER=VALUE`` (repeatable) sets one parameter of one of the
-``--plugins``. The value is read as JSON when it parses (``50``, ``0.05``, ``true``,
-``null``, ``[0, 0.05, 0.1]``, ``"text"``), as Python's ``True``/``False``/``None``,
-and otherwise as a plain string (``auto``).
+``--plugins``; for a plugin name two packages register, both take the qualified name
+(``--plugins otherpkg:temperature --plugin-arg otherpkg:temperature.max_iter=50``).
+The value is read as JSON when it parses (``50``, ``0.05``, ``true``, ``null``,
+``[0, 0.05, 0.1]``, ``"text"``), as Python's ``True``/``False``/``None``, and otherwise
+as a plain string (``auto``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from wrapcal.errors import WrapcalError
 
 __all__ = ["create_plugins", "parse_plugin_args", "parse_value"]
 
-_FORM = re.compile(r"(?P<plugin>[A-Za-z_][\w\-]*)\.(?P<key>[A-Za-z_]\w*)=(?P<value>.*)\Z", re.S)
+# PLUGIN may be qualified by its package, whose name may hold dots: "my.pkg:knn.k=50"
+# (the parameter is what follows the last dot before "=").
+_FORM = re.compile(
+    r"(?P<plugin>[A-Za-z_][\w\-.]*(?::[A-Za-z_][\w\-]*)?)\.(?P<key>[A-Za-z_]\w*)=(?P<value>.*)\Z",
+    re.S,
+)
 _PYTHON = {"True": True, "False": False, "None": None}
 _EXAMPLE = "e.g. --plugin-arg temperature.max_iter=50"
 
@@ -47,6 +54,11 @@ def parse_plugin_args(items: list[str], plugins: list[str]) -> dict[str, dict[st
         if match is None:
             raise CliError(f"--plugin-arg {item!r}: use PLUGIN.PARAMETER=VALUE, {_EXAMPLE}")
         plugin, key = match["plugin"], match["key"]
+        if plugin not in params:
+            # "temperature.x=1" for "--plugins otherpkg:temperature": one listed plugin
+            # has that plain name, so the qualifier would only repeat itself.
+            same = [name for name in plugins if name.rpartition(":")[2] == plugin]
+            plugin = same[0] if len(same) == 1 and ":" not in plugin else plugin
         if plugin not in params:
             listed = ", ".join(plugins) or "none"
             raise CliError(

@@ -19,11 +19,14 @@ import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wrapcal.export.checks import ExportError
 from wrapcal.export.metadata import build_metadata, read_metadata
 from wrapcal.export.module import InferenceModule, OutputSpec
+
+if TYPE_CHECKING:
+    from wrapcal.model.wrapped import WrappedModel
 
 __all__ = ["FORMATS", "ExportError", "InferenceModule", "OutputSpec", "export", "read_metadata"]
 
@@ -32,7 +35,7 @@ FORMATS = {"onnx": "onnx", "torch": "torch.export"}
 
 
 def export(
-    wrapped: Any,
+    wrapped: WrappedModel,
     path: str | Path,
     format: str = "onnx",
     *,

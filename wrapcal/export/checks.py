@@ -13,11 +13,14 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wrapcal import distributed
 from wrapcal.errors import WrapcalError
 from wrapcal.plugin.base import Plugin, get_tags
+
+if TYPE_CHECKING:
+    from wrapcal.model.wrapped import WrappedModel
 
 __all__ = ["ExportError", "check_exportable", "describe_plugin", "find_culprit", "first_line"]
 
@@ -76,7 +79,7 @@ def _reason(name: str, plugin: Plugin) -> str:
     )
 
 
-def check_exportable(wrapped: Any) -> None:
+def check_exportable(wrapped: WrappedModel) -> None:
     """Refuse a model with a plugin that is not exportable, naming every such plugin.
 
     Raises:
@@ -94,7 +97,7 @@ def check_exportable(wrapped: Any) -> None:
         raise ExportError("cannot export this model: " + "; ".join(reasons))
 
 
-def find_culprit(wrapped: Any, attempt: Callable[[int], None]) -> str | None:
+def find_culprit(wrapped: WrappedModel, attempt: Callable[[int], None]) -> str | None:
     """The first plugin whose addition makes ``attempt`` fail, described, or ``None``.
 
     Args:

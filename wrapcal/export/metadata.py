@@ -26,13 +26,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from wrapcal.export.module import OutputSpec
 from wrapcal.plugin.base import get_tags
+
+if TYPE_CHECKING:
+    from wrapcal.model.wrapped import WrappedModel
 
 __all__ = ["KEYS", "SMALL", "build_metadata", "class_names_of", "read_metadata", "to_json"]
 
@@ -108,7 +111,7 @@ def _plugin_entry(plugin: nn.Module) -> dict[str, Any]:
 
 
 def build_metadata(
-    wrapped: Any,
+    wrapped: WrappedModel,
     specs: list[OutputSpec],
     example: torch.Tensor,
     fmt: str,
@@ -119,7 +122,7 @@ def build_metadata(
     Raises:
         ValueError: ``class_names`` does not hold one name per class.
     """
-    from wrapcal import __version__
+    from wrapcal._version import __version__
 
     classes = wrapped.num_classes_out
     names = class_names if class_names is not None else class_names_of(wrapped.backbone)

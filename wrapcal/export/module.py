@@ -15,12 +15,15 @@ chain once on an example batch; the export's metadata carries the list.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from wrapcal.plugin.prediction import Prediction
+
+if TYPE_CHECKING:
+    from wrapcal.model.wrapped import WrappedModel
 
 __all__ = ["CORE_OUTPUTS", "InferenceModule", "OutputSpec", "output_specs"]
 
@@ -86,10 +89,10 @@ class InferenceModule(nn.Module):
     """
 
     def __init__(
-        self, wrapped: nn.Module, names: list[str], cached: bool = False, upto: int | None = None
+        self, wrapped: WrappedModel, names: list[str], cached: bool = False, upto: int | None = None
     ) -> None:
         super().__init__()
-        self.model = wrapped
+        self.model: WrappedModel = wrapped
         self.names = list(names)
         self.cached = cached
         self.upto = upto
@@ -107,7 +110,7 @@ class InferenceModule(nn.Module):
 
 
 def output_specs(
-    wrapped: Any, example: torch.Tensor, cached: bool = False, upto: int | None = None
+    wrapped: WrappedModel, example: torch.Tensor, cached: bool = False, upto: int | None = None
 ) -> list[OutputSpec]:
     """The outputs of ``wrapped``'s chain on ``example``: names, kinds, dtypes, shapes."""
     chain = wrapped.chain(upto)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import ExportedProgram
@@ -27,6 +27,9 @@ from torch.export import ExportedProgram
 from wrapcal.export.checks import ExportError
 from wrapcal.export.metadata import to_json
 from wrapcal.export.module import OutputSpec
+
+if TYPE_CHECKING:
+    import onnx_ir  # an optional dependency: imported where used
 
 __all__ = ["INSTALL", "save_onnx", "to_onnx"]
 
@@ -107,7 +110,7 @@ _ONNX_TYPES = {
 }
 
 
-def _match_dtypes(model: Any, specs: list[OutputSpec]) -> None:
+def _match_dtypes(model: onnx_ir.Model, specs: list[OutputSpec]) -> None:
     """Cast any output whose ONNX type is not the dtype ``predict`` reports.
 
     PyTorch's decompositions compute some half-precision reductions in float32 and the
@@ -129,7 +132,7 @@ def _match_dtypes(model: Any, specs: list[OutputSpec]) -> None:
         graph.outputs[index] = out
 
 
-def _name_batch_axis(model: Any) -> None:
+def _name_batch_axis(model: onnx_ir.Model) -> None:
     """Call the (symbolic) first axis of the input and of every output ``batch``."""
     import onnx_ir as ir
 

@@ -10,7 +10,7 @@ the error names the plugin responsible.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import Dim, ExportedProgram
@@ -25,6 +25,9 @@ from wrapcal.export.checks import (
 from wrapcal.export.module import InferenceModule, OutputSpec, output_specs
 from wrapcal.plugin.torch_helpers import float_dtype_of, in_mode
 
+if TYPE_CHECKING:
+    from wrapcal.model.wrapped import WrappedModel
+
 __all__ = ["EXAMPLE_BATCH", "example_input", "export_program", "trace"]
 
 #: Rows of the example batch the graph is traced with. Not 1 or 0, which torch.export
@@ -32,7 +35,7 @@ __all__ = ["EXAMPLE_BATCH", "example_input", "export_program", "trace"]
 EXAMPLE_BATCH = 2
 
 
-def example_input(wrapped: Any, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+def example_input(wrapped: WrappedModel, input_shape: Sequence[int] | None = None) -> torch.Tensor:
     """A seeded example batch ``[2, *input_shape]`` in the model's dtype and device.
 
     Raises:
@@ -53,7 +56,7 @@ def example_input(wrapped: Any, input_shape: Sequence[int] | None = None) -> tor
 
 
 def export_program(
-    wrapped: Any, example: torch.Tensor, cached: bool = False, upto: int | None = None
+    wrapped: WrappedModel, example: torch.Tensor, cached: bool = False, upto: int | None = None
 ) -> tuple[ExportedProgram, list[OutputSpec]]:
     """``torch.export`` of the chain (or of its first ``upto`` plugins from features)."""
     with in_mode(wrapped, False), torch.no_grad():
@@ -65,13 +68,13 @@ def export_program(
     return program, specs
 
 
-def feature_example(wrapped: Any, example: torch.Tensor) -> torch.Tensor:
+def feature_example(wrapped: WrappedModel, example: torch.Tensor) -> torch.Tensor:
     """Backbone features of the example batch, for tracing the plugin part alone."""
     with in_mode(wrapped, False), torch.no_grad():
         return wrapped.backbone(example)
 
 
-def trace(wrapped: Any, example: torch.Tensor) -> tuple[ExportedProgram, list[OutputSpec]]:
+def trace(wrapped: WrappedModel, example: torch.Tensor) -> tuple[ExportedProgram, list[OutputSpec]]:
     """The wrapped model as an ``ExportedProgram`` with a dynamic batch, and its outputs.
 
     Raises:
@@ -88,7 +91,9 @@ def trace(wrapped: Any, example: torch.Tensor) -> tuple[ExportedProgram, list[Ou
         raise blame(wrapped, example, err, "torch.export", None) from err
 
 
-def blame(wrapped: Any, example: torch.Tensor, err: Exception, step: str, then: Any) -> ExportError:
+def blame(
+    wrapped: WrappedModel, example: torch.Tensor, err: Exception, step: str, then: Any
+) -> ExportError:
     """An :class:`ExportError` for a failed ``step``, naming the plugin that causes it.
 
     Args:

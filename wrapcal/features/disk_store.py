@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from wrapcal.features.disk_arrays import STORAGE_DTYPES, DiskFeatures, DiskWriter
-from wrapcal.features.extract import FeatureSet
+from wrapcal.features.extract import FeatureSet, FeatureSink
 
 __all__ = ["DiskCache"]
 
@@ -35,7 +35,8 @@ _PARTIAL = ".partial-"
 
 
 class DiskCache:
-    """Backbone features of data sets, in files under ``directory``.
+    """Backbone features of data sets, in files under ``directory``: a
+    :class:`~wrapcal.features.store.FeatureStore`.
 
     Args:
         directory: Where entries live (created if missing).
@@ -116,7 +117,7 @@ class DiskCache:
 
     # --- writing -------------------------------------------------------------------------
 
-    def new_sink(self, model_key: str) -> DiskWriter:
+    def new_sink(self, model_key: str) -> _DiskSink:
         """A writer into a temporary folder (renamed by :meth:`store` when complete)."""
         tmp = self.directory / f"{model_key}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
         writer = DiskWriter(tmp, self.dtype)
@@ -128,10 +129,10 @@ class DiskCache:
         data_key: str,
         feature_set: FeatureSet,
         probe: str | None,
-        sink: Any,
+        sink: FeatureSink,
     ) -> FeatureSet:
         """Complete the sink's folder as the entry of this backbone and data."""
-        writer = sink.writer
+        writer = _writer_of(sink)
         writer.finish({"probe": probe, "input_shape": list(feature_set.input_shape or [])})
         folder = self._folder(model_key, data_key)
         if folder.exists():  # another process stored it meanwhile: keep theirs
@@ -147,14 +148,25 @@ class DiskCache:
             raise OSError(f"could not complete the feature cache entry {folder}")
         return stored
 
-    def discard(self, sink: Any) -> None:
+    def discard(self, sink: FeatureSink) -> None:
         """Remove the folder of a sink whose extraction failed."""
-        sink.writer.abort()
-        shutil.rmtree(sink.writer.folder, ignore_errors=True)
+        writer = _writer_of(sink)
+        writer.abort()
+        shutil.rmtree(writer.folder, ignore_errors=True)
+
+
+def _writer_of(sink: FeatureSink) -> DiskWriter:
+    """The file writer behind a sink this store handed out (:meth:`DiskCache.new_sink`)."""
+    if not isinstance(sink, _DiskSink):
+        raise TypeError(
+            f"a DiskCache completes only the sinks it made (DiskCache.new_sink); got "
+            f"{type(sink).__name__}"
+        )
+    return sink.writer
 
 
 class _DiskSink:
-    """What :func:`wrapcal.features.extract.extract` writes into: rows go to the file."""
+    """A :class:`~wrapcal.features.store.FeatureSink` whose rows go to the file."""
 
     def __init__(self, writer: DiskWriter) -> None:
         self.writer = writer

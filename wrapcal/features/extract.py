@@ -9,19 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from wrapcal import distributed
-from wrapcal.data import check_labels, iter_batches, num_samples
+from wrapcal.data import iter_batches, num_samples
 from wrapcal.errors import DataError
 from wrapcal.features.fingerprint import StreamHash
 from wrapcal.plugin.torch_helpers import check_features, in_mode
+from wrapcal.plugin.validation import check_labels
 
-__all__ = ["FeatureSet", "FitData", "all_finite", "extract"]
+if TYPE_CHECKING:
+    from wrapcal.features.disk_arrays import DiskFeatures
+
+__all__ = ["FeatureSet", "FeatureSink", "FitData", "MemorySink", "all_finite", "extract"]
 
 
 @dataclass
@@ -204,8 +208,23 @@ def all_finite(values: torch.Tensor, rows: int = 65536) -> bool:
     )
 
 
+class FeatureSink(Protocol):
+    """Where one backbone pass (:func:`extract`) writes its features, batch by batch: a
+    list in memory (:class:`MemorySink`), a file (the disk store's), handed out by a
+    :class:`~wrapcal.features.store.FeatureStore`."""
+
+    def append(self, features: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """Add one batch's features ``[B, D]`` (and labels ``[B]``)."""
+        ...
+
+    def finish(self) -> torch.Tensor | DiskFeatures:
+        """Every row written, as the :class:`FeatureSet` will hold them."""
+        ...
+
+
 class MemorySink:
-    """Collects a data set's features in memory (the default of :func:`extract`)."""
+    """Collects a data set's features in memory (the default of :func:`extract`): a
+    :class:`FeatureSink`."""
 
     def __init__(self) -> None:
         self.features: list[torch.Tensor] = []
@@ -228,7 +247,7 @@ def extract(
     batch_size: int = 256,
     progress: bool = True,
     stream: StreamHash | None = None,
-    sink: Any = None,
+    sink: FeatureSink | None = None,
 ) -> FeatureSet:
     """Run the backbone once over ``data`` (eval mode, no gradients).
 
@@ -242,9 +261,8 @@ def extract(
         batch_size: Batch size for data that is not already batched.
         progress: Show a progress bar.
         stream: Hashes every batch as it is read (the feature cache's key for loaders).
-        sink: Where the features go, batch by batch (``append(features, labels)``, then
-            ``finish()`` gives what the FeatureSet holds): memory by default, a file for
-            sets larger than memory (:class:`wrapcal.features.disk_arrays.DiskWriter`).
+        sink: The :class:`FeatureSink` the features go to, batch by batch: memory by
+            default, a file for sets larger than memory (the disk store's).
 
     Raises:
         DataError: Empty data, bad labels, or NaN/inf features.

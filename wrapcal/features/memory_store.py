@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from wrapcal.data import iter_batches
-from wrapcal.features.extract import FeatureSet, MemorySink, extract
+from wrapcal.features.extract import FeatureSet, FeatureSink, MemorySink, extract
 from wrapcal.features.fingerprint import StreamHash, backbone_fingerprint, memory_fingerprint
+from wrapcal.features.store import CacheOption, FeatureStore
 
 __all__ = ["CACHE", "FeatureCache", "cached_features"]
 
@@ -59,7 +60,8 @@ class _Entry:
 
 
 class FeatureCache:
-    """A bounded, least-recently-used store of backbone features.
+    """A bounded, least-recently-used store of backbone features in memory: a
+    :class:`~wrapcal.features.store.FeatureStore`.
 
     Attributes:
         max_bytes: The most feature bytes kept (an entry larger than this is not kept).
@@ -104,7 +106,7 @@ class FeatureCache:
         while self.nbytes > self.max_bytes:
             self._entries.popitem(last=False)
 
-    # --- the store protocol (shared with features.disk_store.DiskCache) ------------------
+    # --- the FeatureStore protocol (shared with features.disk_store.DiskCache) -------------
 
     def lookup(
         self, model_key: str, data_key: str, name: str, data: Any, device: torch.device
@@ -125,14 +127,19 @@ class FeatureCache:
         return MemorySink()
 
     def store(
-        self, model_key: str, data_key: str, feature_set: FeatureSet, probe: str | None, sink: Any
+        self,
+        model_key: str,
+        data_key: str,
+        feature_set: FeatureSet,
+        probe: str | None,
+        sink: FeatureSink,
     ) -> FeatureSet:
         """Keep a computed feature set (if it fits the budget); return it."""
         entry = _Entry(feature_set.features, feature_set.labels, feature_set.input_shape, probe)
         self._put((model_key, data_key), entry)
         return feature_set
 
-    def discard(self, sink: Any) -> None:
+    def discard(self, sink: FeatureSink) -> None:
         """Nothing to clean up for a failed pass in memory."""
 
 
@@ -165,7 +172,7 @@ def cached_features(
     num_classes: int,
     batch_size: int = 256,
     progress: bool = True,
-    cache: Any = None,
+    cache: CacheOption = None,
 ) -> tuple[FeatureSet, bool]:
     """The backbone's features of ``data``, from the cache when it holds them.
 
@@ -178,16 +185,16 @@ def cached_features(
         num_classes: Labels must lie in ``[0, num_classes)``.
         batch_size: Batch size for data that is not already batched.
         progress: Show a progress bar.
-        cache: The store: ``None`` or ``True`` for :data:`CACHE` (memory), a
-            :class:`~wrapcal.features.disk_store.DiskCache` for a directory, ``False`` for none.
+        cache: The :class:`~wrapcal.features.store.FeatureStore`: ``None`` or ``True``
+            for :data:`CACHE` (memory), a :class:`~wrapcal.features.disk_store.DiskCache`
+            for a directory, ``False`` for none.
 
     Returns:
         The :class:`~wrapcal.features.extract.FeatureSet` and whether the backbone ran.
     """
-    store = CACHE if cache is None or cache is True else cache
     device = next((t.device for t in backbone.state_dict().values()), torch.device("cpu"))
 
-    def compute(stream: StreamHash | None = None, sink: Any = None) -> FeatureSet:
+    def compute(stream: StreamHash | None = None, sink: FeatureSink | None = None) -> FeatureSet:
         return extract(
             backbone,
             prepare,
@@ -201,7 +208,10 @@ def cached_features(
             sink=sink,
         )
 
-    if store is False or not store.enabled:
+    if cache is False:
+        return compute(), True
+    store: FeatureStore = CACHE if cache is None or cache is True else cache
+    if not store.enabled:
         return compute(), True
     model_key = backbone_fingerprint(backbone)
     data_key = memory_fingerprint(data)

@@ -6,8 +6,12 @@ in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the siz
 plugin's name, parameters and learned plain values, and a SHA-256 digest over the
 configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled.
 
-``save`` writes a temporary file beside the target (with the target's mode, or the
-umask's) and renames it, so a failed save leaves the old file intact. ``read`` reads
+``save`` first runs on what it is about to write the checks :func:`wrapcal.load` runs
+on a file (:func:`check_loadable`: sizes, each plugin's parameters and learned values
+after the JSON round trip, its learned tensors against their declared shapes and dtypes,
+its ``validate_state``), with load's messages, so it never writes a file that load
+refuses. It then writes a temporary file beside the target (with the target's mode, or
+the umask's) and renames it, so a failed save leaves the old file intact. ``read`` reads
 the file once, checks its structure and the digest, and returns the configuration
 and the tensors; :func:`wrapcal.load` builds the model from them.
 """
@@ -22,6 +26,8 @@ import re
 import secrets
 import stat
 import struct
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +43,24 @@ from wrapcal.files.families import describe_model
 from wrapcal.model import discovery as manager
 from wrapcal.model.operating_points import is_operating_points
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SavedFile", "digest", "read", "save"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SavedFile",
+    "check_loadable",
+    "digest",
+    "learned_tensor_problem",
+    "read",
+    "save",
+    "sizes_problem",
+]
 
 FORMAT = "wrapcal"
 FORMAT_VERSION = 2
 #: The safetensors header (tensor index and metadata) may not be larger than this.
 MAX_HEADER_BYTES = 64 << 20
+#: The largest number of classes or features a saved file may declare.
+MAX_SIZE = 1 << 24
 _TMP_SUFFIX = ".wrapcal-tmp"
 
 
@@ -116,6 +134,142 @@ def _clean_stale(directory: Path, name: str) -> None:
             pass  # alive under another user: not ours to remove
 
 
+# --- the checks load runs, shared with save -------------------------------------------------
+
+
+def sizes_problem(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """What is wrong with the header's sizes (implausible, or contradicted by the head's
+    stored weight or the model description), or ``None``.
+
+    Args:
+        config: The configuration (``num_classes``, ``num_features``, ``model``).
+        tensors: The tensors by name.
+    """
+    classes, width = config["num_classes"], config["num_features"]
+    if not (0 < classes <= MAX_SIZE and 0 < width <= MAX_SIZE):
+        return f"implausible sizes {classes} classes, {width} features"
+    weight = tensors.get("head.weight")
+    if weight is not None and tuple(weight.shape) != (classes, width):
+        return (
+            f"the header says {classes} classes and {width} features, but the "
+            f"head's stored weight is {tuple(weight.shape)}"
+        )
+    kwargs = (config.get("model") or {}).get("kwargs")
+    if isinstance(kwargs, dict) and "num_classes" in kwargs and kwargs["num_classes"] != classes:
+        return (
+            f"the model description asks for {kwargs['num_classes']!r} classes, "
+            f"the header says {classes}"
+        )
+    return None
+
+
+def learned_tensor_problem(
+    key: str,
+    stored: torch.Tensor,
+    spec: tuple[Any, ...],
+    dtypes: tuple[torch.dtype, ...] | None,
+    sizes: Mapping[str, int],
+    plugin: str,
+) -> str | None:
+    """What is wrong with a stored learned tensor (``register_learned_buffer``), or ``None``.
+
+    Args:
+        key: The tensor's name in the file (``plugins.0.bank_``).
+        stored: The tensor.
+        spec: Its declared shape: ints, ``None`` (any size) or a size's name.
+        dtypes: Its accepted dtypes (``None``: any floating dtype).
+        sizes: ``num_features`` and ``num_classes`` of the model.
+        plugin: The plugin's name, for the message.
+    """
+    shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec)
+    fits = len(shape) == stored.ndim and all(
+        want is None or want == got for want, got in zip(shape, stored.shape, strict=True)
+    )
+    allowed = stored.is_floating_point() if dtypes is None else stored.dtype in dtypes
+    if fits and allowed:
+        return None
+    return (
+        f"{key} is {tuple(stored.shape)} {stored.dtype}; plugin {plugin} declares {shape} "
+        f"{'floating' if dtypes is None else dtypes}"
+    )
+
+
+def _rebuilt(name: str, entry: Mapping[str, Any]) -> Any:
+    """A new instance of plugin ``name`` from a file's entry, checked as load checks it:
+    its registered factory, its parameters against their constraints, then its learned
+    plain values through its own ``set_state``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load warns about a shared plain name, once
+        factory = manager.find_saved_plugin(name).factory
+    plugin = factory(**entry["params"])
+    plugin.validate_params(f"plugin {name}")
+    plugin.set_state(entry["state"])
+    return plugin
+
+
+def _load_problem(
+    wrapped: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> str | None:
+    """What ``wrapcal.load`` would refuse in a file of ``config`` and ``tensors`` written
+    from ``wrapped`` (its message, without the file's name), or ``None``."""
+    try:
+        loaded = json.loads(json.dumps(config))  # what load reads back
+    except (TypeError, ValueError) as err:
+        return f"a plugin parameter or learned value is not JSON: {err}"
+    problem = sizes_problem(loaded, tensors)
+    if problem:
+        return problem
+    sizes = {"num_features": wrapped.num_features, "num_classes": wrapped.num_classes}
+    for index, (name, plugin, entry) in enumerate(
+        zip(wrapped.plugin_names, wrapped.plugins, loaded["plugins"], strict=True)
+    ):
+        try:
+            _rebuilt(name, entry)
+        except (TypeError, ValueError, LookupError) as err:
+            return str(err)
+        for buffer, (spec, dtypes) in plugin.learned_tensor_specs().items():
+            key = f"plugins.{index}.{buffer}"
+            stored = tensors.get(key)
+            problem = stored is not None and learned_tensor_problem(
+                key, stored, spec, dtypes, sizes, name
+            )
+            if problem:
+                return problem
+        try:
+            plugin.validate_state()
+        except ValueError as err:
+            return f"plugin {name}: {err}"
+    return None
+
+
+def check_loadable(
+    wrapped: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor], path: Any
+) -> None:
+    """Run on what ``save`` is about to write the checks ``wrapcal.load`` runs on a file.
+
+    Each plugin's parameters and learned plain values are checked as they come back
+    from JSON (a tuple comes back a list), through a new instance of the plugin (its
+    registered factory, ``validate_params``, ``set_state``); its learned tensors against
+    their declared shapes and dtypes; its current state with ``validate_state`` (NaN,
+    inf, out-of-range values ``fit`` cannot produce). The header's sizes too.
+
+    Args:
+        wrapped: The model being saved.
+        config: Its configuration, as it will be written.
+        tensors: Its tensors, as they will be written.
+        path: The target, for the message.
+
+    Raises:
+        SavedFileError: A value ``load`` would refuse; the message holds load's.
+    """
+    problem = _load_problem(wrapped, config, tensors)
+    if problem:
+        raise SavedFileError(
+            f"cannot save {path}: {problem}; wrapcal.load would refuse the file, so nothing "
+            "was written. Fit the plugin again (or fix the value) before saving"
+        )
+
+
 def save(wrapped: Any, path: str | os.PathLike) -> Path:
     """Save ``wrapped`` to ``path`` (conventionally ``*.wrapcal``).
 
@@ -123,8 +277,9 @@ def save(wrapped: Any, path: str | os.PathLike) -> Path:
         The path written.
 
     Raises:
-        SavedFileError: A plugin without a registered name, or parameters or learned
-            values that are not JSON.
+        SavedFileError: A plugin without a registered name, parameters or learned
+            values that are not JSON, or anything else ``wrapcal.load`` would refuse
+            (:func:`check_loadable`); nothing is written then.
     """
     distributed.check_whole(wrapped, "save")
     path = Path(path)
@@ -135,6 +290,7 @@ def save(wrapped: Any, path: str | os.PathLike) -> Path:
         text = json.dumps(config)
     except (TypeError, ValueError) as err:
         raise SavedFileError(f"a plugin parameter or learned value is not JSON: {err}") from err
+    check_loadable(wrapped, config, tensors, path)
     payload = save_tensors(tensors, metadata={FORMAT: text})
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path.parent, path.name)

@@ -14,40 +14,24 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
 
 from wrapcal.errors import PluginNotFoundError, SavedFileError
 from wrapcal.files import families as registry
-from wrapcal.files.format import SavedFile, read
+from wrapcal.files.format import SavedFile, learned_tensor_problem, read, sizes_problem
 from wrapcal.model.assemble import build, find_split, resolve_plugins
 from wrapcal.model.split import Split, split_at
 from wrapcal.model.wrapped import WrappedModel
 
 __all__ = ["load"]
 
-_MAX_SIZE = 1 << 24
-
 
 def _check_sizes(saved: SavedFile) -> None:
-    config, tensors = saved.config, saved.tensors
-    classes, width = config["num_classes"], config["num_features"]
-    if not (0 < classes <= _MAX_SIZE and 0 < width <= _MAX_SIZE):
-        raise SavedFileError(f"{saved.path}: implausible sizes {classes} classes, {width} features")
-    weight = tensors.get("head.weight")
-    if weight is not None and tuple(weight.shape) != (classes, width):
-        raise SavedFileError(
-            f"{saved.path}: the header says {classes} classes and {width} features, but the "
-            f"head's stored weight is {tuple(weight.shape)}"
-        )
-    kwargs = config["model"].get("kwargs")
-    if isinstance(kwargs, dict) and "num_classes" in kwargs and kwargs["num_classes"] != classes:
-        raise SavedFileError(
-            f"{saved.path}: the model description asks for {kwargs['num_classes']!r} classes, "
-            f"the header says {classes}"
-        )
+    problem = sizes_problem(saved.config, saved.tensors)
+    if problem:
+        raise SavedFileError(f"{saved.path}: {problem}")
 
 
 def _rebuild_model(saved: SavedFile, device: str | torch.device | None = None) -> nn.Module:
@@ -98,7 +82,7 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
 def _assemble(saved: SavedFile, split: Split) -> WrappedModel:
     entries = saved.config["plugins"]
     try:
-        plugins = resolve_plugins([(e["name"], e["params"]) for e in entries])
+        plugins = resolve_plugins([(e["name"], e["params"]) for e in entries], saved=True)
     except PluginNotFoundError as err:
         raise SavedFileError(f"{saved.path} needs a plugin that is not installed: {err}") from err
     except (TypeError, ValueError) as err:
@@ -114,30 +98,20 @@ def _assemble(saved: SavedFile, split: Split) -> WrappedModel:
     return wrapped
 
 
-def _resolve(spec: tuple[Any, ...], wrapped: WrappedModel) -> tuple[int | None, ...]:
-    sizes = {"num_features": wrapped.num_features, "num_classes": wrapped.num_classes}
-    return tuple(sizes[d] if isinstance(d, str) else d for d in spec)
-
-
 def _fit_learned_buffers(saved: SavedFile, wrapped: WrappedModel) -> None:
     """Give data-sized buffers (a KNN bank) the size the file holds, after checking it."""
+    sizes = {"num_features": wrapped.num_features, "num_classes": wrapped.num_classes}
     for index, plugin in enumerate(wrapped.plugins):
         for name, (spec, dtypes) in plugin.learned_tensor_specs().items():
             key = f"plugins.{index}.{name}"
             stored = saved.tensors.get(key)
             if stored is None:
                 continue
-            shape = _resolve(spec, wrapped)
-            fits = len(shape) == stored.ndim and all(
-                want is None or want == got for want, got in zip(shape, stored.shape, strict=True)
+            problem = learned_tensor_problem(
+                key, stored, spec, dtypes, sizes, wrapped.plugin_names[index]
             )
-            allowed = stored.is_floating_point() if dtypes is None else stored.dtype in dtypes
-            if not (fits and allowed):
-                raise SavedFileError(
-                    f"{saved.path}: {key} is {tuple(stored.shape)} {stored.dtype}; plugin "
-                    f"{wrapped.plugin_names[index]} declares {shape} "
-                    f"{'floating' if dtypes is None else dtypes}"
-                )
+            if problem:
+                raise SavedFileError(f"{saved.path}: {problem}")
             setattr(plugin, name, torch.empty(stored.shape, dtype=stored.dtype))
 
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from wrapcal.errors import DataError
 from wrapcal.plugin.torch_helpers import one_cpu_thread
+from wrapcal.plugin.validation import check_values
 
 __all__ = [
     "AbstentionRule",
@@ -138,15 +139,18 @@ class AbstentionRule:
 
 
 def _check(msp: Any, correct: Any) -> tuple[Tensor, Tensor]:
-    msp, correct = torch.as_tensor(msp), torch.as_tensor(correct)
-    if msp.ndim != 1 or correct.shape != msp.shape or len(msp) == 0:
+    """``msp`` as float64 ``[N]`` and ``correct`` as bool ``[N]`` on its device, checked
+    by :func:`wrapcal.plugin.validation.check_values` (numpy, torch, lists alike)."""
+    msp = check_values(msp, "msp")
+    correct = check_values(correct, "correct", device=msp.device)
+    if correct.shape != msp.shape:
         raise DataError(
-            f"msp and correct must be [N] with the same N > 0; got {tuple(msp.shape)} and "
+            f"msp and correct must be [N] with the same N; got {tuple(msp.shape)} and "
             f"{tuple(correct.shape)}"
         )
-    if not msp.is_floating_point() or not torch.isfinite(msp).all():
-        raise DataError("msp must be finite floats (1 - the top probability)")
-    return msp.to(torch.float64), correct.to(torch.bool).to(msp.device)
+    if not msp.is_floating_point():
+        raise DataError(f"msp has dtype {msp.dtype}; expected floats (1 - the top probability)")
+    return msp.to(torch.float64), correct.to(torch.bool)
 
 
 def fit_abstention(

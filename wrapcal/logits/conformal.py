@@ -32,22 +32,20 @@ Abstention at a chosen risk is :mod:`wrapcal.logits.abstention`.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wrapcal.data import check_labels
 from wrapcal.errors import DataError
-from wrapcal.plugin.probs import check_logits, logits_to_probs
+from wrapcal.plugin.probs import logits_to_probs
 from wrapcal.plugin.torch_helpers import one_cpu_thread
+from wrapcal.plugin.validation import check_labels, checked_logits
 
 __all__ = [
     "ALL_CLASSES",
@@ -74,7 +72,6 @@ ALL_CLASSES = float(torch.finfo(torch.float64).max)
 #: ``U = frac(16 w . z)``: real logits spread over hundreds of periods (U uniform), while
 #: a rounding difference in the logits moves U by ~1e-5 only.
 _HASH_SCALE = 16.0
-T = TypeVar("T")
 
 
 # --- scores, quantiles, sets (the per-sample path is plain tensor operations) -----------
@@ -281,9 +278,8 @@ class ConformalPredictor:
     def sets(self, logits: Any, probs: Tensor | None = None) -> Tensor:
         """Prediction sets ``[N, K]`` (bool) of logits (``probs``: their probabilities
         as the model reports them, default ``softmax(logits)``)."""
-        logits = torch.as_tensor(logits)
+        logits = checked_logits(logits)
         with one_cpu_thread(logits.device):  # row-wise work: threads only wait on a shared CPU
-            check_logits(logits)
             probs = logits_to_probs(logits) if probs is None else probs
             return prediction_sets(
                 logits, probs, self.thresholds, self.weights, self.method, self.k_reg, self.lam,
@@ -291,19 +287,6 @@ class ConformalPredictor:
             )  # fmt: skip
 
 
-def one_thread(fit: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fit(logits, ...)`` on one CPU thread (``wrapcal.plugin.torch_helpers.one_cpu_thread``):
-    its operations are small and row-wise, and extra threads only wait on a shared CPU."""
-
-    @functools.wraps(fit)
-    def run(logits: Any, *args: Any, **kwargs: Any) -> T:
-        with one_cpu_thread(getattr(logits, "device", torch.device("cpu"))):
-            return fit(logits, *args, **kwargs)
-
-    return run
-
-
-@one_thread
 def fit_conformal(
     logits: Any,
     labels: Any,
@@ -344,11 +327,47 @@ def fit_conformal(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if not 0 < alpha < 1 or not 0 < tune_fraction < 1:
         raise ValueError(f"alpha and tune_fraction must be in (0, 1); got {alpha}, {tune_fraction}")
-    logits = check_logits(torch.as_tensor(logits), "calibration logits")
-    if logits.ndim != 2 or len(logits) == 0:
-        raise DataError(f"calibration logits have shape {tuple(logits.shape)}; expected [n, K]")
-    probs = logits_to_probs(logits) if probs is None else probs
-    labels = check_labels(torch.as_tensor(labels).to(logits.device), len(logits), probs.shape[1])
+    z = checked_logits(logits, "calibration logits")
+    probs = logits_to_probs(z) if probs is None else probs
+    y = check_labels(
+        labels,
+        len(z),
+        probs.shape[1],
+        single_logit=z.shape[1] == 1,
+        rows="rows of logits",
+        device=z.device,
+    )
+    # Small row-wise operations: extra threads only wait on a shared CPU.
+    with one_cpu_thread(z.device):
+        predictor = _fit(
+            z, y, probs, alpha, method, classwise, seed, k_reg, lam, randomized, tune_fraction
+        )
+    if bool((predictor.thresholds == ALL_CLASSES).any()):
+        warnings.warn(
+            f"too few calibration samples for alpha={alpha}"
+            f"{' in some classes' if classwise else ''}: with n samples the sets can "
+            f"reach 1 - alpha only if n >= 1/alpha - 1 = {math.ceil(1 / alpha - 1)}; "
+            "those sets hold every class. Give more calibration data or a larger alpha",
+            UserWarning,
+            stacklevel=2,
+        )
+    return predictor
+
+
+def _fit(
+    logits: Tensor,
+    labels: Tensor,
+    probs: Tensor,
+    alpha: float,
+    method: str,
+    classwise: bool,
+    seed: int,
+    k_reg: int | None,
+    lam: float | None,
+    randomized: bool,
+    tune_fraction: float,
+) -> ConformalPredictor:
+    """:func:`fit_conformal` on checked logits ``[n, K]`` and labels ``[n]``."""
     weights = hash_weights(logits.shape[-1], seed)
     uniforms = conformal_uniforms(logits, weights) if randomized and method != "lac" else None
     n_tune = 0
@@ -367,15 +386,6 @@ def fit_conformal(
     k = probs.shape[1]
     q = conformal_quantile(true, alpha, labels if classwise else None, k)
     thresholds = q.expand(k).clone() if q.ndim == 0 else q
-    if bool((thresholds == ALL_CLASSES).any()):
-        warnings.warn(
-            f"too few calibration samples for alpha={alpha}"
-            f"{' in some classes' if classwise else ''}: with n samples the sets can "
-            f"reach 1 - alpha only if n >= 1/alpha - 1 = {math.ceil(1 / alpha - 1)}; "
-            "those sets hold every class. Give more calibration data or a larger alpha",
-            UserWarning,
-            stacklevel=3,  # the user's call, through one_thread
-        )
     return ConformalPredictor(
         method, thresholds, weights, k_reg, lam, randomized, len(labels), n_tune
     )

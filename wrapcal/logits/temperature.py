@@ -18,15 +18,12 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 
 from wrapcal.errors import DataError
-from wrapcal.plugin.probs import ROW_SUM_TOL
+from wrapcal.plugin.validation import MIN_SAMPLES, check_fit_data
 
 __all__ = ["MIN_SAMPLES", "TEMPERATURE_BOUNDS", "fit_temperature"]
 
-#: Fewer calibration samples than this give a warning: T is then poorly determined.
-MIN_SAMPLES = 50
 #: The fitted temperature is kept in this range (scikit-learn's bounds on log(1/T)).
 TEMPERATURE_BOUNDS = (math.exp(-10.0), math.exp(10.0))
 # Elements of the float64 scratch block per objective evaluation (32 MB): bounds memory
@@ -73,8 +70,9 @@ def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
         logits: ``[N, K]`` logits (numpy array, torch tensor on any device, or
             nested lists); ``[N]`` or ``[N, 1]`` for a single-logit binary classifier.
             Log-probabilities are valid logits; probabilities are not.
-        labels: ``[N]`` integer class indices in ``[0, K)`` (``{0, 1}`` for a single
-            logit; booleans are accepted there).
+        labels: ``[N]`` class indices in ``[0, K)`` (``{0, 1}`` for a single logit):
+            integers, booleans or whole-number floats, checked by
+            :func:`wrapcal.plugin.validation.check_labels` like every entry point's.
         max_iter: Maximum number of objective evaluations (Newton steps).
 
     Returns:
@@ -83,30 +81,20 @@ def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
 
     Raises:
         DataError: Logits with NaN/inf, not 1- or 2-D, or that look like probabilities;
-            labels of the wrong shape, type or range, or of one class only; logits no
-            better than chance on these labels.
+            labels of the wrong shape, type or range, or of one class only (the checks
+            and messages of :func:`wrapcal.plugin.validation.check_fit_data`, shared with
+            the calibrators); logits no better than chance on these labels.
 
     Warns:
         UserWarning: Fewer than ``MIN_SAMPLES`` samples; a single logit with every
             value in [0, 1] (probabilities?); the minimiser outside
             ``TEMPERATURE_BOUNDS`` (T is clipped); no convergence in ``max_iter`` steps.
     """
-    z = _check_logits(logits)
+    checked, labels_checked = check_fit_data(logits, labels, "temperature scaling")
+    # The caller's memory where it can be (a CPU tensor or array): read, never written.
+    z = checked.cpu().numpy()
+    y = labels_checked.cpu().numpy()
     n, k = z.shape
-    y = _check_labels(labels, n, max(k, 2), single_logit=k == 1)
-    if np.unique(y).size < 2:
-        raise DataError(
-            f"the calibration labels hold one class only ({int(y[0])}): temperature scaling "
-            "needs a calibration set with several classes; pass a random held-out sample of "
-            "the data, not one selected or sorted by class"
-        )
-    if n < MIN_SAMPLES:
-        warnings.warn(
-            f"fitting the temperature on {n} samples: with fewer than {MIN_SAMPLES} it is "
-            "poorly determined; use a larger held-out calibration set (hundreds to thousands)",
-            UserWarning,
-            stacklevel=2,
-        )
     if k == 1:
         # sigmoid(z) is softmax([0, z])[1]: the binary case becomes two columns.
         d = np.concatenate([np.zeros_like(z, dtype=np.float64), z], axis=1)
@@ -225,90 +213,3 @@ def _warn_clipped(temperature: float, why: str) -> None:
         UserWarning,
         stacklevel=4,
     )
-
-
-# --- input checks ----------------------------------------------------------------------
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype in (torch.bfloat16, torch.float16):  # no (exact) numpy twin everywhere
-            x = x.float()
-        return x.cpu().numpy()
-    return np.asarray(x)
-
-
-def _check_logits(logits: Any) -> np.ndarray:
-    """Logits as a real ``[N, K]`` array (possibly the caller's memory), or a clear error."""
-    z = _to_numpy(logits)
-    if z.dtype == bool or not np.issubdtype(z.dtype, np.number) or np.iscomplexobj(z):
-        raise DataError(f"logits have dtype {z.dtype}; expected real numbers (the model's output)")
-    if z.ndim == 1:
-        z = z[:, None]
-    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
-        raise DataError(
-            f"logits have shape {tuple(z.shape)}; expected [N, K] (N samples, K classes) or "
-            "[N] for a single-logit binary classifier. Several members [M, N, K]? Combine "
-            "them first (wrapcal.plugin.probs.combine_members)"
-        )
-    # min/max propagate NaN and show inf: the finiteness check costs no N x K temporary.
-    lowest, highest = float(z.min()), float(z.max())
-    if not (math.isfinite(lowest) and math.isfinite(highest)):
-        finite = np.isfinite(z)
-        bad_rows = np.flatnonzero(~finite.all(axis=1))
-        raise DataError(
-            f"logits hold {int(np.isnan(z).sum())} NaN and {int(np.isinf(z).sum())} inf "
-            f"values ({bad_rows.size} rows, the first is row {int(bad_rows[0])}); temperature "
-            "scaling needs finite logits: check the model's outputs (NaN inputs? float16 "
-            "overflow?) and drop or fix those rows"
-        )
-    if lowest >= 0.0 and highest <= 1.0:
-        row_sums = z.sum(axis=1, dtype=np.float64)
-        if z.shape[1] >= 2 and np.all(np.abs(row_sums - 1) <= ROW_SUM_TOL):
-            raise DataError(
-                "these look like probabilities, not logits: every value is in [0, 1] and "
-                "every row sums to 1. Temperature scaling divides logits; pass the model's "
-                "logits (its output before softmax), or log-probabilities (np.log(probs)), "
-                "which are valid logits"
-            )
-        if z.shape[1] == 1:
-            warnings.warn(
-                "every single-logit value is in [0, 1]: if these are probabilities of the "
-                "positive class, pass logits instead (log(p / (1 - p)))",
-                UserWarning,
-                stacklevel=3,
-            )
-    return z
-
-
-def _check_labels(labels: Any, n: int, num_classes: int, single_logit: bool) -> np.ndarray:
-    """Labels as an int64 ``[N]`` array in ``[0, num_classes)``, or a clear error."""
-    y = _to_numpy(labels)
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise DataError(
-            f"labels have shape {tuple(y.shape)}; expected class indices of shape [{n}]"
-            + (" (one-hot? pass labels.argmax(1))" if y.ndim == 2 else "")
-        )
-    if y.shape[0] != n:
-        raise DataError(f"{n} rows of logits but {y.shape[0]} labels; give one label per row")
-    if y.dtype == bool:
-        y = y.astype(np.int64)
-    elif np.issubdtype(y.dtype, np.floating):
-        if not (np.isfinite(y).all() and np.all(y == np.round(y))):
-            raise DataError(
-                f"labels have dtype {y.dtype} with non-integer values; expected integer class "
-                "indices (not probabilities or scores)"
-            )
-    elif not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"labels have dtype {y.dtype}; expected integer class indices")
-    low, high = int(y.min()), int(y.max())
-    if low < 0 or high >= num_classes:
-        raise DataError(
-            f"labels must be class indices in [0, {num_classes}) to match the logits' "
-            f"{'single binary logit' if single_logit else f'{num_classes} columns'}; got min "
-            f"{low}, max {high}. Map them to the class order of the logits"
-        )
-    return y.astype(np.int64, copy=False)

@@ -1,9 +1,11 @@
 """Bootstrap confidence intervals for ECE and AUROC, vectorised over resamples.
 
 A resample is a row of an index matrix ``[B, N]`` drawn with replacement from a seeded
-``torch.Generator`` on the data's device; the metric is computed for a whole chunk of
-rows at once (a scatter-add over (resample, bin) slots for ECE, a batched ``searchsorted``
-for AUROC). Chunks bound the memory to about ``chunk_elements`` indices whatever N and B.
+``torch.Generator`` on the data's device, by the bootstrap the plugins use too
+(:func:`wrapcal.plugin.bootstrap.resample_indices`); the metric is computed for a whole
+chunk of rows at once (a scatter-add over (resample, bin) slots for ECE, a batched
+``searchsorted`` for AUROC). Chunks bound the memory to about ``chunk_elements`` indices
+whatever N and B.
 With ``q_lo`` and ``q_hi`` the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
 B values (linear interpolation, as ``numpy.percentile``) and ``t`` the estimate on the data:
 
@@ -30,16 +32,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from wrapcal.metrics.calibration import DEFAULT_BINS, _bin_index, _check_bins, _top_label
+from wrapcal.metrics.calibration import DEFAULT_BINS, bin_index, check_bins, top_label
 from wrapcal.metrics.inputs import ArrayLike, check_probs
 from wrapcal.metrics.ood import check_scores
 from wrapcal.metrics.state import acc_dtype, scatter_sum
+from wrapcal.plugin.bootstrap import CHUNK_ELEMENTS, percentile_interval, resample_indices
 
 __all__ = ["auroc_bootstrap", "auroc_resampled", "ece_bootstrap", "ece_resampled"]
 
 # Indices per chunk of resamples: 2^22 int64 = 32 MB; with the gathered values, bins and
 # slots of the same shape the peak stays near 130 MB whatever N and B.
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = CHUNK_ELEMENTS
 
 
 METHODS = ("basic", "percentile")
@@ -53,21 +56,11 @@ def _check_interval_args(level: float, method: str) -> None:
 
 
 def _interval(values: Tensor, estimate: float, level: float, method: str) -> tuple[float, float]:
-    alpha = (1 - level) / 2
-    qs = torch.tensor([alpha, 1 - alpha], dtype=values.dtype, device=values.device)
-    q_low, q_high = torch.quantile(values, qs).tolist()
+    q_low, q_high = percentile_interval(values, level)
     if method == "percentile":
         return q_low, q_high
     # Both metrics live in [0, 1]; the reflection can step outside it.
     return max(0.0, 2 * estimate - q_high), min(1.0, 2 * estimate - q_low)
-
-
-def _resample_chunks(n_resamples: int, per_row: int, chunk_elements: int):
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1; got {n_resamples}")
-    step = max(1, chunk_elements // per_row)
-    for lo in range(0, n_resamples, step):
-        yield min(step, n_resamples - lo)
 
 
 def _ece_rows(bins: Tensor, gap: Tensor, index: Tensor, n_bins: int) -> Tensor:
@@ -80,11 +73,11 @@ def _ece_rows(bins: Tensor, gap: Tensor, index: Tensor, n_bins: int) -> Tensor:
 
 
 def _ece_inputs(probs: ArrayLike, labels: ArrayLike, n_bins: int) -> tuple[Tensor, Tensor]:
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
-    conf, correct = _top_label(probs, labels)
+    conf, correct = top_label(probs, labels)
     acc = acc_dtype(conf.device)
-    return _bin_index(conf, n_bins), correct.to(acc) - conf.to(acc)
+    return bin_index(conf, n_bins), correct.to(acc) - conf.to(acc)
 
 
 def ece_resampled(
@@ -128,11 +121,10 @@ def ece_bootstrap(
     bins, gap = _ece_inputs(probs, labels, n_bins)
     n = bins.numel()
     estimate = _ece_rows(bins, gap, torch.arange(n, device=bins.device)[None], n_bins).item()
-    gen = torch.Generator(device=bins.device).manual_seed(seed)
-    values = []
-    for b in _resample_chunks(n_resamples, n, chunk_elements):
-        index = torch.randint(n, (b, n), generator=gen, device=bins.device)
-        values.append(_ece_rows(bins, gap, index, n_bins))
+    values = [
+        _ece_rows(bins, gap, index, n_bins)
+        for (index,) in resample_indices((n,), n_resamples, seed, bins.device, chunk_elements)
+    ]
     return _interval(torch.cat(values), estimate, level, method)
 
 
@@ -190,10 +182,10 @@ def auroc_bootstrap(
     device = s_in.device
     whole_in = torch.arange(n_in, device=device)[None]
     estimate = _auroc_rows(s_in, s_out, whole_in, torch.arange(n_out, device=device)[None])
-    gen = torch.Generator(device=device).manual_seed(seed)
-    values = []
-    for b in _resample_chunks(n_resamples, n_in + n_out, chunk_elements):
-        idx_in = torch.randint(n_in, (b, n_in), generator=gen, device=device)
-        idx_out = torch.randint(n_out, (b, n_out), generator=gen, device=device)
-        values.append(_auroc_rows(s_in, s_out, idx_in, idx_out))
+    values = [
+        _auroc_rows(s_in, s_out, idx_in, idx_out)
+        for idx_in, idx_out in resample_indices(
+            (n_in, n_out), n_resamples, seed, device, chunk_elements
+        )
+    ]
     return _interval(torch.cat(values), estimate.item(), level, method)

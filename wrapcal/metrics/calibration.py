@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 
-def _check_bins(n_bins: int) -> None:
+def check_bins(n_bins: int) -> None:
+    """Refuse a number of bins that is not a positive integer (``ValueError``)."""
     if int(n_bins) != n_bins or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
 
@@ -63,13 +64,14 @@ def _edges(n_bins: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.where(above, torch.nextafter(edges, torch.full_like(edges, -math.inf)), edges)
 
 
-def _bin_index(x: Tensor, n_bins: int) -> Tensor:
+def bin_index(x: Tensor, n_bins: int) -> Tensor:
     """Equal-width bin of each value: bin ``i`` holds ``(i/n, (i+1)/n]``, 0 goes to bin 0."""
     # right=False gives edges[i-1] < x <= edges[i], i.e. bins closed on the right.
     return torch.bucketize(x, _edges(n_bins, x.dtype, x.device))
 
 
-def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The top-label confidence ``[N]`` of each row and whether its argmax is the label."""
     # amax + argmax, not max(dim=): the fused op is ~1000x slower on small CPU tensors in
     # some torch builds. argmax takes the first of tied maxima, as numpy does.
     return probs.amax(dim=1), probs.argmax(dim=1) == labels
@@ -77,7 +79,7 @@ def _top_label(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def _top_label_sums(conf: Tensor, correct: Tensor, n_bins: int) -> Tensor:
     """Per-bin ``[count, confidence sum, correct sum]`` as a float64 ``[3, n_bins]`` tensor."""
-    bins = _bin_index(conf, n_bins)
+    bins = bin_index(conf, n_bins)
     return torch.stack(
         [
             scatter_sum(bins, 1.0, n_bins),
@@ -98,7 +100,7 @@ def _classwise_sums(probs: Tensor, labels: Tensor, n_bins: int) -> Tensor:
     acc = acc_dtype(probs.device)
     sums = torch.zeros(3, k, n_bins, dtype=acc, device=probs.device)
     col_sums = torch.zeros(k, dtype=acc, device=probs.device)
-    # p > 1 / n_bins, compared exactly as _bin_index does (no edge when n_bins == 1).
+    # p > 1 / n_bins, compared exactly as bin_index does (no edge when n_bins == 1).
     first_edge = _edges(n_bins, probs.dtype, probs.device)[0] if n_bins > 1 else math.inf
     # Row chunks bound the [rows, K] temporaries (the mask, the indices of the entries).
     for lo, hi in row_chunks(n, k):
@@ -107,14 +109,14 @@ def _classwise_sums(probs: Tensor, labels: Tensor, n_bins: int) -> Tensor:
         col_sums += p.sum(dim=0).to(acc)
         rows, cols = (p > first_edge).nonzero(as_tuple=True)
         values = p[rows, cols]
-        slot = cols * n_bins + _bin_index(values, n_bins)
+        slot = cols * n_bins + bin_index(values, n_bins)
         sums[0].view(-1).add_(scatter_sum(slot, 1.0, k * n_bins))
         sums[1].view(-1).add_(scatter_sum(slot, values, k * n_bins))
     sums[0, :, 0] = n - sums[0, :, 1:].sum(dim=1)
     sums[1, :, 0] = col_sums - sums[1, :, 1:].sum(dim=1)
     # The one-hot target is 1 only at (n, y_n): bin p_{n, y_n}, no one-hot matrix.
     p_y = probs.gather(1, labels[:, None]).squeeze(1)
-    hit = labels * n_bins + _bin_index(p_y, n_bins)
+    hit = labels * n_bins + bin_index(p_y, n_bins)
     sums[2].view(-1).add_(scatter_sum(hit, 1.0, k * n_bins))
     return sums.view(3, k * n_bins)
 
@@ -186,7 +188,7 @@ def _aurc_from(conf: Tensor, correct: Tensor) -> float:
 def accuracy(probs: ArrayLike, labels: ArrayLike) -> float:
     """Top-1 accuracy: the share of samples whose arg-max class is the label."""
     probs, labels = check_probs(probs, labels)
-    return float(_top_label(probs, labels)[1].to(acc_dtype(probs.device)).sum() / len(labels))
+    return float(top_label(probs, labels)[1].to(acc_dtype(probs.device)).sum() / len(labels))
 
 
 def nll(probs: ArrayLike, labels: ArrayLike) -> float:
@@ -213,9 +215,9 @@ def reliability_bins(
         ``count``, ``confidence`` (mean), ``accuracy`` (mean; 0 in empty bins), each
         ``[n_bins]``, and ``edges`` ``[n_bins + 1]``, float64 on ``probs``' device.
     """
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
-    sums = _top_label_sums(*_top_label(probs, labels), n_bins)
+    sums = _top_label_sums(*top_label(probs, labels), n_bins)
     count = sums[0]
     edges = torch.arange(n_bins + 1, device=count.device, dtype=count.dtype) / n_bins
     return {
@@ -228,16 +230,16 @@ def reliability_bins(
 
 def ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
     """Top-label expected calibration error, L1, equal-width bins on (0, 1] (Guo et al.)."""
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
-    return _ece_from(_top_label_sums(*_top_label(probs, labels), n_bins), len(labels))
+    return _ece_from(_top_label_sums(*top_label(probs, labels), n_bins), len(labels))
 
 
 def mce(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
     """Maximum calibration error: the largest ``|accuracy - confidence|`` of a non-empty bin."""
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
-    return _mce_from(_top_label_sums(*_top_label(probs, labels), n_bins))
+    return _mce_from(_top_label_sums(*top_label(probs, labels), n_bins))
 
 
 def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
@@ -247,15 +249,15 @@ def adaptive_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS
     result independent of sample order) and split into ``n_bins`` groups whose sizes
     differ by at most one, the larger groups first, as ``numpy.array_split`` does.
     """
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
-    return _adaptive_from(*_top_label(probs, labels), n_bins)
+    return _adaptive_from(*top_label(probs, labels), n_bins)
 
 
 def classwise_ece(probs: ArrayLike, labels: ArrayLike, n_bins: int = DEFAULT_BINS) -> float:
     """Class-wise ECE: per class k, the binned ECE of ``p_k`` against ``y == k`` over all
     samples, averaged over the K classes (Kull et al. 2019; Nixon et al. 2019)."""
-    _check_bins(n_bins)
+    check_bins(n_bins)
     probs, labels = check_probs(probs, labels)
     return _classwise_from(_classwise_sums(probs, labels, n_bins), probs.shape[1], len(labels))
 
@@ -270,7 +272,7 @@ def aurc(probs: ArrayLike, labels: ArrayLike) -> float:
     ties. The result never depends on the order of the samples.
     """
     probs, labels = check_probs(probs, labels)
-    return _aurc_from(*_top_label(probs, labels))
+    return _aurc_from(*top_label(probs, labels))
 
 
 class ECE(SummableMetric):
@@ -289,14 +291,14 @@ class ECE(SummableMetric):
     """
 
     def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
-        _check_bins(n_bins)
+        check_bins(n_bins)
         self.n_bins = n_bins
         super().__init__()
 
     def update(self, probs: ArrayLike, labels: ArrayLike) -> None:
         """Adds a batch of probabilities ``[B, K]`` and labels ``[B]``."""
         probs, labels = check_probs(probs, labels)
-        sums = _top_label_sums(*_top_label(probs, labels), self.n_bins)
+        sums = _top_label_sums(*top_label(probs, labels), self.n_bins)
         self._add_sums(count=sums[0], conf_sum=sums[1], correct_sum=sums[2])
 
     def compute(self) -> float:
@@ -328,7 +330,7 @@ class CalibrationMetrics(SummableMetric):
     """
 
     def __init__(self, n_bins: int = DEFAULT_BINS) -> None:
-        _check_bins(n_bins)
+        check_bins(n_bins)
         self.n_bins = n_bins
         super().__init__()
 
@@ -342,7 +344,7 @@ class CalibrationMetrics(SummableMetric):
                 f"probs has {probs.shape[1]} classes but earlier batches had {k_seen} — "
                 "call reset() before evaluating a different model"
             )
-        conf, correct = _top_label(probs, labels)
+        conf, correct = top_label(probs, labels)
         self._add_sums(
             top=_top_label_sums(conf, correct, self.n_bins),
             classwise=_classwise_sums(probs, labels, self.n_bins),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from wrapcal.metrics.state import acc_dtype
-from wrapcal.plugin.probs import check_logits
+from wrapcal.plugin.validation import as_logits, as_tensor, check_labels, check_logits
 
 __all__ = ["ArrayLike", "check_probs", "softmax_probs"]
 
@@ -28,12 +28,10 @@ def softmax_probs(logits: ArrayLike) -> Tensor:
 
     Raises:
         DataError: NaN/inf values, or values that are probabilities already (a softmax of
-            probabilities is nearly uniform: every metric would be wrong).
+            probabilities is nearly uniform: every metric would be wrong); the checks and
+            messages of :mod:`wrapcal.plugin.validation`.
     """
-    logits = torch.as_tensor(logits)
-    if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return torch.softmax(check_logits(logits), dim=-1)
+    return torch.softmax(check_logits(as_logits(logits)), dim=-1)
 
 
 def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
@@ -41,17 +39,19 @@ def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
 
     Args:
         probs: Class probabilities, rows summing to 1.
-        labels: True class indices in ``[0, K)``, on any device (moved to ``probs``').
+        labels: True class indices in ``[0, K)``, on any device (moved to ``probs``'):
+            integers, booleans or whole-number floats, as
+            :func:`wrapcal.plugin.validation.check_labels` takes them.
 
     Returns:
         ``(probs, labels)`` as tensors on ``probs``' device: probs floating point (half
         upcast to float32), labels int64.
 
     Raises:
-        ValueError: naming the problem and the fix, when shapes, dtypes or values are wrong.
+        ValueError: naming the problem and the fix, when shapes, dtypes or values are wrong
+            (a :class:`~wrapcal.DataError`, which is a ``ValueError``, for the labels).
     """
-    probs = torch.as_tensor(probs)
-    labels = torch.as_tensor(labels, device=probs.device)
+    probs = as_tensor(probs, "probs")
     if probs.ndim != 2:
         raise ValueError(
             f"probs must be 2-D [N, K]; got shape {tuple(probs.shape)} — pass one row of "
@@ -64,40 +64,21 @@ def check_probs(probs: ArrayLike, labels: ArrayLike) -> tuple[Tensor, Tensor]:
         raise ValueError(f"probs must be floating point; got {probs.dtype} — pass probabilities")
     if probs.dtype in (torch.float16, torch.bfloat16):
         probs = probs.float()
-    if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(
-            f"labels must be 1-D with N = {n} entries to match probs; got shape "
-            f"{tuple(labels.shape)} — pass class indices, not one-hot rows"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"labels must be integer class indices; got {labels.dtype} — use labels.long()"
-        )
-    labels = labels.long()
-    # One stacked reduction, so validation costs one device sync rather than five, and no
-    # [N, K] temporary: a row sum is finite exactly when the row is.
+    # The labels' rules and messages are those of every entry point that takes labels.
+    labels = check_labels(labels, n, k, rows="rows of probs", device=probs.device)
+    # One stacked reduction, so the probabilities cost one device sync rather than three,
+    # and no [N, K] temporary: a row sum is finite exactly when the row is.
     acc = acc_dtype(probs.device)
     row_sums = probs.sum(dim=1).to(acc)
     stats = torch.stack(
-        [
-            row_sums.isfinite().all().to(acc),
-            probs.amin().to(acc),
-            (row_sums - 1).abs().amax(),
-            labels.amin().to(acc),
-            labels.amax().to(acc),
-        ]
+        [row_sums.isfinite().all().to(acc), probs.amin().to(acc), (row_sums - 1).abs().amax()]
     ).tolist()
-    is_finite, p_min, row_dev, y_min, y_max = stats
+    is_finite, p_min, row_dev = stats
     if not is_finite:
         raise ValueError("probs contains NaN or inf — check the model output before the metric")
     if p_min < 0 or row_dev > _ROW_SUM_TOL:
         raise ValueError(
             f"probs must be non-negative with rows summing to 1; got min {p_min:.4g} and row "
             f"sums off by up to {row_dev:.4g} — are these logits? use softmax_probs(logits)"
-        )
-    if y_min < 0 or y_max >= k:
-        raise ValueError(
-            f"labels must be in [0, {k}); got min {int(y_min)}, max {int(y_max)} — labels must "
-            "index the columns of probs"
         )
     return probs, labels

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from wrapcal.metrics.state import SummableMetric, acc_dtype
-from wrapcal.plugin.probs import check_logits
+from wrapcal.plugin.validation import as_logits, check_logits, check_values
 
 ArrayLike = Tensor | np.ndarray
 
@@ -44,18 +44,11 @@ __all__ = [
 
 
 def _as_scores(scores: ArrayLike, name: str, device: torch.device | None = None) -> Tensor:
-    scores = torch.as_tensor(scores, device=device)
-    if scores.ndim != 1:
-        raise ValueError(
-            f"{name} must be 1-D (one score per sample); got shape {tuple(scores.shape)} — "
-            "reduce each sample to a single score first, e.g. with baseline_scores(logits)"
-        )
-    if scores.numel() == 0:
-        raise ValueError(f"{name} is empty — OOD metrics need samples of both kinds")
+    """1-D, non-empty, finite scores (the checks and messages of
+    :func:`wrapcal.plugin.validation.check_values`), integers as the accumulation dtype."""
+    scores = check_values(scores, name, device=device)
     if not scores.is_floating_point():
         scores = scores.to(acc_dtype(scores.device))
-    if not bool(scores.isfinite().all()):
-        raise ValueError(f"{name} contains NaN or inf — check the score before the metric")
     return scores
 
 
@@ -188,11 +181,9 @@ def baseline_scores(logits: ArrayLike) -> dict[str, Tensor]:
     Raises:
         DataError: NaN/inf values, or probabilities where logits are expected.
     """
-    logits = torch.as_tensor(logits)
+    logits = as_logits(logits)
     if logits.ndim != 2:
         raise ValueError(f"logits must be 2-D [N, K]; got shape {tuple(logits.shape)}")
-    if not logits.is_floating_point() or logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
     check_logits(logits)
     log_p = torch.log_softmax(logits, dim=1)
     return {

@@ -3,8 +3,15 @@ classes (``update`` / ``compute`` / ``reset``) and the float64 accumulation they
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+from wrapcal import distributed
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["SummableMetric", "acc_dtype", "row_chunks", "scatter_sum"]
 
@@ -37,33 +44,16 @@ def scatter_sum(index: Tensor, values: Tensor | float, size: int) -> Tensor:
     return out.index_add_(0, index, values.to(acc))
 
 
-def _all_gather_cat(t: Tensor, group=None) -> Tensor:
-    """Concatenates a 1-D tensor of per-rank length over all ranks (all_gather pads)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    size = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    lengths = [int(s) for s in sizes]
-    # Some backends cannot send bool: travel as uint8.
-    send = t.to(torch.uint8) if t.dtype == torch.bool else t
-    padded = send.new_zeros((max(lengths), *t.shape[1:]))
-    padded[: t.shape[0]] = send
-    received = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(received, padded, group=group)
-    out = torch.cat([r[:n] for r, n in zip(received, lengths, strict=True)])
-    return out.bool() if t.dtype == torch.bool else out
-
-
 class SummableMetric:
     """Base of the torchmetrics-style classes: ``update``, ``compute``, ``reset``.
 
     State is a dict of tensors that add up across batches and processes
     (``state_tensors()``), plus per-sample tensors kept as lists, one entry per batch
     (``sample_tensors()`` concatenates them). ``sync()`` combines the state of all
-    processes under ``torch.distributed``: ``all_reduce(SUM)`` of the sums and a padded
-    ``all_gather`` of the per-sample tensors.
+    processes under ``torch.distributed`` with the collectives of
+    :mod:`wrapcal.distributed` (each starts with its failure-status exchange):
+    :func:`~wrapcal.distributed.all_reduce` of the sums and the padded
+    :func:`~wrapcal.distributed.gather_rows` of the per-sample tensors.
     """
 
     def __init__(self) -> None:
@@ -101,17 +91,26 @@ class SummableMetric:
                 self._samples[name] = [torch.cat(parts)]
         return {name: parts[0] for name, parts in self._samples.items()}
 
-    def sync(self, group=None) -> SummableMetric:
-        """Combines the state of all processes in place; a no-op without torch.distributed.
+    def sync(self, group: ProcessGroup | None = None) -> SummableMetric:
+        """Combines the state of all processes in place; a no-op without torch.distributed
+        (or with one rank).
 
         Every rank must call it once, after at least one ``update``, before ``compute``.
-        """
-        import torch.distributed as dist
+        The ranks may hold different numbers of samples.
 
-        if not (dist.is_available() and dist.is_initialized()):
+        Args:
+            group: The process group to combine over (the default one by default).
+
+        Raises:
+            DistributedError: Another rank failed inside ``wrapcal.distributed.agree``
+                before reaching this point; its message is passed on.
+        """
+        if not distributed.active(group):
             return self
-        for value in self._sums.values():
-            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        for value in self._sums.values():  # in place: state_tensors() stays live
+            value.copy_(distributed.all_reduce(value, "sum", group=group))
         for name, value in self.sample_tensors().items():
-            self._samples[name] = [_all_gather_cat(value, group)]
+            gathered = distributed.gather_rows(value, group=group)
+            assert gathered is not None  # only a None tensor gathers to None
+            self._samples[name] = [gathered]
         return self

@@ -17,6 +17,7 @@ from torch import nn
 
 from wrapcal.errors import SplitError
 from wrapcal.model import discovery as manager
+from wrapcal.model.chain import CORE_OUTPUTS
 from wrapcal.model.ordering import order_plugins
 from wrapcal.model.split import Split, split_at
 from wrapcal.model.wrapped import WrappedModel
@@ -27,11 +28,20 @@ from wrapcal.plugin.torch_helpers import HOW_TO_SPLIT_BY_HAND
 __all__ = ["build", "create_plugin", "find_split", "resolve_plugins", "wrap"]
 
 
-def create_plugin(name: str, params: Any = None) -> Plugin:
+def create_plugin(name: str, params: Any = None, *, saved: bool = False) -> Plugin:
     """Create the plugin registered as ``name`` with ``params``, checked.
 
+    Args:
+        name: A plugin name, or ``"package:name"`` to pick one of several packages'
+            plugins of one name.
+        params: The plugin's parameters.
+        saved: The name was read from a saved file: a plain name that several packages
+            now register means wrapcal's built-in
+            (:func:`~wrapcal.model.discovery.find_saved_plugin`).
+
     Raises:
-        PluginNotFoundError: No installed plugin has that name.
+        PluginNotFoundError: No installed plugin has that name, or several packages
+            register it (the message names them and how to pick one).
         TypeError: ``params`` is not a dict, or names a parameter the plugin does not
             have (the message lists the ones it has).
         ValueError: A parameter value the plugin does not accept.
@@ -39,7 +49,7 @@ def create_plugin(name: str, params: Any = None) -> Plugin:
     params = {} if params is None else params
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
         raise TypeError(f"plugin {name}: parameters must be a dict name -> value")
-    info = manager.find_plugin(name)
+    info = manager.find_saved_plugin(name) if saved else manager.find_plugin(name)
     factory = info.factory
     signature = inspect.signature(factory)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -59,8 +69,85 @@ def create_plugin(name: str, params: Any = None) -> Plugin:
     return plugin
 
 
-def resolve_plugins(plugins: Any) -> list[tuple[str, Plugin]]:
-    """Names, ``(name, params)`` pairs and instances -> ``(name, plugin)`` in stage order."""
+def _qualified(plugin: Plugin) -> str | None:
+    """The qualified registry name of the plugin's class, if it is registered once."""
+    names = [
+        info.qualified_name for info in manager.installed_plugins() if info.factory is type(plugin)
+    ]
+    return names[0] if len(names) == 1 else None
+
+
+def _check_order_names(pairs: list[tuple[str, Plugin]]) -> None:
+    """Refuse ``after`` / ``before`` names that no installed or listed plugin has.
+
+    A name that is installed but not in this wrap's list is fine: ordering relative to
+    an absent plugin is vacuous. A misspelt one would be silently ignored.
+    """
+    installed = manager.installed_plugins()
+    known = {name for name, _ in pairs} | {name.rpartition(":")[2] for name, _ in pairs}
+    known |= {info.name for info in installed}
+    for name, plugin in pairs:
+        tags = get_tags(plugin)
+        for attribute in ("after", "before"):
+            for reference in getattr(tags, attribute):
+                if reference in known:
+                    continue
+                if ":" in reference:
+                    try:
+                        manager.find_plugin(reference)
+                        continue
+                    except LookupError:
+                        pass
+                listed = sorted(manager.plugin_registry()) or ["none"]
+                raise ValueError(
+                    f"plugin {name}: tags.{attribute} names {reference!r}, which no installed "
+                    f"plugin has{suggest(reference, sorted(known))}; installed plugins: "
+                    f"{', '.join(listed)}. Fix the name (a plugin that is installed but not "
+                    "in this wrap's list is fine)"
+                )
+
+
+def _check_outputs(pairs: list[tuple[str, Plugin]]) -> None:
+    """Refuse output names that the core or another listed plugin already produces:
+    a prediction holds one output per name."""
+    owner: dict[str, str] = {}
+    for name, plugin in pairs:
+        for output in get_tags(plugin).outputs:
+            if output in CORE_OUTPUTS:
+                raise ValueError(
+                    f"plugin {name} declares the output {output!r}, which the core already "
+                    f"produces ({', '.join(CORE_OUTPUTS)}); the plugin must name its output "
+                    "otherwise"
+                )
+            if output in owner:
+                raise ValueError(
+                    f"plugins {owner[output]} and {name} both declare the output {output!r}; "
+                    "a prediction holds one output per name: wrap only one of them, or "
+                    "rename one's output"
+                )
+            owner[output] = name
+
+
+def resolve_plugins(plugins: Any, *, saved: bool = False) -> list[tuple[str, Plugin]]:
+    """Names, ``(name, params)`` pairs and instances -> ``(name, plugin)`` in stage order.
+
+    A plugin keeps the name it was given (plain, or ``"package:name"``); an instance
+    gets its class's registered name, qualified when several packages share the plain
+    one (:func:`~wrapcal.model.discovery.plugin_name`), else its class name. That name
+    is what a saved file stores.
+
+    Args:
+        plugins: The plugins, in any order.
+        saved: The names were read from a saved file (:func:`create_plugin`).
+
+    Raises:
+        PluginNotFoundError: A name no installed plugin has, or one several packages
+            register.
+        TypeError: A bad item, parameters or tags.
+        ValueError: A plugin listed twice, a bad parameter value, an unknown name in
+            ``after`` / ``before``, an output name the core or another listed plugin
+            already has, or an ordering cycle.
+    """
     if isinstance(plugins, (str, Plugin)) or (
         isinstance(plugins, tuple) and len(plugins) == 2 and isinstance(plugins[0], str)
     ):
@@ -69,11 +156,15 @@ def resolve_plugins(plugins: Any) -> list[tuple[str, Plugin]]:
             f"{type(plugins).__name__}"
         )
     pairs: list[tuple[str, Plugin]] = []
+    # What makes two items one plugin: "temperature", "wrapcal:temperature" and a
+    # TemperatureScaler() are the same; the qualified name says so.
+    identities: dict[str, str] = {}
     for item in plugins:
-        if isinstance(item, str):
-            pairs.append((item, create_plugin(item)))
-        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            pairs.append((item[0], create_plugin(item[0], item[1])))
+        if isinstance(item, str) or (
+            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+        ):
+            name, params = (item, None) if isinstance(item, str) else item
+            pairs.append((name, create_plugin(name, params, saved=saved)))
         elif isinstance(item, Plugin):
             name = manager.plugin_name(item) or type(item).__name__
             item.validate_params(f"plugin {name}")
@@ -83,10 +174,19 @@ def resolve_plugins(plugins: Any) -> list[tuple[str, Plugin]]:
                 "plugins must be names, (name, params) pairs or wrapcal.Plugin instances; "
                 f"got {type(item).__name__}"
             )
+        identity = _qualified(pairs[-1][1]) or name
+        if identities.get(identity, name) != name:
+            raise ValueError(
+                f"plugin {identity} is listed twice (as {identities[identity]!r} and "
+                f"{name!r}); give it once (with all its parameters)"
+            )
+        identities[identity] = name
     for index, (name, plugin) in enumerate(pairs):
         if any(plugin is other for _, other in pairs[:index]):
             raise ValueError(f"plugin {name} is listed twice (the same instance)")
         get_tags(plugin)  # checks the stage and output kinds now, not at first use
+    _check_order_names(pairs)
+    _check_outputs(pairs)
     return order_plugins(pairs)
 
 

@@ -3,12 +3,35 @@
 ``Chain`` runs a prefix of a wrapped model's plugins (all of them at inference, the
 ones fitted so far during ``fit``) through the documented steps::
 
-    features(inputs | cached) -> members -> combine -> transform_logits -> outputs
+    backbone(inputs) | cached -> FEATURES-stage steps = the model's features f [B, D]
+        -> the other feature steps (samplers) -> features [S, B, D]
+        -> members [M, B, K] -> combine -> transform_logits -> outputs
 
-Plugins are called in stage order; ``features`` and ``members`` nest (each plugin gets
-the step of the plugins before it as ``inner``), ``transform_logits`` and ``outputs``
-follow one another. Errors a plugin raises carry its name. ``PrefixView`` is what a
-plugin sees of the model in ``attach`` and ``fit``.
+Plugins are called in stage order (:class:`~wrapcal.Stage`); ``features`` and
+``members`` nest (each plugin gets the step of the plugins before it as ``inner``),
+``transform_logits`` and ``outputs`` follow one another. Errors a plugin raises carry
+its name. ``PrefixView`` is what a plugin sees of the model in ``attach`` and ``fit``.
+
+How composition is kept honest: every plugin is fitted on exactly what it receives at
+inference, whatever the list order.
+
+* ``FEATURES`` is the first stage. Its feature steps (a third party's ASH) turn the
+  backbone's output into the model's features ``f``; every later step and every head
+  reads them. :mod:`wrapcal.model.fitting` fits the ``FEATURES`` plugins first and then
+  gives every later plugin ``fit`` data that went through their steps (a chain built
+  with ``features_done=True`` does not apply them to cached features again), so a
+  head retrained at the ``TRAIN`` stage is trained on the features it reads. A
+  ``FEATURES`` plugin's own ``fit`` cannot read logits: the heads are trained after it.
+* The heads (``TRAIN``, ``HEADS``, ``SAMPLE``) are fitted in stage order, each on the
+  members of the plugins before it; a sampler samples around the heads fitted before it.
+* Every plugin's outputs see two inputs that no sampler, extra head or calibrator
+  changes: :attr:`~wrapcal.OutputContext.backbone_features` (``f``, one deterministic
+  row per input) and :attr:`~wrapcal.OutputContext.base_logits` (the model's own head
+  applied to ``f``). Detectors read these, and fit on the same: the ``fit`` data's
+  features and ``model.head`` of them. Both are computed only when a plugin reads them;
+  a model that samples its backbone (MC dropout ``scope="all"``) then runs one more,
+  deterministic, backbone pass for them.
+* Outputs are checked against their declared :class:`~wrapcal.OutputKind`.
 """
 
 from __future__ import annotations
@@ -16,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,12 +50,15 @@ from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.probs import combine_members, entropy, logits_to_probs
 from wrapcal.plugin.torch_helpers import check_features
-from wrapcal.plugin.types import OutputContext, OutputKind
+from wrapcal.plugin.types import OutputContext, OutputKind, PluginTags, Stage
 
-__all__ = ["CORE_OUTPUTS", "Chain", "PrefixView", "named_errors"]
+__all__ = ["CORE_OUTPUTS", "Chain", "ModelParts", "PrefixView", "named_errors", "overrides"]
 
 #: The core's own per-sample outputs (``max_logit`` and ``energy`` only with one member
-#: of several logits: they mean nothing for an average or a single binary logit).
+#: of several logits: they mean nothing for an average or a single binary logit). Their
+#: input is that one member: the head's logits of the features the heads read, before
+#: any calibrator. Plugins that change the model's features or its head change them;
+#: detectors, samplers' absence, calibrators and decisions do not.
 CORE_OUTPUTS = {
     "msp": OutputKind.UNCERTAINTY,
     "entropy": OutputKind.UNCERTAINTY,
@@ -62,8 +88,28 @@ def named_errors(name: str, call: Callable[..., Any], *args: Any) -> Any:
         raise
 
 
-def _overrides(plugin: Plugin, method: str) -> bool:
+def overrides(plugin: Plugin, method: str) -> bool:
+    """Whether the plugin's class overrides a contract method (``features``...)."""
     return getattr(type(plugin), method) is not getattr(Plugin, method)
+
+
+def transforms_features(plugin: Plugin, tags: PluginTags) -> bool:
+    """Whether the plugin is a ``FEATURES``-stage plugin with a feature step: part of
+    what makes the model's features."""
+    return tags.stage is Stage.FEATURES and overrides(plugin, "features")
+
+
+class _Once:
+    """A value computed on first use, then kept (shared by every plugin's context)."""
+
+    def __init__(self, compute: Callable[[], torch.Tensor]) -> None:
+        self._compute = compute
+        self._value: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
 
 
 class Chain:
@@ -76,21 +122,28 @@ class Chain:
         num_features: ``D``, checked on the backbone's output.
         input_hint: What inputs the model takes, for the message when the backbone
             fails on a batch.
+        features_done: Cached features given to this chain are the model's features,
+            already through the ``FEATURES``-stage steps (the ``fit`` data of the
+            plugins after that stage): those steps are not applied to them again.
+            Inputs always go through every step.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         head: nn.Module,
-        plugins: Sequence[tuple[str, Plugin, Any]],
+        plugins: Sequence[tuple[str, Plugin, PluginTags]],
         num_features: int,
         input_hint: str = "",
+        *,
+        features_done: bool = False,
     ) -> None:
         self.backbone = backbone
         self.head = head
         self.plugins = list(plugins)
         self.num_features = num_features
         self.input_hint = input_hint
+        self.features_done = features_done
 
     # --- the steps ---------------------------------------------------------------------
 
@@ -112,29 +165,78 @@ class Chain:
             ) from err
         return check_features(features, self.num_features).unsqueeze(0)
 
-    def features(
-        self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Features ``[S, B, D]`` of inputs (or of cached backbone features ``[B, D]``)."""
-        step: Callable[[torch.Tensor | None], torch.Tensor] = partial(self._base_features, cached)
-        for name, plugin, _ in self.plugins:
-            if _overrides(plugin, "features"):
-                step = partial(self._plugin_features, name, plugin, step)
+    def _model_step(self, cached: torch.Tensor | None) -> Callable[[Any], torch.Tensor]:
+        """Inputs (or ``None`` for ``cached``) -> the model's features ``[1, B, D]``: the
+        backbone's output through the ``FEATURES``-stage feature steps."""
+        step: Callable[[Any], torch.Tensor] = partial(self._base_features, cached)
+        if cached is not None and self.features_done:
+            return step
+        for name, plugin, tags in self.plugins:
+            if transforms_features(plugin, tags):
+                step = partial(self._plugin_features, name, plugin, step, True)
+        return step
+
+    def _features(
+        self, inputs: torch.Tensor | None, cached: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+        """``(features [S, B, D], model features [B, D] on demand)``."""
+        model_step = self._model_step(cached)
+        seen: list[torch.Tensor] = []
+
+        def recorded(x: Any) -> torch.Tensor:
+            out = model_step(x)
+            # The model's features of these very inputs (not of a sampler's repeated
+            # copies, nor drawn while it samples the backbone's dropout): kept, so the
+            # outputs' backbone_features cost nothing more.
+            if x is inputs and not seen:
+                seen.append(out)
+            return out
+
+        step: Callable[[Any], torch.Tensor] = recorded
+        for name, plugin, tags in self.plugins:
+            if overrides(plugin, "features") and not transforms_features(plugin, tags):
+                step = partial(self._plugin_features, name, plugin, step, False)
         features = step(inputs)
         if features.ndim != 3 or features.shape[-1] != self.num_features:
             raise ValueError(
                 f"the feature stage returned shape {tuple(features.shape)}; expected "
                 f"[S, B, {self.num_features}]"
             )
-        return features
+        if not seen:
+            # Only a sampler ran the backbone (on its own copies): one plain pass more,
+            # and only if a plugin reads them.
+            return features, _Once(lambda: model_step(inputs)[0])
+        first = seen[0][0]
+        return features, lambda: first
+
+    def features(
+        self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Features ``[S, B, D]`` of inputs (or of cached features ``[B, D]``)."""
+        return self._features(inputs, cached)[0]
+
+    def model_features(
+        self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The model's features ``[B, D]`` of inputs (or of cached features): the
+        backbone's output through the ``FEATURES``-stage steps, no sampler's samples."""
+        return self._model_step(cached)(inputs)[0]
 
     @staticmethod
-    def _plugin_features(name: str, plugin: Plugin, inner: Any, inputs: Any) -> torch.Tensor:
+    def _plugin_features(
+        name: str, plugin: Plugin, inner: Any, single: bool, inputs: Any
+    ) -> torch.Tensor:
         out = named_errors(name, plugin.features, inputs, inner)
         if not isinstance(out, torch.Tensor) or out.ndim != 3:
             raise ValueError(
                 f"plugin {name}: features() must return a tensor [S, B, D], got "
                 f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+            )
+        if single and out.shape[0] != 1:
+            raise ValueError(
+                f"plugin {name}: a FEATURES-stage plugin must return one set of features "
+                f"per input ([1, B, D]), got {out.shape[0]} samples; a plugin that samples "
+                "belongs to Stage.SAMPLE"
             )
         return out
 
@@ -147,7 +249,7 @@ class Chain:
         """Member logits ``[M, B, K]`` of features ``[S, B, D]``."""
         step: Callable[[torch.Tensor], torch.Tensor] = self._base_members
         for name, plugin, _ in self.plugins:
-            if _overrides(plugin, "members"):
+            if overrides(plugin, "members"):
                 step = partial(self._plugin_members, name, plugin, step)
         return step(features)
 
@@ -167,7 +269,7 @@ class Chain:
         combined = combine_members(members)
         logits = combined
         for name, plugin, _ in self.plugins:
-            if _overrides(plugin, "transform_logits"):
+            if overrides(plugin, "transform_logits"):
                 logits = named_errors(name, plugin.transform_logits, logits)
         return combined, logits
 
@@ -219,19 +321,28 @@ class Chain:
 
     def predict(self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None):
         """The whole chain: a :class:`~wrapcal.Prediction` with every plugin's outputs."""
-        features = self.features(inputs, cached)
+        features, model_features = self._features(inputs, cached)
         members = self.members(features)
         combined, logits = self.finish(members)
         probs = logits_to_probs(logits)
         outputs, kinds = self.core_outputs(members, probs)
+        base_logits = _Once(lambda: self.head(model_features()))
         for name, plugin, tags in self.plugins:
-            if not _overrides(plugin, "outputs"):
+            if not overrides(plugin, "outputs"):
                 continue
             context = OutputContext(
-                features, members, combined, logits, probs, MappingProxyType(dict(outputs))
+                features,
+                members,
+                combined,
+                logits,
+                probs,
+                MappingProxyType(dict(outputs)),
+                backbone_features=model_features,
+                base_logits=base_logits,
+                head=self.head,
             )
             found = named_errors(name, plugin.outputs, context)
-            for key, value in self._checked(name, tags, found, probs.shape[0]).items():
+            for key, value in self._checked(name, tags, found, probs).items():
                 if key in outputs:
                     raise ValueError(f"plugin {name}: output {key!r} is already produced")
                 outputs[key] = value
@@ -242,7 +353,7 @@ class Chain:
     def core_outputs(members: torch.Tensor, probs: torch.Tensor):
         """The core's scores of members ``[M, B, K]`` and final probabilities, and their
         kinds: ``msp``, ``entropy``, and with one member of several logits ``max_logit``
-        and ``energy`` (of the members, before any logit transform)."""
+        and ``energy`` (of that member, before any logit transform)."""
         outputs = {"msp": 1 - probs.amax(dim=-1), "entropy": entropy(probs)}
         if members.shape[0] == 1 and members.shape[-1] > 1:
             outputs["max_logit"] = -members[0].amax(dim=-1)
@@ -250,9 +361,13 @@ class Chain:
         return outputs, {k: CORE_OUTPUTS[k] for k in outputs}
 
     @staticmethod
-    def _checked(name: str, tags: Any, found: Any, batch: int) -> dict[str, torch.Tensor]:
+    def _checked(
+        name: str, tags: PluginTags, found: Any, probs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The plugin's outputs, each checked against its declared kind."""
         if not isinstance(found, dict):
             raise TypeError(f"plugin {name}: outputs() must return a dict name -> tensor")
+        batch, classes = probs.shape[0], probs.shape[-1]
         for key, value in found.items():
             kind = tags.outputs.get(key)
             if kind is None:
@@ -264,20 +379,65 @@ class Chain:
                 raise ValueError(
                     f"plugin {name}: output {key!r} must be a tensor with the batch ({batch}) first"
                 )
+            got = f"got a {str(value.dtype).removeprefix('torch.')} tensor {tuple(value.shape)}"
             if kind.is_score and (value.ndim != 1 or not value.is_floating_point()):
-                raise ValueError(f"plugin {name}: score {key!r} must be a float tensor [B]")
+                raise ValueError(
+                    f"plugin {name}: score {key!r} must be a float tensor [B] (declared "
+                    f"OutputKind.{kind.name}); {got}"
+                )
+            if kind is OutputKind.SET and (
+                value.dtype != torch.bool or value.shape != (batch, classes)
+            ):
+                raise ValueError(
+                    f"plugin {name}: output {key!r} is declared OutputKind.SET, so it must be "
+                    f"a bool tensor [B, K] = [{batch}, {classes}] (a mask of classes); {got}. "
+                    "Return the mask (e.g. probs >= threshold), or declare another kind "
+                    "(VALUE for other per-class tensors)"
+                )
+            if kind is OutputKind.DECISION and (value.dtype != torch.bool or value.ndim != 1):
+                raise ValueError(
+                    f"plugin {name}: output {key!r} is declared OutputKind.DECISION, so it must "
+                    f"be a bool tensor [B] = [{batch}]; {got}. Return the decision "
+                    "(e.g. score > threshold), or declare the score as OOD_SCORE/UNCERTAINTY"
+                )
         return found
+
+
+class ModelParts(Protocol):
+    """What :class:`PrefixView` reads of a wrapped model (a
+    :class:`~wrapcal.WrappedModel` is one)."""
+
+    backbone: nn.Module
+    head: nn.Module
+    head_path: str | None
+    num_classes: int
+    num_features: int
+    backbone_passes: int
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def model_name(self) -> str: ...
 
 
 class PrefixView:
     """The wrapped model as a plugin sees it: its parts, and the plugins before it.
 
     Implements :class:`wrapcal.plugin.types.ModelView`.
+
+    Args:
+        wrapped: The model's parts.
+        chain: The plugins fitted before the one that gets this view.
+        refuse_logits: When given, the methods that compute logits (``members``,
+            ``head_logits``, ``predict_features``) raise a ``ValueError`` with this
+            reason (a ``FEATURES``-stage plugin is fitted before the heads).
     """
 
-    def __init__(self, wrapped: Any, chain: Chain) -> None:
+    def __init__(self, wrapped: ModelParts, chain: Chain, refuse_logits: str | None = None) -> None:
         self._wrapped = wrapped
         self._chain = chain
+        self._refuse_logits = refuse_logits
         self.backbone = wrapped.backbone
         self.head = wrapped.head
         self.head_path = wrapped.head_path
@@ -302,18 +462,25 @@ class PrefixView:
     def name(self) -> str:
         return self._wrapped.model_name
 
+    def _check_logits_allowed(self) -> None:
+        if self._refuse_logits is not None:
+            raise ValueError(self._refuse_logits)
+
     def features(self, cached: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self._chain.features(None, cached)
 
     def members(self, features: torch.Tensor) -> torch.Tensor:
+        self._check_logits_allowed()
         with torch.no_grad():
             return self._chain.members(self._chain.features(None, features))
 
     def head_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH) -> torch.Tensor:
+        self._check_logits_allowed()
         return self._chain.cached_logits(features, batch_size)
 
     def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+        self._check_logits_allowed()
         batches = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
         with torch.no_grad():
             return Prediction.cat(

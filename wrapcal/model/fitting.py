@@ -1,32 +1,98 @@
-"""The fit loop: one backbone pass per data set some plugin reads, then every plugin in
-stage order, each seeing the plugins fitted before it.
+"""The fit loop: one backbone pass per data set some plugin reads, then every plugin,
+each seeing the plugins fitted before it.
 
-It works on any object with the parts of a :class:`~wrapcal.WrappedModel` (it does
-not import it): ``plugins``, ``plugin_names``, ``view(i)``, ``backbone``,
-``_prepare``, ``num_features``, ``num_classes_out``, ``device``.
+Every plugin is fitted on exactly what it receives at inference (the module docstring
+of :mod:`wrapcal.model.chain` says how the chain keeps it):
+
+1. The ``FEATURES``-stage plugins are fitted first, from the backbone's features, each
+   through the feature steps of those before it. Their fit cannot read logits (the view
+   refuses): the heads are trained after them.
+2. When one of them transforms the features, every ``fit`` data set is passed through
+   their steps once (:func:`through_features_stage`): the later plugins' ``fit`` data
+   holds the model's features, the very features their heads and detectors read at
+   inference (``OutputContext.backbone_features``).
+3. Every other plugin is fitted in stage order, with a view of the plugins fitted before
+   it (their member, logit and sampler steps).
+
+Combinations that cannot keep this are refused before any backbone pass
+(:func:`check_composition`): a plugin that changes the head or the backbone after the
+``SAMPLE`` stage (plugins fitted before it already read the head), and a plugin that
+fine-tunes the backbone beside a ``FEATURES``-stage transform (its streamed batches
+bypass the transform).
+
+It works on any object with the parts of a :class:`~wrapcal.WrappedModel` (the
+:class:`Fittable` protocol; it does not import the class).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import warnings
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from wrapcal import distributed
 from wrapcal.data import check_labels
 from wrapcal.errors import DataError
-from wrapcal.features.disk_arrays import DiskFeatures
+from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter
 from wrapcal.features.extract import FeatureSet, FitData, all_finite
-from wrapcal.features.memory_store import cached_features
-from wrapcal.model.chain import named_errors
+from wrapcal.model.chain import (
+    CACHED_BATCH,
+    Chain,
+    ModelParts,
+    PrefixView,
+    named_errors,
+    transforms_features,
+)
 from wrapcal.model.operating_points import measure_operating_points
-from wrapcal.plugin.base import get_tags
+from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.types import Stage
 
-__all__ = ["fit_from_data", "fit_from_features", "read_sets"]
+__all__ = [
+    "Fittable",
+    "check_composition",
+    "fit_from_data",
+    "fit_from_features",
+    "read_sets",
+    "through_features_stage",
+]
+
+#: The last stage whose plugins may change the head or the backbone: the plugins of the
+#: later stages read them, and are fitted after them.
+LAST_HEAD_STAGE = Stage.SAMPLE
 
 
-def read_sets(wrapped: Any) -> tuple[set[str], dict[str, dict[str, str]]]:
+class Fittable(ModelParts, Protocol):
+    """What the fit loop reads and sets of a wrapped model (a :class:`~wrapcal.WrappedModel`
+    is one)."""
+
+    plugins: Sequence[Plugin]
+    plugin_names: list[str]
+    input_shape: tuple[int, ...] | None
+    operating_points: dict[str, Any] | None
+
+    @property
+    def num_classes_out(self) -> int: ...
+
+    def features_of(
+        self,
+        data: Any,
+        name: str = "data",
+        *,
+        batch_size: int = 256,
+        progress: bool = False,
+        cache: Any = None,
+    ) -> tuple[FeatureSet, bool]:
+        """The backbone's features of a data set, and whether the backbone ran."""
+        ...
+
+
+def read_sets(wrapped: Fittable) -> tuple[set[str], dict[str, dict[str, str]]]:
     """The ``fit`` data sets some plugin reads, and for each plugin the sets it needs
     (with why)."""
     reads: set[str] = set()
@@ -45,7 +111,7 @@ def _given(sets: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sets.items() if v is not None}
 
 
-def _check_required(wrapped: Any, given: dict[str, Any]) -> set[str]:
+def _check_required(wrapped: Fittable, given: dict[str, Any]) -> set[str]:
     """Fail before any backbone pass when a plugin's required set is missing; return
     the given sets that some plugin reads (warning about the others)."""
     reads, needs = read_sets(wrapped)
@@ -68,10 +134,11 @@ def _check_required(wrapped: Any, given: dict[str, Any]) -> set[str]:
     return set(given) & reads
 
 
-def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -> Any:
+def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
     """``wrapped.fit``: extract the features of the sets that are read, fit the plugins."""
     given = _given(sets)
     used = _check_required(wrapped, given)
+    check_composition(wrapped)
 
     if distributed.active():
         for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True):
@@ -83,13 +150,9 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
                 )
 
     def extract(name: str) -> FeatureSet:
-        found, ran = cached_features(
-            wrapped.backbone,
-            wrapped._prepare,
+        found, ran = wrapped.features_of(
             distributed.shard(given[name]),  # this rank's shard (all of it in one process)
             name,
-            num_features=wrapped.num_features,
-            num_classes=wrapped.num_classes_out,
             batch_size=int(options.get("batch_size", 256)),
             progress=bool(options.get("progress", True)) and distributed.rank() == 0,
             cache=options.get("cache"),
@@ -114,7 +177,7 @@ def fit_from_data(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -
     return _fit_plugins(wrapped, data, extract_all)
 
 
-def _shardable(wrapped: Any, name: str) -> bool:
+def _shardable(wrapped: Fittable, name: str) -> bool:
     """Whether the fit set ``name`` may stay sharded: under torch.distributed, when
     every plugin that reads it combines across ranks itself."""
     if not distributed.active():
@@ -168,10 +231,11 @@ def _warn_on_missing_classes(data: FitData, classes: int) -> None:
             )
 
 
-def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any]) -> Any:
+def fit_from_features(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
     """``wrapped.fit_features``: fit the plugins from features the user computed."""
     given = _given(sets)
     used = _check_required(wrapped, given)
+    check_composition(wrapped)
     feature_sets = {}
     for name in used:
         value = given[name]
@@ -199,26 +263,153 @@ def fit_from_features(wrapped: Any, sets: dict[str, Any], options: dict[str, Any
     return _fit_plugins(wrapped, FitData(feature_sets, dict(options)), refuse)
 
 
-def _fit_plugins(wrapped: Any, data: FitData, recompute: Any) -> Any:
-    for index, (name, plugin) in enumerate(zip(wrapped.plugin_names, wrapped.plugins, strict=True)):
-        plugin.fitted_ = False
-        result = distributed.agree(
-            lambda i=index, n=name, p=plugin: named_errors(n, p.fit, wrapped.view(i), data),
-            f"fitting plugin {name}",
+def check_composition(wrapped: Fittable) -> None:
+    """Refuse, before any backbone pass, plugins whose fit could not see what they
+    receive at inference (the module docstring).
+
+    Raises:
+        ValueError: A plugin changes the head or the backbone after the ``SAMPLE``
+            stage, or fine-tunes the backbone beside a ``FEATURES``-stage transform.
+    """
+    named = [
+        (n, p, get_tags(p)) for n, p in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
+    ]
+    transforms = [n for n, p, t in named if transforms_features(p, t)]
+    for name, _, tags in named:
+        changes = [
+            what
+            for what, flag in (("head", tags.changes_head), ("backbone", tags.changes_backbone))
+            if flag
+        ]
+        if changes and tags.stage > LAST_HEAD_STAGE:
+            raise ValueError(
+                f"plugin {name} changes the {' and the '.join(changes)} at stage "
+                f"{tags.stage.name}, after plugins that read them are fitted: a plugin that "
+                "changes them must be of stage TRAIN, HEADS or SAMPLE (its author sets "
+                "tags.stage)"
+            )
+        if tags.changes_backbone and transforms:
+            raise ValueError(
+                f"plugin {name} fine-tunes the backbone by streaming inputs through it, "
+                f"past the FEATURES-stage plugin {transforms[0]} that transforms the features "
+                "the head reads: the head would be trained on features it never sees. Fit "
+                f"the model with {name} alone first, then wrap the fitted model with "
+                f"{transforms[0]} (or fine-tune the head only)"
+            )
+
+
+def through_features_stage(
+    chain: Chain, data: FitData, scratch: ExitStack, rows: int = CACHED_BATCH
+) -> FitData:
+    """Every feature set of ``data`` through the ``FEATURES``-stage steps of ``chain``:
+    the model's features, what the plugins after that stage fit on.
+
+    Sets in memory stay in memory; sets on disk are written, chunk by chunk, to a
+    scratch folder beside them that lives as long as ``scratch`` (the fit).
+    """
+    sets = {}
+    for name, found in data.sets.items():
+        features = found.features
+        with torch.no_grad():
+            chunks = (
+                chain.model_features(None, features[i : i + rows])
+                for i in range(0, features.shape[0], rows)
+            )
+            if isinstance(features, DiskFeatures):
+                moved = _to_disk(chunks, features, scratch)
+            else:
+                parts = list(chunks)
+                moved = torch.cat(parts) if parts else features
+        sets[name] = dataclasses.replace(found, features=moved)
+    return FitData(sets, data.options)
+
+
+def _to_disk(
+    chunks: Iterable[torch.Tensor], like: DiskFeatures, scratch: ExitStack
+) -> DiskFeatures:
+    folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=like.path.parent.parent)))
+    writer = DiskWriter(folder / "features", like.storage)
+    try:
+        for chunk in chunks:
+            writer.append(chunk, None)
+        meta = writer.finish({})
+    except BaseException:
+        writer.abort()
+        raise
+    width = meta["width"] or like.width
+    out = DiskFeatures(folder / "features" / "features.bin", meta["rows"], width, like.storage)
+    return out.to(like.device)
+
+
+def _refuse_logits(name: str) -> str:
+    return (
+        f"plugin {name} is a FEATURES-stage plugin: it is fitted before the heads, which "
+        "are then trained on its features, so its fit cannot read logits (model.members, "
+        "model.head_logits, model.predict_features); read model.features(...), or "
+        "declare a later stage"
+    )
+
+
+def _fit_plugins(
+    wrapped: Fittable, data: FitData, recompute: Callable[[], dict[str, FeatureSet]]
+) -> Fittable:
+    named = [
+        (name, plugin, get_tags(plugin))
+        for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
+    ]
+    # FEATURES first (the list is in stage order already, unless a WrappedModel was
+    # built by hand in another order), then the others in the list's order.
+    first = [i for i, (_, _, tags) in enumerate(named) if tags.stage is Stage.FEATURES]
+    order = first + [i for i in range(len(named)) if i not in first]
+    transformed = any(transforms_features(p, t) for _, p, t in named)
+    fitted: set[int] = set()
+
+    def chain_of(indices: set[int], features_done: bool) -> Chain:
+        # Tags read again: a fit may change them (a sharded KNN bank makes inference
+        # collective).
+        kept = [(named[i][0], named[i][1], get_tags(named[i][1])) for i in sorted(indices)]
+        return Chain(
+            wrapped.backbone, wrapped.head, kept, wrapped.num_features, features_done=features_done
         )
-        if result is not plugin:
-            raise TypeError(f"plugin {name}: fit() must return self (the plugin)")
-        plugin.fitted_ = True
-        if get_tags(plugin).changes_backbone:
-            data.sets = recompute()
-    calibration = data.calibration
-    if calibration is not None and calibration.total:
 
-        def measure() -> Any:
-            whole = _gathered(calibration) if calibration.sharded else calibration
-            view = wrapped.view(len(wrapped.plugins))
-            prediction = view.predict_features(whole.features)
-            return measure_operating_points(prediction, whole.labels)
-
-        wrapped.operating_points = distributed.agree(measure, "measuring operating points")
+    with ExitStack() as scratch:
+        moved = False
+        for index in order:
+            name, plugin, tags = named[index]
+            if tags.stage is Stage.FEATURES:
+                view = PrefixView(wrapped, chain_of(fitted, False), _refuse_logits(name))
+            else:
+                if transformed and not moved:
+                    data = through_features_stage(chain_of(set(first), False), data, scratch)
+                    moved = True
+                view = PrefixView(wrapped, chain_of(fitted, True))
+            _fit_one(name, plugin, view, data)
+            fitted.add(index)
+            if tags.changes_backbone:
+                data.sets = recompute()  # never beside a transform: check_composition
+        # The fit data went through the FEATURES stage only if a later plugin needed it.
+        _measure_operating_points(wrapped, data, chain_of(fitted, moved))
     return wrapped
+
+
+def _fit_one(name: str, plugin: Plugin, view: PrefixView, data: FitData) -> None:
+    plugin.fitted_ = False
+    result = distributed.agree(
+        lambda: named_errors(name, plugin.fit, view, data), f"fitting plugin {name}"
+    )
+    if result is not plugin:
+        raise TypeError(f"plugin {name}: fit() must return self (the plugin)")
+    plugin.fitted_ = True
+
+
+def _measure_operating_points(wrapped: Fittable, data: FitData, chain: Chain) -> None:
+    calibration = data.calibration
+    if calibration is None or not calibration.total:
+        return
+
+    def measure() -> Any:
+        whole = _gathered(calibration) if calibration.sharded else calibration
+        prediction = PrefixView(wrapped, chain).predict_features(whole.features)
+        return measure_operating_points(prediction, whole.labels)
+
+    wrapped.operating_points = distributed.agree(measure, "measuring operating points")

@@ -11,7 +11,23 @@ from typing import Any
 
 from wrapcal.plugin.base import get_tags
 
-__all__ = ["order_plugins"]
+__all__ = ["order_plugins", "refers_to"]
+
+
+def refers_to(reference: str, name: str) -> bool:
+    """Whether a name in ``after`` / ``before`` means the plugin listed as ``name``.
+
+    Either may be qualified by its package (``"wrapcal:temperature"``): a plain
+    reference means every listed plugin of that name, a qualified one the plugin listed
+    under it or under its plain name (a plain name in a wrap's list is one only one
+    package registers; the core checks that a qualified reference is installed).
+    """
+    if reference == name:
+        return True
+    plain_reference = reference.rpartition(":")[2]
+    if ":" in reference:
+        return ":" not in name and plain_reference == name
+    return name.rpartition(":")[2] == reference
 
 
 def order_plugins(plugins: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -19,8 +35,8 @@ def order_plugins(plugins: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
 
     Stages come in :class:`~wrapcal.Stage` order. Inside a stage a plugin comes after
     the plugins it names in its tags' ``after`` and before those in ``before`` (names
-    of plugins that are absent are ignored); among plugins free to go next, the
-    smallest name goes first.
+    of plugins that are absent are ignored here: :func:`wrapcal.wrap` refuses names no
+    installed plugin has); among plugins free to go next, the smallest name goes first.
 
     Raises:
         ValueError: Two plugins share a name, or ``after`` / ``before`` form a cycle.
@@ -45,12 +61,14 @@ def _within_stage(group: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     needs: dict[str, set[str]] = {name: set() for name in present}
     for name, plugin in group:
         tags = get_tags(plugin)
-        for other in tags.after:
-            if other in present and other != name:
-                needs[name].add(other)
-        for other in tags.before:
-            if other in present and other != name:
-                needs[other].add(name)
+        for reference in tags.after:
+            for other in present:
+                if other != name and refers_to(reference, other):
+                    needs[name].add(other)
+        for reference in tags.before:
+            for other in present:
+                if other != name and refers_to(reference, other):
+                    needs[other].add(name)
     ready = [name for name, deps in needs.items() if not deps]
     heapq.heapify(ready)
     out: list[tuple[str, Any]] = []

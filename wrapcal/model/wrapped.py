@@ -3,7 +3,7 @@
 ``wrapped(x)`` returns calibrated logits with the model's shape, dtype and device, so
 it drops into code that used the model; ``predict`` adds probabilities and every
 plugin's scores and outputs. Fitting lives in :mod:`wrapcal.model.fitting`, assembly (wrap,
-load) in :mod:`wrapcal.model.assemble`, files in :mod:`wrapcal.persistence`.
+load) in :mod:`wrapcal.model.assemble`, files in :mod:`wrapcal.files.format`.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from tqdm.auto import tqdm
 
 from wrapcal import distributed
 from wrapcal.data import check_inputs, iter_batches, num_samples
-from wrapcal.errors import DataError, NotFittedError
+from wrapcal.errors import DataError
 from wrapcal.features.disk_arrays import DiskFeatures
 from wrapcal.features.disk_store import DiskCache
+from wrapcal.features.extract import FeatureSet
+from wrapcal.features.memory_store import cached_features
+from wrapcal.features.store import CacheOption
 from wrapcal.files import format as saving
 from wrapcal.model import fitting
 from wrapcal.model.chain import CACHED_BATCH, Chain, PrefixView, named_errors
 from wrapcal.model.split import Split
-from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.base import Plugin, get_tags, not_fitted_error
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.torch_helpers import check_batch, device_of, in_mode, input_hint
 
@@ -111,15 +114,13 @@ class WrappedModel(nn.Module):
     def check_is_fitted(self) -> None:
         """Raise :class:`NotFittedError` naming every plugin that still needs ``fit``."""
         missing = [
-            name
+            (name, plugin)
             for name, plugin in zip(self.plugin_names, self.plugins, strict=True)
             if get_tags(plugin).requires_fit and not plugin.fitted_
         ]
         if missing:
-            raise NotFittedError(
-                f"plugins {', '.join(missing)} are not fitted: call wrapped.fit(train=..., "
-                "calibration=..., unlabeled=...) with the data they need before predicting"
-            )
+            # Each plugin's message names only the data sets its tags declare.
+            raise not_fitted_error(missing)
 
     # --- description -------------------------------------------------------------------
 
@@ -141,7 +142,25 @@ class WrappedModel(nn.Module):
 
     # --- inference ---------------------------------------------------------------------
 
-    def _prepare(self, x: Any) -> torch.Tensor:
+    def prepare(self, x: Any) -> torch.Tensor:
+        """A batch of inputs as the backbone takes it: checked, on the model's device and
+        in its dtype.
+
+        Every path into the backbone goes through it (``forward``, ``predict``, the
+        feature pass of ``fit`` and ``evaluate``), so inputs are refused the same way
+        everywhere.
+
+        Args:
+            x: A batch ``[N, ...]`` (a tensor, or an array ``torch.as_tensor`` reads).
+
+        Returns:
+            The batch, moved and cast where needed (``x`` itself otherwise).
+
+        Raises:
+            DataError: Inputs that are not floating point, not a batch, or (with
+                ``check_inputs``) of a shape the model cannot take or with NaN/inf
+                values.
+        """
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
         check_inputs(x)
@@ -152,20 +171,72 @@ class WrappedModel(nn.Module):
             x = x.to(device=param.device, dtype=param.dtype)
         return x
 
-    def _stand_in(self, like: torch.Tensor | None = None) -> torch.Tensor:
-        """One input of zeros for a padding round of a collective predict: shaped like
-        ``like`` (one of this rank's inputs), else like the inputs ``fit`` saw."""
+    # The name the fit loop (wrapcal.model.fitting) still calls; prepare is the API.
+    _prepare = prepare
+
+    def stand_in(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """One input of zeros, for a padding round of a collective predict (a rank whose
+        batches ran out while others still predict, see
+        :func:`wrapcal.distributed.lockstep`): shaped like ``like`` (one of this rank's
+        inputs), else like the inputs ``fit`` saw.
+
+        Raises:
+            DataError: No ``like`` and an input shape the model does not know yet.
+        """
         if like is not None:
             return torch.zeros_like(like[:1])
         if self.input_shape is None:
             raise DataError("the model's input shape is unknown: fit it from data first")
-        return self._prepare(torch.zeros(1, *self.input_shape))
+        return self.prepare(torch.zeros(1, *self.input_shape))
+
+    def features_of(
+        self,
+        data: Any,
+        name: str = "data",
+        *,
+        batch_size: int = 256,
+        progress: bool = False,
+        cache: CacheOption = None,
+    ) -> tuple[FeatureSet, bool]:
+        """The backbone's features of a data set: one pass, or none when a feature store
+        holds them already. The feature pass of ``fit`` and ``evaluate``.
+
+        Args:
+            data: Anything :func:`wrapcal.data.iter_batches` reads.
+            name: The data set's name, for messages and the progress bar.
+            batch_size: Batch size for data that is not already batched.
+            progress: Show a progress bar.
+            cache: The :class:`~wrapcal.features.store.FeatureStore`: ``None`` or
+                ``True`` for the process-wide memory store, a
+                :class:`~wrapcal.features.disk_store.DiskCache` for a directory,
+                ``False`` to always run the backbone.
+
+        Returns:
+            The :class:`~wrapcal.features.extract.FeatureSet` (features ``[N, D]`` on the
+            model's device, labels checked against ``num_classes_out``) and whether the
+            backbone ran (``False``: the store held them). ``backbone_passes`` is left
+            to the caller, which knows whether the pass counts as the model's.
+
+        Raises:
+            DataError: Empty data, bad inputs or labels, NaN/inf features.
+        """
+        return cached_features(
+            self.backbone,
+            self.prepare,
+            data,
+            name,
+            num_features=self.num_features,
+            num_classes=self.num_classes_out,
+            batch_size=batch_size,
+            progress=progress,
+            cache=cache,
+        )
 
     def members(self, x: torch.Tensor) -> torch.Tensor:
         """Member logits ``[M, B, K]`` of a batch (``M = 1`` without heads or samplers)."""
         self.check_is_fitted()
         chain = self.chain()
-        return chain.members(chain.features(self._prepare(x)))
+        return chain.members(chain.features(self.prepare(x)))
 
     def head_members(self, features: torch.Tensor) -> torch.Tensor:
         """Member logits ``[M, N, K]`` of backbone features ``[N, D]`` (no backbone pass)."""
@@ -180,7 +251,7 @@ class WrappedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated logits with the model's shape, dtype and device."""
         self.check_is_fitted()
-        return self.chain().logits(self._prepare(x))
+        return self.chain().logits(self.prepare(x))
 
     def predict(self, x: Any, batch_size: int = 256, progress: bool = False) -> Prediction:
         """Predict with probabilities, labels, confidences, scores and plugin outputs.
@@ -199,17 +270,17 @@ class WrappedModel(nn.Module):
         chain = self.chain()
         with in_mode(self, False), torch.no_grad():
             if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
-                return chain.predict(self._prepare(x))
+                return chain.predict(self.prepare(x))
             last: list[torch.Tensor] = []  # this rank's latest batch, to shape padding
 
             def batches(bar: Any) -> Iterator[torch.Tensor]:
                 for xb, _ in iter_batches(x, batch_size):
-                    last[:] = [self._prepare(xb)]
+                    last[:] = [self.prepare(xb)]
                     yield last[0]
                     bar.update(xb.shape[0])
 
             def stand_in() -> torch.Tensor:
-                return self._stand_in(last[0] if last else None)
+                return self.stand_in(last[0] if last else None)
 
             def run() -> list[Prediction]:
                 with tqdm(
@@ -282,7 +353,7 @@ class WrappedModel(nn.Module):
             self
         """
         sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
-        store: Any = cache
+        store: CacheOption = cache
         if cache_dir is not None and cache is not False:
             store = DiskCache(cache_dir, cache_dtype)
         options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": store}

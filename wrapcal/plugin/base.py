@@ -18,7 +18,7 @@ this one (and the core), to call on the input and build on. Defaults pass throug
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from wrapcal.features.extract import FitData
     from wrapcal.plugin.prediction import Prediction
 
-__all__ = ["Plugin", "get_tags"]
+__all__ = ["Plugin", "fit_call", "get_tags", "not_fitted_error"]
 
 #: A learned tensor's declared shape: an int, ``None`` (any size: taken from the saved
 #: file) or the name of a model size (``"num_features"``, ``"num_classes"``).
@@ -158,12 +158,13 @@ class Plugin(nn.Module):
                 raise ValueError(f"learned tensor {name} holds NaN or inf values")
 
     def check_is_fitted(self) -> None:
-        """Raise :class:`NotFittedError` if the plugin needs a ``fit`` it has not had."""
-        if get_tags(self).requires_fit and not self.fitted_:
-            raise NotFittedError(
-                f"plugin {type(self).__name__} is not fitted: call "
-                "wrapped.fit(...) with the data it needs before predicting"
-            )
+        """Raise :class:`NotFittedError` if the plugin needs a ``fit`` it has not had.
+
+        The message names the ``fit`` data sets the plugin's tags say it reads
+        (``fit_requires``, ``fit_reads``), not every data set ``fit`` takes.
+        """
+        if not self.fitted_ and get_tags(self).requires_fit:
+            raise not_fitted_error([(type(self).__name__, self)])
 
     # --- the contract --------------------------------------------------------------------
 
@@ -231,6 +232,18 @@ class Plugin(nn.Module):
         """
         return {}
 
+    def unshard(self) -> None:
+        """Gather a learned state kept sharded across ``torch.distributed`` ranks back
+        onto every rank, so each rank holds the whole plugin.
+
+        Called by :func:`wrapcal.distributed.unshard` on every rank, for plugins whose
+        tags declare ``collective_outputs`` (a KNN bank fitted with ``shard_bank=True``,
+        searched per shard at inference). Afterwards inference must not need the other
+        ranks, and the plugin can be saved and exported. It is a collective call: every
+        rank calls it, in the same order. The default does nothing (a plugin whose
+        state is never sharded has nothing to gather).
+        """
+
     # --- plumbing ----------------------------------------------------------------------
 
     def __getattr__(self, name: str) -> Any:
@@ -250,8 +263,10 @@ def get_tags(plugin: Any) -> PluginTags:
     """A plugin's tags (``plugin.__wrapcal_tags__()``), checked.
 
     Raises:
-        TypeError: The tags are not a :class:`~wrapcal.plugin.types.PluginTags` or the stage
-            is not a :class:`~wrapcal.Stage` member.
+        TypeError: The tags are not a :class:`~wrapcal.plugin.types.PluginTags`, the stage
+            is not a :class:`~wrapcal.Stage` member, ``after`` / ``before`` are not
+            tuples of names, or an output's name is not a string or its kind not an
+            :class:`~wrapcal.OutputKind`.
     """
     from wrapcal.plugin.types import OutputKind, Stage
 
@@ -264,9 +279,60 @@ def get_tags(plugin: Any) -> PluginTags:
             f"plugin {name}: stage {tags.stage!r} is not a wrapcal.Stage; use one of "
             f"{', '.join(s.name for s in Stage)} (order inside a stage with after=/before=)"
         )
+    for attribute in ("after", "before"):
+        names = getattr(tags, attribute)
+        # A bare string would be read letter by letter: after="temperature" orders
+        # the plugin after plugins named "t", "e", ...
+        if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(
+                f"plugin {name}: tags.{attribute} must be a tuple of plugin names, e.g. "
+                f"{attribute}=('temperature',); got {names!r}"
+            )
+    if not isinstance(tags.outputs, dict):
+        raise TypeError(f"plugin {name}: tags.outputs must be a dict name -> OutputKind")
     for output, kind in tags.outputs.items():
+        if not isinstance(output, str) or not output:
+            raise TypeError(f"plugin {name}: output name {output!r} is not a non-empty string")
         if not isinstance(kind, OutputKind):
             raise TypeError(
-                f"plugin {name}: output {output!r} has kind {kind!r}, not an OutputKind"
+                f"plugin {name}: output {output!r} has kind {kind!r}, not an OutputKind; use "
+                f"one of {', '.join(f'OutputKind.{k.name}' for k in OutputKind)}"
             )
     return tags
+
+
+def fit_call(tags: PluginTags) -> str:
+    """The ``fit`` call a plugin's tags ask for, for messages.
+
+    ``wrapped.fit(calibration=...)`` for data it requires (``fit_requires``), with the
+    data it reads when given (``fit_reads``) beside it; ``wrapped.fit(train=...) or
+    wrapped.fit(calibration=...)`` for a plugin that reads any of several and requires
+    none; ``wrapped.fit(...)`` for one that declares neither.
+    """
+    required = list(tags.fit_requires)
+    optional = [name for name in tags.fit_reads if name not in required]
+    if required:
+        call = f"wrapped.fit({', '.join(f'{name}=...' for name in required)})"
+        if optional:
+            call += f" (it also reads {' and '.join(f'{n}=...' for n in optional)} when given)"
+        return call
+    if optional:
+        return " or ".join(f"wrapped.fit({name}=...)" for name in optional)
+    return "wrapped.fit(...)"
+
+
+def not_fitted_error(plugins: Sequence[tuple[str, Any]]) -> NotFittedError:
+    """The error for ``(name, plugin)`` pairs used before the ``fit`` they need.
+
+    Each plugin's message names only the data sets its tags declare (:func:`fit_call`).
+    """
+    if len(plugins) == 1:
+        name, plugin = plugins[0]
+        return NotFittedError(
+            f"plugin {name} is not fitted: call {fit_call(get_tags(plugin))} before predicting"
+        )
+    each = "; ".join(f"{name}: {fit_call(get_tags(plugin))}" for name, plugin in plugins)
+    return NotFittedError(
+        f"plugins {', '.join(name for name, _ in plugins)} are not fitted: call wrapped.fit "
+        f"with the data each needs before predicting ({each})"
+    )

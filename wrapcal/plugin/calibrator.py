@@ -22,17 +22,14 @@ like ``wrap`` does.
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import torch
 
-from wrapcal.errors import DataError
 from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.torch_helpers import one_cpu_thread
 from wrapcal.plugin.types import PluginTags, Stage
-from wrapcal.plugin.validation import as_logits, check_labels, check_logits
+from wrapcal.plugin.validation import MIN_SAMPLES, as_logits, check_fit_data, check_logits
 
 if TYPE_CHECKING:
     from wrapcal.features.extract import FitData
@@ -46,10 +43,6 @@ __all__ = [
     "check_calibration_data",
     "stratified_folds",
 ]
-
-#: Fewer calibration samples than this give a warning (the map is poorly determined).
-MIN_SAMPLES = 50
-
 
 class Calibrator(Plugin):
     """Base class of post-hoc calibrators (``Stage.CALIBRATE``).
@@ -163,8 +156,7 @@ class Calibrator(Plugin):
         is_tensor = isinstance(logits, torch.Tensor)
         z = as_logits(logits)
         one_dim = z.ndim == 1
-        z2 = z[:, None] if one_dim else z
-        check_logits(z2)
+        z2 = check_logits(z[:, None] if one_dim else z)
         with torch.no_grad():
             out = self.transform_logits(z2)
         out = out[:, 0] if one_dim else out
@@ -202,8 +194,9 @@ def check_calibration_data(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked calibration data: float64 logits ``[N, K >= 2]`` and int64 labels ``[N]``.
 
-    A single logit (``[N]`` or ``[N, 1]``) becomes the two columns ``[0, z]``. Both stay
-    on the logits' device.
+    The checks are :func:`wrapcal.plugin.validation.check_fit_data` (the ones
+    ``fit_temperature`` runs); a single logit (``[N]`` or ``[N, 1]``) then becomes the
+    two columns ``[0, z]``. Both stay on the logits' device.
 
     Raises:
         DataError: NaN/inf logits, probabilities passed as logits, labels of the wrong
@@ -212,30 +205,10 @@ def check_calibration_data(
     Warns:
         UserWarning: Fewer than :data:`MIN_SAMPLES` samples.
     """
-    z = as_logits(logits)
-    if z.ndim == 1:
-        z = z[:, None]
-    check_logits(z, "calibration logits")
-    n, k = z.shape
-    y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    y = check_labels(y.to(z.device), n, max(k, 2))
-    if torch.unique(y).numel() < 2:
-        raise DataError(
-            f"the calibration labels hold one class only ({int(y[0])}): {name} needs a "
-            "calibration set with several classes; pass a random held-out sample of the "
-            "data, not one selected or sorted by class"
-        )
-    if n < MIN_SAMPLES:
-        warnings.warn(
-            f"fitting {name} on {n} samples: with fewer than {MIN_SAMPLES} the calibration "
-            "map is poorly determined; use a larger held-out calibration set",
-            UserWarning,
-            stacklevel=3,
-        )
+    # stacklevel 3: the warning points at the user's call of fit_logits / fit_calibrator.
+    z, y = check_fit_data(logits, labels, name, stacklevel=3)
     z = z.to(torch.float64)
-    if k == 1:
+    if z.shape[1] == 1:
         z = torch.cat([torch.zeros_like(z), z], dim=1)
     return z, y
 

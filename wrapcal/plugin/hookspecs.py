@@ -2,9 +2,10 @@
 
 Hooks only register things (as in simonw/llm). They are answered by modules and
 objects on the global plugin manager (:func:`wrapcal.model.discovery.get_plugin_manager`),
-found through the ``wrapcal`` entry-point group. What a plugin does to a model is not
-a hook: it is the plugin's own documented methods (:class:`wrapcal.Plugin`), which the
-core calls in stage order.
+found through the ``wrapcal`` entry-point group: wrapcal's own entry points (the
+built-ins) always, other packages' unless ``WRAPCAL_DISABLE_PLUGIN_AUTOLOAD=1``. What a
+plugin does to a model is not a hook: it is the plugin's own documented methods
+(:class:`wrapcal.Plugin`), which the core calls in stage order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ __all__ = ["hookimpl", "hookspec"]
 @hookspec
 def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Register plugin factories by name.
+
+    A name is the package's to choose (no ``:`` in it). If another installed package
+    registers the same name, neither plain name is usable but nothing else breaks:
+    users pick one with its qualified name ``"package:name"`` (the distribution's name,
+    as in ``"wrapcal:temperature"``), which works for any plugin.
 
     Args:
         register: Call ``register("temperature", TemperatureScaler)``; the factory is

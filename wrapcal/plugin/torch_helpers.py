@@ -134,7 +134,7 @@ def check_batch(x: torch.Tensor, expected: tuple[int, ...] | None, fixed: bool) 
 
 
 @contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
+def one_cpu_thread(device: torch.device | str) -> Iterator[None]:
     """Run small many-step CPU work (a calibrator's fit) on one intra-op thread, then
     restore the count.
 
@@ -142,9 +142,9 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
     little and add a synchronisation per operation, which dominates when the CPU is
     shared (measured here, 2 cores under load: vector scaling on 5000 x 100 logits 0.74 s
     on one thread, 9.1 s on two; matrix scaling 0.7-1.0 s against 1.8-12 s). CUDA work
-    is left as it is.
+    is left as it is. ``device`` may be a name (``"cpu"``, ``"cuda:0"``).
     """
-    if device.type != "cpu" or torch.get_num_threads() == 1:
+    if torch.device(device).type != "cpu" or torch.get_num_threads() == 1:
         yield
         return
     before = torch.get_num_threads()

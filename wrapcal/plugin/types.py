@@ -2,11 +2,27 @@
 
 A leaf module: it imports nothing from wrapcal, so every other module can use it
 without creating an import cycle.
+
+How plugins compose (the guarantee :mod:`wrapcal.model.chain` and
+:mod:`wrapcal.model.fitting` keep): every plugin is fitted on exactly what it receives
+at inference.
+
+* The stages run, and are fitted, in :class:`Stage` order. ``FEATURES`` comes first: its
+  feature steps turn the backbone's output into *the model's features*, which every head
+  and every detector reads, at ``fit`` as at inference. The core fits the ``FEATURES``
+  plugins first, then hands every later plugin ``fit`` data that already went through
+  their steps; the heads are trained on what they read.
+* Samplers (``SAMPLE``) draw their samples around the heads fitted before them (a
+  retrained head, the discrepancy heads); plugins fitted after them see the samples.
+* Detectors read a documented input, by default :attr:`OutputContext.backbone_features`
+  and :attr:`OutputContext.base_logits`, which no sampler, extra head or calibrator
+  changes: a detector scores the same alone and beside any plugin that does not change
+  the model's features or its head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -21,16 +37,31 @@ __all__ = ["ModelView", "OutputContext", "OutputKind", "PluginTags", "Stage"]
 class Stage(IntEnum):
     """When a plugin acts, in this order, whatever order the user listed the plugins in.
 
-    ``fit`` runs the plugins stage by stage; at inference a plugin of a later stage
-    sees what the earlier ones produced (its ``inner``). Plugins that share a stage are
-    ordered by their declared ``after`` / ``before`` names, then by name.
+    ``fit`` runs the plugins stage by stage, in this order; at inference a plugin of a
+    later stage sees what the earlier ones produced (its ``inner``). Plugins that share
+    a stage are ordered by their declared ``after`` / ``before`` names, then by name.
+
+    What each stage may change, so that every plugin is fitted on what it receives at
+    inference:
+
+    * ``FEATURES`` plugins transform the backbone's output (``features``) into the
+      model's features: one deterministic ``[1, B, D]`` per input (sampling belongs to
+      ``SAMPLE``). They are fitted first, from the backbone's features alone: their
+      ``fit`` may call ``model.features`` but not read logits (``model.members``,
+      ``model.head_logits`` and ``model.predict_features`` refuse), since the heads are
+      trained after them, on their output. They cannot be combined with a plugin that
+      changes the backbone (which streams inputs past their steps).
+    * ``TRAIN``, ``HEADS`` and ``SAMPLE`` plugins build the heads: they alone may change
+      the head or the backbone (``changes_head``, ``changes_backbone``; refused at a later
+      stage, whose plugins are fitted after others already read the head).
+    * ``DETECT``, ``CALIBRATE`` and ``DECIDE`` plugins read what the heads produce.
     """
 
+    FEATURES = 5  #: turns the backbone's output into the model's features (ASH); fitted first
     TRAIN = 10  #: retrains the head or the network (label smoothing)
     HEADS = 20  #: builds extra heads on the (retrained) head (discrepancy)
     SAMPLE = 30  #: samples at inference (MC dropout)
-    FEATURES = 40  #: transforms the features the heads read (ReAct)
-    DETECT = 50  #: scores inputs from their features or logits (KNN, Mahalanobis, ViM)
+    DETECT = 50  #: scores inputs from their features or logits (KNN, Mahalanobis, ViM, ReAct)
     CALIBRATE = 60  #: post-hoc calibration of the final logits (temperature)
     DECIDE = 70  #: set-valued outputs and decisions from the calibrated output (conformal)
 
@@ -40,13 +71,15 @@ class OutputKind(str, Enum):
 
     Scores are floats ``[B]``, higher = more uncertain / more OOD; the harness measures
     them as OOD detectors. Sets, decisions and values are reported by the plugin's own
-    :meth:`~wrapcal.Plugin.report_metrics`.
+    :meth:`~wrapcal.Plugin.report_metrics`. The core checks every output against its
+    declared kind at inference and names the plugin, the output and the kind when one
+    does not match.
     """
 
-    OOD_SCORE = "ood_score"  #: meant to separate OOD inputs from in-distribution ones
-    UNCERTAINTY = "uncertainty"  #: a measure of predictive uncertainty (also an OOD score)
-    SET = "set"  #: a ``[B, K]`` boolean mask of classes (prediction sets)
-    DECISION = "decision"  #: a ``[B]`` boolean decision (abstain, reject)
+    OOD_SCORE = "ood_score"  #: a float ``[B]`` meant to separate OOD inputs from ID ones
+    UNCERTAINTY = "uncertainty"  #: a float ``[B]`` of predictive uncertainty (also an OOD score)
+    SET = "set"  #: a ``[B, K]`` bool mask of classes (prediction sets)
+    DECISION = "decision"  #: a ``[B]`` bool decision (abstain, reject)
     VALUE = "value"  #: any other per-sample tensor with the batch first
 
     @property
@@ -63,8 +96,15 @@ class PluginTags:
     ``super().__wrapcal_tags__()`` and sets what differs; tags may depend on the
     plugin's parameters.
 
+    What a plugin changes for the others is read from these tags and from the contract
+    methods it overrides (``features``, ``members``, ``transform_logits``): the test over
+    every pair of built-in plugins (``tests/test_composition.py``) allows a plugin's
+    outputs to differ beside another only where these say the other changes an input
+    the plugin reads.
+
     Attributes:
-        stage: When the plugin acts (:class:`Stage`).
+        stage: When the plugin acts (:class:`Stage`; its documentation says what each
+            stage may change).
         after: Names of plugins of the same stage this one must come after.
         before: Names of plugins of the same stage this one must come before.
         requires_fit: Whether ``fit`` must run before the plugin is used.
@@ -72,8 +112,12 @@ class PluginTags:
             (shown when it is missing, before any backbone pass).
         fit_reads: Further ``fit`` data sets it uses when they are given.
         changes_backbone: ``fit`` changes the backbone's weights (the core recomputes
-            the cached features for later plugins; evaluation gets its own pass).
-        changes_head: ``fit`` changes the model's own head in place.
+            the cached features for later plugins; evaluation gets its own pass). Only
+            at the ``TRAIN``, ``HEADS`` or ``SAMPLE`` stage, and not beside a
+            ``FEATURES``-stage plugin that transforms the features.
+        changes_head: ``fit`` changes the model's own head in place (so the logits of
+            every head reading it, and :attr:`OutputContext.base_logits`). Only at the
+            ``FEATURES`` to ``SAMPLE`` stages.
         needs_inputs: Inference needs the inputs themselves, not cached features (it
             samples the backbone), so cached features cannot stand in for them.
         streams_data: ``fit`` streams the user's data through the network (the data
@@ -106,9 +150,27 @@ class PluginTags:
     collective_outputs: bool = False
 
 
-@dataclass(frozen=True)
 class OutputContext:
     """What a plugin's :meth:`~wrapcal.Plugin.outputs` sees for a batch of ``B`` inputs.
+
+    Read-only. What each field depends on, so a plugin can document its input:
+
+    ============================  =====================================================
+    ``backbone_features``         the backbone, the ``FEATURES``-stage plugins
+    ``base_logits``               the above, and plugins that retrain the head
+                                  (``changes_head``)
+    ``features``                  the above, and samplers' feature steps (MC dropout
+                                  ``scope="all"``)
+    ``members``, ``combined``     the above, and plugins that add heads or samples
+                                  (``members``: discrepancy, MC dropout)
+    ``logits``, ``probs``         the above, and every calibrator
+                                  (``transform_logits``)
+    ``outputs``                   the above, and the plugins before this one
+    ============================  =====================================================
+
+    Detectors read ``backbone_features`` and ``base_logits`` unless their documentation
+    says otherwise: a detector then scores the same alone and beside any sampler, extra
+    head or calibrator.
 
     Attributes:
         features: ``[S, B, D]`` features the heads read, every sample of them
@@ -123,26 +185,124 @@ class OutputContext:
             reports exactly these.
         outputs: The per-sample outputs of the core and of the plugins before this one
             (scores, sets, decisions), by name.
+        backbone_features: ``[B, D]`` the model's features: the backbone's output through
+            the ``FEATURES``-stage plugins (none among the built-ins), one deterministic
+            row per input (no sampler's samples, whatever the model holds). The very
+            features ``fit`` data holds for the plugins after the ``FEATURES`` stage.
+        base_logits: ``[B, K]`` the model's own head (as ``changes_head`` plugins left
+            it) applied to ``backbone_features``: one set of logits per input, no extra
+            head, no samples, no calibration.
+        head: The model's own head, features ``[B, D]`` -> logits ``[B, K]``, for a
+            detector that scores features it transformed itself (ReAct: the energy of
+            ``head(min(f, c))``). Nothing it computes reaches the other plugins.
     """
 
-    features: torch.Tensor
-    members: torch.Tensor
-    combined: torch.Tensor
-    logits: torch.Tensor
-    probs: torch.Tensor
-    outputs: Mapping[str, torch.Tensor]
+    __slots__ = (
+        "_backbone_features",
+        "_base_logits",
+        "_head",
+        "combined",
+        "features",
+        "logits",
+        "members",
+        "outputs",
+        "probs",
+    )
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        members: torch.Tensor,
+        combined: torch.Tensor,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        outputs: Mapping[str, torch.Tensor],
+        backbone_features: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        base_logits: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        head: nn.Module | None = None,
+    ) -> None:
+        """Build a context.
+
+        ``backbone_features`` and ``base_logits`` may be tensors, functions that compute
+        them when a plugin first reads them (the core passes functions: a model that
+        samples its backbone needs one more, deterministic, pass for them), or ``None``:
+        then they are taken from ``features`` (one sample) and ``members`` (one member),
+        which is what they are in a model without samplers or extra heads. ``head`` is
+        the model's own head (``None``: reading it raises).
+        """
+        for name, value in (
+            ("features", features),
+            ("members", members),
+            ("combined", combined),
+            ("logits", logits),
+            ("probs", probs),
+            ("outputs", outputs),
+            ("_backbone_features", backbone_features),
+            ("_base_logits", base_logits),
+            ("_head", head),
+        ):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"OutputContext is read-only: cannot set {name!r}")
+
+    @property
+    def backbone_features(self) -> torch.Tensor:
+        """``[B, D]``: see the class documentation."""
+        source = self._backbone_features
+        if source is None:
+            if self.features.shape[0] != 1:
+                raise ValueError(
+                    "this OutputContext was built without backbone_features and its "
+                    f"features hold {self.features.shape[0]} samples: pass "
+                    "backbone_features=..."
+                )
+            return self.features[0]
+        return source() if callable(source) else source
+
+    @property
+    def base_logits(self) -> torch.Tensor:
+        """``[B, K]``: see the class documentation."""
+        source = self._base_logits
+        if source is None:
+            if self.members.shape[0] != 1:
+                raise ValueError(
+                    "this OutputContext was built without base_logits and holds "
+                    f"{self.members.shape[0]} members: pass base_logits=..."
+                )
+            return self.members[0]
+        return source() if callable(source) else source
+
+    @property
+    def head(self) -> nn.Module:
+        """The model's own head: see the class documentation."""
+        if self._head is None:
+            raise ValueError("this OutputContext was built without the model's head: pass head=...")
+        return self._head
+
+    def __repr__(self) -> str:
+        return (
+            f"OutputContext(features={tuple(self.features.shape)}, "
+            f"members={tuple(self.members.shape)}, outputs={sorted(self.outputs)})"
+        )
 
 
 @runtime_checkable
 class ModelView(Protocol):
     """The wrapped model as a plugin sees it in ``attach`` and ``fit``.
 
-    Everything a plugin may touch; the methods run the plugins *before* the calling
-    one (so a calibrator fitted after a retraining plugin sees the retrained head).
+    Everything a plugin may touch; the methods run the plugins fitted *before* the
+    calling one (so a calibrator fitted after a retraining plugin sees the retrained
+    head). They take the cached features the plugin's ``fit`` data holds: for a
+    ``FEATURES``-stage plugin the backbone's features, for every later plugin the
+    model's features (already through the ``FEATURES`` stage, as
+    :attr:`OutputContext.backbone_features` at inference).
 
     Attributes:
         backbone: Inputs ``[B, ...]`` -> features ``[B, D]``.
-        head: The model's own head, features ``[B, D]`` -> logits ``[B, K]``.
+        head: The model's own head, features ``[B, D]`` -> logits ``[B, K]``. Applied to
+            the ``fit`` data's features, it gives what
+            :attr:`OutputContext.base_logits` gives at inference.
         head_path: Dotted name of the slot the head was cut from, inside the backbone's
             model, when known.
         num_classes: ``K``, the number of logits (1 for a single-logit binary model).
@@ -167,8 +327,9 @@ class ModelView(Protocol):
     def name(self) -> str: ...
 
     def features(self, cached: torch.Tensor) -> torch.Tensor:
-        """Cached backbone features ``[N, D]`` through the earlier plugins' feature
-        stages: ``[S, N, D]``."""
+        """Cached features ``[N, D]`` (as the ``fit`` data holds them) through the feature
+        steps of the plugins fitted before: ``[S, N, D]``, what the heads of the plugins
+        fitted next read."""
         ...
 
     def members(self, features: torch.Tensor) -> torch.Tensor:
@@ -176,7 +337,9 @@ class ModelView(Protocol):
         ...
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Final logits ``[N, K]`` of cached features ``[N, D]``."""
+        """Final logits ``[N, K]`` of cached features ``[N, D]``: the members of the
+        plugins before combined, then their calibrators (not the bare head: that is
+        ``head(features)``)."""
         ...
 
     def predict_features(self, features: torch.Tensor) -> Any:

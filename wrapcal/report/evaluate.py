@@ -16,9 +16,9 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wrapcal.data import check_labels
 from wrapcal.errors import DataError
 from wrapcal.features.disk_store import DiskCache
+from wrapcal.features.store import CacheOption
 from wrapcal.metrics import (
     accuracy,
     adaptive_ece,
@@ -35,6 +35,7 @@ from wrapcal.metrics import (
 from wrapcal.model.chain import named_errors
 from wrapcal.model.wrapped import WrappedModel
 from wrapcal.plugin.prediction import Prediction
+from wrapcal.plugin.validation import check_labels
 from wrapcal.report.outputs import ModelOutputs
 from wrapcal.report.passes import model_device, runner_for
 from wrapcal.report.report import Report
@@ -204,7 +205,7 @@ def evaluate(
         raise ValueError(f"n_bins must be a positive integer; got {n_bins!r}")
     if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
         raise ValueError(f"bootstrap must be a number of resamples >= 0; got {bootstrap!r}")
-    store: Any = None if cache else False
+    store: CacheOption = None if cache else False
     if cache and cache_dir is not None:
         store = DiskCache(cache_dir, cache_dtype)
     outputs: dict[str, ModelOutputs] = {}

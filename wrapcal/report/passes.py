@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 from wrapcal import distributed
 from wrapcal.data import iter_batches, num_samples
 from wrapcal.errors import DataError, SplitError
-from wrapcal.features.memory_store import cached_features
+from wrapcal.features.store import CacheOption
 from wrapcal.model.assemble import wrap
 from wrapcal.model.chain import CORE_OUTPUTS, Chain
 from wrapcal.model.wrapped import WrappedModel
@@ -33,7 +34,11 @@ from wrapcal.plugin.probs import check_logits, entropy, logits_to_probs, looks_l
 from wrapcal.plugin.torch_helpers import preserved_modes
 from wrapcal.report.outputs import SetOutputs
 
-__all__ = ["model_device", "run_model", "runner_for"]
+__all__ = ["Runner", "model_device", "run_model", "runner_for"]
+
+#: How ``evaluate`` runs a model over a data set:
+#: ``runner(data, batch_size=..., progress=..., desc=...) -> SetOutputs``.
+Runner = Callable[..., SetOutputs]
 
 
 def model_device(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -98,14 +103,14 @@ def run_model(
     Returns:
         The :class:`SetOutputs`. The model's train/eval flags and weights are unchanged.
     """
-    wrapped = isinstance(model, WrappedModel)
+    wrapped = model if isinstance(model, WrappedModel) else None
     device, dtype = model_device(model)
     parts, labels = [], []
     warned: set[str] = set()
     bar = tqdm(total=num_samples(data), desc=desc, unit="img", disable=not progress)
     start = time.perf_counter()
     batches: Any = iter_batches(data, batch_size)
-    if wrapped and model.chain().collective and distributed.active():
+    if wrapped is not None and wrapped.chain().collective and distributed.active():
         # Its inference synchronises the ranks: every rank runs as many batches.
         batches = distributed.lockstep(batches)
     try:
@@ -114,12 +119,13 @@ def run_model(
             x = None
             for batch in batches:
                 if batch is None:  # a padding round, shaped like this rank's last input
-                    model.predict(model._stand_in(x))
+                    assert wrapped is not None  # only a collective wrapped model pads
+                    wrapped.predict(wrapped.stand_in(x))
                     continue
                 x, y = batch
-                if wrapped:
+                if wrapped is not None:
                     # One predict call per batch: the labels stay with their inputs.
-                    pred = model.predict(x, batch_size=max(1, x.shape[0]))
+                    pred = wrapped.predict(x, batch_size=max(1, x.shape[0]))
                 else:
                     x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
                     pred = _bare_prediction(_as_logits(model(x), model), desc, warned)
@@ -146,20 +152,12 @@ def _from_cache(
     batch_size: int,
     progress: bool,
     desc: str,
-    cache: Any,
+    cache: CacheOption,
 ) -> SetOutputs:
     """Predictions of a wrapped model from the shared features of ``data``."""
     start = time.perf_counter()
-    features, _ = cached_features(
-        wrapped.backbone,
-        wrapped._prepare,
-        data,
-        desc,
-        num_features=wrapped.num_features,
-        num_classes=wrapped.num_classes_out,
-        batch_size=batch_size,
-        progress=progress,
-        cache=cache,
+    features, _ = wrapped.features_of(
+        data, desc, batch_size=batch_size, progress=progress, cache=cache
     )
     prediction = wrapped.predict_features(features.features, batch_size).to("cpu")
     labels = None if features.labels is None else features.labels.cpu()
@@ -185,7 +183,7 @@ def _gather(local: SetOutputs) -> SetOutputs:
     return SetOutputs(prediction, gather(local.labels), seconds)
 
 
-def runner_for(model: nn.Module, cache: Any = None):
+def runner_for(model: nn.Module, cache: CacheOption = None) -> Runner:
     """How ``evaluate`` runs ``model`` over a data set: ``runner(data, batch_size,
     progress, desc) -> SetOutputs``, from the shared features when it can, on this
     rank's shard under ``torch.distributed`` (the outputs gathered on every rank)."""
@@ -203,7 +201,7 @@ def runner_for(model: nn.Module, cache: Any = None):
     return distributed_run
 
 
-def _local_runner(model: nn.Module, cache: Any):
+def _local_runner(model: nn.Module, cache: CacheOption) -> Runner:
     if cache is False:
         return lambda data, **kw: run_model(model, data, **kw)
     target = model

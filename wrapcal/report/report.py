@@ -88,7 +88,7 @@ def _version() -> str:
 
         return version("wrapcal")
     except Exception:  # not installed: the source tree's version
-        from wrapcal import __version__
+        from wrapcal._version import __version__
 
         return __version__
 

@@ -22,7 +22,7 @@ import re
 from functools import cache
 from typing import Any
 
-from wrapcal.plugin.constraints import Check, Interval, Options
+from wrapcal.plugin import Check, Interval, Options
 
 __all__ = [
     "DENIED",

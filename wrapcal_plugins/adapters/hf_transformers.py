@@ -33,11 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from wrapcal.errors import SplitError
-from wrapcal.files.families import ModelFamily, check_spec
-from wrapcal.model.split import DistilledHead, FeatureTap, Split, TappedBackbone
-from wrapcal.plugin.hookspecs import hookimpl
-from wrapcal.plugin.torch_helpers import HOW_TO_SPLIT_BY_HAND
+from wrapcal.plugin import (
+    HOW_TO_SPLIT_BY_HAND,
+    DistilledHead,
+    FeatureTap,
+    ModelFamily,
+    Split,
+    SplitError,
+    TappedBackbone,
+    check_spec,
+    hookimpl,
+)
 from wrapcal_plugins.adapters import _hf_config
 
 __all__ = [

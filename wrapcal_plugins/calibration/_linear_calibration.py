@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from wrapcal.logits.temperature import fit_temperature
+from wrapcal import fit_temperature
 
 __all__ = ["ODIR_GRID", "LinearFit", "fit_linear", "heldout_nll", "lbfgs", "select_odir"]
 

@@ -27,14 +27,12 @@ import torch
 from torch import nn
 
 from wrapcal import PluginTags, get_tags, hookimpl, metrics
-from wrapcal.model.assemble import create_plugin
-from wrapcal.plugin.calibrator import Calibrator, stratified_folds
-from wrapcal.plugin.constraints import Check, Interval, Options
+from wrapcal.plugin import Calibrator, Check, Interval, Options, create_plugin, stratified_folds
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from wrapcal.plugin.base import ShapeSpec
+    from wrapcal.plugin import ShapeSpec
 
 __all__ = ["DEFAULT_CANDIDATES", "METRICS", "AutoCalibration"]
 

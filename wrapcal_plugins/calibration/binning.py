@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from wrapcal import PluginTags, hookimpl
-from wrapcal.plugin.calibrator import Calibrator, calibrated_log_probs
-from wrapcal.plugin.constraints import Interval, Options
+from wrapcal.plugin import Calibrator, Interval, Options, calibrated_log_probs
 
 from ._maps import (
     equal_width_map,

@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from wrapcal import PluginTags, hookimpl
-from wrapcal.plugin.calibrator import Calibrator, stratified_folds
-from wrapcal.plugin.constraints import Check, Interval
-from wrapcal.plugin.torch_helpers import one_cpu_thread
+from wrapcal.plugin import Calibrator, Check, Interval, one_cpu_thread, stratified_folds
 
 from ._linear_calibration import TOL_SEARCH, LinearFit, fit_linear, select_odir
 

@@ -12,10 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from wrapcal import PluginTags, hookimpl
-from wrapcal.logits.temperature import fit_temperature
-from wrapcal.plugin.calibrator import Calibrator
-from wrapcal.plugin.constraints import Interval
+from wrapcal import PluginTags, fit_temperature, hookimpl
+from wrapcal.plugin import Calibrator, Interval
 
 if TYPE_CHECKING:
     from collections.abc import Callable

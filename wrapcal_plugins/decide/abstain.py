@@ -19,10 +19,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from wrapcal import OutputContext, OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.logits.abstention import AbstentionRule, fit_abstention, risk_coverage_curve
-from wrapcal.plugin import bootstrap_means, percentile_interval
-from wrapcal.plugin.constraints import Interval
+from wrapcal import (
+    AbstentionRule,
+    OutputContext,
+    OutputKind,
+    Plugin,
+    PluginTags,
+    Stage,
+    fit_abstention,
+    hookimpl,
+    selective,
+)
+from wrapcal.plugin import Interval, bootstrap_means, percentile_interval
 
 from .conformal import FIT_SETS, N_RESAMPLES
 
@@ -141,7 +149,7 @@ class Abstain(Plugin):
         kept = accept.sum()
         risk = float(((1 - correct) * accept).sum() / kept) if kept > 0 else 0.0
         ratio = means[:, 1] / means[:, 0].clamp_min(1e-300)
-        curve = risk_coverage_curve(prediction.scores["msp"], correct.bool())
+        curve = selective.risk_coverage_curve(prediction.scores["msp"], correct.bool())
         curve["operating_point"] = {"coverage": float(accept.mean()), "risk": risk}
         return {
             "accepted": {

@@ -20,8 +20,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from wrapcal import OutputContext, OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.logits.conformal import METHODS, ConformalPredictor, fit_conformal, prediction_sets
+from wrapcal import (
+    ConformalPredictor,
+    OutputContext,
+    OutputKind,
+    Plugin,
+    PluginTags,
+    Stage,
+    fit_conformal,
+    hookimpl,
+)
+from wrapcal import conformal as split_conformal
 from wrapcal.plugin import Interval, Options, bootstrap_means, percentile_interval
 
 if TYPE_CHECKING:
@@ -66,7 +75,7 @@ class ConformalSets(Plugin):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "alpha": [Interval(float, 0, 1, closed="neither")],
-        "method": [Options(str, METHODS)],
+        "method": [Options(str, split_conformal.METHODS)],
         "classwise": [bool],
         "k_reg": [None, Interval(int, 0, None)],
         "lam": [None, Interval(float, 0, None)],
@@ -182,7 +191,7 @@ class ConformalSets(Plugin):
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
         """``sets`` ``[B, K]`` (bool) and ``set_size`` ``[B]`` (float), plain tensor ops."""
         self.check_is_fitted()
-        sets = prediction_sets(
+        sets = split_conformal.prediction_sets(
             context.logits, context.probs, self.thresholds, self.hash_weights, self.method,
             self.k_reg_, self.lam_, self.randomized,
         )  # fmt: skip

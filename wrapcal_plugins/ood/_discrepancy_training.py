@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wrapcal.errors import DataError
-from wrapcal.plugin.probs import logits_to_log_probs, logits_to_probs
-from wrapcal.plugin.torch_helpers import check_features
-from wrapcal.plugin.training import shuffled_batches
+from wrapcal.plugin import (
+    DataError,
+    check_features,
+    logits_to_log_probs,
+    logits_to_probs,
+    shuffled_batches,
+)
 
 __all__ = [
     "NAME",

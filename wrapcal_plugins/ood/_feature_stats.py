@@ -2,9 +2,14 @@
 
 Every function here reads a feature set in chunks of rows, so memory stays bounded by
 the chunk and the ``D x D`` statistics, whatever the number of rows: a 1,000,000 x 2048
-training set never becomes an ``N x D`` float64 copy. Chunks go through
-``model.features`` so each detector sees the features as the plugins before it give
-them (clipped by ReAct, sampled by MC dropout: the ``S`` samples are averaged).
+training set never becomes an ``N x D`` float64 copy.
+
+What the detectors read, at ``fit`` as at inference: the model's features (the ``fit``
+data's features, which are :attr:`~wrapcal.OutputContext.backbone_features` at
+inference) and the model's own head applied to them (:func:`base_logits`, which is
+:attr:`~wrapcal.OutputContext.base_logits`). Not the features a sampler draws, not
+the members of extra heads, not calibrated logits: so a detector scores the same alone
+and beside any plugin that leaves the model's features and head alone.
 """
 
 from __future__ import annotations
@@ -15,19 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wrapcal import FitData, ModelView, distributed
-from wrapcal.errors import DataError
-from wrapcal.features.extract import FeatureSet
+from wrapcal import distributed
+from wrapcal.plugin import DataError, FeatureSet, FitData, ModelView, in_mode
 
 __all__ = [
     "FIT_SETS",
     "Moments",
+    "base_logits",
     "chunked_quantile",
     "compute_dtype",
     "energy",
+    "feature_chunks",
+    "feature_value_chunks",
     "fit_set",
     "linear_head",
-    "mean_feature_chunks",
     "pinv_factor",
 ]
 
@@ -51,26 +57,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_rows(model: ModelView, features: FeatureSet) -> int:
-    # One row through the earlier plugins tells how many samples S they produce.
-    samples = model.features(features.features[:1]).shape[0]
-    return max(1, CHUNK_ELEMENTS // (model.num_features * samples))
+def _chunk_rows(model: ModelView) -> int:
+    return max(1, CHUNK_ELEMENTS // max(model.num_features, 1))
 
 
-def mean_feature_chunks(
+def feature_chunks(
     model: ModelView, features: FeatureSet
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(features [n, D], labels [n] or None)`` chunk by chunk: the features as the
-    plugins before the caller give them, averaged over their ``S`` samples."""
-    for chunk, labels in features.batches(_chunk_rows(model, features)):
-        yield model.features(chunk).mean(dim=0), labels
+    """``(features [n, D], labels [n] or None)`` chunk by chunk: the model's features, as
+    the ``fit`` data holds them (``OutputContext.backbone_features`` at inference)."""
+    yield from features.batches(_chunk_rows(model))
 
 
 def feature_value_chunks(model: ModelView, features: FeatureSet) -> Iterator[torch.Tensor]:
-    """Every value of every sample of the features (``[S, n, D]`` flattened), chunk by
-    chunk."""
-    for chunk, _ in features.batches(_chunk_rows(model, features)):
-        yield model.features(chunk).reshape(-1)
+    """Every value of the model's features (``[n, D]`` flattened), chunk by chunk."""
+    for chunk, _ in feature_chunks(model, features):
+        yield chunk.reshape(-1)
+
+
+def base_logits(model: ModelView, features: torch.Tensor) -> torch.Tensor:
+    """The model's own head on the model's features ``[n, D]``: what
+    ``OutputContext.base_logits`` gives at inference (the head in eval mode, as in
+    ``predict``)."""
+    with torch.no_grad(), in_mode(model.head, False):
+        return model.head(features)
 
 
 @dataclass

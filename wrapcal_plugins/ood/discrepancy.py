@@ -51,9 +51,15 @@ What this plugin does, and the choices it makes:
   backbone (only that block trainable; the backbone stays in eval mode so batch-norm
   statistics are not shifted by the OOD inputs). ``changes_backbone`` is then True,
   so the core recomputes the cached features for the plugins fitted later.
-* Score ``discrepancy``: ``sum_k |p1_k - p2_k|`` (in [0, 2], higher = more OOD). When
-  a sampler wraps these heads (MC dropout: members ``[T*2, N, K]``, head index
-  fastest) it is computed per sample ``t`` and averaged over ``t``.
+* Score ``discrepancy``: ``sum_k |p1_k - p2_k|`` (in [0, 2], higher = more OOD). It
+  reads the members (:attr:`~wrapcal.OutputContext.members`): its two heads, and the
+  samples a sampler draws around them (MC dropout: members ``[T*2, N, K]``, head index
+  fastest), computed per sample ``t`` and averaged over ``t``. So a plugin that retrains
+  the head before it (label smoothing) or samples around it (MC dropout) changes it, by
+  design; detectors, calibrators and decisions do not.
+* The heads train on the ``fit`` data's features: the model's features, what they read
+  at inference (through any ``FEATURES``-stage transform, which the core applies to the
+  ``fit`` data before the heads are trained).
 
 The setting of the paper is transductive: the OOD kind to detect is in the unlabelled
 data. OOD kinds absent from it are not guaranteed to be caught.
@@ -70,8 +76,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from wrapcal import (
+from wrapcal.plugin import (
+    Check,
     FitData,
+    Interval,
     ModelView,
     OutputContext,
     OutputKind,
@@ -79,10 +87,11 @@ from wrapcal import (
     PluginTags,
     Stage,
     hookimpl,
+    in_mode,
+    preserved_modes,
+    shuffled_batches,
+    small_work_threads,
 )
-from wrapcal.plugin.constraints import Check, Interval
-from wrapcal.plugin.torch_helpers import in_mode, preserved_modes
-from wrapcal.plugin.training import shuffled_batches, small_work_threads
 from wrapcal_plugins.ood._discrepancy_training import (
     NAME,
     PairedBatches,

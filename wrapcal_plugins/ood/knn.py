@@ -11,9 +11,13 @@ What this plugin does, and the choices it makes:
   1000 for ImageNet, with a 1% sample of the training set as the bank; OpenOOD sweeps
   50..1000). The distance is the plain Euclidean one; the authors' and OpenOOD's code
   read the *squared* distance from faiss, which ranks inputs identically.
+* Input: the model's features ``f`` (:attr:`~wrapcal.OutputContext.backbone_features`:
+  the backbone's output through any ``FEATURES``-stage plugin, one deterministic row per
+  input), nothing else: no logits, no sampler's samples. So ``knn`` scores the same
+  alone and beside any plugin but one that changes the model's features or backbone.
 * The bank: the normalised features of ``wrapped.fit(train=...)`` (else
-  ``calibration=``), as the plugins before it give them (averaged over MC-dropout
-  samples, clipped by ReAct). ``bank_size=`` keeps a seeded random subset (the paper
+  ``calibration=``), the same features it reads at inference. ``bank_size=`` keeps a
+  seeded random subset (the paper
   shows a 1% sample loses little on ImageNet); ``dtype="float16"`` halves its memory
   (distances then carry ~1e-3 of rounding). It is a learned buffer of the saved
   safetensors file, not JSON.
@@ -40,21 +44,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import (
+from wrapcal import distributed
+from wrapcal.plugin import (
+    DataError,
+    DistributedError,
     FitData,
+    Interval,
     ModelView,
+    Options,
     OutputContext,
     OutputKind,
     Plugin,
     PluginTags,
     Stage,
-    distributed,
     hookimpl,
 )
-from wrapcal.distributed import DistributedError
-from wrapcal.errors import DataError
-from wrapcal.plugin.constraints import Interval, Options
-from wrapcal_plugins.ood._feature_stats import FIT_SETS, compute_dtype, fit_set, mean_feature_chunks
+from wrapcal_plugins.ood._feature_stats import FIT_SETS, compute_dtype, feature_chunks, fit_set
 
 __all__ = ["KNN", "kth_nearest_distance", "normalise", "top_similarities"]
 
@@ -212,7 +217,7 @@ class KNN(Plugin):
             keep[(rank + 1) * total // ranks :] = False
         parts = []
         start = source.offset  # the whole set's index of this rank's first row
-        for features, _ in mean_feature_chunks(model, source):
+        for features, _ in feature_chunks(model, source):
             rows = features.shape[0]
             if keep is not None:
                 features = features[keep[start : start + rows].to(features.device)]
@@ -226,9 +231,9 @@ class KNN(Plugin):
         return self
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
-        """``knn``: distance of the (sample-averaged) normalised feature to its ``k``-th
-        nearest bank feature."""
-        features = context.features.mean(dim=0)
+        """``knn``: distance of the normalised model feature to its ``k``-th nearest bank
+        feature."""
+        features = context.backbone_features
         queries = normalise(features.to(compute_dtype(features.dtype)))
         if self._bank_ranks == 1:
             return {_NAME: kth_nearest_distance(queries, self.bank_, self.k)}

@@ -21,6 +21,12 @@ covariances, divided by ``N``; pseudo-inverse precision as scikit-learn's
 perturbation and multi-layer ensemble are not included: they need gradients through the
 backbone, and the comparison papers (Ren et al., OpenOOD) leave them out too.
 
+What it reads: the model's features ``f`` (:attr:`~wrapcal.OutputContext.backbone_features`:
+the backbone's output through any ``FEATURES``-stage plugin, one deterministic row per
+input), at inference as at ``fit`` (the ``fit`` data's features); no logits, no
+sampler's samples. So it scores the same alone and beside any plugin but one that
+changes the model's features or backbone.
+
 How it is computed:
 
 * ``fit`` reads ``train`` (else ``calibration``) in chunks: per-class sums and one
@@ -42,7 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import (
+from wrapcal.plugin import (
     FitData,
     ModelView,
     OutputContext,
@@ -56,8 +62,8 @@ from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
     Moments,
     compute_dtype,
+    feature_chunks,
     fit_set,
-    mean_feature_chunks,
     pinv_factor,
 )
 
@@ -115,7 +121,7 @@ class Mahalanobis(Plugin):
         source = fit_set(data, _NAME, _WHY)
         source.require_labels(_NAME)
         moments = Moments(classes=max(model.num_classes, 2))
-        for features, labels in mean_feature_chunks(model, source):
+        for features, labels in feature_chunks(model, source):
             moments.update(features, labels)
         moments.combine_shards(source, model.num_features, model.device)
         means, _ = moments.class_means()
@@ -132,7 +138,7 @@ class Mahalanobis(Plugin):
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
         """``mahalanobis``: ``min_c d_c``, minus ``d_0`` with ``relative=True``."""
-        features = context.features.mean(dim=0)
+        features = context.backbone_features
         dtype = compute_dtype(features.dtype)
         centred = features.to(dtype) - self.center_.to(dtype)
         whitened = centred @ self.whitening_.to(dtype)

@@ -1,38 +1,44 @@
-"""Rectified activations (Sun, Guo & Li, NeurIPS 2021): clip the features; score ``react``.
+"""Rectified activations (Sun, Guo & Li, NeurIPS 2021): the detector score ``react``.
 
 "ReAct: Out-of-distribution Detection With Rectified Activations" clips the penultimate
 features at ``c``, the ``p``-th percentile of their in-distribution values (``p = 90``,
 the paper's default for CIFAR and ImageNet), before the head: OOD inputs cause a few
 abnormally large activations that push their logits up; clipped, they no longer do.
-The score is the energy of the logits of the clipped features,
-``react = -logsumexp(logits(min(f, c)))`` (higher = more OOD).
+The score is the energy of the logits of the clipped features (higher = more OOD)::
 
-What this plugin does, and the choices it makes:
+    react(f) = -logsumexp(head(min(f, c)))
 
-* A feature-stage plugin: it changes the features every head reads, so the model's
-  logits are those of the clipped features (accuracy moves a little, usually by a
-  fraction of a point) and everything after it (detectors, calibrators such as
-  temperature, fitted after it) sees the clipped model.
+What it reads, and what it clips for whom:
+
+* Input: the model's features ``f`` (:attr:`~wrapcal.OutputContext.backbone_features`:
+  the backbone's output, through any ``FEATURES``-stage plugin, one deterministic row
+  per input) and the model's own head (:attr:`~wrapcal.OutputContext.head`, as the
+  plugins that retrain it left it). Not the members of extra heads or dropout samples,
+  not calibrated logits: ``react`` scores the same alone and beside MC dropout,
+  the discrepancy heads, the other detectors, calibrators and decisions.
+* It clips for its own score only. The model's features, its logits and probabilities,
+  the core's ``energy`` and ``max_logit`` and every other plugin are exactly as without
+  it (the paper's classifier keeps the unclipped features; the clipped logits serve the
+  score). So ``react`` is not ``energy``: it equals ``energy`` only on inputs none of
+  whose features exceed ``c``.
 * ``c`` is the exact percentile of every value of the ``train`` features (else
-  ``calibration``), as the plugins before it give them (every MC-dropout sample's),
-  numpy's linear interpolation. It is computed in bounded memory and deterministically
+  ``calibration``), the same features it reads at inference, numpy's linear
+  interpolation. It is computed in bounded memory and deterministically
   (:func:`~wrapcal_plugins.ood._feature_stats.chunked_quantile`: a histogram pass narrows
   down the range that holds the rank, the values in it are sorted; three passes over
   the cached features), not on a subsample.
-* The score is the energy of the *combined* logits (the average of several heads or
-  dropout samples), before any calibrator; a single binary logit ``z`` counts as
-  ``[0, z]``. With one head it equals the core's ``energy`` of the clipped model.
+* A single binary logit ``z`` counts as ``[0, z]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import (
+from wrapcal.plugin import (
     FitData,
+    Interval,
     ModelView,
     OutputContext,
     OutputKind,
@@ -41,7 +47,6 @@ from wrapcal import (
     Stage,
     hookimpl,
 )
-from wrapcal.plugin.constraints import Interval
 from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
     chunked_quantile,
@@ -58,7 +63,9 @@ _WHY = "the clip value is a percentile of in-distribution features"
 
 
 class ReAct(Plugin):
-    """Clip features at a percentile of the training features; score ``react``.
+    """Energy of the head's logits of the features clipped at a training percentile.
+
+    A detector: it changes nothing of the model (see the module docstring).
 
     Args:
         percentile: ``p`` in (0, 100]: the clip value is the ``p``-th percentile of the
@@ -79,8 +86,8 @@ class ReAct(Plugin):
 
     def __wrapcal_tags__(self) -> PluginTags:
         tags = super().__wrapcal_tags__()
-        # Acts on the features the heads read: every head and every sample sees them clipped.
-        tags.stage = Stage.FEATURES
+        # A detector: it scores, and leaves the features every head reads alone.
+        tags.stage = Stage.DETECT
         tags.fit_reads = FIT_SETS
         tags.fits_from_shards = True  # counts and bounds are combined over the ranks
         tags.exportable = True
@@ -98,19 +105,12 @@ class ReAct(Plugin):
         self.clip_ = torch.tensor(clip, dtype=torch.float64, device=model.device)
         return self
 
-    def features(
-        self,
-        inputs: torch.Tensor | None,
-        inner: Callable[[torch.Tensor | None], torch.Tensor],
-    ) -> torch.Tensor:
-        """The features of the plugins before, clipped at ``clip_`` from above."""
-        features = inner(inputs)
-        return features.clamp(max=self.clip_.to(features.dtype))
-
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
-        """``react``: the energy of the combined logits of the clipped features."""
-        combined = context.combined
-        return {_NAME: energy(combined.to(compute_dtype(combined.dtype)))}
+        """``react``: the energy of the head's logits of the clipped model features."""
+        features = context.backbone_features
+        clipped = features.clamp(max=self.clip_.to(features.dtype))
+        logits = context.head(clipped)
+        return {_NAME: energy(logits.to(compute_dtype(logits.dtype)))}
 
 
 @hookimpl

@@ -15,6 +15,21 @@ with ``R`` the orthonormal basis of the residual space and ``alpha = mean_i max_
 logit_ik / mean_i ||(f_i - u) R||`` over the training set, as in the paper and the
 authors' code (haoqiwang/vim ``benchmark.py``).
 
+What it reads (so it scores the same alone and beside any plugin that does not change
+these):
+
+* the model's features ``f`` (:attr:`~wrapcal.OutputContext.backbone_features`: the
+  backbone's output through any ``FEATURES``-stage plugin, one deterministic row per
+  input), and
+* the head's own logits (:attr:`~wrapcal.OutputContext.base_logits`: the model's head,
+  as the plugins that retrain it left it, applied to ``f``).
+
+Not the members of extra heads or dropout samples, not their average, not calibrated
+logits: beside MC dropout, which averages ``T`` dropped-out heads, the logits term would
+otherwise be an average of probabilities read as if it were logits (ViM's Gaussian-noise
+AUROC on the shared ResNet-20 fell from 1.000 to 0.003 that way). ``fit`` reads the
+same two: the ``fit`` data's features and ``model.head`` of them.
+
 Choices:
 
 * ``dim=None`` (the principal dimension ``D``): 1000 for features of width >= 2048 and
@@ -22,10 +37,9 @@ Choices:
   below that (the rule of later re-implementations; OpenOOD uses 256 for its 512-d
   CIFAR ResNet-18, and the issue's 64-d ResNet-20 used 32).
 * The head: ``model.head`` as ``fit`` finds it, i.e. after the plugins before this one
-  retrained it (label smoothing, discrepancy heads). It must be one ``nn.Linear``.
-* The logits: the combined logits of the plugins before (the mean of several heads or
-  dropout samples; ReAct's clipped ones), before any calibrator; ``alpha`` is fitted
-  on the same. A single binary logit ``z`` counts as the two logits ``[0, z]``.
+  retrained it (label smoothing, the discrepancy heads' head 1, MC dropout's
+  fine-tuning). It must be one ``nn.Linear``. A single binary logit ``z`` counts as the
+  two logits ``[0, z]``.
 * Statistics in float64, in chunks (one pass for the second moment, one for
   ``alpha``); the residual basis is a float64 buffer, used in float32 at inference.
 """
@@ -36,8 +50,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import (
+from wrapcal.plugin import (
+    DataError,
     FitData,
+    Interval,
     ModelView,
     OutputContext,
     OutputKind,
@@ -46,18 +62,16 @@ from wrapcal import (
     Stage,
     hookimpl,
 )
-from wrapcal.errors import DataError
-from wrapcal.plugin.constraints import Interval
-from wrapcal.plugin.probs import combine_members
 from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
     Moments,
+    base_logits,
     compute_dtype,
     energy,
+    feature_chunks,
     fit_set,
     linear_head,
     max_logit,
-    mean_feature_chunks,
 )
 
 __all__ = ["ViM", "default_dim"]
@@ -128,7 +142,7 @@ class ViM(Plugin):
         if head.bias is not None:
             origin = -(torch.linalg.pinv(weight) @ head.bias.detach().to(torch.float64))
         moments = Moments(classes=1, shift=origin)
-        for features, _ in mean_feature_chunks(model, source):
+        for features, _ in feature_chunks(model, source):
             moments.update(features)
         moments.combine_shards(source, model.num_features, weight.device)
         # eigh sorts eigenvalues in ascending order: the first columns span the
@@ -136,10 +150,10 @@ class ViM(Plugin):
         _, vectors = torch.linalg.eigh(moments.second_moment())
         basis = vectors[:, : vectors.shape[1] - self.dim_].contiguous()
         logit_sum = residual_sum = 0.0
-        for chunk, _ in source.batches(_rows(model)):
-            features = model.features(chunk).mean(dim=0).to(torch.float64)
-            residual_sum += float(((features - origin) @ basis).norm(dim=-1).sum())
-            logit_sum += float(max_logit(combine_members(model.members(chunk))).double().sum())
+        for features, _ in feature_chunks(model, source):
+            shifted = features.to(torch.float64) - origin
+            residual_sum += float((shifted @ basis).norm(dim=-1).sum())
+            logit_sum += float(max_logit(base_logits(model, features)).double().sum())
         sums = torch.tensor([logit_sum, residual_sum], dtype=torch.float64)
         logit_sum, residual_sum = (float(v) for v in source.sum_over_shards(sums))
         if residual_sum <= 0:
@@ -154,17 +168,12 @@ class ViM(Plugin):
         return self
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
-        """``vim``: ``alpha ||(f - u) R|| - logsumexp(combined logits)``."""
-        features = context.features.mean(dim=0)
+        """``vim``: ``alpha ||(f - u) R|| - logsumexp(base logits)``."""
+        features = context.backbone_features
         dtype = compute_dtype(features.dtype)
         residual = (features.to(dtype) - self.origin_.to(dtype)) @ self.residual_basis_.to(dtype)
         virtual = self.alpha_.to(dtype) * residual.norm(dim=-1)
-        return {_NAME: virtual + energy(context.combined.to(dtype))}
-
-
-def _rows(model: ModelView) -> int:
-    # model.members() runs the earlier plugins' feature and member steps on each chunk.
-    return max(1, (1 << 20) // max(model.num_features, 1))
+        return {_NAME: virtual + energy(context.base_logits.to(dtype))}
 
 
 @hookimpl

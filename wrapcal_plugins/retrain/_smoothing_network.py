@@ -16,10 +16,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wrapcal import FeatureSet, ModelView
-from wrapcal.data import iter_batches, num_samples
-from wrapcal.errors import DataError
-from wrapcal.plugin.probs import logits_to_log_probs
-from wrapcal.plugin.training import LossFn, shuffled_batches
+from wrapcal.plugin import (
+    DataError,
+    LossFn,
+    iter_batches,
+    logits_to_log_probs,
+    num_samples,
+    shuffled_batches,
+)
 
 __all__ = ["FineTuning", "clone_state", "fine_tune", "load_state", "mean_nll"]
 

@@ -38,12 +38,17 @@ from typing import Any, ClassVar
 import torch
 
 from wrapcal import FeatureSet, FitData, ModelView, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.errors import DataError
-from wrapcal.features.disk_arrays import DiskFeatures
-from wrapcal.plugin.constraints import Check, Interval, Options
-from wrapcal.plugin.probs import logits_to_log_probs
-from wrapcal.plugin.torch_helpers import preserved_modes
-from wrapcal.plugin.training import fit_head_lbfgs, train_head
+from wrapcal.plugin import (
+    Check,
+    DataError,
+    DiskFeatures,
+    Interval,
+    Options,
+    fit_head_lbfgs,
+    logits_to_log_probs,
+    preserved_modes,
+    train_head,
+)
 
 from ._smoothing_network import FineTuning, clone_state, fine_tune, load_state, mean_nll
 

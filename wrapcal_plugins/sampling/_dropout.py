@@ -4,12 +4,11 @@ dropout with masks drawn from a seeded generator, as PyTorch's modules draw them
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
-from wrapcal.model.split import TappedBackbone
+from wrapcal.plugin import ModelView, TappedBackbone
 
 __all__ = [
     "DEFAULT_P",
@@ -44,13 +43,13 @@ _ALPHA_DROPOUT = (nn.AlphaDropout, nn.FeatureAlphaDropout)
 _SELU_ALPHA = 1.7580993408473766
 
 
-def model_of(model: Any) -> nn.Module:
+def model_of(model: ModelView) -> nn.Module:
     """The user's model inside the backbone (the split keeps it whole, head replaced)."""
     backbone = model.backbone
     return backbone.model if isinstance(backbone, TappedBackbone) else backbone
 
 
-def find_head_dropout(model: Any) -> tuple[float, str | None]:
+def find_head_dropout(model: ModelView) -> tuple[float, str | None]:
     """The dropout the model applies to the head's input.
 
     Looks, in order, for a dropout module registered just before the head (torchvision's

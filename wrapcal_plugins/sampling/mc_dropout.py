@@ -24,6 +24,13 @@ seeded with ``seed`` at every call. So a given input gets the same output whatev
 batch it is in, and saved and loaded models agree exactly. ``scope="all"`` draws fresh
 masks for every row of every chunk, also from a generator reseeded at every call, so
 its outputs are reproducible for the same batch and ``max_batch``.
+
+What it changes for the other plugins: the members (``[T * M, B, K]``), so the combined
+and final logits that calibrators and decisions read. Not the model's features
+(``OutputContext.backbone_features``: with ``scope="all"`` the core computes them with a
+plain, unsampled backbone pass) nor the head's own logits (``base_logits``) that the
+detectors read: they score the same beside it. With ``finetune=True`` it retrains the
+head (``changes_head``), which does change ``base_logits``.
 """
 
 from __future__ import annotations
@@ -37,18 +44,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from wrapcal import (
+from wrapcal.plugin import (
     FitData,
+    Interval,
     ModelView,
+    Options,
     OutputContext,
     OutputKind,
     Plugin,
     PluginTags,
     Stage,
+    entropy,
     hookimpl,
+    logits_to_log_probs,
+    logits_to_probs,
 )
-from wrapcal.plugin.constraints import Interval, Options
-from wrapcal.plugin.probs import entropy, logits_to_log_probs, logits_to_probs
 
 from ._dropout import DEFAULT_P, dropout_modules, find_head_dropout, seeded_dropout
 
