@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import shared_data
 import torch
 from shared_data import requires_shared_data
+
+from wrapcal_plugins.retrain.label_smoothing import DEFAULT_GRID
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -75,6 +79,60 @@ def test_bench_label_smoothing_fast(capsys: pytest.CaptureFixture) -> None:
     assert "[ok] wrapcal's head solves the objective (scipy's optimum)" in out
     assert "[ok] wrapcal's and scipy's probabilities on the evaluation images" in out
     assert "[ok] wrapcal's head reaches the user's objective or lower" in out
+
+
+#: One printed row of ``label_smoothing_table.py``: name, T, accuracy, ECE (interval), NLL,
+#: mean confidence. Only non-negative decimals match, so a negative figure fails the parse.
+TABLE_ROW = re.compile(
+    r"^\| (?P<name>[^|]+) \| (?P<t>\d+\.\d{3}) \| (?P<acc>\d+\.\d{2})% \| "
+    r"(?P<ece>\d+\.\d{2})% \((?P<low>\d+\.\d)-(?P<high>\d+\.\d)\) \| (?P<nll>\d+\.\d{4}) \| "
+    r"(?P<conf>\d+\.\d{2})% \|$"
+)
+
+
+@requires_shared_data
+def test_label_smoothing_table_fast(capsys: pytest.CaptureFixture) -> None:
+    main = bench("label_smoothing_table").main
+    argv = ["--train", "500", "--cal", "300", "--eval", "300", "--resamples", "50"]
+    assert main(argv) == 0  # the temperature and alpha="auto" agreement checks passed
+    out = capsys.readouterr().out
+    rows = [m.groupdict() for m in map(TABLE_ROW.match, out.splitlines()) if m]
+    names = [r["name"] for r in rows]
+    auto = next((n for n in names if "auto" in n), "")
+    chosen = re.fullmatch(r"retrained head, alpha=auto -> (\S+)", auto)
+    assert chosen and float(chosen[1]) in DEFAULT_GRID, names
+    expected = [
+        "baseline (pretrained head)",
+        "baseline + temperature scaling",
+        *(
+            f"retrained head, alpha={a}{s}"
+            for a in ("0 (new data only)", "0.05", "0.1", f"auto -> {chosen[1]}")
+            for s in ("", " + temperature")
+        ),
+    ]
+    assert names == expected, out
+    figures = [{k: float(v) for k, v in r.items() if k != "name"} for r in rows]
+    for raw, scaled in zip(figures[::2], figures[1::2], strict=True):
+        # Temperature scaling leaves the arg max, so the accuracy, alone; raw rows have T = 1.
+        assert raw["t"] == 1.0 and scaled["t"] > 0 and scaled["acc"] == raw["acc"]
+    for r in figures:
+        assert 0 <= r["acc"] <= 100 and 0 <= r["ece"] <= 100 and r["nll"] > 0
+        assert 0 <= r["low"] <= r["high"] <= 100
+        assert 10 <= r["conf"] <= 100  # the mean top probability is at least 1/K
+    # The pretrained head is overconfident (ECE about 12%); temperature scaling fixes it.
+    assert figures[0]["conf"] > figures[0]["acc"] and figures[1]["ece"] < figures[0]["ece"]
+    assert "head retrained on 500 train features; evaluation on 300 test images" in out
+    assert '[ok] alpha="auto" kept the grid point with the lowest calibration NLL' in out
+    assert "FAIL" not in out
+
+
+def test_label_smoothing_table_without_shared_data(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    main = bench("label_smoothing_table").main
+    monkeypatch.setattr(shared_data, "HAVE_SHARED_DATA", False)
+    assert main(["--resamples", "10"]) == 0
+    assert "needs the shared data" in capsys.readouterr().out
 
 
 @requires_shared_data

@@ -113,7 +113,6 @@ def test_auto_never_ships_a_worse_held_out_nll_on_real_logits(name: str) -> None
     p = torch.softmax(auto.transform(torch.from_numpy(logits[ev]).double()), 1)
     before = metrics.nll(torch.softmax(torch.from_numpy(logits[ev]).double(), 1), labels[ev])
     after = metrics.nll(p, labels[ev])
-    print(f"{name}: chose {auto.chosen_}, held-out NLL {before:.4f} -> {after:.4f}")
     assert after < before
     best_cv = min(auto.table_[1:], key=lambda row: row["nll"])["method"]
     assert auto.chosen_ == best_cv

@@ -287,7 +287,6 @@ def test_outputs_are_log_probabilities_that_may_reorder_classes(method: str, mod
     moved = (out.argmax(1) != top).mean()
     before = (z[2000:].argmax(1) == y[2000:]).mean()
     after = (out.argmax(1) == y[2000:]).mean()
-    print(f"{method} {mode}: {100 * moved:.1f}% of arg-maxes moved, accuracy {before} -> {after}")
     if mode == "top_label":
         h = np.exp(out[np.arange(len(top)), top].astype(np.float64))
         assert np.all(h[out.argmax(1) != top] < 1 / k + 0.01 / k)

@@ -8,8 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from helpers import SmallNet
-from torch.utils.data import Dataset
 
 import wrapcal
 from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter
@@ -169,39 +166,47 @@ def test_half_written_entries_are_rebuilt_never_read(tmp_path):
     )
 
 
-class SlowImages(Dataset):
-    """Images that take a while to read: a run can be killed half-way."""
+# The child process: a data set that, once a few batches have been written to the cache,
+# says so on stdout and then blocks for good, so the parent kills it mid-write on a
+# signal it waits for (no timing guesses). Written out whole: no imports from tests/.
+KILLED_WRITER = """
+import sys, threading, torch
+from torch import nn
+from torch.utils.data import Dataset
+import wrapcal
 
-    def __init__(self, n: int) -> None:
+class Blocking(Dataset):
+    def __init__(self, n, block_at):
         self.x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+        self.block_at = block_at
 
-    def __len__(self) -> int:
+    def __len__(self):
         return len(self.x)
 
-    def __getitem__(self, i: int):
-        time.sleep(0.002)
+    def __getitem__(self, i):
+        if i == self.block_at:
+            print("blocked", flush=True)
+            threading.Event().wait()
         return self.x[i], i % 10
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+wrapcal.wrap(model, ["temperature"]).fit(
+    calibration=Blocking(100000, block_at=64 * 4), batch_size=64, progress=False,
+    cache_dir=sys.argv[1])
+"""
 
 
 def test_a_run_killed_half_way_leaves_nothing_that_is_read(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import sys, torch
-        sys.path[:0] = [{str(ROOT / "tests")!r}]
-        from test_disk_cache import SlowImages, small_net
-        import wrapcal
-        wrapcal.wrap(small_net(), ["temperature"]).fit(
-            calibration=SlowImages(100000), batch_size=64, progress=False,
-            cache_dir={str(tmp_path)!r})
-        """
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(tmp_path.glob("*.partial-*/features.bin")):
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    try:
+        # Blocks until the child has written four batches and stopped inside the fifth.
+        assert process.stdout.readline().strip() == "blocked"
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
     partial = list(tmp_path.glob("*.partial-*"))
     assert partial and (partial[0] / "features.bin").stat().st_size > 0
     assert not (partial[0] / "meta.json").exists()

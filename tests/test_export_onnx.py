@@ -207,13 +207,10 @@ def check(model_name: str, case: str, tmp_path: Any) -> None:
     expected = prediction_outputs(wrapped.predict(x))
     path = export(wrapped, tmp_path / f"{model_name}-{case}.onnx")
     figures = compare(run_onnx(path, x), expected)
-    worst = max(d for d, _ in figures.values())
-    print(f"\n{model_name} {case}: max |ort - predict| {worst:.2e}; {summary(figures)}")
     stacked = sum(get_tags(p).stage == Stage.CALIBRATE for p in wrapped.plugins) > 1
     sensitive = stacked or any(n in ILL_CONDITIONED for n in wrapped.plugin_names)
     if sensitive:
         own = own_sensitivity(wrapped, x)
-        print(f"{model_name} {case}, predict with feature noise {NOISE}: {summary(own)}")
     for name, (diff, rows) in figures.items():
         allowed = 2 * int(own[name][1].sum()) + FEW_ROWS if sensitive else 0
         assert rows.sum() <= allowed, (
@@ -264,7 +261,6 @@ def test_float16_model_agrees_to_float16_precision(tmp_path) -> None:
     got = run_onnx(path, x.half())
     assert got["probs"].dtype == np.float16 and got["confidence"].dtype == np.float16
     figures = compare(got, expected, tol=1e-4)
-    print(f"\nresnet20 float16: {summary(figures)}")
     assert not figures["label"][1].any()
     for name, (diff, _) in figures.items():
         own = float((expected[name].double() - full[name].double()).abs().max())

@@ -413,7 +413,6 @@ def test_ece_bootstrap_coverage_of_the_true_calibration_error():
             low, high = ece_bootstrap(probs, labels, n_resamples=300, seed=trial, method=method)
             covered[method] += low <= true_gap <= high
     rates = {m: c / trials for m, c in covered.items()}
-    print(f"coverage of a true ECE of {true_gap} at N = 400: {rates}")
     assert rates["basic"] >= 0.85
     assert rates["percentile"] <= 0.2
 
@@ -497,8 +496,6 @@ def test_cifar100_resnet20_against_float64_reference():
     ref_e = ref_ece(ref_probs, labels)
     ref_nll = -np.mean(np.log(ref_probs[np.arange(len(labels)), labels]))
     got_e, got_nll = ece(ref_probs, labels), nll(ref_probs, labels)
-    print(f"cifar100 resnet20: ECE {got_e:.6f} (ref {ref_e:.6f})")
-    print(f"cifar100 resnet20: NLL {got_nll:.6f} (ref {ref_nll:.6f})")
     assert got_e == pytest.approx(ref_e, abs=1e-6)
     assert got_nll == pytest.approx(ref_nll, abs=1e-6)
     assert accuracy(ref_probs, labels) == pytest.approx(0.6883)  # the data's README

@@ -537,12 +537,6 @@ def test_resnet20_cifar_vs_mnist(unseen_ood_features):
             auroc(msp_id, msp_ood),
             fpr_at_tpr(msp_id, msp_ood),
         )
-    print(f"\naccuracy on held-out CIFAR half: discrepancy {acc:.4f}, bare model {base_acc:.4f}")
-    for name, (a, f, ma, mf) in figures.items():
-        print(
-            f"{name:9s} discrepancy AUROC {a:.4f} FPR@95 {f:.4f} | "
-            f"MSP AUROC {ma:.4f} FPR@95 {mf:.4f}"
-        )
 
     # The two heads' mean classifies at least as well as the model it came from.
     assert acc >= base_acc - 0.01

@@ -7,7 +7,8 @@ temperature fit with ``scipy.optimize.minimize_scalar`` and an ECE formula in nu
 
 The slow test builds Müller et al.'s Table 3 (baseline / temperature scaling / label
 smoothing, plus smoothing followed by temperature scaling) for the pretrained ResNet-20
-on ``cifar10_jpeg.npz``; ``pytest -s -k table`` prints it.
+on ``cifar10_jpeg.npz`` and checks it; ``python benchmarks/label_smoothing_table.py``
+prints it (the table in ``docs/label_smoothing.md``).
 """
 
 from __future__ import annotations
@@ -519,30 +520,10 @@ def resnet20_table() -> tuple[list[dict], dict]:
     return rows, facts
 
 
-def format_table(rows: list[dict], facts: dict) -> str:
-    source = "the temperature plugin" if facts["temperature_plugin"] else "a scipy fit in this test"
-    lines = [
-        "| row | T | accuracy | ECE (95% bootstrap) | NLL | mean confidence |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
-        low, high = r["ece_ci"]
-        lines.append(
-            f"| {r['row']} | {r['T']:.3f} | {100 * r['acc']:.2f}% | {100 * r['ece']:.2f}% "
-            f"({100 * low:.1f}-{100 * high:.1f}) | {r['nll']:.4f} | {100 * r['conf']:.2f}% |"
-        )
-    lines.append(
-        f"\nResNet-20, cifar10_jpeg: head retrained on 10000 train features; evaluation on "
-        f"5000 test images, calibration on the other 5000 (seed 0). Temperature from {source}."
-    )
-    return "\n".join(lines)
-
-
 @pytest.mark.slow
 @requires_shared_data
 def test_table_label_smoothing_vs_temperature_on_resnet20():
     rows, facts = resnet20_table()
-    print("\n" + format_table(rows, facts))
     by = {r["row"]: r for r in rows}
     base, base_ts = by["baseline (pretrained head)"], by["baseline + temperature scaling"]
     plain = by["retrained head, alpha=0 (new data only)"]

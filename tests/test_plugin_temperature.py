@@ -433,10 +433,6 @@ def test_real_logits_calibrate_like_sklearn(name):
     nll_before, nll_after = nll_np(z_ev, y_ev, 1.0), nll_np(z_ev, y_ev, t)
     sk_probs = calibrated.predict_proba(ev.reshape(-1, 1))
     nll_sk = float(-np.mean(np.log(sk_probs[np.arange(len(y_ev)), y_ev])))
-    print(
-        f"\n{name}: T {t:.5f} (sklearn {t_sk:.5f})  ECE {100 * ece_before:.2f}% -> "
-        f"{100 * ece_after:.2f}%  NLL {nll_before:.4f} -> {nll_after:.4f} (sklearn {nll_sk:.4f})"
-    )
     assert abs(nll_after - nll_sk) < 1e-3
     assert t == pytest.approx(t_sk, rel=1e-4)
     assert nll_after < nll_before and ece_after < ece_before
@@ -476,11 +472,6 @@ def test_resnet20_end_to_end(tmp_path):
     ece_after = ece_np(softmax(z_bare / t, axis=1), y_ev)
     assert wrapcal_ece(pred.probs, labels[ev]) == pytest.approx(ece_after, abs=1e-3)
     nll_before, nll_after = nll_np(z_bare, y_ev, 1.0), nll_np(z_bare, y_ev, t)
-    print(
-        f"\nResNet-20 on cifar10_jpeg test (5000 cal / 5000 eval): T {t:.4f}  "
-        f"acc {100 * acc_before:.2f}% -> {100 * acc_after:.2f}%  ECE {100 * ece_before:.2f}% "
-        f"-> {100 * ece_after:.2f}%  NLL {nll_before:.4f} -> {nll_after:.4f}"
-    )
     assert acc_after == acc_before and 0.78 < acc_before < 0.84
     assert 0.09 < ece_before < 0.16  # published: about 12.5%
     assert ece_after < ece_before / 3 and nll_after < nll_before

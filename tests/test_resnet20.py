@@ -117,7 +117,6 @@ def test_pretrained_accuracy_and_ece_on_cifar10_jpeg():
     probs = torch.softmax(logits.double(), dim=1).numpy()
     accuracy = float((probs.argmax(1) == labels.numpy()).mean())
     ece = ece_top_label(probs, labels.numpy())
-    print(f"ResNet-20 on cifar10_jpeg test: accuracy {accuracy:.2%}, ECE(15 bins) {ece:.2%}")
     assert accuracy == pytest.approx(0.810, abs=0.005)
     assert 0.11 <= ece <= 0.14
 

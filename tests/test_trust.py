@@ -167,6 +167,68 @@ def test_learned_plain_values_are_checked_as_fit_would_set_them(tmp_path):
         wrapcal.load(rewrite(path, tmp_path / "p1.wrapcal", certain_dropout), model=SmallNet())
 
 
+# --- save refuses what load refuses ------------------------------------------------------
+
+
+def _corrupt_temperature(wrapped):
+    wrapped.get_plugin("temperature").temperature.fill_(-1.0)
+
+
+def _nan_temperature(wrapped):
+    wrapped.get_plugin("temperature").temperature.fill_(float("nan"))
+
+
+def _bad_parameter(wrapped):
+    wrapped.get_plugin("temperature").max_iter = -1  # changed after wrap checked it
+
+
+def _certain_dropout(wrapped):
+    wrapped.get_plugin("mc_dropout").p_ = 1.0
+
+
+def _misshapen_bank(wrapped):
+    knn = wrapped.get_plugin("knn")
+    knn.bank_ = torch.zeros(len(knn.bank_), knn.bank_.shape[1] + 1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(
+    ("plugins", "corrupt", "message"),
+    [
+        (["temperature"], _corrupt_temperature, r"the temperature is -1.0; it must be > 0"),
+        (["temperature"], _nan_temperature, r"learned tensor temperature holds NaN or inf values"),
+        (["temperature"], _bad_parameter, r"parameter max_iter=-1 is invalid"),
+        ([("mc_dropout", {"p": 0.2})], _certain_dropout, r"p_=1.0 is invalid; expected"),
+        ([("knn", {"k": 3})], _misshapen_bank, r"plugins.0.bank_ is \(120, 17\) torch.float32"),
+    ],
+    ids=["out-of-range", "nan", "parameter", "plain-value", "tensor-shape"],
+)
+def test_save_refuses_what_load_refuses_with_loads_message(
+    tmp_path, monkeypatch, plugins, corrupt, message
+):
+    """A plugin whose fit left a value load refuses cannot be saved into a file that then
+    fails to load: save runs load's checks first, writes nothing, and says what load
+    would say."""
+    model = SmallNet().eval()
+    x, y = labelled(model)
+    wrapped = wrapcal.wrap(model, plugins).fit(train=(x, y), calibration=(x, y), progress=False)
+    good = wrapped.save(tmp_path / "m.wrapcal")  # the fitted model saves and loads
+    wrapcal.load(good, model=SmallNet())
+    before = good.read_bytes()
+    corrupt(wrapped)
+    with pytest.raises(SavedFileError, match=message) as refused:
+        wrapped.save(good)
+    assert "wrapcal.load would refuse the file, so nothing was written" in str(refused.value)
+    assert good.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.wrapcal"]
+    # Written anyway (the check switched off), the file is refused by load, with the same words.
+    monkeypatch.setattr(saving, "check_loadable", lambda *args: None)
+    forced = wrapped.save(tmp_path / "forced.wrapcal")
+    with pytest.raises(SavedFileError, match=message) as at_load:
+        wrapcal.load(forced, model=SmallNet())
+    said = str(at_load.value).removeprefix(f"{forced}: ")
+    assert said.split(": ", 1)[-1] in str(refused.value)
+
+
 def test_deeply_nested_json_is_a_saved_file_error(saved_timm, tmp_path):
     stored = saving.read(saved_timm[0])
     deep = '{"format": "wrapcal", "format_version": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"

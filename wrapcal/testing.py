@@ -335,28 +335,26 @@ def _accepted(forms: list[Any], value: Any) -> bool:
 
 
 def _interval_candidates(form: Interval) -> list[Any]:
+    """Just outside the bounds, a number as a string (the wrong type), the excluded
+    bounds, then a non-integer (``int``) or NaN (``float``)."""
     number: Callable[[float], Any] = int if form.type is int else float
-    found: list[Any] = []
+    outside, edges = [], []
     if form.low is not None:
-        found.append(number(form.low) - 1)
+        outside.append(number(form.low) - 1)
         if form.closed in ("right", "neither"):
-            found.append(number(form.low))
+            edges.append(number(form.low))
     if form.high is not None:
-        found.append(number(form.high) + 1)
+        outside.append(number(form.high) + 1)
         if form.closed in ("left", "neither"):
-            found.append(number(form.high))
-    if form.type is int:
-        inside = form.low if form.low is not None else 0
-        found.append(float(inside) + 1.5)  # a non-integer
-    else:
-        found.append(float("nan"))
-    found.append("1")  # a number as a string: the wrong type
-    return found
+            edges.append(number(form.high))
+    inside = form.low if form.low is not None else 0
+    odd = float(inside) + 1.5 if form.type is int else float("nan")
+    return [*outside, "1", *edges, odd]
 
 
 def bad_values(forms: list[Any]) -> list[Any]:
     """Values that none of ``forms`` accepts, derived from them: just outside each
-    ``Interval``, not one of the ``Options``, of the wrong type; at most five."""
+    ``Interval``, not one of the ``Options``, of the wrong type; at most six."""
     found: list[Any] = []
     for form in forms:
         if isinstance(form, Interval):
@@ -375,7 +373,7 @@ def bad_values(forms: list[Any]) -> list[Any]:
         same = any(type(value) is type(v) and repr(value) == repr(v) for v in unique)
         if not same and not _accepted(forms, value):
             unique.append(value)
-    return unique[:5]
+    return unique[:6]
 
 
 # --- recording what a plugin receives --------------------------------------------------------
@@ -840,6 +838,8 @@ def _check_attach(kit: _Kit) -> str:
             f"two wraps built different modules ({changed[:5]}): attach must build the same "
             "modules every time (load calls it again, then loads the saved tensors)",
         )
+    if kit.fitted("alone").error is not None:
+        return "attach checked; fit fails (the rule 'fit' says why)"
     fitted = kit.under_test(kit.alone())
     after = _structure(fitted)
     learned = fitted.learned_tensor_specs()
@@ -912,7 +912,11 @@ def _check_fit(kit: _Kit) -> str:
     alone = kit.alone()
     if _tag_values(get_tags(kit.under_test(alone))) != _tag_values(tags):
         raise kit.fail(rule, "fit changed the tags: they must follow from the parameters alone")
-    difference = _compare_predictions(alone.predict(data.test), recorded.wrapped.predict(data.test))
+    try:
+        first, second = alone.predict(data.test), recorded.wrapped.predict(data.test)
+    except Exception:
+        return "fitted; predict fails (the rule 'outputs' says why)"
+    difference = _compare_predictions(first, second)
     if difference:
         raise kit.fail(
             rule,
@@ -1442,16 +1446,19 @@ def _run(kit: _Kit, rule: str, check: Callable[[_Kit], str]) -> str:
         raise kit.fail(rule, f"the check raised {_said(err)}") from err
 
 
-def plugin_checks(plugin: Any, /, **params: Any) -> Iterator[tuple[str, Callable[[], str]]]:
+def plugin_checks(plugin: Any, /, **params: Any) -> list[tuple[str, Callable[[], str]]]:
     """``(rule, check)`` for every rule of the contract, to parametrize a test suite.
 
-    The checks share one kit: a model several rules need is fitted once. Each
-    ``check()`` raises :class:`PluginCheckError` if the plugin breaks its rule, and
-    returns a note (what it compared, or why there was nothing to check).
+    The checks share one kit: a model several rules need is fitted once, when the first
+    of them runs. Each ``check()`` raises :class:`PluginCheckError` if the plugin breaks
+    its rule, and returns a note (what it compared, or why there was nothing to check).
 
     Args:
         plugin: A registered plugin name, or the plugin's class (any factory).
         **params: The plugin's parameters.
+
+    Returns:
+        The pairs, in the order of :data:`RULES`.
 
     Example::
 
@@ -1460,8 +1467,7 @@ def plugin_checks(plugin: Any, /, **params: Any) -> Iterator[tuple[str, Callable
             check()
     """
     kit = _Kit(plugin, params)
-    for rule, check in RULES:
-        yield rule, functools.partial(_run, kit, rule, check)
+    return [(rule, functools.partial(_run, kit, rule, check)) for rule, check in RULES]
 
 
 def check_plugin(plugin: Any, /, **params: Any) -> dict[str, str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +71,7 @@ class Fittable(ModelParts, Protocol):
     """What the fit loop reads and sets of a wrapped model (a :class:`~wrapcal.WrappedModel`
     is one)."""
 
-    plugins: Sequence[Plugin]
+    plugins: Iterable[Plugin]
     plugin_names: list[str]
     input_shape: tuple[int, ...] | None
     operating_points: dict[str, Any] | None

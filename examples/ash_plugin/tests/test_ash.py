@@ -10,6 +10,7 @@ from scipy.special import logsumexp
 from torch import nn
 
 import wrapcal
+from wrapcal.testing import check_plugin
 
 
 class Net(nn.Module):
@@ -53,3 +54,8 @@ def test_installed_and_used_by_name() -> None:
     np.testing.assert_allclose(pred.scores["ash"].double().numpy(), energy, rtol=1e-4)
     # Shaping changed something: the bare model's logits differ.
     assert not torch.allclose(model(x), wrapped(x), atol=1e-2)
+
+
+def test_conformance() -> None:
+    """Every rule of the wrapcal plugin contract, on small data (wrapcal.testing)."""
+    check_plugin("ash")
