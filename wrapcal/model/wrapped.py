@@ -171,9 +171,6 @@ class WrappedModel(nn.Module):
             x = x.to(device=param.device, dtype=param.dtype)
         return x
 
-    # The name the fit loop (wrapcal.model.fitting) still calls; prepare is the API.
-    _prepare = prepare
-
     def stand_in(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """One input of zeros, for a padding round of a collective predict (a rank whose
         batches ran out while others still predict, see
