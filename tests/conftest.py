@@ -1,10 +1,8 @@
-"""Test configuration: tests/ on sys.path (for shared_data), non-interactive plots, and
-every test starting from the same global random state."""
+"""Test configuration: non-interactive plots and every test starting from the same global
+random state (``tests/`` is on the import path through pyproject's ``pythonpath``)."""
 
 import os
 import random
-import sys
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -13,7 +11,6 @@ import torch
 
 matplotlib.use("Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def _seed_all() -> None:

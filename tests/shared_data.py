@@ -1,7 +1,7 @@
 """Test helpers for the real data in ``../shared/data`` (see its README).
 
-Import from tests as ``from shared_data import ...`` (``tests/`` is on ``sys.path``
-under pytest; a test may also ``sys.path.insert(0, str(Path(__file__).parent))``).
+Import from tests as ``from shared_data import ...`` (``tests/`` is on the import path
+through pyproject's ``pythonpath``; a script sets ``PYTHONPATH=tests``).
 
 Where the data is:
     ``SHARED_DATA``: ``$WRAPCAL_SHARED_DATA`` if set, else ``shared/data`` beside the

@@ -36,9 +36,8 @@ def _restore_process_settings() -> Iterator[None]:
 
 
 def bench(name: str):
-    """Import ``benchmarks/<name>.py`` as the scripts run (their folder on ``sys.path``)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
+    """Import ``benchmarks/<name>.py`` as the scripts run (``benchmarks/`` is on the import
+    path through pyproject's ``pythonpath``, as the scripts' own folder is when run)."""
     return importlib.import_module(name)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import subprocess
@@ -74,11 +75,11 @@ def test_quickstart_runs_and_explains_what_it_prints():
 @pytest.mark.slow
 @requires_shared_data
 def test_retrofit_example_fast_mode_reproduces_the_readme_findings(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import retrofit_resnet20
-    finally:
-        sys.path.remove(str(ROOT / "examples"))
+    spec = importlib.util.spec_from_file_location(
+        "retrofit_resnet20", ROOT / "examples" / "retrofit_resnet20.py"
+    )
+    retrofit_resnet20 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(retrofit_resnet20)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         report = retrofit_resnet20.main(

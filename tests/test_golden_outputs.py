@@ -11,7 +11,6 @@ difference is the code's, and none is allowed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ import pytest
 from shared_data import requires_shared_data
 
 GOLDEN = Path(__file__).parent / "golden"
-sys.path.insert(0, str(GOLDEN))
 
-from configs import CONFIGS, golden_data, run_config  # noqa: E402
+from golden.configs import CONFIGS, golden_data, run_config  # noqa: E402
 
 #: Relative (to each output's scale) tolerance off the recording machine: ten times the
 #: largest rounding difference of the closed-form and fixed-epoch configurations measured

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from shared_data import (
     MNIST_IMAGES,
     MNIST_LABELS,
@@ -23,6 +17,7 @@ from shared_data import (
     requires_shared_data,
     resnet20_outputs,
 )
+from torch import nn
 
 from wrapcal.datasets import (
     load_idx,

@@ -42,14 +42,16 @@ The rules (:data:`RULES`, in the order they run; docs/plugins.md says more):
     shape (score: float ``[B]``, finite; set: bool ``[B, K]``; decision: bool ``[B]``;
     value: batch first), and a row's outputs do not depend on the batch it is in.
 ``order``
-    Beside cheap built-ins of the other stages (:data:`COMPANIONS`), ``[plugin, other]``
-    and ``[other, plugin]`` give the same outputs.
+    Beside a companion of each other stage (:data:`COMPANIONS`: cheap built-ins and the
+    kit's own feature transform :class:`KitClip`), ``[plugin, other]`` and
+    ``[other, plugin]`` give the same outputs.
 ``fit_inputs``
     Alone and beside each companion, what the plugin received in ``fit`` for rows of
-    the fit data (``model.features`` / ``members`` / ``head_logits`` /
-    ``predict_features``, and the rows it fed to ``model.head``) equals what it receives
-    at inference for the same inputs (its ``features`` / ``members`` /
-    ``transform_logits`` / ``outputs`` arguments, the features the heads read).
+    the fit data (its data's features, ``model.features`` / ``members`` /
+    ``head_logits`` / ``predict_features``, the rows it fed to ``model.head``) equals
+    what it receives at inference for the same inputs (its ``features`` / ``members`` /
+    ``transform_logits`` arguments, the ``OutputContext`` fields it reads, the features
+    the heads read); and predicting from cached features equals predicting from inputs.
 ``save_load``
     ``wrapped.save`` then ``wrapcal.load`` gives the same outputs, parameters and state.
 ``save_refuses``
@@ -230,12 +232,13 @@ class KitData:
         return self.calibration[0]  # calibration, and any other labelled set
 
     def fit_value(self, name: str) -> Any:
-        """What the kit passes as ``fit(name=...)``."""
+        """What the kit passes as ``fit(name=...)`` (a copy: a plugin cannot change the
+        kit's data for the next check)."""
         if name == "train":
-            return self.train
+            return tuple(t.clone() for t in self.train)
         if name == "unlabeled":
-            return self.unlabeled
-        return self.calibration
+            return self.unlabeled.clone()
+        return tuple(t.clone() for t in self.calibration)
 
 
 @functools.lru_cache(maxsize=1)

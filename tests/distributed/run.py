@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+# tests/ is on PYTHONPATH (the test that launches torchrun sets it).
 from shared_data import cifar10, mnist_ood, pretrained_resnet20
 
 import wrapcal

@@ -1,22 +1,19 @@
 """Record the outputs of every built-in plugin and combination on the shared ResNet-20.
 
 Run once, before a change that must not move them (the plugin contract v2 rewrite):
-``python tests/golden/record.py`` writes ``tests/golden/resnet20_outputs.npz``, which
+``PYTHONPATH=tests python -m golden.record`` writes ``tests/golden/resnet20_outputs.npz``, which
 ``tests/test_golden_outputs.py`` compares against, bit for bit. The configurations and
 the data protocol are in ``tests/golden/configs.py``, shared by both.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
+from golden.configs import CONFIGS, golden_data, run_config
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
-
-from configs import CONFIGS, golden_data, run_config  # noqa: E402
 
 
 def main() -> None:

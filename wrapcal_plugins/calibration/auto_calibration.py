@@ -129,6 +129,9 @@ class AutoCalibration(Calibrator):
         self.chosen_: str | None = None
         self.table_: list[dict[str, Any]] | None = None
         self.candidate_states_: dict[str, dict[str, Any]] | None = None
+        # The candidates decide which modules are built: check the parameters before
+        # building (a string would be read letter by letter as plugin names).
+        self.validate_params("plugin auto_calibration")
         names = list(DEFAULT_CANDIDATES if candidates is None else candidates)
         # The children depend on the parameters only, so wrap and load build the same
         # modules; their learned tensors are declared as this plugin's (see below).

@@ -4,6 +4,11 @@ It shows the plugin-author surface, as a third party writes it: classes with the
 parameters in ``__init__`` (checked against declared constraints), tags that say what
 they read and produce, learned tensors in buffers (one of them data-sized), ``fit`` on
 cached features, a logit transform and a feature-space score.
+
+Both keep the plugin contract: wrapcal's conformance kit passes on them
+(``wrapcal.testing.check_plugin("sample_vector_scaling")`` and
+``check_plugin("mahalanobis_sample")``, run by wrapcal's ``tests/test_conformance.py``),
+the one line a plugin package adds to its own tests.
 """
 
 from __future__ import annotations

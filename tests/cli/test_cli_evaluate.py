@@ -557,7 +557,7 @@ def test_docs_cli_md_describes_every_flag():
 
     from wrapcal.cli import build_parser
 
-    text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
     flags = {

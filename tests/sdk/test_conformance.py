@@ -8,8 +8,11 @@ rule and passes the rules before it: ``check_plugin`` must name that rule.
 
 from __future__ import annotations
 
+import re
 import sys
+import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -44,18 +47,14 @@ SMALL: dict[str, dict[str, Any]] = {
 SLOW = {"discrepancy", "label_smoothing", "mc_dropout"}
 #: Built-ins that break a rule today, with why; each is an xfail (strict: it must fail,
 #: so that the marker goes once the plugin is fixed).
-KNOWN: dict[str, str] = {
-    "auto_calibration": "its __init__ builds the candidate calibrators before their names "
-    "are checked: candidates='not-valid' raises PluginNotFoundError for 'n', not a "
-    "ValueError naming the parameter",
-}
+KNOWN: dict[str, str] = {}
 
 
 def builtin_names() -> list[str]:
     return sorted(
         name
         for name, info in discovery.plugin_registry().items()
-        if getattr(info, "builtin", info.package == "wrapcal")
+        if info.builtin
     )
 
 
@@ -324,8 +323,10 @@ class _Registration:
             register(f"conformance_{plugin.__name__.lower()}", plugin)
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def _registered() -> Iterator[None]:
+    """Each test runs with the test plugins registered (a test that rebuilds the plugin
+    manager, as installing the sample package does, leaves the next one unaffected)."""
     manager = discovery.get_plugin_manager()
     registration = _Registration()
     manager.register(registration, name="conformance-test-plugins")
@@ -427,3 +428,33 @@ def test_bad_values_are_derived_from_the_constraints() -> None:
     assert "not-an-option" in bad_values([Options(str, ("a", "b"))])
     assert None not in bad_values([None, Interval(float, 0, None)])
     assert all(not isinstance(v, bool) for v in bad_values([bool]))
+
+
+def test_the_plugin_guides_example_passes_and_its_error_example_is_real() -> None:
+    """docs/plugins.md's complete plugin keeps the contract, and the error the guide
+    shows is the one the kit gives for an output of the wrong shape."""
+    guide = (Path(__file__).parents[2] / "docs" / "plugins.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "class " in b)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "docs/plugins.md", "exec"), namespace)
+    example = namespace["ClassMeanDistance"]
+    package = types.SimpleNamespace(wrapcal_register_plugins=namespace["wrapcal_register_plugins"])
+    manager = discovery.get_plugin_manager()
+    manager.register(package, name="the-guides-example")  # as its entry point would
+    try:
+        notes = check_plugin("class_distance")
+    finally:
+        manager.unregister(package)
+    assert notes["export"] == "pt2 and ONNX"
+
+    class WrongShape(example):
+        def outputs(self, context: Any) -> dict[str, torch.Tensor]:
+            gaps = context.backbone_features[:, None, :] - self.means_[None]
+            return {"class_distance": gaps.norm(dim=-1)}  # [B, K]: every class, not the nearest
+
+    WrongShape.__name__ = "ClassMeanDistance"
+    shown = re.search(r"PluginCheckError: (plugin .*?)\n```", guide, re.S)
+    assert shown is not None
+    with pytest.raises(PluginCheckError) as caught:
+        check_plugin(WrongShape)
+    assert str(caught.value) == " ".join(shown.group(1).split())

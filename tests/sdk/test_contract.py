@@ -22,7 +22,7 @@ from wrapcal.errors import DataError, SavedFileError
 from wrapcal.model.assemble import find_split
 from wrapcal.model.ordering import order_plugins
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_data(n: int = 200, k: int = 10, seed: int = 0):
@@ -276,11 +276,12 @@ def test_state_of_any_shape_is_saved_and_restored_by_the_core(tmp_path) -> None:
         assert torch.equal(
             loaded.predict(x).scores["mahalanobis"], wrapped.predict(x).scores["mahalanobis"]
         )
-        # A tensor that breaks what the plugin declares (width != num_features) is refused.
+        # A tensor that breaks what the plugin declares (width != num_features) is refused,
+        # at save already: save refuses what load would refuse, with load's words.
         plugin.means_ = torch.zeros(4, 3, dtype=torch.float64)
-        bad = wrapped.save(tmp_path / "bad.wrapcal")
         with pytest.raises(SavedFileError, match=r"means_ is \(4, 3\).*declares \(None, 16\)"):
-            wrapcal.load(bad, model=model)
+            wrapped.save(tmp_path / "bad.wrapcal")
+        assert not (tmp_path / "bad.wrapcal").exists()
 
 
 def test_sample_mahalanobis_equals_scipy_on_digits_features(tmp_path) -> None:

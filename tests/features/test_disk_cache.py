@@ -21,7 +21,7 @@ from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter
 from wrapcal.features.disk_store import DiskCache
 from wrapcal.features.memory_store import CACHE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def labelled(n: int, seed: int, model: torch.nn.Module):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ash_plugin"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ash_plugin"
 
 
 def test_pip_install_then_its_own_tests_pass(tmp_path) -> None:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from shared_data import requires_shared_data
 
-RUN = Path(__file__).parent / "distributed" / "run.py"
+RUN = Path(__file__).parents[1] / "distributed" / "run.py"
 
 
 def free_port() -> int:
@@ -25,7 +25,9 @@ def free_port() -> int:
 
 def launch(out: Path, nproc: int, *extra: str, timeout: int = 900):
     # One intra-op thread in every process: the same arithmetic in one process and two.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    tests = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": path}
     if nproc == 1:
         cmd = [sys.executable, str(RUN), str(out), *extra]
     else:

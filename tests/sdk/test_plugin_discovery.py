@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import subprocess
@@ -19,7 +20,7 @@ from wrapcal.model import discovery as manager
 from wrapcal.plugin import hookspecs
 
 BUILT_IN = {"temperature", "mc_dropout", "label_smoothing", "discrepancy"}
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -186,11 +187,10 @@ def test_every_contract_method_is_documented_with_its_signature() -> None:
 def _plugin_classes() -> list[type]:
     import wrapcal_vector_scaling
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "ash_plugin"))
-    try:
-        import wrapcal_ash
-    finally:
-        sys.path.pop(0)
+    ash = Path(__file__).resolve().parents[2] / "examples" / "ash_plugin" / "wrapcal_ash"
+    spec = importlib.util.spec_from_file_location("wrapcal_ash", ash / "__init__.py")
+    wrapcal_ash = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrapcal_ash)
     classes = [info.factory for info in wrapcal.plugin_registry().values()]
     classes += [
         wrapcal_vector_scaling.VectorScaling,

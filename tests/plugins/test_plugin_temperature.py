@@ -7,21 +7,11 @@ L-BFGS (strong Wolfe) on log T in torch, ``scipy.optimize.minimize_scalar``, sci
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from scipy.special import log_softmax, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.frozen import FrozenEstimator
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from references import ece_np, nll_np, scipy_temperature
+from scipy.special import log_softmax, softmax
 from shared_data import (
     SHARED_DATA,
     cifar10,
@@ -29,6 +19,10 @@ from shared_data import (
     requires_shared_data,
     resnet20_outputs,
 )
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.frozen import FrozenEstimator
+from torch import nn
 
 import wrapcal
 from wrapcal import DataError, NotFittedError, Plugin, Stage

@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from references import ece_np, nll_np, scipy_temperature
 from scipy.special import log_softmax, softmax
+from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from references import ece_np, nll_np, scipy_temperature
-from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
 
 import wrapcal
 from wrapcal import DataError, Plugin, Stage, get_tags

@@ -27,7 +27,7 @@ from wrapcal.model import discovery
 from wrapcal.model.assemble import resolve_plugins
 from wrapcal.plugin.calibrator import Calibrator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 OTHER_SOURCE = '''
 """otherpkg: a third-party package whose plugin name is taken by a built-in."""

@@ -37,7 +37,7 @@ from wrapcal.metrics.bootstrap import auroc_bootstrap, auroc_resampled
 from wrapcal.plugin.bootstrap import bootstrap_means, percentile_interval, resample_indices
 
 SHARED_DATA = Path(
-    os.environ.get("WRAPCAL_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+    os.environ.get("WRAPCAL_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
 )
 FUNCTIONS = {
     "accuracy": accuracy,
