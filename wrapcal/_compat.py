@@ -19,7 +19,7 @@ import types
 import warnings
 from typing import Any
 
-__all__ = ["MOVED", "PUBLIC_ALIASES", "install"]
+__all__ = ["MOVED", "MOVED_NAMES", "PUBLIC_ALIASES", "install"]
 
 #: Old dotted path -> the modules that now hold its names, first match wins.
 MOVED: dict[str, tuple[str, ...]] = {
@@ -41,7 +41,6 @@ MOVED: dict[str, tuple[str, ...]] = {
     "wrapcal.operating_points": ("wrapcal.model.operating_points",),
     "wrapcal.ordering": ("wrapcal.model.ordering",),
     "wrapcal.params": ("wrapcal.plugin.constraints",),
-    "wrapcal.plugin": ("wrapcal.plugin.base",),
     "wrapcal.prediction": ("wrapcal.plugin.prediction",),
     "wrapcal.probs": ("wrapcal.plugin.probs",),
     "wrapcal.registry": ("wrapcal.files.families",),
@@ -76,19 +75,49 @@ MOVED: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Merged(types.ModuleType):
-    """An old module whose names now live in several modules."""
+#: Names of an old module that its new modules do not hold under that name: old path ->
+#: {old name: (the module that holds it now, its name there)}. 0.2.0's conformal plugin
+#: module also held the report's bootstrap, which is the SDK's now.
+MOVED_NAMES: dict[str, dict[str, tuple[str, str]]] = {
+    "wrapcal_plugins.conformal": {
+        "bootstrap_means": ("wrapcal.plugin", "bootstrap_means"),
+        "interval": ("wrapcal.plugin", "percentile_interval"),
+    },
+}
 
-    def __init__(self, name: str, targets: tuple[str, ...]) -> None:
+
+class _Merged(types.ModuleType):
+    """An old module whose names now live in several modules (or under other names).
+
+    Its ``__all__`` is the union of its modules' and the moved names, so ``from old
+    import *`` gives what it gave.
+    """
+
+    def __init__(
+        self, name: str, targets: tuple[str, ...], moved: dict[str, tuple[str, str]]
+    ) -> None:
         super().__init__(name)
         self.__targets = targets
+        self.__moved = moved
+        public: list[str] = []
+        for target in targets:
+            for attribute in getattr(importlib.import_module(target), "__all__", ()):
+                if attribute not in public:
+                    public.append(attribute)
+        self.__all__ = [*public, *(n for n in moved if n not in public)]
 
     def __getattr__(self, attribute: str) -> Any:
+        if attribute in self.__moved:
+            module, new_name = self.__moved[attribute]
+            return getattr(importlib.import_module(module), new_name)
         for target in self.__targets:
             module = importlib.import_module(target)
             if hasattr(module, attribute):
                 return getattr(module, attribute)
         raise AttributeError(f"module {self.__name__!r} has no attribute {attribute!r}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self.__all__))
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -103,14 +132,19 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         targets = MOVED[spec.name]
+        renamed = "".join(
+            f"; its {old} is {module}.{new}"
+            for old, (module, new) in MOVED_NAMES.get(spec.name, {}).items()
+            if old != new
+        )
         warnings.warn(
-            f"{spec.name} moved to {' and '.join(targets)} in wrapcal 0.3; the old path "
-            "is removed in 0.4 (plugin authors: import from wrapcal.plugin)",
+            f"{spec.name} moved to {' and '.join(targets)} in wrapcal 0.3{renamed}; the old "
+            "path is removed in 0.4 (plugin authors: import from wrapcal.plugin)",
             DeprecationWarning,
             stacklevel=2,
         )
-        if len(targets) > 1:
-            return _Merged(spec.name, targets)
+        if len(targets) > 1 or spec.name in MOVED_NAMES:
+            return _Merged(spec.name, targets, MOVED_NAMES.get(spec.name, {}))
         module = importlib.import_module(targets[0])
         # The import system stamps the alias's spec on the module it gets: keep the real one.
         self._specs = getattr(self, "_specs", {})

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from wrapcal.errors import WrapcalError
+# Defined with the other errors (the plugin SDK re-exports it without importing this
+# module); kept importable from here, where 0.2.0 defined it.
+from wrapcal.errors import DistributedError
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -56,10 +58,6 @@ __all__ = [
 T = TypeVar("T")
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-
-
-class DistributedError(WrapcalError, RuntimeError):
-    """Another rank failed; the message says which and why."""
 
 
 def active(group: ProcessGroup | None = None) -> bool:

@@ -33,3 +33,8 @@ class SavedFileError(WrapcalError, ValueError):
 
 class DataError(WrapcalError, ValueError):
     """Input data has the wrong type, shape, dtype or values."""
+
+
+class DistributedError(WrapcalError, RuntimeError):
+    """Under ``torch.distributed``: another rank failed (the message says which and why),
+    or a plugin holds only this rank's part of its state where the whole is needed."""

@@ -1,5 +1,5 @@
 """Fit and evaluate every built-in plugin on the shared ResNet-20, in one process or
-under ``torchrun`` (run by ``tests/test_distributed.py``), and write what was learned.
+under ``torchrun`` (run by ``tests/model/test_distributed.py``), and write what was learned.
 
 Usage: ``python run.py OUT [fail-on-rank-1 | fail-after-reduce-on-rank-1]``. Under
 torchrun every rank fits from its shard of each data set; rank 0 writes

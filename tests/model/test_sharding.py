@@ -2,7 +2,7 @@
 
 The two-rank runs (fitted state and metrics equal to one process, the train set never
 gathered, a bank split across ranks, unequal batch counts, a rank failing between two
-all-reduces) are in ``tests/test_distributed.py``.
+all-reduces) are in ``tests/model/test_distributed.py``.
 """
 
 from __future__ import annotations

@@ -419,8 +419,8 @@ def test_vim_beside_mc_dropout_scores_as_alone_on_the_resnet20() -> None:
     """The issue's case on real data: ResNet-20 CIFAR-10 features vs Gaussian noise and
     MNIST. Alone ViM's AUROC is ~0.9996 on noise; before this change, beside MC dropout it
     read the averaged member output as logits and fell to ~0.003."""
+    from plugins.test_plugin_feature_ood import scenario  # tests/ is on the path
     from sklearn.metrics import roc_auc_score
-    from test_plugin_feature_ood import scenario
 
     s = scenario()
 
@@ -658,3 +658,197 @@ def test_operating_points_are_measured_on_the_model_features() -> None:
         plain = wrapped_with([Passing()]).fit_features(calibration=(x, y), progress=False)
     assert got.operating_points == want.operating_points
     assert got.operating_points != plain.operating_points  # the transform matters here
+
+
+# --- the model's features are decided from the tags, not from what a sampler passes ---------
+
+
+class DropoutSampler(Plugin):
+    """A third party's sampler: calls ``inner(inputs)`` three times with the backbone's
+    dropout switched on (train mode, the global generator), as a naive MC dropout would.
+    ``declares`` says whether its tags declare ``needs_inputs``."""
+
+    def __init__(self, declares: bool = True) -> None:
+        super().__init__()
+        self.declares = declares
+        self.samples: list[torch.Tensor] = []
+
+    def __wrapcal_tags__(self):
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.SAMPLE
+        tags.requires_fit = False
+        tags.needs_inputs = self.declares
+        return tags
+
+    def attach(self, model) -> None:
+        self.dropouts = [m for m in model.backbone.modules() if isinstance(m, nn.Dropout)]
+
+    def features(self, inputs, inner):
+        if inputs is None:
+            return inner(None)
+        for module in self.dropouts:
+            module.train()
+        try:
+            self.samples = [inner(inputs) for _ in range(3)]
+        finally:
+            for module in self.dropouts:
+                module.eval()
+        return torch.cat(self.samples)
+
+
+@pytest.mark.parametrize("declares", [True, False], ids=["needs_inputs", "undeclared"])
+def test_detectors_beside_a_sampler_that_calls_inner_with_dropout_on_score_as_alone(
+    declares: bool,
+) -> None:
+    """Before, the first ``inner(inputs)`` call was taken for the model's features: knn
+    read a dropout sample at inference (fitted on deterministic features) and scored
+    unlike alone. With ``needs_inputs`` the sampler samples and knn reads one more plain
+    pass; without it the model's features are computed once, and its ``inner`` returns
+    them (it declared that cached features stand in for inputs)."""
+    torch.manual_seed(0)
+    backbone = Sampler().eval()
+    x = torch.randn(300, 6)
+    with torch.no_grad():
+        features = backbone(x)
+    y = head()(features).argmax(-1)
+    scores = {}
+    for with_sampler in (False, True):
+        sampler = DropoutSampler(declares)
+        plugins = [spec("knn"), sampler] if with_sampler else [spec("knn")]
+        wrapped = wrapped_with(plugins, backbone)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapped.fit_features(train=(features, y), progress=False)
+        scores[with_sampler] = wrapped.predict(x[:40]).scores["knn"]
+    torch.testing.assert_close(scores[True], scores[False], rtol=1e-6, atol=1e-6)
+    first, *others = sampler.samples
+    drawn = any(not torch.equal(first, other) for other in others)
+    # Declared, it samples the backbone; undeclared, it gets the model's features.
+    assert drawn is declares
+    if not declares:
+        torch.testing.assert_close(first[0], features[:40])
+
+
+def test_a_model_without_samplers_runs_its_head_once_per_batch() -> None:
+    """base_logits reuse the one member when no plugin changes the features the heads
+    read nor the members: the same rows through the same head, bit for bit."""
+    wrapped = fit(wrapped_with([spec("vim")]))
+    calls: list[int] = []
+    hook = wrapped.head.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    q = data()["queries"]
+    pred = wrapped.predict_features(q)
+    hook.remove()
+    assert calls == [len(q)]
+    torch.testing.assert_close(pred.scores["vim"], alone("vim")["pred"].scores["vim"])
+
+
+# --- composition rules about heads and streamed data ---------------------------------------
+
+
+def test_a_head_change_after_the_discrepancy_heads_is_refused() -> None:
+    """mc_dropout(finetune=True) at SAMPLE would retrain the head that discrepancy (HEADS)
+    trained its second head beside."""
+    finetuned = ("mc_dropout", {**SMALL["mc_dropout"], "finetune": True, "epochs": 1})
+    wrapped = wrapped_with([spec("discrepancy"), finetuned])
+    with pytest.raises(
+        ValueError,
+        match=r"plugin mc_dropout changes the head at stage SAMPLE, after plugin discrepancy "
+        r"\(stage HEADS\).*Fit the model with mc_dropout alone first",
+    ):
+        fit(wrapped)
+    # What stays allowed: a retrained head before the discrepancy heads, a retraining
+    # sampler beside a retraining TRAIN plugin, and plain MC dropout around the heads.
+    for plugins in (
+        [spec("label_smoothing"), spec("discrepancy")],
+        [spec("label_smoothing"), finetuned],
+        [spec("discrepancy"), spec("mc_dropout")],
+    ):
+        fitting.check_composition(wrapped_with(plugins))
+
+
+def test_a_plugin_streaming_data_beside_a_features_transform_is_refused() -> None:
+    """Streaming inputs through the backbone (to train the head on them) bypasses the
+    transform, even when the backbone's weights do not change."""
+
+    class Streamer(Plugin):
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.stage = Stage.TRAIN
+            tags.streams_data = True
+            tags.changes_head = True
+            tags.requires_fit = False
+            return tags
+
+    with pytest.raises(
+        ValueError,
+        match=r"Streamer trains on inputs streamed through the backbone \(streams_data\), "
+        r"past the FEATURES-stage plugin Shape",
+    ):
+        fitting.check_composition(wrapped_with([Streamer(), Shape()]))
+    fitting.check_composition(wrapped_with([Streamer()]))
+
+
+def test_the_features_stage_pass_of_fit_runs_inside_distributed_agree(monkeypatch) -> None:
+    """So a rank failing there fails every rank, instead of leaving them waiting."""
+    steps: list[str] = []
+    agree = fitting.distributed.agree
+
+    def recording(step, what):
+        steps.append(what)
+        return agree(step, what)
+
+    monkeypatch.setattr(fitting.distributed, "agree", recording)
+    fit(wrapped_with([Shape(), spec("vim")]))
+    assert "passing the fit data through the FEATURES stage" in steps
+    assert steps.index("passing the fit data through the FEATURES stage") < steps.index(
+        "fitting plugin vim"
+    )
+
+
+def test_the_features_stage_scratch_on_disk_is_a_partial_folder_the_cache_cleans(
+    tmp_path, monkeypatch
+) -> None:
+    """The scratch copy is named as the disk cache's own partial entries: removed at the
+    end of the fit, and by the cache when a killed run left it behind."""
+    import os
+
+    from wrapcal.features.disk_store import DiskCache
+
+    folders = []
+    to_disk = fitting._to_disk
+
+    def recording(*args):
+        out = to_disk(*args)
+        folders.append(out.path.parent)
+        assert out.path.exists()
+        return out
+
+    monkeypatch.setattr(fitting, "_to_disk", recording)
+    d = data()
+    cache = tmp_path / "cache"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped_with([Shape(), spec("vim")]).fit(train=d["train"], progress=False, cache_dir=cache)
+    assert len(folders) == 1 and folders[0].parent == cache
+    assert f".partial-{os.getpid()}-" in folders[0].name
+    assert not folders[0].exists()  # the fit removed it
+    # A killed run's leftover (its writer's process gone) is removed by the cache.
+    left = cache / folders[0].name.replace(f"-{os.getpid()}-", "-999999999-")
+    left.mkdir()
+    (left / "features.bin").write_bytes(b"\0" * 64)
+    DiskCache(cache)
+    assert not left.exists()
+
+
+def test_vim_keeps_its_learned_values_on_the_model_device(monkeypatch) -> None:
+    """alpha_ is created on the model's device, beside origin_ and the basis (a CUDA model
+    then works unchanged); here a stand-in device that is not the CPU."""
+    from wrapcal.model.chain import PrefixView
+
+    monkeypatch.setattr(PrefixView, "device", property(lambda self: torch.device("meta")))
+    d = data()
+    wrapped = wrapped_with([spec("vim")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped.fit_features(train=d["train"], progress=False)
+    assert wrapped.get_plugin("vim").alpha_.device == torch.device("meta")

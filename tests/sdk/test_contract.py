@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
+import os
 import re
 import subprocess
 import sys
@@ -328,20 +330,54 @@ def test_the_readme_plugin_example_runs_and_computes_what_it_says() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=3e-5)
 
 
-def test_no_import_cycles_inside_wrapcal() -> None:
-    """Every import counts: under TYPE_CHECKING and inside functions too."""
-    package = ROOT / "wrapcal"
+def _wrapcal_modules() -> dict[str, Path]:
+    """Every module under ``wrapcal/`` by dotted name (a package by its own name)."""
     modules = {}
-    for path in package.rglob("*.py"):
+    for path in (ROOT / "wrapcal").rglob("*.py"):
         name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def _import_nodes(tree: ast.Module, *, at_import_time: bool) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements of a module: all of them, or only those that run while the
+    module is imported (not inside a function, not under ``if TYPE_CHECKING:``)."""
+    if not at_import_time:
+        return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found.append(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue  # runs when called, after the imports are done
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+            else:  # class bodies, try/except, if/else, with: they run at import time
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    visit([n for n in getattr(node, field, []) if isinstance(n, ast.AST)])
+
+    visit(tree.body)
+    return found
+
+
+def _import_graph(*, at_import_time: bool) -> dict[str, set[str]]:
+    """Module -> the wrapcal modules it imports (``wrapcal/__init__`` left out: it runs
+    before anything else, and no module below it imports it, see
+    :func:`test_no_module_below_the_public_api_imports_it`).
+
+    With ``at_import_time``, the imports that run while the module is imported, and for
+    each the packages they run first: importing ``a.b.c`` runs ``a/b/__init__`` too,
+    unless that package is the importer's own (it started before the importer did).
+    """
+    modules = _wrapcal_modules()
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
+        for node in _import_nodes(ast.parse(path.read_text()), at_import_time=at_import_time):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
+            else:
                 base = node.module or ""
                 if node.level:
                     parts = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
@@ -351,17 +387,125 @@ def test_no_import_cycles_inside_wrapcal() -> None:
             for target in targets:
                 while target and target not in modules:
                     target = target.rpartition(".")[0]
-                if target and target not in (name, "wrapcal"):
-                    edges[name].add(target)
+                if not target or target in (name, "wrapcal"):
+                    continue
+                edges[name].add(target)
+                if at_import_time:
+                    dotted = target.split(".")
+                    for package in (".".join(dotted[:i]) for i in range(2, len(dotted))):
+                        if package != name and not name.startswith(package + "."):
+                            edges[name].add(package)
+    return edges
 
+
+def _modules_on_cycles(edges: dict[str, set[str]]) -> list[str]:
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for nxt in edges[start]:
             if nxt == goal or (nxt not in seen and not seen.add(nxt) and reaches(nxt, goal, seen)):
                 return True
         return False
 
-    cycles = sorted(m for m in modules if reaches(m, m, set()))
-    assert len(modules) > 20 and not cycles, f"modules on an import cycle: {cycles}"
+    return sorted(m for m in edges if reaches(m, m, set()))
+
+
+def test_no_import_cycles_inside_wrapcal() -> None:
+    """Every import counts: under TYPE_CHECKING and inside functions too (the layers)."""
+    edges = _import_graph(at_import_time=False)
+    cycles = _modules_on_cycles(edges)
+    assert len(edges) > 20 and not cycles, f"modules on an import cycle: {cycles}"
+
+
+def test_no_import_cycles_through_package_inits() -> None:
+    """What runs while a module is imported, whichever module a program imports first:
+    importing ``wrapcal.plugin.validation`` runs ``wrapcal/plugin/__init__`` first, so a
+    module that package's ``__init__`` imports must not import ``wrapcal.plugin.*`` back
+    (it would find the package half-built: ``wrapcal.data`` once did, and
+    ``import wrapcal.features.extract`` failed with "cannot import name 'iter_batches'
+    from partially initialized module 'wrapcal.data'" when nothing had imported the SDK
+    before it). A package importing its own modules is fine: they run inside its
+    ``__init__``, after it started."""
+    edges = _import_graph(at_import_time=True)
+    assert "wrapcal.plugin" in edges["wrapcal.data"]  # the package edges are there
+    cycles = _modules_on_cycles(edges)
+    assert not cycles, f"modules on an import cycle through a package's __init__: {cycles}"
+
+
+# Imports every module named in argv[2] first, each in a child forked from a process that
+# holds no wrapcal module yet (third-party modules preloaded, so each child is quick), with
+# ``wrapcal/__init__`` replaced by an empty package: it would otherwise import half the
+# core first and hide an order dependence between the modules below it.
+_IMPORT_FIRST = """
+import importlib, json, os, sys, types
+
+root, names = sys.argv[1], json.loads(sys.argv[2])
+
+
+def in_child(job):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            out = job()
+        except BaseException as err:
+            out = f"{type(err).__name__}: {err}"
+        os.write(write, out.encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 1 << 16):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+def third_party():
+    for name in names:
+        importlib.import_module(name)
+    own = {"wrapcal", "wrapcal_plugins", "__main__"}
+    return json.dumps(sorted({m.split(".")[0] for m in sys.modules} - own))
+
+
+for module in json.loads(in_child(third_party)):
+    try:
+        importlib.import_module(module)
+    except Exception:
+        pass  # the child imports it itself
+
+
+def first(name):
+    def job():
+        bare = types.ModuleType("wrapcal")
+        bare.__path__ = [os.path.join(root, "wrapcal")]
+        sys.modules["wrapcal"] = bare
+        importlib.import_module(name)
+        return ""
+
+    return job
+
+
+print(json.dumps({name: out for name in names if (out := in_child(first(name)))}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="imports each module in a forked child")
+def test_every_module_imports_first_in_a_fresh_process() -> None:
+    """The order-independence the graph above claims, checked: every module of
+    ``wrapcal`` imported first, in a process that has imported no other."""
+    names = sorted(n for n in _wrapcal_modules() if n != "wrapcal" and "__main__" not in n)
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORT_FIRST, str(ROOT), json.dumps(names)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not failed, "modules that fail when imported first:\n" + "\n".join(
+        f"{name}: {error}" for name, error in failed.items()
+    )
 
 
 def _imports_of(path: Path) -> list[tuple[str, list[str]]]:
@@ -403,6 +547,34 @@ def test_the_sdk_exports_every_name_it_lists() -> None:
     assert not missing and len(set(sdk.__all__)) == len(sdk.__all__), missing
     for name in ("Plugin", "Calibrator", "Stage", "OutputKind", "PluginTags", "OutputContext"):
         assert getattr(sdk, name) is getattr(wrapcal, name)
+
+
+def test_the_sdk_offers_the_shard_helpers_and_imports_nothing_above_it() -> None:
+    """A shard-aware plugin finds the failure-aware collectives in the SDK; the SDK's
+    package imports only its own modules and the errors at first (the rest on use)."""
+    import wrapcal.distributed
+    import wrapcal.errors
+    import wrapcal.plugin as sdk
+
+    for name in ("active", "rank", "world", "gather_rows", "exchange"):
+        assert getattr(sdk, name) is getattr(wrapcal.distributed, name), name
+    assert sdk.DistributedError is wrapcal.errors.DistributedError
+    assert wrapcal.distributed.DistributedError is wrapcal.errors.DistributedError
+    assert issubclass(sdk.DistributedError, (wrapcal.WrapcalError, RuntimeError))
+    eager = {
+        module
+        for node in _import_nodes(
+            ast.parse((ROOT / "wrapcal/plugin/__init__.py").read_text()), at_import_time=True
+        )
+        if isinstance(node, ast.ImportFrom)
+        for module in [node.module or ""]
+    }
+    above = sorted(
+        m
+        for m in eager
+        if m.startswith("wrapcal.") and not m.startswith(("wrapcal.plugin.", "wrapcal.errors"))
+    )
+    assert not above, f"wrapcal/plugin/__init__.py imports layers above the SDK: {above}"
 
 
 def test_the_floor_plan_keeps_at_most_eight_modules_at_the_top() -> None:
@@ -463,3 +635,36 @@ def test_the_import_paths_of_0_2_0_still_work_and_warn(old: str, new: str, name:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_0_2_0_names_that_moved_between_modules_still_resolve() -> None:
+    """``wrapcal_plugins.conformal`` listed ``interval`` and ``bootstrap_means`` (the
+    report's bootstrap, the SDK's now); an old module that became several lists the
+    names of all (``from old import *``); the real ``wrapcal.plugin`` package is never
+    shadowed by an old path."""
+    from wrapcal import _compat
+
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    import wrapcal_plugins.conformal as old\n"
+        "    import wrapcal.calibrator as merged\n"
+        "import wrapcal.plugin as sdk\n"
+        "import wrapcal_plugins.decide.conformal as new\n"
+        "assert old.interval is sdk.percentile_interval\n"
+        "assert old.bootstrap_means is sdk.bootstrap_means\n"
+        "assert old.ConformalSets is new.ConformalSets\n"
+        "assert set(old.__all__) == {'ConformalSets', 'bootstrap_means', 'interval', "
+        "'set_metrics'}, old.__all__\n"
+        "assert {'Calibrator', 'fit_calibrator'} <= set(merged.__all__), merged.__all__\n"
+        "assert all(hasattr(merged, n) for n in merged.__all__)\n"
+        "namespace = {}\n"
+        "exec('from wrapcal_plugins.conformal import *', namespace)\n"
+        "assert namespace['interval'] is sdk.percentile_interval\n"
+        "assert any('its interval is wrapcal.plugin.percentile_interval' in str(w.message) "
+        "for w in caught), [str(w.message) for w in caught]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "wrapcal.plugin" not in _compat.MOVED  # the package itself is always found first

@@ -8,11 +8,16 @@ an entry point named ``knn``, like a built-in's entry point.
 from __future__ import annotations
 
 import ast
+import copy
+import gc
 import importlib.metadata
 import inspect
+import json
 import os
 import subprocess
 import sys
+import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +25,16 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import SmallNet, installed_distribution
+from safetensors.torch import save as save_tensors
 
 import wrapcal
 from wrapcal import NotFittedError, OutputKind, Plugin, PluginNotFoundError, Stage
+from wrapcal.errors import SavedFileError
+from wrapcal.files.format import digest, read
 from wrapcal.model import discovery
 from wrapcal.model.assemble import resolve_plugins
 from wrapcal.plugin.calibrator import Calibrator
+from wrapcal.plugin.hookspecs import hookimpl
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -263,10 +272,24 @@ def test_a_plain_saved_name_that_became_shared_means_the_builtin(tmp_path) -> No
             resolve_plugins([("temperature", {})])  # at wrap the user must choose
 
 
+def as_saved_by_0_2_0(path: Path) -> Path:
+    """The file as wrapcal 0.2.0 wrote it: no wrapcal version, no package per plugin."""
+    stored = read(path)
+    config = copy.deepcopy(stored.config)
+    del config["wrapcal_version"]
+    for entry in config["plugins"]:
+        entry.pop("package", None)
+    config["digest"] = digest(config, stored.tensors)
+    old = path.with_name(f"{path.stem}-0.2.0.wrapcal")
+    old.write_bytes(save_tensors(stored.tensors, metadata={"wrapcal": json.dumps(config)}))
+    return old
+
+
 def test_load_reads_a_plain_saved_name_that_became_shared_as_the_builtin(tmp_path) -> None:
     x, y = data()
     wrapped = wrapcal.wrap(small_net(), ["temperature"]).fit(calibration=(x, y), progress=False)
-    path = wrapped.save(tmp_path / "plain.wrapcal")
+    # A file that does not say which package its plugin came from (0.2.0's).
+    path = as_saved_by_0_2_0(wrapped.save(tmp_path / "plain.wrapcal"))
     with otherpkg_installed(tmp_path / "pkg"):
         with pytest.warns(UserWarning, match="'temperature' is now also registered by otherpkg"):
             loaded = wrapcal.load(path, model=small_net())
@@ -274,6 +297,142 @@ def test_load_reads_a_plain_saved_name_that_became_shared_as_the_builtin(tmp_pat
         assert loaded.plugin_names == ["temperature"]
         with torch.no_grad():
             assert torch.equal(loaded(x), wrapped(x))
+
+
+def test_a_file_saved_now_says_the_package_so_the_shared_name_needs_no_guess(tmp_path) -> None:
+    x, y = data()
+    wrapped = wrapcal.wrap(small_net(), ["temperature"]).fit(calibration=(x, y), progress=False)
+    path = wrapped.save(tmp_path / "plain.wrapcal")
+    assert read(path).config["plugins"][0]["package"] == "wrapcal"
+    with otherpkg_installed(tmp_path / "pkg"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no guess to warn about
+        loaded = wrapcal.load(path, model=small_net())
+        assert type(loaded.plugins[0]) is type(wrapped.plugins[0])
+        assert loaded.plugin_names == ["temperature"]
+
+
+@contextmanager
+def later_builtin(name: str) -> Iterator[type[Plugin]]:
+    """What a later wrapcal that adds a built-in plugin ``name`` looks like to discovery:
+    a module registered under wrapcal's distribution, marked built in."""
+
+    class LaterBuiltin(Plugin):
+        """A built-in of a later wrapcal: zeroes the logits (a ``divisor`` it ignores)."""
+
+        def __init__(self, divisor: float = 1.0) -> None:
+            super().__init__()
+            self.divisor = divisor
+
+        def __wrapcal_tags__(self):
+            tags = super().__wrapcal_tags__()
+            tags.stage, tags.requires_fit = Stage.CALIBRATE, False
+            return tags
+
+        def transform_logits(self, logits):
+            return logits * 0
+
+    @hookimpl
+    def wrapcal_register_plugins(register) -> None:
+        register(name, LaterBuiltin)
+
+    module = types.SimpleNamespace(wrapcal_register_plugins=wrapcal_register_plugins)
+    registered = f"wrapcal:{name}_module"
+    wrapcal.get_plugin_manager().register(module, name=registered)
+    discovery._sources[registered] = discovery._Source("wrapcal", wrapcal.__version__, True)
+    try:
+        yield LaterBuiltin
+    finally:
+        wrapcal.get_plugin_manager().unregister(name=registered)
+        discovery._sources.pop(registered, None)
+
+
+def test_a_later_builtin_of_the_same_name_never_takes_a_saved_plugins_place(tmp_path) -> None:
+    """``find_saved_plugin`` guessed "the built-in" for a plain name that became shared:
+    wrong once a later wrapcal adds a built-in named like the third-party plugin that
+    the file holds. Files name the package now, and load looks there."""
+    x, _ = data(8)
+    with otherpkg_installed(tmp_path / "pkg"):
+        wrapped = wrapcal.wrap(small_net(), [("other_only", {"divisor": 3.0})])
+        path = wrapped.save(tmp_path / "other.wrapcal")
+        assert read(path).config["plugins"][0]["package"] == "otherpkg"
+        old = as_saved_by_0_2_0(path)
+        with later_builtin("other_only") as builtin:
+            with pytest.raises(PluginNotFoundError, match="registered by 2 packages"):
+                wrapcal.wrap(small_net(), ["other_only"])  # shared now: at wrap, choose
+            loaded = wrapcal.load(path, model=small_net())
+            assert type(loaded.plugins[0]) is type(wrapped.plugins[0])
+            assert loaded.plugin_names == ["other_only"] and loaded.plugins[0].divisor == 3.0
+            with torch.no_grad():
+                assert torch.equal(loaded(x), wrapped(x))
+            # A file that does not say keeps 0.2.0's rule (the built-in), and says so.
+            with pytest.warns(UserWarning, match="'other_only' is now also registered by"):
+                assert type(wrapcal.load(old, model=small_net()).plugins[0]) is builtin
+    # The package it names is gone: load says which one to install, and picks no other.
+    with later_builtin("other_only"), pytest.raises(SavedFileError) as caught:
+        wrapcal.load(path, model=small_net())
+    message = str(caught.value)
+    assert "comes from the package otherpkg, which is not installed" in message
+    assert "Install otherpkg" in message and "wrapcal:other_only" in message
+
+
+def test_the_catalog_follows_modules_registered_and_unregistered_by_hand() -> None:
+    """The scan of registrations was cached under the ids of the hook implementations:
+    a module registered after another was unregistered could get a freed one's id and
+    pass for it (27 of 30 rounds here returned the old module's plugins)."""
+    pm = wrapcal.get_plugin_manager()
+
+    def module_registering(name: str) -> types.SimpleNamespace:
+        @hookimpl
+        def wrapcal_register_plugins(register) -> None:
+            register(name, Plugin)
+
+        return types.SimpleNamespace(wrapcal_register_plugins=wrapcal_register_plugins)
+
+    try:
+        for round_ in range(30):
+            pm.register(module_registering(f"by_hand_{round_}"), name="by-hand")
+            names = {info.name for info in discovery.installed_plugins()}
+            assert f"by_hand_{round_}" in names and f"by_hand_{round_ - 1}" not in names
+            pm.unregister(name="by-hand")
+            gc.collect()  # frees the hook implementation: its id is free to be reused
+    finally:
+        discovery.reset()
+
+
+def test_installed_plugins_lists_builtins_then_packages_by_name(tmp_path) -> None:
+    with otherpkg_installed(tmp_path / "pkg"):
+        pm = wrapcal.get_plugin_manager()
+        module = types.SimpleNamespace(wrapcal_register_plugins=hookimpl(lambda register: None))
+        pm.register(module, name="aaa-by-hand")  # registered last, sorts first of the others
+        infos = discovery.installed_plugins()
+    builtins = [info.builtin for info in infos]
+    assert builtins == sorted(builtins, reverse=True)  # built-ins first
+    others = [discovery._normalize(info.source) for info in infos if not info.builtin]
+    assert others == sorted(others) and "otherpkg" in others
+
+
+# --- order -----------------------------------------------------------------------------------
+
+
+def test_installing_a_package_that_shares_a_name_never_reorders_a_wrap(tmp_path) -> None:
+    """An instance's name is qualified while another package shares its plain name
+    (``wrapcal:temperature``); the order inside a stage must not follow: it did, and
+    ``wrapcal:temperature`` sorted after ``vector_scaling`` where ``temperature`` sorted
+    before, so installing an unrelated package changed what a user's model computes."""
+    x, y = data()
+    registry = wrapcal.plugin_registry()
+    vector, temperature = registry["vector_scaling"].factory, registry["temperature"].factory
+    alone = wrapcal.wrap(small_net(), [vector(), temperature()])
+    assert alone.plugin_names == ["temperature", "vector_scaling"]
+    alone.fit(calibration=(x, y), progress=False)
+    with otherpkg_installed(tmp_path):
+        beside = wrapcal.wrap(small_net(), [vector(), temperature()])
+        assert beside.plugin_names == ["wrapcal:temperature", "vector_scaling"]
+        named = wrapcal.wrap(small_net(), ["vector_scaling", "wrapcal:temperature"])
+        assert named.plugin_names == ["wrapcal:temperature", "vector_scaling"]
+        beside.fit(calibration=(x, y), progress=False)
+    with torch.no_grad():
+        assert torch.equal(beside(x), alone(x))
 
 
 # --- declarations checked at wrap ----------------------------------------------------------

@@ -1,9 +1,12 @@
 """The ``.wrapcal`` file: one safetensors file, its configuration as JSON inside.
 
 The tensors are the wrapped model's ``state_dict``; the header's metadata holds one
-JSON document under ``"wrapcal"``: format version, how to rebuild the model (a name
-in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the sizes, each
-plugin's name, parameters and learned plain values, and a SHA-256 digest over the
+JSON document under ``"wrapcal"``: format version, the version of wrapcal that wrote it
+(``wrapcal_version``, since 0.3: what a plugin computes may change between releases, and
+load warns where a file's plugins were fitted under other rules), how to rebuild the model
+(a name in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the
+sizes, each plugin's name, the package it came from (``package``, since 0.3; load looks
+the name up there), parameters and learned plain values, and a SHA-256 digest over the
 configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled.
 
 ``save`` first runs on what it is about to write the checks :func:`wrapcal.load` runs
@@ -38,9 +41,10 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from wrapcal import distributed
+from wrapcal._version import __version__
 from wrapcal.errors import SavedFileError
 from wrapcal.files.families import describe_model
-from wrapcal.model import discovery as manager
+from wrapcal.model import discovery
 from wrapcal.model.operating_points import is_operating_points
 
 __all__ = [
@@ -91,15 +95,32 @@ def digest(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _package_of(name: str, plugin: Any) -> str | None:
+    """The distribution the wrapped model's plugin ``name`` came from (``None`` for a
+    module registered by hand)."""
+    plain = name.rpartition(":")[2]
+    found = discovery.registrations_of(plugin)
+    info = next((i for i in found if i.name == plain), found[0] if found else None)
+    if info is None:  # made by a factory that is not its class: look the name up
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # load warns about a shared plain name, once
+            info = discovery.find_saved_plugin(name)
+    return info.package
+
+
 def _plugin_entries(wrapped: Any) -> list[dict[str, Any]]:
     entries = []
     for plugin, name in zip(wrapped.plugins, wrapped.plugin_names, strict=True):
-        if manager.plugin_name(plugin) is None and name not in manager.plugin_registry():
+        if discovery.plugin_name(plugin) is None and name not in discovery.plugin_registry():
             raise SavedFileError(
                 f"plugin {name} has no registered name, so a saved model could not be "
                 "loaded; register it in the 'wrapcal' entry-point group"
             )
-        entries.append({"name": name, "params": plugin.get_params(), "state": plugin.get_state()})
+        entry: dict[str, Any] = {"name": name}
+        package = _package_of(name, plugin)
+        if package is not None:
+            entry["package"] = package
+        entries.append({**entry, "params": plugin.get_params(), "state": plugin.get_state()})
     return entries
 
 
@@ -107,6 +128,7 @@ def _config(wrapped: Any) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "wrapcal_version": __version__,
         "model": describe_model(wrapped),
         "split": {"kind": wrapped.split_kind, "head_path": wrapped.head_path},
         "num_classes": wrapped.num_classes,
@@ -204,7 +226,7 @@ def _check_entry(name: str, entry: Mapping[str, Any]) -> None:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load warns about a shared plain name, once
-        factory = manager.find_saved_plugin(name).factory
+        factory = discovery.find_saved_plugin(name, entry.get("package")).factory
     plugin = factory(**entry["params"])
     plugin.validate_params(f"plugin {name}")
     try:
@@ -379,14 +401,17 @@ def _check_config(path: Path, config: Any) -> dict[str, Any]:
     for key, kind in expected.items():
         if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
             raise _fail(path, f"the configuration's {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(config.get("wrapcal_version", ""), str):  # absent before 0.3
+        raise _fail(path, "the wrapcal version is not a string")
     for entry in config["plugins"]:
         if not (
             isinstance(entry, dict)
             and isinstance(entry.get("name"), str)
             and isinstance(entry.get("params"), dict)
             and isinstance(entry.get("state"), dict)
+            and isinstance(entry.get("package", ""), str)
         ):
-            raise _fail(path, "a plugin entry is not {name, params, state}")
+            raise _fail(path, "a plugin entry is not {name, package, params, state}")
     if not is_operating_points(config.get("operating_points")):
         raise _fail(path, "the operating points are not thresholds and metrics")
     shape = config.get("input_shape")

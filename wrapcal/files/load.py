@@ -24,6 +24,7 @@ from wrapcal.files.format import SavedFile, learned_tensor_problem, read, sizes_
 from wrapcal.model.assemble import build, find_split, resolve_plugins
 from wrapcal.model.split import Split, split_at
 from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.base import get_tags
 
 __all__ = ["load"]
 
@@ -79,16 +80,45 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
     return find_split(model)
 
 
+def _in_acting_order(saved: SavedFile, names: list[str]) -> list[dict]:
+    """The file's plugin entries in the order the plugins act in now, its tensors
+    (``plugins.<index>.*``) renumbered to match.
+
+    A file lists its plugins in the order they acted in when it was saved. That order
+    can change between releases (0.2.0 ran ``react`` after the heads; it is a detector
+    now, ordered by name among the others), so state is matched to plugins by name,
+    never by position.
+    """
+    entries = saved.config["plugins"]
+    position = {entry["name"]: index for index, entry in enumerate(entries)}
+    if [entry["name"] for entry in entries] == names:
+        return entries
+    moved = {position[name]: index for index, name in enumerate(names)}
+    renamed: dict[str, torch.Tensor] = {}
+    for key, tensor in saved.tensors.items():
+        head, index, rest = key.split(".", 2) if key.count(".") >= 2 else (key, "", "")
+        if head == "plugins" and index.isdigit() and int(index) in moved:
+            key = f"plugins.{moved[int(index)]}.{rest}"
+        renamed[key] = tensor
+    saved.tensors = renamed
+    saved.config["plugins"] = [entries[position[name]] for name in names]
+    return saved.config["plugins"]
+
+
 def _assemble(saved: SavedFile, split: Split) -> WrappedModel:
     entries = saved.config["plugins"]
+    # The package each plugin came from (files of 0.3 on): looked up there, so another
+    # package registering the same name since cannot take its place.
+    packages = {e["name"]: e["package"] for e in entries if "package" in e}
     try:
-        plugins = resolve_plugins([(e["name"], e["params"]) for e in entries], saved=True)
+        plugins = resolve_plugins(
+            [(e["name"], e["params"]) for e in entries], saved=True, packages=packages
+        )
     except PluginNotFoundError as err:
         raise SavedFileError(f"{saved.path} needs a plugin that is not installed: {err}") from err
     except (TypeError, ValueError) as err:
         raise SavedFileError(f"{saved.path}: {err}") from None
-    if [name for name, _ in plugins] != [e["name"] for e in entries]:
-        raise SavedFileError(f"{saved.path}: the plugins are not in the order they act in")
+    entries = _in_acting_order(saved, [name for name, _ in plugins])
     try:
         wrapped = build(split, plugins, stacklevel=4)
         for plugin, entry in zip(wrapped.plugins, entries, strict=True):
@@ -152,6 +182,57 @@ def _check_on_meta(saved: SavedFile) -> None:
     _check_tensors(saved, wrapped)
 
 
+#: Built-in plugins whose meaning changed in 0.3, so that a file of 0.2.0 or older that
+#: holds one loads into a different model: name -> what changed.
+_CHANGED_IN_0_3 = {
+    "react": (
+        "in wrapcal 0.2.0 react clipped the model's features for every plugin and for the "
+        "logits; since 0.3 it is a detector that clips for its own score only, so this "
+        "model's logits and probabilities are the unclipped model's, not the saved ones"
+    ),
+}
+
+
+def _warn_of_changed_plugins(
+    saved: SavedFile, file_order: list[str], wrapped: WrappedModel
+) -> None:
+    """Warn when a file written before wrapcal saved its version (0.2.0 or older) holds a
+    built-in whose meaning changed since, and name what was fitted on its old output.
+
+    Args:
+        saved: The file.
+        file_order: Its plugins' names in the order it lists them: the order they acted
+            in when it was saved, so the plugins after one were fitted on its output.
+        wrapped: The model loaded from it.
+    """
+    if "wrapcal_version" in saved.config:
+        return
+    plugins = dict(zip(wrapped.plugin_names, wrapped.plugins, strict=True))
+    for index, name in enumerate(file_order):
+        plain = name.rpartition(":")[2]
+        if plain not in _CHANGED_IN_0_3 or name not in (plain, f"wrapcal:{plain}"):
+            continue
+        fitted = [
+            later for later in file_order[index + 1 :] if get_tags(plugins[later]).requires_fit
+        ]
+        stale = [f"plugin{'s' if len(fitted) > 1 else ''} {', '.join(fitted)}"] if fitted else []
+        if saved.config.get("operating_points"):
+            stale.append("the operating points")
+        consequence = (
+            f"; {' and '.join(stale)} were fitted on the old, clipped model's outputs and no "
+            "longer match what they receive. Fit the model again (wrapped.fit(...) with the "
+            "data used before) and save it again"
+            if stale
+            else ". Save the model again with this version of wrapcal to silence this warning"
+        )
+        warnings.warn(
+            f"{saved.path} was saved by wrapcal 0.2.0 or older and holds plugin {name}: "
+            f"{_CHANGED_IN_0_3[plain]}{consequence}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -175,6 +256,7 @@ def load(
             one that needs a plugin that is not installed.
     """
     saved = read(path)
+    file_order = [entry["name"] for entry in saved.config["plugins"]]
     _check_sizes(saved)
     if split is not None:
         split = Split(
@@ -204,4 +286,5 @@ def load(
     shape = saved.config.get("input_shape")
     wrapped.input_shape = tuple(shape) if shape else None
     wrapped.operating_points = saved.config.get("operating_points")
+    _warn_of_changed_plugins(saved, file_order, wrapped)
     return wrapped.eval()

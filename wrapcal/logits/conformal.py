@@ -24,7 +24,7 @@ conservative) is not drawn from a global generator: it is a seeded hash of the s
 logits, ``frac(16 * sum_k w_k z_k)`` with ``w ~ N(0, 1)`` drawn once from ``seed``. The
 same input gets the same set in any batch, after save and load, and in an exported
 graph. A score that is a fixed function of the input keeps the guarantee exactly, and
-the hash makes it continuous, so the upper bound holds too; ``tests/test_conformal.py``
+the hash makes it continuous, so the upper bound holds too; ``tests/logits/test_conformal.py``
 measures that ``U`` is uniform and unrelated to the probabilities on real logits.
 
 Abstention at a chosen risk is :mod:`wrapcal.logits.abstention`.

@@ -16,7 +16,7 @@ B values (linear interpolation, as ``numpy.percentile``) and ``t`` the estimate 
   ever adds to ``|accuracy - confidence|`` — and resampling adds more noise, so for a
   well-calibrated model the percentile interval sits above the true calibration error:
   at N = 400 and a true ECE of 2% it covered it in none of 200 simulated test sets, the
-  basic interval in 94% (``tests/test_metrics_calibration.py`` measures both). That is
+  basic interval in 94% (``tests/metrics/test_metrics_calibration.py`` measures both). That is
   why ECE defaults to ``"basic"``, as in Kumar et al.'s (2019) ``calibration`` library.
   AUROC is close to unbiased and keeps ``"percentile"``.
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from wrapcal.errors import SplitError
-from wrapcal.model import discovery as manager
+from wrapcal.model import discovery
 from wrapcal.model.chain import CORE_OUTPUTS
 from wrapcal.model.ordering import order_plugins
 from wrapcal.model.split import Split, split_at
@@ -25,19 +25,31 @@ from wrapcal.plugin.base import Plugin, get_tags
 from wrapcal.plugin.constraints import suggest
 from wrapcal.plugin.torch_helpers import HOW_TO_SPLIT_BY_HAND
 
-__all__ = ["build", "create_plugin", "find_split", "resolve_plugins", "wrap"]
+__all__ = ["PluginSpec", "build", "create_plugin", "find_split", "resolve_plugins", "wrap"]
 
 
-def create_plugin(name: str, params: Any = None, *, saved: bool = False) -> Plugin:
+#: What ``wrap`` takes for one plugin: a name, a ``(name, params)`` pair or an instance.
+PluginSpec = str | tuple[str, dict[str, Any] | None] | Plugin
+
+
+def create_plugin(
+    name: str,
+    params: dict[str, Any] | None = None,
+    *,
+    saved: bool = False,
+    package: str | None = None,
+) -> Plugin:
     """Create the plugin registered as ``name`` with ``params``, checked.
 
     Args:
         name: A plugin name, or ``"package:name"`` to pick one of several packages'
             plugins of one name.
         params: The plugin's parameters.
-        saved: The name was read from a saved file: a plain name that several packages
-            now register means wrapcal's built-in
-            (:func:`~wrapcal.model.discovery.find_saved_plugin`).
+        saved: The name was read from a saved file
+            (:func:`~wrapcal.model.discovery.find_saved_plugin`): it is looked up in
+            ``package`` when the file names one; else a plain name that several
+            packages now register means wrapcal's built-in.
+        package: With ``saved``, the package the file says the plugin came from.
 
     Raises:
         PluginNotFoundError: No installed plugin has that name, or several packages
@@ -49,7 +61,7 @@ def create_plugin(name: str, params: Any = None, *, saved: bool = False) -> Plug
     params = {} if params is None else params
     if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
         raise TypeError(f"plugin {name}: parameters must be a dict name -> value")
-    info = manager.find_saved_plugin(name) if saved else manager.find_plugin(name)
+    info = discovery.find_saved_plugin(name, package) if saved else discovery.find_plugin(name)
     factory = info.factory
     signature = inspect.signature(factory)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
@@ -70,11 +82,9 @@ def create_plugin(name: str, params: Any = None, *, saved: bool = False) -> Plug
 
 
 def _qualified(plugin: Plugin) -> str | None:
-    """The qualified registry name of the plugin's class, if it is registered once."""
-    names = [
-        info.qualified_name for info in manager.installed_plugins() if info.factory is type(plugin)
-    ]
-    return names[0] if len(names) == 1 else None
+    """The qualified name of the plugin's class, if it is registered under one name."""
+    found = discovery.registrations_of(plugin)
+    return found[0].qualified_name if len(found) == 1 else None
 
 
 def _check_order_names(pairs: list[tuple[str, Plugin]]) -> None:
@@ -83,7 +93,7 @@ def _check_order_names(pairs: list[tuple[str, Plugin]]) -> None:
     A name that is installed but not in this wrap's list is fine: ordering relative to
     an absent plugin is vacuous. A misspelt one would be silently ignored.
     """
-    installed = manager.installed_plugins()
+    installed = discovery.installed_plugins()
     known = {name for name, _ in pairs} | {name.rpartition(":")[2] for name, _ in pairs}
     known |= {info.name for info in installed}
     for name, plugin in pairs:
@@ -94,11 +104,11 @@ def _check_order_names(pairs: list[tuple[str, Plugin]]) -> None:
                     continue
                 if ":" in reference:
                     try:
-                        manager.find_plugin(reference)
+                        discovery.find_plugin(reference)
                         continue
                     except LookupError:
                         pass
-                listed = sorted(manager.plugin_registry()) or ["none"]
+                listed = sorted(discovery.plugin_registry()) or ["none"]
                 raise ValueError(
                     f"plugin {name}: tags.{attribute} names {reference!r}, which no installed "
                     f"plugin has{suggest(reference, sorted(known))}; installed plugins: "
@@ -128,7 +138,12 @@ def _check_outputs(pairs: list[tuple[str, Plugin]]) -> None:
             owner[output] = name
 
 
-def resolve_plugins(plugins: Any, *, saved: bool = False) -> list[tuple[str, Plugin]]:
+def resolve_plugins(
+    plugins: Iterable[PluginSpec],
+    *,
+    saved: bool = False,
+    packages: Mapping[str, str] | None = None,
+) -> list[tuple[str, Plugin]]:
     """Names, ``(name, params)`` pairs and instances -> ``(name, plugin)`` in stage order.
 
     A plugin keeps the name it was given (plain, or ``"package:name"``); an instance
@@ -139,6 +154,8 @@ def resolve_plugins(plugins: Any, *, saved: bool = False) -> list[tuple[str, Plu
     Args:
         plugins: The plugins, in any order.
         saved: The names were read from a saved file (:func:`create_plugin`).
+        packages: With ``saved``: name -> the package the file says it came from, for
+            the names the file gives one.
 
     Raises:
         PluginNotFoundError: A name no installed plugin has, or one several packages
@@ -164,9 +181,10 @@ def resolve_plugins(plugins: Any, *, saved: bool = False) -> list[tuple[str, Plu
             isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
         ):
             name, params = (item, None) if isinstance(item, str) else item
-            pairs.append((name, create_plugin(name, params, saved=saved)))
+            package = (packages or {}).get(name) if saved else None
+            pairs.append((name, create_plugin(name, params, saved=saved, package=package)))
         elif isinstance(item, Plugin):
-            name = manager.plugin_name(item) or type(item).__name__
+            name = discovery.plugin_name(item) or type(item).__name__
             item.validate_params(f"plugin {name}")
             pairs.append((name, item))
         else:
@@ -192,7 +210,7 @@ def resolve_plugins(plugins: Any, *, saved: bool = False) -> list[tuple[str, Plu
 
 def find_split(model: nn.Module) -> Split:
     """Split ``model`` (modified in place) with the first adapter that knows it."""
-    split = manager.get_plugin_manager().hook.wrapcal_split_model(model=model)
+    split = discovery.get_plugin_manager().hook.wrapcal_split_model(model=model)
     if split is None:
         raise SplitError(f"no adapter could split {type(model).__name__}; {HOW_TO_SPLIT_BY_HAND}")
     return split
@@ -223,7 +241,7 @@ def _copy_split(split: Split) -> Split:
 
 def wrap(
     model: nn.Module | None,
-    plugins: Sequence[Any] = (),
+    plugins: Sequence[PluginSpec] = (),
     *,
     inplace: bool = False,
     head: str | None = None,

@@ -28,9 +28,13 @@ inference, whatever the list order.
   changes: :attr:`~wrapcal.OutputContext.backbone_features` (``f``, one deterministic
   row per input) and :attr:`~wrapcal.OutputContext.base_logits` (the model's own head
   applied to ``f``). Detectors read these, and fit on the same: the ``fit`` data's
-  features and ``model.head`` of them. Both are computed only when a plugin reads them;
-  a model that samples its backbone (MC dropout ``scope="all"``) then runs one more,
-  deterministic, backbone pass for them.
+  features and ``model.head`` of them. Which rows are ``f`` is decided from the tags,
+  never from what a plugin passes its ``inner``: unless a sampler's feature step
+  declares ``needs_inputs`` (it samples the backbone: MC dropout ``scope="all"``), the
+  model's features are computed once per batch and are the innermost feature step, so
+  every sampler's ``inner(inputs)`` returns them; otherwise the samplers run the model
+  step themselves and ``f`` is one more backbone pass, in eval mode, made only when a
+  plugin reads it.
 * Outputs are checked against their declared :class:`~wrapcal.OutputKind`.
 """
 
@@ -49,16 +53,18 @@ from wrapcal.errors import DataError
 from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.probs import combine_members, entropy, logits_to_probs
-from wrapcal.plugin.torch_helpers import check_features
+from wrapcal.plugin.torch_helpers import check_features, in_mode
 from wrapcal.plugin.types import OutputContext, OutputKind, PluginTags, Stage
 
 __all__ = ["CORE_OUTPUTS", "Chain", "ModelParts", "PrefixView", "named_errors", "overrides"]
 
-#: The core's own per-sample outputs (``max_logit`` and ``energy`` only with one member
-#: of several logits: they mean nothing for an average or a single binary logit). Their
-#: input is that one member: the head's logits of the features the heads read, before
-#: any calibrator. Plugins that change the model's features or its head change them;
-#: detectors, samplers' absence, calibrators and decisions do not.
+#: The core's own per-sample outputs. ``msp`` and ``entropy`` read the final
+#: probabilities, so every plugin that changes the logits changes them (calibrators
+#: too). ``max_logit`` and ``energy`` read the one member: the head's logits of the
+#: features the heads read, before any calibrator. They exist only when there is one
+#: member of several logits (they mean nothing for an average of members or for a single
+#: binary logit): plugins that change the model's features or its head change them,
+#: samplers and extra heads remove them, detectors, calibrators and decisions leave them.
 CORE_OUTPUTS = {
     "msp": OutputKind.UNCERTAINTY,
     "entropy": OutputKind.UNCERTAINTY,
@@ -99,6 +105,12 @@ def transforms_features(plugin: Plugin, tags: PluginTags) -> bool:
     return tags.stage is Stage.FEATURES and overrides(plugin, "features")
 
 
+def samples_features(plugin: Plugin, tags: PluginTags) -> bool:
+    """Whether the plugin has a feature step after the ``FEATURES`` stage (a sampler's):
+    it changes the features the heads read, not the model's features."""
+    return overrides(plugin, "features") and not transforms_features(plugin, tags)
+
+
 class _Once:
     """A value computed on first use, then kept (shared by every plugin's context)."""
 
@@ -110,6 +122,23 @@ class _Once:
         if self._value is None:
             self._value = self._compute()
         return self._value
+
+
+def _first(stacked: torch.Tensor) -> torch.Tensor:
+    """The first of ``[S, B, ...]``: the one sample of a step that gives one."""
+    return stacked[0]
+
+
+def _reuse(
+    model: torch.Tensor,
+    inputs: torch.Tensor | None,
+    model_step: Callable[[torch.Tensor | None], torch.Tensor],
+    given: torch.Tensor | None,
+) -> torch.Tensor:
+    """The innermost feature step when nothing samples the backbone: the model's
+    features of this batch, computed once (``model``); other inputs a plugin passes
+    (its own copies) get their own pass."""
+    return model if given is inputs else model_step(given)
 
 
 class Chain:
@@ -165,10 +194,12 @@ class Chain:
             ) from err
         return check_features(features, self.num_features).unsqueeze(0)
 
-    def _model_step(self, cached: torch.Tensor | None) -> Callable[[Any], torch.Tensor]:
+    def _model_step(
+        self, cached: torch.Tensor | None
+    ) -> Callable[[torch.Tensor | None], torch.Tensor]:
         """Inputs (or ``None`` for ``cached``) -> the model's features ``[1, B, D]``: the
         backbone's output through the ``FEATURES``-stage feature steps."""
-        step: Callable[[Any], torch.Tensor] = partial(self._base_features, cached)
+        step: Callable[[torch.Tensor | None], torch.Tensor] = partial(self._base_features, cached)
         if cached is not None and self.features_done:
             return step
         for name, plugin, tags in self.plugins:
@@ -176,25 +207,53 @@ class Chain:
                 step = partial(self._plugin_features, name, plugin, step, True)
         return step
 
+    @property
+    def samples_backbone(self) -> bool:
+        """Whether a sampler's feature step runs the backbone itself on the inputs
+        (declares ``needs_inputs``: MC dropout ``scope="all"``), so that what its
+        ``inner`` returns may be a random sample rather than the model's features."""
+        return any(
+            tags.needs_inputs and samples_features(plugin, tags) for _, plugin, tags in self.plugins
+        )
+
+    def _deterministic(
+        self, model_step: Callable[[torch.Tensor | None], torch.Tensor], inputs: torch.Tensor
+    ) -> torch.Tensor:
+        """The model's features ``[B, D]`` of inputs from a plain pass: the backbone in
+        eval mode (no dropout, whatever a sampler left switched on), as ``fit``'s
+        feature pass computes them."""
+        with in_mode(self.backbone, False):
+            return model_step(inputs)[0]
+
     def _features(
         self, inputs: torch.Tensor | None, cached: torch.Tensor | None
     ) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
-        """``(features [S, B, D], model features [B, D] on demand)``."""
+        """``(features [S, B, D], the model's features [B, D] on demand)``.
+
+        Decided from the tags (:attr:`samples_backbone`), never from what a sampler
+        passes its ``inner``: a sampler may call ``inner(inputs)`` several times with the
+        backbone's dropout on, and none of those samples is the model's features.
+        """
         model_step = self._model_step(cached)
-        seen: list[torch.Tensor] = []
-
-        def recorded(x: Any) -> torch.Tensor:
-            out = model_step(x)
-            # The model's features of these very inputs (not of a sampler's repeated
-            # copies, nor drawn while it samples the backbone's dropout): kept, so the
-            # outputs' backbone_features cost nothing more.
-            if x is inputs and not seen:
-                seen.append(out)
-            return out
-
-        step: Callable[[Any], torch.Tensor] = recorded
+        innermost: Callable[[torch.Tensor | None], torch.Tensor]
+        if inputs is not None and self.samples_backbone:
+            # The samplers run the backbone themselves; the model's features are one
+            # more, plain, pass, made only if a plugin reads them.
+            innermost = model_step
+            model_features: Callable[[], torch.Tensor] = _Once(
+                lambda: self._deterministic(model_step, inputs)
+            )
+        else:
+            # Nothing samples the backbone: the model's features are computed once and
+            # are the innermost step. A sampler's inner(inputs) returns them (running the
+            # deterministic step again would give the same rows); other inputs a plugin
+            # builds itself get their own pass.
+            model = model_step(inputs)
+            innermost = partial(_reuse, model, inputs, model_step)
+            model_features = partial(_first, model)
+        step: Callable[[torch.Tensor | None], torch.Tensor] = innermost
         for name, plugin, tags in self.plugins:
-            if overrides(plugin, "features") and not transforms_features(plugin, tags):
+            if samples_features(plugin, tags):
                 step = partial(self._plugin_features, name, plugin, step, False)
         features = step(inputs)
         if features.ndim != 3 or features.shape[-1] != self.num_features:
@@ -202,12 +261,7 @@ class Chain:
                 f"the feature stage returned shape {tuple(features.shape)}; expected "
                 f"[S, B, {self.num_features}]"
             )
-        if not seen:
-            # Only a sampler ran the backbone (on its own copies): one plain pass more,
-            # and only if a plugin reads them.
-            return features, _Once(lambda: model_step(inputs)[0])
-        first = seen[0][0]
-        return features, lambda: first
+        return features, model_features
 
     def features(
         self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
@@ -219,12 +273,20 @@ class Chain:
         self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The model's features ``[B, D]`` of inputs (or of cached features): the
-        backbone's output through the ``FEATURES``-stage steps, no sampler's samples."""
-        return self._model_step(cached)(inputs)[0]
+        backbone's output through the ``FEATURES``-stage steps, no sampler's samples
+        (inputs go through the backbone in eval mode)."""
+        model_step = self._model_step(cached)
+        if inputs is None:
+            return model_step(None)[0]
+        return self._deterministic(model_step, inputs)
 
     @staticmethod
     def _plugin_features(
-        name: str, plugin: Plugin, inner: Any, single: bool, inputs: Any
+        name: str,
+        plugin: Plugin,
+        inner: Callable[[torch.Tensor | None], torch.Tensor],
+        single: bool,
+        inputs: torch.Tensor | None,
     ) -> torch.Tensor:
         out = named_errors(name, plugin.features, inputs, inner)
         if not isinstance(out, torch.Tensor) or out.ndim != 3:
@@ -254,7 +316,12 @@ class Chain:
         return step(features)
 
     @staticmethod
-    def _plugin_members(name: str, plugin: Plugin, inner: Any, features: Any) -> torch.Tensor:
+    def _plugin_members(
+        name: str,
+        plugin: Plugin,
+        inner: Callable[[torch.Tensor], torch.Tensor],
+        features: torch.Tensor,
+    ) -> torch.Tensor:
         out = named_errors(name, plugin.members, features, inner)
         if not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[1] != features.shape[1]:
             raise ValueError(
@@ -286,6 +353,15 @@ class Chain:
                     for i in range(0, features.shape[0], batch_size)
                 ]
             )
+
+    @property
+    def _plain(self) -> bool:
+        """Whether no plugin changes the features the heads read nor the members: the
+        members are then ``head(f)`` of the model's features ``f``, one member."""
+        return not any(
+            samples_features(plugin, tags) or overrides(plugin, "members")
+            for _, plugin, tags in self.plugins
+        )
 
     @property
     def collective(self) -> bool:
@@ -326,7 +402,13 @@ class Chain:
         combined, logits = self.finish(members)
         probs = logits_to_probs(logits)
         outputs, kinds = self.core_outputs(members, probs)
-        base_logits = _Once(lambda: self.head(model_features()))
+        base_logits: Callable[[], torch.Tensor]
+        if self._plain:
+            # The one member is the head of the model's features already (the same
+            # rows through the same head): bit for bit what base_logits computes.
+            base_logits = partial(_first, members)
+        else:
+            base_logits = _Once(lambda: self.head(model_features()))
         for name, plugin, tags in self.plugins:
             if not overrides(plugin, "outputs"):
                 continue
@@ -479,7 +561,9 @@ class PrefixView:
         self._check_logits_allowed()
         return self._chain.cached_logits(features, batch_size)
 
-    def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+    def predict_features(
+        self, features: torch.Tensor, batch_size: int = CACHED_BATCH
+    ) -> Prediction:
         self._check_logits_allowed()
         batches = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
         with torch.no_grad():

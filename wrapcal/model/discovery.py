@@ -21,11 +21,14 @@ name). The plugins a module registers are then looked up by the name it gives th
   package as its distribution spells it, ``-``, ``_`` and ``.`` alike, any case).
 
 Saved files keep the name the plugin had in the wrapped model: the plain name when it
-was unambiguous, the qualified one otherwise (:func:`plugin_name`). A plain name read
-from a file that has since become ambiguous means wrapcal's built-in when wrapcal has
-one (:func:`find_saved_plugin`): a plain name is only ever saved while unambiguous, and
-the built-ins are always registered, so a plain name saved while a built-in held it
-named that built-in (and 0.2.0 could not save a name two packages registered at all).
+was unambiguous, the qualified one otherwise (:func:`plugin_name`), and since 0.3 the
+package it came from. A name read from a file is looked up in that package
+(:func:`find_saved_plugin`), so a package that later registers the same name, wrapcal's
+own built-ins included, cannot take the saved plugin's place. A file without packages
+(0.2.0's) is read as before: a plain name that has since become ambiguous means
+wrapcal's built-in when wrapcal has one, since a plain name is only ever saved while
+unambiguous and the built-ins are always registered (0.2.0 could not save a name two
+packages registered at all).
 """
 
 from __future__ import annotations
@@ -36,13 +39,18 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 import wrapcal.plugin.hookspecs as hookspecs
 from wrapcal.errors import PluginNameClashError, PluginNotFoundError
 from wrapcal.model.split import LinearFallbackAdapter, TimmAdapter, TorchvisionAdapter
+
+if TYPE_CHECKING:
+    from pluggy import HookImpl
+
+    from wrapcal.plugin.base import Plugin
 
 __all__ = [
     "BUILTIN_DISTRIBUTION",
@@ -58,6 +66,7 @@ __all__ = [
     "new_manager",
     "plugin_name",
     "plugin_registry",
+    "registrations_of",
     "reset",
 ]
 
@@ -109,7 +118,9 @@ _manager: pluggy.PluginManager | None = None
 #: Registered (pluggy) name -> the distribution it was loaded from.
 _sources: dict[str, _Source] = {}
 #: (the manager's register-hook implementations, every registration) of the last scan.
-_catalog: tuple[tuple[int, ...], list[PluginInfo]] | None = None
+#: The implementations themselves, not their ids: held here, none can be freed and its
+#: id reused by a module registered later, which would pass for the one scanned.
+_catalog: tuple[tuple[HookImpl, ...], list[PluginInfo]] | None = None
 
 
 def autoload_disabled() -> bool:
@@ -247,21 +258,32 @@ def _registrar(registered: str, found: list[PluginInfo]) -> Callable[..., None]:
     return register
 
 
+def _same_scan(impls: tuple[HookImpl, ...]) -> bool:
+    """Whether the last scan was of exactly these hook implementations."""
+    return (
+        _catalog is not None
+        and len(_catalog[0]) == len(impls)
+        and all(a is b for a, b in zip(_catalog[0], impls, strict=True))
+    )
+
+
 def installed_plugins() -> list[PluginInfo]:
-    """Every plugin registration, clashing names included: built-ins first, then by
-    package, each package's in the order it registered them."""
+    """Every plugin registration, clashing names included: built-ins first, then the
+    other packages by name (a module registered by hand by the name pluggy has it
+    under), each package's in the order it registered them."""
     global _catalog
     pm = get_plugin_manager()
-    impls = pm.hook.wrapcal_register_plugins.get_hookimpls()
+    impls = tuple(pm.hook.wrapcal_register_plugins.get_hookimpls())
     # Rescanned when a module is registered (or unregistered) by hand after first use.
-    key = tuple(id(impl) for impl in impls)
-    if _catalog is not None and _catalog[0] == key:
+    if _same_scan(impls):
+        assert _catalog is not None
         return list(_catalog[1])
     found: list[PluginInfo] = []
     for impl in impls:
         impl.function(register=_registrar(impl.plugin_name, found))
-    found.sort(key=lambda info: not info.builtin)  # stable: keeps each package's order
-    _catalog = (key, found)
+    # Stable: each package's plugins stay in the order it registered them.
+    found.sort(key=lambda info: (not info.builtin, _normalize(info.source)))
+    _catalog = (impls, found)
     return list(found)
 
 
@@ -361,18 +383,28 @@ def find_plugin(name: str) -> PluginInfo:
     return matches[0]
 
 
-def find_saved_plugin(name: str) -> PluginInfo:
+def find_saved_plugin(name: str, package: str | None = None) -> PluginInfo:
     """The plugin a name read from a saved file picks.
 
-    Like :func:`find_plugin`, except for a plain name that several packages register
-    now: wrapcal's built-in of that name, if it has one (with a warning naming the
-    others). A plain name is only saved while unambiguous, and the built-ins are always
-    registered, so a plain name saved while wrapcal had that built-in named it.
+    Args:
+        name: The name the file holds (plain, or ``"package:name"``).
+        package: The distribution the file says the plugin came from (files of 0.3 on);
+            ``None`` for a file that does not say (0.2.0's).
+
+    With ``package``: that package's plugin of that plain name, whatever else registers
+    the name now. Without: like :func:`find_plugin`, except for a plain name that
+    several packages register now: wrapcal's built-in of that name, if it has one (with
+    a warning naming the others). A plain name is only saved while unambiguous, and the
+    built-ins are always registered, so a plain name saved while wrapcal had that
+    built-in named it.
 
     Raises:
-        PluginNotFoundError: As :func:`find_plugin`, and for a plain name several
-            third-party packages register.
+        PluginNotFoundError: As :func:`find_plugin`; for a plain name several
+            third-party packages register; for a ``package`` that is not installed or
+            does not register the name (the message says which package to install).
     """
+    if isinstance(name, str) and isinstance(package, str):
+        return _find_in_package(name, package)
     if isinstance(name, str) and ":" not in name:
         matches = [info for info in installed_plugins() if info.name == name]
         builtin = [info for info in matches if info.builtin]
@@ -390,10 +422,45 @@ def find_saved_plugin(name: str) -> PluginInfo:
     return find_plugin(name)
 
 
-def plugin_name(plugin: Any) -> str | None:
+def _find_in_package(name: str, package: str) -> PluginInfo:
+    """The plugin ``package`` registers under ``name``'s plain name (see
+    :func:`find_saved_plugin`)."""
+    plain = name.rpartition(":")[2]
+    wanted = _normalize(package)
+    named = [info for info in installed_plugins() if info.name == plain]
+    matches = [info for info in named if _normalize(info.package or "") == wanted]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise PluginNotFoundError(
+            f"package {package} registers plugin {plain!r} {len(matches)} times "
+            f"({', '.join(info.factory.__qualname__ for info in matches)}); uninstall or "
+            f"fix {package}"
+        )
+    others = (
+        f"; {plain!r} is registered by {', '.join(info.qualified_name for info in named)}, "
+        "which the file does not name"
+        if named
+        else ""
+    )
+    raise PluginNotFoundError(
+        f"the saved plugin {name!r} comes from the package {package}, which is not "
+        f"installed or does not register {plain!r}{others}. Install {package} (the "
+        "version the model was saved with)"
+    )
+
+
+def registrations_of(plugin: Plugin) -> list[PluginInfo]:
+    """Every registration whose factory is the plugin's own class (usually one; a
+    package may register one class under several names)."""
+    return [info for info in installed_plugins() if info.factory is type(plugin)]
+
+
+def plugin_name(plugin: Plugin) -> str | None:
     """The name ``wrap`` takes for a plugin instance's class (qualified when its plain
-    name is shared), if the class is registered."""
-    for name, info in plugin_registry().items():
-        if isinstance(info.factory, type) and type(plugin) is info.factory:
-            return name
-    return None
+    name is shared; the first of its names if it has several), if the class is
+    registered."""
+    found = registrations_of(plugin)
+    if not found:
+        return None
+    return found[0].qualified_name if found[0].name in clashes() else found[0].name

@@ -4,9 +4,11 @@ each seeing the plugins fitted before it.
 Every plugin is fitted on exactly what it receives at inference (the module docstring
 of :mod:`wrapcal.model.chain` says how the chain keeps it):
 
-1. The ``FEATURES``-stage plugins are fitted first, from the backbone's features, each
-   through the feature steps of those before it. Their fit cannot read logits (the view
-   refuses): the heads are trained after them.
+1. The ``FEATURES``-stage plugins are fitted first. Their ``fit`` data holds the
+   backbone's own features, as extracted (no feature step applied); the view's
+   ``model.features(...)`` runs on them the feature steps of the ``FEATURES`` plugins
+   fitted before. Their fit cannot read logits (the view refuses): the heads are
+   trained after them.
 2. When one of them transforms the features, every ``fit`` data set is passed through
    their steps once (:func:`through_features_stage`): the later plugins' ``fit`` data
    holds the model's features, the very features their heads and detectors read at
@@ -15,10 +17,17 @@ of :mod:`wrapcal.model.chain` says how the chain keeps it):
    it (their member, logit and sampler steps).
 
 Combinations that cannot keep this are refused before any backbone pass
-(:func:`check_composition`): a plugin that changes the head or the backbone after the
-``SAMPLE`` stage (plugins fitted before it already read the head), and a plugin that
-fine-tunes the backbone beside a ``FEATURES``-stage transform (its streamed batches
-bypass the transform).
+(:func:`check_composition`):
+
+* a plugin that changes the head or the backbone at a stage after ``SAMPLE`` (the
+  plugins of the later stages read them, and are fitted after them);
+* a plugin that changes the head or the backbone at a later stage than a ``HEADS``-stage
+  plugin (the discrepancy heads), which trained heads of its own beside them: those
+  heads would no longer match the head and features they were trained with (MC dropout
+  ``finetune=True`` beside discrepancy);
+* a plugin that streams inputs through the backbone (``streams_data``, fine-tuning:
+  ``changes_backbone``) beside a ``FEATURES``-stage transform: its batches bypass the
+  transform.
 
 It works on any object with the parts of a :class:`~wrapcal.WrappedModel` (the
 :class:`Fittable` protocol; it does not import the class).
@@ -27,20 +36,19 @@ It works on any object with the parts of a :class:`~wrapcal.WrappedModel` (the
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from wrapcal import distributed
-from wrapcal.data import check_labels
 from wrapcal.errors import DataError
-from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter
+from wrapcal.features.disk_arrays import DiskFeatures
+from wrapcal.features.disk_store import DiskCache
 from wrapcal.features.extract import FeatureSet, FitData, all_finite
+from wrapcal.features.store import CacheOption
 from wrapcal.model.chain import (
     CACHED_BATCH,
     Chain,
@@ -52,6 +60,7 @@ from wrapcal.model.chain import (
 from wrapcal.model.operating_points import measure_operating_points
 from wrapcal.plugin.base import Plugin, get_tags
 from wrapcal.plugin.types import Stage
+from wrapcal.plugin.validation import check_labels
 
 __all__ = [
     "Fittable",
@@ -65,6 +74,8 @@ __all__ = [
 #: The last stage whose plugins may change the head or the backbone: the plugins of the
 #: later stages read them, and are fitted after them.
 LAST_HEAD_STAGE = Stage.SAMPLE
+#: The stages at which a plugin may change the head or the backbone, for messages.
+_HEAD_STAGES = ", ".join(stage.name for stage in Stage if stage <= LAST_HEAD_STAGE)
 
 
 class Fittable(ModelParts, Protocol):
@@ -86,7 +97,7 @@ class Fittable(ModelParts, Protocol):
         *,
         batch_size: int = 256,
         progress: bool = False,
-        cache: Any = None,
+        cache: CacheOption = None,
     ) -> tuple[FeatureSet, bool]:
         """The backbone's features of a data set, and whether the backbone ran."""
         ...
@@ -269,7 +280,8 @@ def check_composition(wrapped: Fittable) -> None:
 
     Raises:
         ValueError: A plugin changes the head or the backbone after the ``SAMPLE``
-            stage, or fine-tunes the backbone beside a ``FEATURES``-stage transform.
+            stage, or at a later stage than a plugin that built extra heads on them, or
+            streams inputs through the backbone beside a ``FEATURES``-stage transform.
     """
     named = [
         (n, p, get_tags(p)) for n, p in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
@@ -285,16 +297,37 @@ def check_composition(wrapped: Fittable) -> None:
             raise ValueError(
                 f"plugin {name} changes the {' and the '.join(changes)} at stage "
                 f"{tags.stage.name}, after plugins that read them are fitted: a plugin that "
-                "changes them must be of stage TRAIN, HEADS or SAMPLE (its author sets "
-                "tags.stage)"
+                f"changes them must be of stage {_HEAD_STAGES} (its author sets tags.stage)"
             )
-        if tags.changes_backbone and transforms:
+        # HEADS-stage plugins train heads of their own beside the model's head (on its
+        # features): a later change of either leaves them beside a head that is gone.
+        builders = [
+            (other, other_tags)
+            for other, _, other_tags in named
+            if other_tags.stage is Stage.HEADS and other_tags.stage < tags.stage
+        ]
+        if changes and builders:
+            other, other_tags = builders[0]
+            what = " and the ".join(changes)
             raise ValueError(
-                f"plugin {name} fine-tunes the backbone by streaming inputs through it, "
-                f"past the FEATURES-stage plugin {transforms[0]} that transforms the features "
-                "the head reads: the head would be trained on features it never sees. Fit "
-                f"the model with {name} alone first, then wrap the fitted model with "
-                f"{transforms[0]} (or fine-tune the head only)"
+                f"plugin {name} changes the {what} at stage {tags.stage.name}, after plugin "
+                f"{other} (stage {other_tags.stage.name}) trained its own heads beside them: "
+                f"{other}'s heads would no longer match the {what} they were trained with. "
+                f"Fit the model with {name} alone first, then wrap the fitted model with "
+                f"{other}, beside {name} set not to change the {what} if you want it too "
+                "(mc_dropout: finetune=True alone first, then finetune=False beside them)"
+            )
+        if (tags.streams_data or tags.changes_backbone) and transforms:
+            does = (
+                "fine-tunes the backbone by streaming inputs through it"
+                if tags.changes_backbone
+                else "trains on inputs streamed through the backbone (streams_data)"
+            )
+            raise ValueError(
+                f"plugin {name} {does}, past the FEATURES-stage plugin {transforms[0]} that "
+                "transforms the features the head reads: the head would be trained on "
+                f"features it never sees. Fit the model with {name} alone first, then wrap "
+                f"the fitted model with {transforms[0]} (or fine-tune the head only)"
             )
 
 
@@ -327,17 +360,17 @@ def through_features_stage(
 def _to_disk(
     chunks: Iterable[torch.Tensor], like: DiskFeatures, scratch: ExitStack
 ) -> DiskFeatures:
-    folder = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=like.path.parent.parent)))
-    writer = DiskWriter(folder / "features", like.storage)
-    try:
-        for chunk in chunks:
-            writer.append(chunk, None)
-        meta = writer.finish({})
-    except BaseException:
-        writer.abort()
-        raise
+    """Chunks of features into a scratch file beside ``like``, in the disk cache's own
+    kind of partial folder: removed when ``scratch`` closes (the fit ends, or fails), and
+    by the cache's clean-up of dead writers' folders when the run was killed."""
+    cache = DiskCache(like.path.parent.parent, like.storage)
+    sink = cache.new_sink("fit-features")
+    scratch.callback(cache.discard, sink)
+    for chunk in chunks:
+        sink.append(chunk, None)
+    meta = sink.writer.finish({})
     width = meta["width"] or like.width
-    out = DiskFeatures(folder / "features" / "features.bin", meta["rows"], width, like.storage)
+    out = DiskFeatures(sink.writer.folder / "features.bin", meta["rows"], width, like.storage)
     return out.to(like.device)
 
 
@@ -380,7 +413,12 @@ def _fit_plugins(
                 view = PrefixView(wrapped, chain_of(fitted, False), _refuse_logits(name))
             else:
                 if transformed and not moved:
-                    data = through_features_stage(chain_of(set(first), False), data, scratch)
+                    data = distributed.agree(
+                        lambda d=data: through_features_stage(
+                            chain_of(set(first), False), d, scratch
+                        ),
+                        "passing the fit data through the FEATURES stage",
+                    )
                     moved = True
                 view = PrefixView(wrapped, chain_of(fitted, True))
             _fit_one(name, plugin, view, data)

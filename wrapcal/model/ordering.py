@@ -1,15 +1,18 @@
 """The order plugins act in: by stage, then by declared ``after`` / ``before``, then name.
 
 The same plugins in any list order give the same model: the list order is never used.
+Nor does what else is installed: the name that breaks ties is the plain one
+(``temperature``), not the qualified one an instance gets while another package
+registers the same name (``wrapcal:temperature``).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Any
 
-from wrapcal.plugin.base import get_tags
+from wrapcal.plugin.base import Plugin, get_tags
+from wrapcal.plugin.types import Stage
 
 __all__ = ["order_plugins", "refers_to"]
 
@@ -30,13 +33,25 @@ def refers_to(reference: str, name: str) -> bool:
     return name.rpartition(":")[2] == reference
 
 
-def order_plugins(plugins: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _tie_break(name: str) -> tuple[str, str]:
+    """The key that orders plugins free to go next: the plain name, then the full one.
+
+    An instance's name is qualified only while another package registers its plain name,
+    so sorting on the full name would let an unrelated install reorder a user's plugins
+    (``"wrapcal:temperature"`` sorts after ``"vector_scaling"``, ``"temperature"`` before).
+    """
+    return name.rpartition(":")[2], name
+
+
+def order_plugins(plugins: Sequence[tuple[str, Plugin]]) -> list[tuple[str, Plugin]]:
     """Sort ``(name, plugin)`` pairs into the order they act in.
 
     Stages come in :class:`~wrapcal.Stage` order. Inside a stage a plugin comes after
     the plugins it names in its tags' ``after`` and before those in ``before`` (names
     of plugins that are absent are ignored here: :func:`wrapcal.wrap` refuses names no
-    installed plugin has); among plugins free to go next, the smallest name goes first.
+    installed plugin has); among plugins free to go next, the smallest plain name goes
+    first (``"wrapcal:temperature"`` sorts as ``"temperature"``), then the smallest full
+    name, so installing a package that shares a name never reorders a wrap's plugins.
 
     Raises:
         ValueError: Two plugins share a name, or ``after`` / ``before`` form a cycle.
@@ -47,16 +62,16 @@ def order_plugins(plugins: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         raise ValueError(
             f"plugin {twice[0]} is listed twice; give it once (with all its parameters)"
         )
-    by_stage: dict[Any, list[tuple[str, Any]]] = {}
+    by_stage: dict[Stage, list[tuple[str, Plugin]]] = {}
     for name, plugin in plugins:
         by_stage.setdefault(get_tags(plugin).stage, []).append((name, plugin))
-    ordered: list[tuple[str, Any]] = []
+    ordered: list[tuple[str, Plugin]] = []
     for stage in sorted(by_stage):
         ordered += _within_stage(by_stage[stage])
     return ordered
 
 
-def _within_stage(group: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _within_stage(group: list[tuple[str, Plugin]]) -> list[tuple[str, Plugin]]:
     present = {name: plugin for name, plugin in group}
     needs: dict[str, set[str]] = {name: set() for name in present}
     for name, plugin in group:
@@ -69,17 +84,17 @@ def _within_stage(group: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
             for other in present:
                 if other != name and refers_to(reference, other):
                     needs[other].add(name)
-    ready = [name for name, deps in needs.items() if not deps]
+    ready = [_tie_break(name) for name, deps in needs.items() if not deps]
     heapq.heapify(ready)
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, Plugin]] = []
     while ready:
-        name = heapq.heappop(ready)
+        _, name = heapq.heappop(ready)
         out.append((name, present[name]))
         for other, deps in needs.items():
             if name in deps:
                 deps.discard(name)
                 if not deps:
-                    heapq.heappush(ready, other)
+                    heapq.heappush(ready, _tie_break(other))
     if len(out) != len(group):
         stuck = sorted(set(present) - {name for name, _ in out})
         raise ValueError(

@@ -27,7 +27,15 @@ What is here:
   (:func:`iter_batches`, :func:`num_samples`), head training (:func:`shuffled_batches`,
   :func:`fit_head_lbfgs`, :func:`train_head`, :func:`small_work_threads`), calibrator
   helpers (:func:`calibrated_log_probs`, :func:`stratified_folds`) and the bootstrap
-  (:func:`bootstrap_means`, :func:`percentile_interval`).
+  (:func:`bootstrap_means`, :func:`percentile_interval`);
+* shard helpers, for a plugin that declares ``tags.fits_from_shards`` and combines its
+  statistics over the ranks of ``torch.distributed`` itself (most only need
+  :class:`FeatureSet`'s ``sum_over_shards``/``cat_over_shards``...): :func:`active`
+  (whether a process group of more than one rank runs), :func:`rank`, :func:`world`,
+  :func:`gather_rows` (every rank's rows, in rank order) and :func:`exchange` (every
+  rank's small picklable value). Each starts with a status exchange, so a rank that
+  failed before reaching it is reported on every rank, where ``torch.distributed``'s own
+  collectives would wait until the backend's timeout.
 
 ``wrapcal.testing.check_plugin`` runs every rule of the contract on a plugin.
 """
@@ -35,13 +43,14 @@ What is here:
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wrapcal.data import iter_batches, num_samples
-from wrapcal.distributed import DistributedError
-from wrapcal.errors import DataError, NotFittedError, SplitError, WrapcalError
-from wrapcal.features.disk_arrays import DiskFeatures
-from wrapcal.features.extract import FeatureSet, FitData
+# Only the SDK's own modules and the errors are imported here. Importing any
+# ``wrapcal.plugin.X`` runs this file first, and the core's modules import SDK modules:
+# a module of a layer above imported here would import this package back half-built
+# (``wrapcal.data`` needs ``wrapcal.plugin.validation``, say), in whichever order a
+# program happens to import them. Those names come from ``_LAZY`` below instead.
+from wrapcal.errors import DataError, DistributedError, NotFittedError, SplitError, WrapcalError
 from wrapcal.plugin.base import Plugin, ShapeSpec, get_tags
 from wrapcal.plugin.bootstrap import bootstrap_means, percentile_interval
 from wrapcal.plugin.calibrator import Calibrator, calibrated_log_probs, stratified_folds
@@ -66,10 +75,30 @@ from wrapcal.plugin.training import (
 from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
 from wrapcal.plugin.validation import check_labels, check_logits
 
-# Names from the layers above the SDK (the model's split, the model families, the plugin
-# registry), imported when first used so that importing the SDK stays cheap and the core
-# can import SDK modules without importing itself.
+if TYPE_CHECKING:  # what type checkers see for the names ``_LAZY`` gives at run time
+    from wrapcal.data import iter_batches, num_samples
+    from wrapcal.distributed import active, exchange, gather_rows, rank, world
+    from wrapcal.features.disk_arrays import DiskFeatures
+    from wrapcal.features.extract import FeatureSet, FitData
+    from wrapcal.files.families import ModelFamily, check_spec
+    from wrapcal.model.assemble import create_plugin
+    from wrapcal.model.split import DistilledHead, FeatureTap, Split, TappedBackbone
+
+# Names from the layers above the SDK (the data readers, the feature sets, the shard
+# helpers, the model's split, the model families, the plugin registry), imported when
+# first used (PEP 562; ``from wrapcal.plugin import FitData`` goes through
+# ``__getattr__`` too) so that the core can import SDK modules in any order.
 _LAZY = {
+    "iter_batches": "wrapcal.data",
+    "num_samples": "wrapcal.data",
+    "DiskFeatures": "wrapcal.features.disk_arrays",
+    "FeatureSet": "wrapcal.features.extract",
+    "FitData": "wrapcal.features.extract",
+    "active": "wrapcal.distributed",
+    "exchange": "wrapcal.distributed",
+    "gather_rows": "wrapcal.distributed",
+    "rank": "wrapcal.distributed",
+    "world": "wrapcal.distributed",
     "create_plugin": "wrapcal.model.assemble",
     "Split": "wrapcal.model.split",
     "TappedBackbone": "wrapcal.model.split",
@@ -82,7 +111,9 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'wrapcal.plugin' has no attribute {name!r}")
 
 
@@ -118,6 +149,7 @@ __all__ = [
     "Stage",
     "TappedBackbone",
     "WrapcalError",
+    "active",
     "bootstrap_means",
     "calibrated_log_probs",
     "check_features",
@@ -127,7 +159,9 @@ __all__ = [
     "combine_members",
     "create_plugin",
     "entropy",
+    "exchange",
     "fit_head_lbfgs",
+    "gather_rows",
     "get_tags",
     "hookimpl",
     "in_mode",
@@ -138,8 +172,10 @@ __all__ = [
     "one_cpu_thread",
     "percentile_interval",
     "preserved_modes",
+    "rank",
     "shuffled_batches",
     "small_work_threads",
     "stratified_folds",
     "train_head",
+    "world",
 ]

@@ -194,7 +194,10 @@ class Plugin(nn.Module):
                 features (``fit``, ``predict_features``): then only ``inner`` can
                 produce them.
             inner: The features of the plugins before this one (and of the backbone):
-                ``inner(inputs)`` -> ``[S, B, D]``.
+                ``inner(inputs)`` -> ``[S, B, D]``. After the ``FEATURES`` stage, unless a
+                feature step declares ``needs_inputs`` (it samples the backbone, and
+                must say so), the model's features are computed once per batch and
+                ``inner(inputs)`` returns them without running the backbone again.
         """
         return inner(inputs)
 

@@ -60,6 +60,7 @@ def wrapcal_register_models(register: Callable[[Any], None]) -> None:
     """Register model families that ``wrapcal.load`` and the CLI may build by name.
 
     Args:
-        register: Call ``register(wrapcal.files.families.ModelFamily(...))`` with the
-            family's prefix, builder, known names and allow-listed arguments.
+        register: Call ``register(ModelFamily(...))`` (``from wrapcal.plugin import
+            ModelFamily``) with the family's name (the prefix users write, as in
+            ``timm:resnet18``), builder, known names and allow-listed arguments.
     """

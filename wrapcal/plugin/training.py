@@ -33,9 +33,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from wrapcal.data import iter_batches
-from wrapcal.features.disk_arrays import DiskFeatures
-
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = [
@@ -66,6 +63,11 @@ def shuffled_batches(
     shuffling ``DataLoader`` on the same generator. A ``DataLoader`` is used as given: it
     decides its own order.
     """
+    # Imported here: the data readers and the disk store import SDK modules, and this
+    # module is imported with the SDK's package (see wrapcal/plugin/__init__.py).
+    from wrapcal.data import iter_batches
+    from wrapcal.features.disk_arrays import DiskFeatures
+
     pair = isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset)
     x, y = data if pair else (data, None)
     x, y = (torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in (x, y))

@@ -50,10 +50,14 @@ class Stage(IntEnum):
       ``fit`` may call ``model.features`` but not read logits (``model.members``,
       ``model.head_logits`` and ``model.predict_features`` refuse), since the heads are
       trained after them, on their output. They cannot be combined with a plugin that
-      changes the backbone (which streams inputs past their steps).
-    * ``TRAIN``, ``HEADS`` and ``SAMPLE`` plugins build the heads: they alone may change
-      the head or the backbone (``changes_head``, ``changes_backbone``; refused at a later
-      stage, whose plugins are fitted after others already read the head).
+      streams inputs through the backbone (``streams_data``, ``changes_backbone``): its
+      batches bypass their steps.
+    * ``TRAIN``, ``HEADS`` and ``SAMPLE`` plugins build the heads. A plugin of these
+      stages or of ``FEATURES`` may change the head or the backbone (``changes_head``,
+      ``changes_backbone``); one of a later stage may not (its stage is fitted after
+      plugins that read the head), nor one of a later stage than a ``HEADS`` plugin beside
+      it (those heads were trained beside the head and its features: MC dropout
+      ``finetune=True`` beside discrepancy is refused).
     * ``DETECT``, ``CALIBRATE`` and ``DECIDE`` plugins read what the heads produce.
     """
 
@@ -98,7 +102,7 @@ class PluginTags:
 
     What a plugin changes for the others is read from these tags and from the contract
     methods it overrides (``features``, ``members``, ``transform_logits``): the test over
-    every pair of built-in plugins (``tests/test_composition.py``) allows a plugin's
+    every pair of built-in plugins (``tests/sdk/test_composition.py``) allows a plugin's
     outputs to differ beside another only where these say the other changes an input
     the plugin reads.
 
@@ -113,15 +117,23 @@ class PluginTags:
         fit_reads: Further ``fit`` data sets it uses when they are given.
         changes_backbone: ``fit`` changes the backbone's weights (the core recomputes
             the cached features for later plugins; evaluation gets its own pass). Only
-            at the ``TRAIN``, ``HEADS`` or ``SAMPLE`` stage, and not beside a
-            ``FEATURES``-stage plugin that transforms the features.
+            at the ``FEATURES`` to ``SAMPLE`` stages, at no later stage than a
+            ``HEADS``-stage plugin beside it, and not beside a ``FEATURES``-stage plugin
+            that transforms the features (refused before ``fit`` starts).
         changes_head: ``fit`` changes the model's own head in place (so the logits of
             every head reading it, and :attr:`OutputContext.base_logits`). Only at the
-            ``FEATURES`` to ``SAMPLE`` stages.
+            ``FEATURES`` to ``SAMPLE`` stages, and at no later stage than a
+            ``HEADS``-stage plugin beside it, whose heads were trained beside the head
+            (refused before ``fit`` starts).
         needs_inputs: Inference needs the inputs themselves, not cached features (it
-            samples the backbone), so cached features cannot stand in for them.
+            samples the backbone), so cached features cannot stand in for them. A
+            feature step after the ``FEATURES`` stage that samples the backbone must
+            declare it: otherwise the core computes the model's features once per batch
+            and that step's ``inner(inputs)`` returns them.
         streams_data: ``fit`` streams the user's data through the network (the data
-            sets must be given as data, not as features to ``fit_features``).
+            sets must be given as data, not as features to ``fit_features``). Not beside
+            a ``FEATURES``-stage plugin that transforms the features (its batches bypass
+            the transform).
         exportable: Inference is plain tensor operations that ``torch.export`` / ONNX
             can trace.
         outputs: The per-sample outputs the plugin adds, by name, with their kind.

@@ -131,6 +131,8 @@ class AutoCalibration(Calibrator):
         self.candidate_states_: dict[str, dict[str, Any]] | None = None
         # The candidates decide which modules are built: check the parameters before
         # building (a string would be read letter by letter as plugin names).
+        if isinstance(candidates, list) and "auto_calibration" in candidates:
+            raise ValueError("'auto_calibration' cannot be a candidate of auto_calibration")
         self.validate_params("plugin auto_calibration")
         names = list(DEFAULT_CANDIDATES if candidates is None else candidates)
         # The children depend on the parameters only, so wrap and load build the same

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wrapcal import distributed
-from wrapcal.plugin import DataError, FeatureSet, FitData, ModelView, in_mode
+from wrapcal.plugin import DataError, FeatureSet, FitData, ModelView, exchange, in_mode
 
 __all__ = [
     "FIT_SETS",
@@ -136,7 +135,7 @@ class Moments:
             self.count = torch.zeros(self.classes, dtype=torch.float64, device=device)
             self.sums = torch.zeros(self.classes, width, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
-        shifts = distributed.exchange(
+        shifts = exchange(
             None if self.shift is None or not self.total else self.shift.cpu()
         )
         common = next((s for s in shifts if s is not None), None)

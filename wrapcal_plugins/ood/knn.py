@@ -251,7 +251,7 @@ class KNN(Plugin):
                 f"and this process sees {distributed.world()}: {fix}"
             )
 
-    def unshard(self) -> KNN:
+    def unshard(self) -> None:
         """Gather every rank's part of the bank, in rank order, onto every rank (call on
         every rank): the bank a single process would hold."""
         if self._bank_ranks > 1:
@@ -260,7 +260,6 @@ class KNN(Plugin):
             assert bank is not None
             self.bank_ = bank
             self._bank_ranks = 1
-        return self
 
 
 @hookimpl

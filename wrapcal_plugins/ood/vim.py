@@ -164,7 +164,10 @@ class ViM(Plugin):
             )
         self.origin_ = origin
         self.residual_basis_ = basis
-        self.alpha_ = torch.tensor(logit_sum / residual_sum, dtype=torch.float64)
+        # On the model's device, beside the other buffers (as react's clip_).
+        self.alpha_ = torch.tensor(
+            logit_sum / residual_sum, dtype=torch.float64, device=model.device
+        )
         return self
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ cached features, a logit transform and a feature-space score.
 
 Both keep the plugin contract: wrapcal's conformance kit passes on them
 (``wrapcal.testing.check_plugin("sample_vector_scaling")`` and
-``check_plugin("mahalanobis_sample")``, run by wrapcal's ``tests/test_conformance.py``),
+``check_plugin("mahalanobis_sample")``, run by wrapcal's ``tests/sdk/test_conformance.py``),
 the one line a plugin package adds to its own tests.
 """
 
