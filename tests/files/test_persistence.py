@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
+import warnings
+from pathlib import Path
 
 import pytest
 import timm
@@ -11,11 +14,12 @@ import torch
 import torchvision
 from helpers import SmallNet, sample_plugin_installed
 from safetensors import safe_open
+from safetensors.torch import save as save_tensors
 
 import wrapcal
 from wrapcal.errors import SavedFileError
 from wrapcal.files.cifar_resnets import cifar_resnet20
-from wrapcal.files.format import FORMAT_VERSION, read
+from wrapcal.files.format import FORMAT_VERSION, digest, read
 
 
 def batch(side: int = 32, n: int = 4) -> torch.Tensor:
@@ -142,3 +146,95 @@ def test_plugin_warnings_point_at_the_users_wrap_and_load_calls(tmp_path) -> Non
         wrapcal.load(path, model=model)
     for record in (*at_wrap, *at_load):
         assert record.filename == __file__, record.filename
+
+
+# --- files of wrapcal 0.2.0 -------------------------------------------------------------------
+
+
+def as_saved_by_0_2_0(path: Path, order: list[str] | None = None) -> Path:
+    """The file as wrapcal 0.2.0 wrote it: no wrapcal version, no package per plugin, and
+    the plugins in ``order`` (0.2.0's acting order), their tensors renumbered to match."""
+    stored = read(path)
+    config = copy.deepcopy(stored.config)
+    del config["wrapcal_version"]
+    names = [entry["name"] for entry in config["plugins"]]
+    order = order or names
+    new_index = {str(names.index(name)): str(i) for i, name in enumerate(order)}
+    config["plugins"] = [config["plugins"][names.index(name)] for name in order]
+    for entry in config["plugins"]:
+        entry.pop("package")
+    tensors = {}
+    for key, tensor in stored.tensors.items():
+        parts = key.split(".")
+        if parts[0] == "plugins":
+            parts[1] = new_index[parts[1]]
+        tensors[".".join(parts)] = tensor
+    config["digest"] = digest(config, tensors)
+    old = path.with_name(f"{path.stem}-0.2.0.wrapcal")
+    old.write_bytes(save_tensors(tensors, metadata={"wrapcal": json.dumps(config)}))
+    return old
+
+
+def fitted_small(
+    plugins: list[str], train: bool = True
+) -> tuple[wrapcal.WrappedModel, torch.Tensor]:
+    """A small model with ``plugins`` fitted, and inputs to compare outputs on."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = torch.arange(len(y[::3])) % 10
+    wrapped = wrapcal.wrap(model, plugins)
+    sets = {"train": (x[:100], y[:100])} if train else {}
+    wrapped.fit(**sets, calibration=(x[100:], y[100:]), progress=False)
+    return wrapped, x[:16]
+
+
+def test_a_file_says_which_wrapcal_wrote_it_and_where_each_plugin_came_from(tmp_path) -> None:
+    wrapped, _ = fitted_small(["temperature"], train=False)
+    config = read(wrapped.save(tmp_path / "m.wrapcal")).config
+    assert config["wrapcal_version"] == wrapcal.__version__
+    assert config["plugins"][0]["package"] == "wrapcal"
+
+
+def test_a_0_2_0_file_with_react_loads_and_warns_what_changed(tmp_path) -> None:
+    """0.2.0's ``react`` clipped the model's features for everything after it; it is a
+    detector now, so such a file loads into a model whose logits differ from the saved
+    one's, and whose later plugins were fitted on the clipped model. Load says so, names
+    them and the fix. (0.2.0 ran react before the detectors: the file's order differs
+    from today's, and the state still goes to the right plugin.)"""
+    wrapped, x = fitted_small(["react", "knn", "temperature"])
+    assert wrapped.plugin_names == ["knn", "react", "temperature"]
+    path = wrapped.save(tmp_path / "m.wrapcal")
+    old = as_saved_by_0_2_0(path, order=["react", "knn", "temperature"])
+    with pytest.warns(UserWarning) as caught:
+        loaded = wrapcal.load(old, model=SmallNet())
+    [message] = [str(w.message) for w in caught if "react" in str(w.message)]
+    assert "saved by wrapcal 0.2.0 or older and holds plugin react" in message
+    assert "react clipped the model's features" in message
+    assert "logits and probabilities are the unclipped model's" in message
+    assert "plugins knn, temperature and the operating points were fitted or measured" in message
+    assert all(w.filename == __file__ for w in caught)  # points at the user's load call
+    assert "Fit the model again" in message
+    assert loaded.plugin_names == ["knn", "react", "temperature"]
+    now, then = wrapped.predict(x), loaded.predict(x)
+    assert torch.equal(then.probs, now.probs)
+    for score in ("knn", "react"):
+        assert torch.equal(then.scores[score], now.scores[score]), score
+    # The file saved now, and a 0.2.0 file without react, load without a word.
+    calibrated, _ = fitted_small(["temperature"], train=False)
+    plain = as_saved_by_0_2_0(calibrated.save(tmp_path / "t.wrapcal"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapcal.load(path, model=SmallNet())
+        wrapcal.load(plain, model=SmallNet())
+
+
+def test_a_0_2_0_file_with_react_alone_says_the_logits_changed(tmp_path) -> None:
+    wrapped, _ = fitted_small(["react"])
+    old = as_saved_by_0_2_0(wrapped.save(tmp_path / "m.wrapcal"))
+    with pytest.warns(UserWarning, match="holds plugin react") as caught:
+        wrapcal.load(old, model=SmallNet())
+    message = next(str(w.message) for w in caught if "react" in str(w.message))
+    assert "the operating points were fitted or measured" in message  # at fit, clipped

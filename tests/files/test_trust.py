@@ -147,6 +147,13 @@ def test_a_size_argument_that_does_not_match_the_tensors_is_refused_on_the_meta_
         (lambda c: c.pop("split"), "'split' is missing"),
         (lambda c: [c], "configuration is not an object"),
         (lambda c: c.clear(), "no format version"),
+        (lambda c: c.update(wrapcal_version=3), "the wrapcal version is not a string"),
+        (lambda c: c["plugins"][0].update(package=["wrapcal"]), "not {name, package, params"),
+        # A package names where to look, never what to import: only installed ones count.
+        (
+            lambda c: c["plugins"][0].update(package="os"),
+            "comes from the package os, which is not installed or does not register",
+        ),
     ],
 )
 def test_nothing_in_the_header_is_trusted(saved_timm, tmp_path, edit, message):
@@ -461,3 +468,31 @@ def test_plugin_parameters_get_messages_that_name_the_fix():
         wrapcal.wrap(SmallNet(), ["temperature", ("temperature", {"max_iter": 5})])
     with pytest.raises(ValueError, match=r"max_iter=-1 is invalid; expected an int in \[1"):
         wrapcal.wrap(SmallNet(), [("temperature", {"max_iter": -1})])
+
+
+def test_a_file_listing_its_plugins_out_of_order_gets_each_its_own_state(tmp_path):
+    """State is matched to plugins by name: a file whose plugins are listed in another
+    order (an older release's) loads each plugin's values and tensors, not its
+    neighbour's."""
+    model = SmallNet().eval()
+    x, y = labelled(model)
+    wrapped = wrapcal.wrap(model, ["knn", "temperature"]).fit(
+        train=(x, y), calibration=(x, y), progress=False
+    )
+    path = wrapped.save(tmp_path / "m.wrapcal")
+
+    stored = saving.read(path)
+    other = {"plugins.0.": "plugins.1.", "plugins.1.": "plugins.0."}
+    swapped = {
+        other[key[:10]] + key[10:] if key[:10] in other else key: tensor
+        for key, tensor in stored.tensors.items()
+    }
+    config = copy.deepcopy(stored.config)
+    config["plugins"].reverse()
+    config["digest"] = saving.digest(config, swapped)
+    out = tmp_path / "swapped.wrapcal"
+    out.write_bytes(save_tensors(swapped, metadata={"wrapcal": json.dumps(config)}))
+    loaded = wrapcal.load(out, model=SmallNet())
+    assert loaded.plugin_names == ["knn", "temperature"]
+    now, then = wrapped.predict(x[:8]), loaded.predict(x[:8])
+    assert torch.equal(then.probs, now.probs) and torch.equal(then.scores["knn"], now.scores["knn"])

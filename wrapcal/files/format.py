@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -46,6 +46,9 @@ from wrapcal.errors import SavedFileError
 from wrapcal.files.families import describe_model
 from wrapcal.model import discovery
 from wrapcal.model.operating_points import is_operating_points
+
+if TYPE_CHECKING:
+    from wrapcal.plugin.base import Plugin
 
 __all__ = [
     "FORMAT",
@@ -95,7 +98,7 @@ def digest(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _package_of(name: str, plugin: Any) -> str | None:
+def _package_of(name: str, plugin: Plugin) -> str | None:
     """The distribution the wrapped model's plugin ``name`` came from (``None`` for a
     module registered by hand)."""
     plain = name.rpartition(":")[2]

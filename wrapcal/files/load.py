@@ -219,9 +219,9 @@ def _warn_of_changed_plugins(
         if saved.config.get("operating_points"):
             stale.append("the operating points")
         consequence = (
-            f"; {' and '.join(stale)} were fitted on the old, clipped model's outputs and no "
-            "longer match what they receive. Fit the model again (wrapped.fit(...) with the "
-            "data used before) and save it again"
+            f"; {' and '.join(stale)} were fitted or measured on the old, clipped model's "
+            "outputs and no longer match what they receive. Fit the model again "
+            "(wrapped.fit(...) with the data used before) and save it again"
             if stale
             else ". Save the model again with this version of wrapcal to silence this warning"
         )
@@ -253,7 +253,13 @@ def load(
 
     Raises:
         SavedFileError: A missing, truncated, corrupt, hostile or mismatched file, or
-            one that needs a plugin that is not installed.
+            one that needs a plugin that is not installed (or not the package it was
+            saved from).
+
+    Warns:
+        UserWarning: A file of wrapcal 0.2.0 or older holds a built-in whose meaning
+            changed since (``react``, which clipped the model's features then): the
+            outputs differ from the saved model's; the message names what to fit again.
     """
     saved = read(path)
     file_order = [entry["name"] for entry in saved.config["plugins"]]

@@ -262,7 +262,7 @@ class Plugin(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
 
 
-def get_tags(plugin: Any) -> PluginTags:
+def get_tags(plugin: Plugin) -> PluginTags:
     """A plugin's tags (``plugin.__wrapcal_tags__()``), checked.
 
     Raises:
@@ -324,7 +324,7 @@ def fit_call(tags: PluginTags) -> str:
     return "wrapped.fit(...)"
 
 
-def not_fitted_error(plugins: Sequence[tuple[str, Any]]) -> NotFittedError:
+def not_fitted_error(plugins: Sequence[tuple[str, Plugin]]) -> NotFittedError:
     """The error for ``(name, plugin)`` pairs used before the ``fit`` they need.
 
     Each plugin's message names only the data sets its tags declare (:func:`fit_call`).

@@ -135,9 +135,7 @@ class Moments:
             self.count = torch.zeros(self.classes, dtype=torch.float64, device=device)
             self.sums = torch.zeros(self.classes, width, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
-        shifts = exchange(
-            None if self.shift is None or not self.total else self.shift.cpu()
-        )
+        shifts = exchange(None if self.shift is None or not self.total else self.shift.cpu())
         common = next((s for s in shifts if s is not None), None)
         if common is None:
             return  # no rank has rows

@@ -44,7 +44,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import distributed
 from wrapcal.plugin import (
     DataError,
     DistributedError,
@@ -57,7 +56,11 @@ from wrapcal.plugin import (
     Plugin,
     PluginTags,
     Stage,
+    active,
+    gather_rows,
     hookimpl,
+    rank,
+    world,
 )
 from wrapcal_plugins.ood._feature_stats import FIT_SETS, compute_dtype, feature_chunks, fit_set
 
@@ -121,15 +124,15 @@ def sharded_kth_nearest_distance(queries: torch.Tensor, bank: torch.Tensor, k: i
     bank.
     """
     sizes: list[int] = []
-    everyone = distributed.gather_rows(queries, sizes=sizes)
+    everyone = gather_rows(queries, sizes=sizes)
     assert everyone is not None
     local = top_similarities(everyone, bank, k)
     if local.shape[1] < k:  # a part with fewer than k rows: pad with "never nearest"
         pad = local.new_full((local.shape[0], k - local.shape[1]), float("-inf"))
         local = torch.cat([local, pad], dim=1)
-    merged = distributed.gather_rows(local)
+    merged = gather_rows(local)
     assert merged is not None
-    start = sum(sizes[: distributed.rank()])
+    start = sum(sizes[: rank()])
     mine = merged.reshape(len(sizes), everyone.shape[0], k)[:, start : start + queries.shape[0]]
     best = mine.permute(1, 0, 2).reshape(queries.shape[0], -1).topk(k, dim=1).values
     return _distance(best[:, k - 1])
@@ -209,12 +212,12 @@ class KNN(Plugin):
             generator = torch.Generator(device="cpu").manual_seed(seed)
             keep = torch.zeros(total, dtype=torch.bool)
             keep[torch.randperm(total, generator=generator)[:size]] = True
-        sharded = self.shard_bank and distributed.active()
+        sharded = self.shard_bank and active()
         if sharded and not source.sharded:  # a whole set: this rank keeps its block
-            rank, ranks = distributed.rank(), distributed.world()
+            me, ranks = rank(), world()
             keep = torch.ones(total, dtype=torch.bool) if keep is None else keep
-            keep[: rank * total // ranks] = False
-            keep[(rank + 1) * total // ranks :] = False
+            keep[: me * total // ranks] = False
+            keep[(me + 1) * total // ranks :] = False
         parts = []
         start = source.offset  # the whole set's index of this rank's first row
         for features, _ in feature_chunks(model, source):
@@ -226,7 +229,7 @@ class KNN(Plugin):
             parts.append(unit.to(DTYPES[self.dtype]))
         empty = torch.zeros(0, model.num_features, dtype=DTYPES[self.dtype], device=model.device)
         bank = torch.cat(parts) if parts else empty
-        self._bank_ranks = distributed.world() if sharded else 1
+        self._bank_ranks = world() if sharded else 1
         self.bank_ = bank if sharded else source.cat_over_shards(bank)
         return self
 
@@ -245,10 +248,10 @@ class KNN(Plugin):
 
     def _check_ranks(self, fix: str) -> None:
         """Refuse a sharded bank outside the process group it was fitted in."""
-        if distributed.world() != self._bank_ranks:
+        if world() != self._bank_ranks:
             raise DistributedError(
                 f"this knn bank is split over {self._bank_ranks} ranks (shard_bank=True) "
-                f"and this process sees {distributed.world()}: {fix}"
+                f"and this process sees {world()}: {fix}"
             )
 
     def unshard(self) -> None:
@@ -256,7 +259,7 @@ class KNN(Plugin):
         every rank): the bank a single process would hold."""
         if self._bank_ranks > 1:
             self._check_ranks("unshard inside the process group it was fitted in, on every rank")
-            bank = distributed.gather_rows(self.bank_)
+            bank = gather_rows(self.bank_)
             assert bank is not None
             self.bank_ = bank
             self._bank_ranks = 1
