@@ -39,7 +39,6 @@ from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTag
 _compat.install()
 
 
-
 def __getattr__(name: str):
     # The report pulls in matplotlib: import it only when it is asked for.
     if name in ("evaluate", "Report", "log_report"):

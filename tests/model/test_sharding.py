@@ -101,7 +101,8 @@ def test_unshard_calls_the_declared_method_of_every_sharded_plugin_in_chain_orde
     split = wrapcal.Split(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     wrapped = wrapcal.wrap(None, plugins, split=split)
     assert sorted(distributed.sharded_plugins(wrapped)) == sorted(
-        name for name, p in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
+        name
+        for name, p in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
         if p.sharded  # type: ignore[attr-defined]
     )
     assert distributed.unshard(wrapped) is wrapped

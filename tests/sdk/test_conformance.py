@@ -51,11 +51,7 @@ KNOWN: dict[str, str] = {}
 
 
 def builtin_names() -> list[str]:
-    return sorted(
-        name
-        for name, info in discovery.plugin_registry().items()
-        if info.builtin
-    )
+    return sorted(name for name, info in discovery.plugin_registry().items() if info.builtin)
 
 
 def builtin_cases() -> Iterator[Any]:

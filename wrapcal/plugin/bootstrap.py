@@ -54,9 +54,7 @@ def resample_indices(
     step = max(1, chunk_elements // sum(sizes))
     for low in range(0, n_resamples, step):
         b = min(step, n_resamples - low)
-        yield tuple(
-            torch.randint(n, (b, n), generator=generator, device=device) for n in sizes
-        )
+        yield tuple(torch.randint(n, (b, n), generator=generator, device=device) for n in sizes)
 
 
 def bootstrap_means(values: torch.Tensor, n_resamples: int = 1000, seed: int = 0) -> torch.Tensor:

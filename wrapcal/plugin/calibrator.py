@@ -44,6 +44,7 @@ __all__ = [
     "stratified_folds",
 ]
 
+
 class Calibrator(Plugin):
     """Base class of post-hoc calibrators (``Stage.CALIBRATE``).
 
