@@ -17,8 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from wrapcal import OutputKind, Plugin, PluginTags, Stage, hookimpl
-from wrapcal.plugin.constraints import Interval, Options
+from wrapcal.plugin import Interval, Options, OutputKind, Plugin, PluginTags, Stage, hookimpl
 
 __version__ = "0.1.0"
 

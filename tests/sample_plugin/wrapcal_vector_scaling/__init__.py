@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+# 0.2.0's import paths, kept on purpose: this package stands for those written against
+# them, which keep working in this release (with a DeprecationWarning).
 from wrapcal import OutputKind, Plugin, Stage, hookimpl
-from wrapcal.plugin.constraints import Interval
+from wrapcal.params import Interval
 
 
 class VectorScaling(Plugin):
