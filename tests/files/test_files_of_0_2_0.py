@@ -40,9 +40,9 @@ def _inputs() -> torch.Tensor:
 def test_a_file_written_by_0_2_0_loads_and_predicts_exactly_as_0_2_0_did(name: str) -> None:
     expected = np.load(HERE / "outputs.npz")
     with warnings.catch_warnings():
-        # mc_dropout says, as in 0.2.0, that it inserts dropout before the head.
+        warnings.simplefilter("error")  # no warning about the file...
+        # ...but mc_dropout's, as in 0.2.0, that it inserts dropout before the head.
         warnings.filterwarnings("ignore", message="mc_dropout: .* inserting dropout")
-        warnings.simplefilter("error")  # nothing else: no warning about the file
         loaded = wrapcal.load(HERE / f"{name}.wrapcal", model=_model())
     prediction = loaded.predict(_inputs())
     np.testing.assert_array_equal(prediction.probs.numpy(), expected[f"{name}/probs"])
