@@ -155,3 +155,97 @@ def test_bench_sharded_fit_agrees_across_one_process_and_two_ranks(
     assert "fitted state: the same in every run" in out
     # The sharded run split the bank over its two ranks; the others hold every row.
     assert " 3,000" in out and " 6,000" in out
+
+
+#: One row of a per-set table of ``calibration_zoo.py``: method [notes] then five cells,
+#: each ``mean ±half-range``.
+ZOO_ROW = re.compile(
+    r"^\| (?P<method>\w+)(?: \[[^\]]*\])? \| "
+    + r" \| ".join(rf"(?P<{m}>\d+\.\d+) ±\d+\.\d+" for m in ("acc", "ece", "cw", "nll", "brier"))
+    + r" \|$"
+)
+ZOO_CLAIM = re.compile(
+    r"^(?P<group>CIFAR-10|CIFAR-100|all): (?P<a>\w+) beats (?P<b>\w+) on "
+    r"(?P<metric>held-out NLL|class-wise ECE) on (?P<sets>\d+) of (?P<of>\d+) sets "
+    r"\((?P<splits>\d+) of (?P<nsplits>\d+) splits\)$"
+)
+ZOO_SETS = ["cifar10_resnet20", "zoo_cifar100_vgg11_bn"]
+ZOO_ARGV = [
+    "--sets", *ZOO_SETS, "--n", "200", "--seeds", "0", "1",
+    "--methods", "temperature", "vector_scaling", "matrix_scaling", "dirichlet",
+]  # fmt: skip
+
+
+def _zoo_tables(out: str) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {method: {column: printed mean}}}`` from the per-set tables."""
+    tables: dict[str, dict[str, dict[str, float]]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("### ") and "mean over" not in line:
+            current = line.split()[1]
+            tables[current] = {}
+        elif line.startswith("### "):
+            current = None  # a family table: its cells have no ±
+        elif current and (m := ZOO_ROW.match(line)):
+            tables[current][m["method"]] = {
+                k: float(v) for k, v in m.groupdict().items() if k != "method"
+            }
+    return tables
+
+
+@requires_shared_data
+def test_calibration_zoo_counts_match_its_tables(capsys: pytest.CaptureFixture) -> None:
+    zoo = bench("calibration_zoo")
+    if not all((zoo.LOGITS_DIR / f"{s}.npz").is_file() for s in ZOO_SETS):
+        pytest.skip(f"the logit sets {ZOO_SETS} are not in {zoo.LOGITS_DIR}")
+    assert zoo.main(ZOO_ARGV) == 0  # wrapcal's T equals scipy's root on every split
+    out = capsys.readouterr().out
+    for s in ZOO_SETS:
+        for seed in (0, 1):
+            assert f"[ok] {s} seed {seed}: temperature vs scipy brentq: same T" in out
+    tables = _zoo_tables(out)
+    methods = ["uncalibrated", "temperature", "vector_scaling", "matrix_scaling", "dirichlet"]
+    assert list(tables) == ZOO_SETS and all(list(t) == methods for t in tables.values()), out
+    for rows in tables.values():
+        # Temperature scaling keeps every prediction; it fits the calibration half's NLL,
+        # which on these overconfident models lowers the held-out NLL too.
+        assert rows["temperature"]["acc"] == rows["uncalibrated"]["acc"]
+        assert rows["temperature"]["nll"] < rows["uncalibrated"]["nll"]
+    claims = [m.groupdict() for m in map(ZOO_CLAIM.match, out.splitlines()) if m]
+    # 3 challengers x 2 metrics x (CIFAR-10, CIFAR-100, all).
+    assert len(claims) == 18, out
+    column = {"held-out NLL": "nll", "class-wise ECE": "cw"}
+    for c in claims:
+        names = [s for s in ZOO_SETS if c["group"] in ("all", zoo.family(s))]
+        assert int(c["of"]) == len(names) and int(c["nsplits"]) == 2 * len(names), c
+        assert int(c["splits"]) <= int(c["nsplits"])
+        # The set count is the number of sets whose mean is lower: it agrees with the
+        # printed means (within their rounding: equal printed figures may go either way).
+        a = [tables[s][c["a"]][column[c["metric"]]] for s in names]
+        b = [tables[s][c["b"]][column[c["metric"]]] for s in names]
+        lower = sum(x < y for x, y in zip(a, b, strict=True))
+        tied = sum(x == y for x, y in zip(a, b, strict=True))
+        assert lower <= int(c["sets"]) <= lower + tied, (c, a, b)
+
+
+@requires_shared_data
+def test_calibration_zoo_fails_when_temperature_disagrees(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    zoo = bench("calibration_zoo")
+    if not (zoo.LOGITS_DIR / "cifar10_resnet20.npz").is_file():
+        pytest.skip(f"cifar10_resnet20.npz is not in {zoo.LOGITS_DIR}")
+    real = zoo.scipy_temperature
+    monkeypatch.setattr(zoo, "scipy_temperature", lambda z, y: real(z, y) * (1 + 1e-3))
+    argv = ["--sets", "cifar10_resnet20", "--n", "200", "--seeds", "0"]
+    assert zoo.main([*argv, "--methods", "temperature"]) == 1
+    assert "[FAIL] cifar10_resnet20 seed 0: temperature vs scipy brentq" in capsys.readouterr().out
+
+
+def test_calibration_zoo_without_shared_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    zoo = bench("calibration_zoo")
+    monkeypatch.setattr(zoo, "LOGITS_DIR", tmp_path / "absent")
+    assert zoo.main([]) == 0
+    assert "needs the shared data" in capsys.readouterr().out

@@ -35,7 +35,8 @@ SERVING_SPECS = [
     ("mc_dropout", {"samples": 8, "p": 0.2}),
     ("knn", {"k": 10}),
     ("conformal", {"alpha": 0.1, "method": "raps"}),
-    ("abstain", {"risk": 0.1}),
+    # The calibrated msp, which the export carries, so a server can apply the threshold.
+    ("abstain", {"risk": 0.1, "ranking": "calibrated"}),
 ]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

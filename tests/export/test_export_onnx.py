@@ -265,3 +265,52 @@ def test_float16_model_agrees_to_float16_precision(tmp_path) -> None:
     for name, (diff, _) in figures.items():
         own = float((expected[name].double() - full[name].double()).abs().max())
         assert diff <= 2 * own + 1e-3, f"{name}: {diff:.2e} vs float16's own {own:.2e}"
+
+
+# --- conformal sets: ONNX Runtime's equal predict's on every row (issue 24, item 3) ----
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="aps-default"),
+        pytest.param(
+            {"method": "raps", "alpha": 0.05, "allow_empty": False},
+            id="raps-nonempty",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_conformal_sets_equal_predict_on_every_row(options, tmp_path) -> None:
+    """The shared ResNet-20 with ``conformal`` exported, run by ONNX Runtime on the 5000
+    CIFAR-10 test images it was not calibrated on: the sets equal ``predict``'s on every
+    row. ONNX Runtime's logits differ from PyTorch's by rounding (module docstring); the
+    randomisation ``U`` is drawn so that this rounding does not flip a set (version 2 of
+    the hash, ``wrapcal.logits.conformal.HASH_VERSION``: with version 1, ``frac``'s jump
+    moved a set on 1 row of 5000 in one run)."""
+    out = resnet20_outputs()
+    order = _order(seed=5)
+    cal, test = order[:5000], order[5000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = wrapcal.wrap(pretrained_resnet20(), [("conformal", options)])
+        wrapped.fit_features(
+            calibration=(out["test_features"][cal], out["test_labels"][cal]), progress=False
+        )
+    wrapped.input_shape = (3, 32, 32)
+    assert wrapped.get_plugin("conformal").hash_version_ == 2
+    images, labels = cifar10("test")
+    x = images[test]
+    expected = prediction_outputs(wrapped.predict(x))
+    got = run_onnx(export(wrapped, tmp_path / "conformal.onnx"), x)
+    differ = (got["sets"] != expected["sets"].numpy()).any(axis=1)
+    assert not differ.any(), f"sets differ on rows {np.flatnonzero(differ)[:10]}"
+    np.testing.assert_array_equal(got["set_size"], expected["set_size"].numpy())
+    # The rounding is there: the sets agree because U does not magnify it.
+    assert float(np.abs(got["logits"] - expected["logits"].numpy()).max()) > 0
+    alpha = options.get("alpha", 0.1)
+    sets = expected["sets"]
+    coverage = float(sets[torch.arange(len(test)), labels[test]].double().mean())
+    assert coverage >= 1 - alpha - 4 * (alpha * (1 - alpha) / len(test)) ** 0.5
+    if options.get("allow_empty") is False:
+        assert int((sets.sum(1) == 0).sum()) == 0 and int((sets.sum(1) > 1).sum()) > 0

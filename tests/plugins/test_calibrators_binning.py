@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.special import logsumexp, softmax
+from scipy.special import log_softmax, logsumexp, softmax
 from shared_data import SHARED_DATA
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -199,7 +199,8 @@ def test_top_label_binning_is_gupta_ramdas() -> None:
     half = len(y) // 2
     p = softmax(z, axis=1)
     h = reference_top_label_binning(p[:half], y[:half], p[half:])
-    got = ours(z, y, "histogram_binning", fallback="identity")
+    # Gupta & Ramdas's rule: one bin from points_per_bin predictions on, plain means.
+    got = ours(z, y, "histogram_binning", fallback="identity", min_bins=1, shrinkage=0.0)
     top = p[half:].argmax(1)
     np.testing.assert_allclose(got[np.arange(len(h)), top], h, rtol=1e-12, atol=1e-15)
     assert np.array_equal(got.argmax(1), top)  # the prediction stays
@@ -213,7 +214,7 @@ def test_top_label_fallback_pools_rare_classes() -> None:
     """A class predicted fewer than points_per_bin times uses the map pooled over all
     classes (``fallback="pooled"``): its confidences move as the pooled map says."""
     z, y = data(1200, 6, seed=2)
-    cal = fit_calibrator(z[:600], y[:600], "histogram_binning", points_per_bin=120)
+    cal = fit_calibrator(z[:600], y[:600], "histogram_binning", points_per_bin=120, min_bins=1)
     predicted = np.bincount(softmax(z[:600], 1).argmax(1), minlength=6)
     rare = predicted < 120
     assert rare.any() and (~rare).any()
@@ -221,13 +222,75 @@ def test_top_label_fallback_pools_rare_classes() -> None:
     assert (cal.route_[torch.from_numpy(rare)] == pooled_row).all()
     assert not cal.keep_.any()
     identity = fit_calibrator(
-        z[:600], y[:600], "histogram_binning", points_per_bin=120, fallback="identity"
+        z[:600], y[:600], "histogram_binning", points_per_bin=120, fallback="identity", min_bins=1
     )
     assert torch.equal(identity.keep_, torch.from_numpy(rare))
     q = z[600:]
     mine = np.isin(softmax(q, 1).argmax(1), np.flatnonzero(rare))
     kept = np.exp(identity.transform(q))[mine]
     np.testing.assert_allclose(kept, softmax(q[mine], 1), atol=0.01)  # the floor only
+
+
+def test_a_class_map_needs_two_bins_and_leans_on_the_pooled_map() -> None:
+    """The default rule: a class gets its own map only with 2 * points_per_bin
+    predictions, and each of its bins is (hits + ppb * mean pooled value) / (count + ppb),
+    written out here with numpy."""
+    z, y = data(3000, 6, seed=4)
+    p = softmax(z, 1)
+    conf, pred = p.max(1), p.argmax(1)
+    correct = pred == y
+    ppb = 200
+    cal = fit_calibrator(z, y, "histogram_binning", points_per_bin=ppb, min_prob=TINY)
+    counts = np.bincount(pred, minlength=6)
+    own = counts >= 2 * ppb
+    assert own.any() and (~own).any(), counts  # both kinds occur in this data
+    pooled_row = cal.values_.shape[0] - 1
+    assert (cal.route_.numpy()[~own] == pooled_row).all()
+    # The pooled map: plain uniform-mass bins of all confidences.
+    groups = np.array_split(np.sort(conf), len(conf) // ppb)
+    pooled_edges = np.array([g[-1] for g in groups[:-1]])
+    pooled_bin = np.searchsorted(pooled_edges, conf, side="left")
+    pooled_values = np.bincount(pooled_bin, correct) / np.bincount(pooled_bin)
+    np.testing.assert_allclose(cal.values_[pooled_row, : len(groups)], pooled_values)
+    for c in np.flatnonzero(own):
+        mine = pred == c
+        n_bins = int(mine.sum()) // ppb
+        groups = np.array_split(np.sort(conf[mine]), n_bins)
+        edges = np.array([g[-1] for g in groups[:-1]])
+        b = np.searchsorted(edges, conf[mine], side="left")
+        prior = pooled_values[pooled_bin[mine]]
+        want = (
+            np.bincount(b, correct[mine], n_bins)
+            + ppb * np.bincount(b, prior, n_bins) / np.bincount(b, minlength=n_bins)
+        ) / (np.bincount(b, minlength=n_bins) + ppb)
+        row = int(cal.route_[c])
+        np.testing.assert_allclose(cal.values_[row, :n_bins], want, rtol=1e-12)
+        np.testing.assert_allclose(cal.edges_[row, : n_bins - 1], edges)
+
+
+def _held_out_nll(z, y, n_cal, **params):
+    perm = np.random.default_rng(0).permutation(len(y))
+    cal, ev = perm[:n_cal], perm[-4000:]
+    out = fit_calibrator(z[cal], y[cal], "histogram_binning", **params).transform(z[ev])
+    return float(-np.mean(out[np.arange(len(ev)), y[ev]] - logsumexp(out, axis=1)))
+
+
+def test_top_label_binning_does_not_get_worse_with_more_data() -> None:
+    """On the shared CIFAR-100 ShuffleNetV2 (issue 24), Gupta & Ramdas's rule gives
+    ~55 classes a single bin from 5000 samples (one constant confidence each) and its
+    held-out NLL jumps above the uncalibrated model's; the default rule stays flat."""
+    path = SHARED_DATA / "logits" / "zoo_cifar100_shufflenetv2_x1_0.npz"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    with np.load(path, allow_pickle=False) as f:
+        z, y = f["logits"].astype(np.float64), f["labels"]
+    ev = np.random.default_rng(0).permutation(len(y))[-4000:]
+    none = float(-np.mean(log_softmax(z[ev], axis=1)[np.arange(len(ev)), y[ev]]))
+    ours_by_n = [_held_out_nll(z, y, n) for n in (3000, 4500, 6000)]
+    assert max(ours_by_n) < none - 0.05, (ours_by_n, none)
+    assert max(ours_by_n) - min(ours_by_n) < 0.01, ours_by_n  # flat: no jump with more data
+    old = [_held_out_nll(z, y, n, min_bins=1, shrinkage=0.0) for n in (3000, 6000)]
+    assert old[1] > old[0] + 0.03  # the old rule got worse with more data
 
 
 def test_top_label_isotonic_is_per_class_isotonic_regression() -> None:

@@ -163,17 +163,29 @@ def test_outputs_and_abstain_export_with_torch_export():
     conformal = ConformalSets(method="raps").fit_logits(logits[:2000], labels[:2000])
     probs = logits_to_probs(logits[:2000])
     abstain = Abstain(risk=0.2).fit_scores(1 - probs.amax(1), probs.argmax(1) == labels[:2000])
+    # The raw ranking reads the combined logits (here 2z, as if a temperature of 2 were
+    # applied to them for the final probabilities).
+    raw_msp = 1 - logits_to_probs(2 * logits[:2000]).amax(1)
+    raw = Abstain(risk=0.2, ranking="raw").fit_scores(
+        1 - probs.amax(1), probs.argmax(1) == labels[:2000], raw_msp=raw_msp
+    )
+    assert raw.score_ == "raw_msp" and raw.threshold_ >= 0
 
     class Decide(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conformal, self.abstain = conformal, abstain
+            self.conformal, self.abstain, self.raw = conformal, abstain, raw
 
         def forward(self, z):
             p = logits_to_probs(z)
-            ctx = OutputContext(z[None], z[None], z, z, p, {"msp": 1 - p.amax(-1)})
+            ctx = OutputContext(z[None], z[None], 2 * z, z, p, {"msp": 1 - p.amax(-1)})
             out = self.conformal.outputs(ctx)
-            return out["sets"], out["set_size"], self.abstain.outputs(ctx)["abstain"]
+            return (
+                out["sets"],
+                out["set_size"],
+                self.abstain.outputs(ctx)["abstain"],
+                self.raw.outputs(ctx)["abstain"],
+            )
 
     module = Decide()
     batch = torch.export.Dim("batch")
@@ -182,6 +194,8 @@ def test_outputs_and_abstain_export_with_torch_export():
         program.module()(logits[2000:2500]), module(logits[2000:2500]), strict=True
     ):
         assert torch.equal(got, want)
+    test_raw = 1 - logits_to_probs(2 * logits[2000:2500]).amax(1)
+    assert torch.equal(module(logits[2000:2500])[3], test_raw.double() > raw.threshold_)
 
 
 # --- the report -----------------------------------------------------------------------
@@ -256,7 +270,9 @@ def test_abstention_threshold_matches_scipy(name):
     probs = logits_to_probs(logits[:5000])
     msp, correct = (1 - probs.amax(1)).numpy(), (probs.argmax(1) == labels[:5000]).numpy()
     for risk in (0.01, 0.05, 0.2):
-        rule = fit_abstention(msp, correct, risk=risk, delta=0.1)
+        # 0.2.0's rule, now method="bonferroni" (the default is fixed-sequence testing,
+        # checked against scipy in tests/logits/test_abstention.py).
+        rule = fit_abstention(msp, correct, risk=risk, delta=0.1, method="bonferroni")
         threshold, bound = scipy_threshold(msp, correct, risk, 0.1, 100)
         assert rule.threshold == threshold
         assert rule.bound == pytest.approx(bound, abs=1e-9)
@@ -295,11 +311,19 @@ def test_abstain_plugin_on_the_resnet20(halves, tmp_path):
     (f_cal, y_cal), (f_ev, y_ev), _ = halves
     wrapped = fitted(["temperature", ("abstain", {"risk": 0.05})], (f_cal, y_cal))
     plugin = wrapped.get_plugin("abstain")
+    head = pretrained_resnet20().linear
+    with torch.no_grad():  # the raw msp: the head's logits before the temperature
+        raw_cal, raw_ev = (1 - logits_to_probs(head(f)).amax(1) for f in (f_cal, f_ev))
     cal_pred = wrapped.predict_features(f_cal)
-    rule = fit_abstention(cal_pred.scores["msp"], cal_pred.label == y_cal, risk=0.05, delta=0.1)
+    correct = cal_pred.label == y_cal
+    rule = fit_abstention(
+        cal_pred.scores["msp"], correct, risk=0.05, delta=0.1, alternatives={"raw_msp": raw_cal}
+    )
+    assert plugin.score_ == rule.score and plugin.rule_ == rule
     assert plugin.threshold_ == rule.threshold and plugin.risk_bound_ == rule.bound
     pred = wrapped.predict_features(f_ev)
-    assert torch.equal(pred.abstain, pred.scores["msp"].double() > rule.threshold)
+    score = raw_ev if rule.score == "raw_msp" else pred.scores["msp"]
+    assert torch.equal(pred.abstain, score.double() > rule.threshold)
     accepted = ~pred.abstain
     assert 0.4 < float(accepted.double().mean()) < 0.8
     assert float((pred.label[accepted] != y_ev[accepted]).double().mean()) < 0.05
@@ -308,3 +332,60 @@ def test_abstain_plugin_on_the_resnet20(halves, tmp_path):
     assert loaded.get_plugin("abstain").get_state() == plugin.get_state()
     curve = risk_coverage_curve(pred.scores["msp"], pred.label == y_ev)
     assert curve["risk"][0] <= curve["risk"][-1] and len(curve["coverage"]) == 101
+    # ranking="calibrated" with method="bonferroni" is 0.2.0's rule on the calibrated msp;
+    # the default accepts more at the same target.
+    old = fitted(
+        ["temperature", ("abstain", {"ranking": "calibrated", "method": "bonferroni"})],
+        (f_cal, y_cal),
+    ).get_plugin("abstain")
+    msp_only = fit_abstention(cal_pred.scores["msp"], correct, method="bonferroni", grid=100)
+    assert old.score_ == "msp" and old.threshold_ == msp_only.threshold
+    assert plugin.accepted_ > old.accepted_
+
+
+def test_abstain_state_of_0_2_0_without_score_loads_as_msp():
+    plugin = Abstain().fit_scores(torch.linspace(0, 0.5, 400), torch.arange(400) < 380)
+    state = plugin.get_state()
+    assert state["score_"] == "msp"
+    del state["score_"]  # what 0.2.0 saved
+    again = Abstain()
+    again.set_state(state)
+    assert again.score_ == "msp" and again.threshold_ == plugin.threshold_
+    with pytest.raises(ValueError, match="score_"):
+        Abstain().set_state({**state, "score_": "energy"})
+    with pytest.raises(ValueError, match="ranking='raw' needs raw_msp"):
+        Abstain(ranking="raw").fit_scores(torch.zeros(10), torch.ones(10, dtype=torch.bool))
+
+
+# --- conformal: stated defaults and allow_empty=False (issue 24, item 3; helper H3) -----
+
+
+def test_conformal_defaults_are_stated():
+    """The defaults the docs state: randomised APS at alpha 0.1, empty sets allowed."""
+    plugin = ConformalSets()
+    assert (plugin.method, plugin.alpha, plugin.randomized) == ("aps", 0.1, True)
+    assert plugin.allow_empty is True
+    with pytest.raises(ValueError, match=r"allow_empty=1 is invalid"):
+        ConformalSets(allow_empty=1).validate_params()
+
+
+@requires_shared_data
+def test_allow_empty_false_on_the_resnet20(halves, tmp_path):
+    """On the shared ResNet-20 the default APS sets are empty on some rows (0.96% in
+    docs/conformal.md); ``allow_empty=False`` gives none, equals the logits path with the
+    same option, keeps coverage and survives save and load."""
+    (f_cal, y_cal), (f_ev, y_ev), _ = halves
+    default = fitted(["conformal"], (f_cal, y_cal)).predict_features(f_ev)
+    wrapped = fitted([("conformal", {"allow_empty": False})], (f_cal, y_cal))
+    pred = wrapped.predict_features(f_ev)
+    assert float((default.set_size == 0).double().mean()) > 0.005
+    assert int((pred.set_size == 0).sum()) == 0
+    assert bool(pred.sets[torch.arange(5000), pred.probs.argmax(1)].all())
+    reference = fit_conformal(wrapped.head_logits(f_cal), y_cal, allow_empty=False)
+    assert torch.equal(pred.sets, reference.sets(wrapped.head_logits(f_ev)))
+    coverage = float(pred.sets[torch.arange(5000), y_ev].double().mean())
+    assert coverage >= 1 - ALPHA - 4 * math.sqrt(ALPHA * (1 - ALPHA) / 5000)
+    loaded = wrapcal.load(wrapped.save(tmp_path / "m.wrapcal"), model=pretrained_resnet20())
+    plugin = loaded.get_plugin("conformal")
+    assert plugin.allow_empty is False and plugin.hash_version_ == 2
+    assert torch.equal(loaded.predict_features(f_ev).sets, pred.sets)

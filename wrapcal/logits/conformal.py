@@ -5,7 +5,7 @@ true class with probability at least ``1 - alpha`` (at most ``1 - alpha + 1 / (n
 with ``n`` calibration samples and continuous scores) when the calibration and test
 samples are exchangeable (Vovk et al. 2005). Three nonconformity scores of a class ``y``
 (higher = less conforming), from the probabilities ``p`` sorted in decreasing order, with
-``o(y)`` the 1-based rank of ``y`` and ``U`` uniform on [0, 1):
+``o(y)`` the 1-based rank of ``y`` and ``U`` uniform on [0, 1]:
 
 - ``lac`` (Sadinle, Lei & Wasserman 2019): ``1 - p_y``. The smallest sets on average.
 - ``aps`` (Romano, Sesia & Candes 2020): the mass ranked above ``y`` plus ``U p_y``.
@@ -19,13 +19,24 @@ most it. ``classwise=True`` takes one threshold per class from that class's cali
 samples (Mondrian conformal prediction, Vovk et al. 2005): coverage ``1 - alpha`` holds
 for every class separately.
 
+The default is ``aps``: its sets grow with the difficulty of the input, which is what a
+set is for, where LAC's are smallest on average but give hard inputs no more classes
+than easy ones. The papers' sets may be **empty**, LAC's and the randomised APS/RAPS's
+alike (``U p_top`` above the threshold leaves out even the top class: 0.6-2.3% of the
+rows on the CIFAR-100 logits of ``../shared/data/logits``, 4.8-6.2% on the CIFAR-10
+ones, APS at alpha 0.1). ``allow_empty=False`` scores the top class 0, in calibration and in
+prediction alike, so every set holds it and the guarantee stays exact.
+
 ``U`` (the papers' randomisation, which makes the coverage exact instead of
 conservative) is not drawn from a global generator: it is a seeded hash of the sample's
-logits, ``frac(16 * sum_k w_k z_k)`` with ``w ~ N(0, 1)`` drawn once from ``seed``. The
-same input gets the same set in any batch, after save and load, and in an exported
-graph. A score that is a fixed function of the input keeps the guarantee exactly, and
-the hash makes it continuous, so the upper bound holds too; ``tests/logits/test_conformal.py``
-measures that ``U`` is uniform and unrelated to the probabilities on real logits.
+logits, ``tri(16 * sum_k w_k z_k / |z|)`` with ``w ~ N(0, 1)`` drawn once from ``seed``
+and the triangle wave ``tri(x) = |2 frac(x / 2) - 1|`` (:data:`HASH_VERSION`). The same
+input gets the same set in any batch, after save and load, and in an exported graph;
+the wave has no jump and the norm keeps its slope small, so the rounding by which
+another runtime's logits differ does not flip a set. A score that is a fixed function
+of the input keeps the guarantee exactly, and the hash makes it continuous, so the upper
+bound holds too; ``tests/logits/test_conformal.py`` measures that ``U`` is uniform and
+unrelated to the probabilities on real logits.
 
 Abstention at a chosen risk is :mod:`wrapcal.logits.abstention`.
 """
@@ -49,6 +60,8 @@ from wrapcal.plugin.validation import check_labels, checked_logits
 
 __all__ = [
     "ALL_CLASSES",
+    "HASH_VERSION",
+    "HASH_VERSIONS",
     "METHODS",
     "RAPS_LAMBDAS",
     "ConformalPredictor",
@@ -69,8 +82,16 @@ RAPS_LAMBDAS = (0.001, 0.01, 0.1, 0.2, 0.5)
 #: The threshold when too few calibration samples exist for ``alpha``: every class is in
 #: the set. Finite, so a saved model holds no inf.
 ALL_CLASSES = float(torch.finfo(torch.float64).max)
-#: ``U = frac(16 w . z)``: real logits spread over hundreds of periods (U uniform), while
-#: a rounding difference in the logits moves U by ~1e-5 only.
+#: How ``U`` is drawn from the logits ``z``: 1 is ``frac(16 w . z)`` (wrapcal 0.2.0 and
+#: files fitted before version 2), 2 is ``tri(16 w . z / |z|)`` with the triangle wave
+#: ``tri(x) = |2 frac(x / 2) - 1|``. Version 2 is what float rounding cannot flip: the
+#: triangle wave has no jump (``frac`` jumps from 1 to 0, and a logit rounded differently,
+#: as ONNX Runtime's kernels round them, moved ``U`` across it), and dividing by the
+#: row's norm makes ``U`` 10-50x less sensitive to the logits on real models.
+HASH_VERSIONS = (1, 2)
+HASH_VERSION = 2
+#: Periods per unit of the hash's argument: real logits spread over many of them, so ``U``
+#: is uniform, and unrelated to the probabilities (measured in the tests).
 _HASH_SCALE = 16.0
 
 
@@ -81,10 +102,16 @@ def hash_weights(num_logits: int, seed: int = 0) -> Tensor:
     return torch.randn(num_logits, generator=generator, dtype=torch.float64)
 
 
-def conformal_uniforms(logits: Tensor, weights: Tensor) -> Tensor:
-    """The randomisation ``U`` ``[N]`` in [0, 1): ``frac(16 * sum_k w_k z_k)`` in float64."""
-    x = (logits.to(torch.float64) @ weights.to(logits.device)) * _HASH_SCALE
-    return x - torch.floor(x)
+def conformal_uniforms(logits: Tensor, weights: Tensor, version: int = HASH_VERSION) -> Tensor:
+    """The randomisation ``U`` ``[N]`` in [0, 1], in float64: ``tri(16 w . z / |z|)``, or
+    with ``version=1`` ``frac(16 w . z)`` (:data:`HASH_VERSIONS`)."""
+    z = logits.to(torch.float64)
+    x = (z @ weights.to(logits.device)) * _HASH_SCALE
+    if version == 1:
+        return x - torch.floor(x)
+    # |z| > 0 unless every logit is 0 (then x = 0 too, and U = 1).
+    half = x / (2 * (z * z).sum(-1).sqrt().clamp_min(torch.finfo(torch.float64).tiny))
+    return (2 * (half - torch.floor(half)) - 1).abs()
 
 
 def _ranked_scores(probs: Tensor, uniforms: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -166,11 +193,21 @@ def prediction_sets(
     k_reg: int = 0,
     lam: float = 0.0,
     randomized: bool = True,
+    allow_empty: bool = True,
+    hash_version: int = HASH_VERSION,
 ) -> Tensor:
-    """The sets ``[N, K]`` (bool): classes whose score is at most their class's threshold."""
-    uniforms = conformal_uniforms(logits, weights) if randomized and method != "lac" else None
+    """The sets ``[N, K]`` (bool): classes whose score is at most their class's threshold,
+    and with ``allow_empty=False`` the top class too (the first on ties, as the sort)."""
+    randomized = randomized and method != "lac"
+    uniforms = conformal_uniforms(logits, weights, hash_version) if randomized else None
     scores = conformal_scores(probs, method, uniforms, k_reg, lam)
-    return scores <= thresholds.to(scores.device)
+    sets = scores <= thresholds.to(scores.device)
+    if not allow_empty:
+        # The top class's score is 0 with allow_empty=False (its thresholds were
+        # calibrated so): it is in every set.
+        top = torch.arange(probs.shape[-1], device=sets.device) == probs.argmax(-1, keepdim=True)
+        sets = sets | top
+    return sets
 
 
 def _rank(n: Tensor, alpha: float) -> Tensor:
@@ -264,6 +301,9 @@ class ConformalPredictor:
         randomized: Whether the scores use ``U``.
         n: Calibration samples behind the thresholds.
         n_tune: Calibration samples spent on tuning RAPS (not in ``n``).
+        allow_empty: ``False``: every set holds at least the top class.
+        hash_version: How ``U`` is drawn (:data:`HASH_VERSIONS`; 1 for models fitted by
+            wrapcal 0.2.0).
     """
 
     method: str
@@ -274,6 +314,8 @@ class ConformalPredictor:
     randomized: bool = True
     n: int = 0
     n_tune: int = 0
+    allow_empty: bool = True
+    hash_version: int = HASH_VERSION
 
     def sets(self, logits: Any, probs: Tensor | None = None) -> Tensor:
         """Prediction sets ``[N, K]`` (bool) of logits (``probs``: their probabilities
@@ -283,7 +325,7 @@ class ConformalPredictor:
             probs = logits_to_probs(logits) if probs is None else probs
             return prediction_sets(
                 logits, probs, self.thresholds, self.weights, self.method, self.k_reg, self.lam,
-                self.randomized,
+                self.randomized, self.allow_empty, self.hash_version,
             )  # fmt: skip
 
 
@@ -300,6 +342,7 @@ def fit_conformal(
     randomized: bool = True,
     tune_fraction: float = 0.3,
     probs: Tensor | None = None,
+    allow_empty: bool = True,
 ) -> ConformalPredictor:
     """Calibrate split-conformal prediction sets on held-out labelled logits.
 
@@ -307,7 +350,8 @@ def fit_conformal(
         logits: ``[n, K]`` calibration logits (``[n, 1]`` for one binary logit).
         labels: ``[n]`` their classes.
         alpha: Miscoverage: sets hold the true class with probability >= ``1 - alpha``.
-        method: ``"lac"``, ``"aps"`` (default) or ``"raps"``.
+        method: ``"lac"``, ``"aps"`` (default: sets that grow with the difficulty of
+            the input, with exact coverage) or ``"raps"``.
         classwise: One threshold per class (coverage ``1 - alpha`` within each class).
         seed: Seed of the hash that draws ``U`` (and of the RAPS tuning split).
         k_reg: RAPS: unpenalised ranks; ``None`` chooses it as the RAPS paper does.
@@ -318,6 +362,13 @@ def fit_conformal(
             guarantee is kept (the paper's code uses 0.3).
         probs: The probabilities of ``logits`` as the model reports them (default
             ``softmax(logits)``); the scores use these, ``U`` the logits.
+        allow_empty: ``True`` (default): a set may be empty, as the papers' sets (LAC
+            when no class is likely enough; randomised APS/RAPS when ``U p_top`` exceeds
+            the threshold: 5-6% of the rows on the shared CIFAR-10 logits at alpha 0.1).
+            ``False``: the top class is always in the set: its score is taken as 0 in
+            calibration and prediction, a fixed function of the input like the others,
+            so coverage stays in [1 - alpha, 1 - alpha + 1 / (n + 1)]; the threshold
+            the other classes meet is a little lower (measured in ``docs/conformal.md``).
 
     Raises:
         DataError: Logits that are not finite logits, labels that do not fit them.
@@ -325,6 +376,8 @@ def fit_conformal(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if not isinstance(allow_empty, bool):
+        raise ValueError(f"allow_empty must be True or False; got {allow_empty!r}")
     if not 0 < alpha < 1 or not 0 < tune_fraction < 1:
         raise ValueError(f"alpha and tune_fraction must be in (0, 1); got {alpha}, {tune_fraction}")
     z = checked_logits(logits, "calibration logits")
@@ -340,8 +393,9 @@ def fit_conformal(
     # Small row-wise operations: extra threads only wait on a shared CPU.
     with one_cpu_thread(z.device):
         predictor = _fit(
-            z, y, probs, alpha, method, classwise, seed, k_reg, lam, randomized, tune_fraction
-        )
+            z, y, probs, alpha, method, classwise, seed, k_reg, lam, randomized, tune_fraction,
+            allow_empty,
+        )  # fmt: skip
     if bool((predictor.thresholds == ALL_CLASSES).any()):
         warnings.warn(
             f"too few calibration samples for alpha={alpha}"
@@ -366,6 +420,7 @@ def _fit(
     lam: float | None,
     randomized: bool,
     tune_fraction: float,
+    allow_empty: bool = True,
 ) -> ConformalPredictor:
     """:func:`fit_conformal` on checked logits ``[n, K]`` and labels ``[n]``."""
     weights = hash_weights(logits.shape[-1], seed)
@@ -383,19 +438,24 @@ def _fit(
         uniforms = None if uniforms is None else uniforms[rest]
     k_reg, lam = (int(k_reg or 0), float(lam or 0.0)) if method == "raps" else (0, 0.0)
     true = true_class_scores(probs, labels, method, uniforms, k_reg, lam)
+    if not allow_empty:
+        # The score with the top class's set to 0 (always in the set): a fixed function
+        # of (x, y, U) like the others, so calibrating on it keeps the guarantee exact.
+        true = true.masked_fill(labels == probs.argmax(-1), 0.0)
     k = probs.shape[1]
     q = conformal_quantile(true, alpha, labels if classwise else None, k)
     thresholds = q.expand(k).clone() if q.ndim == 0 else q
     return ConformalPredictor(
-        method, thresholds, weights, k_reg, lam, randomized, len(labels), n_tune
-    )
+        method, thresholds, weights, k_reg, lam, randomized, len(labels), n_tune, allow_empty,
+        HASH_VERSION,
+    )  # fmt: skip
 
 
 def conformal_sets(cal_logits: Any, cal_labels: Any, test_logits: Any, **options: Any) -> Tensor:
     """Prediction sets ``[N_test, K]`` (bool) from calibration and test logits in one call.
 
     ``options`` are those of :func:`fit_conformal` (``alpha=0.1``, ``method="aps"``,
-    ``classwise=False``, ``seed=0``, ...). Example::
+    ``classwise=False``, ``seed=0``, ``allow_empty=True``, ...). Example::
 
         sets = wrapcal.conformal_sets(cal_logits, cal_labels, test_logits, alpha=0.1)
         covered = sets[torch.arange(len(sets)), test_labels]  # ~90% True

@@ -35,7 +35,13 @@ __all__ = [
 PAD = 2.0
 
 
-def uniform_mass_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):
+def uniform_mass_map(
+    scores: np.ndarray,
+    hits: np.ndarray,
+    n_bins: int,
+    prior: np.ndarray | None = None,
+    weight: float = 0.0,
+):
     """Gupta & Ramdas's (2021) uniform-mass binning of ``scores`` against 0/1 ``hits``.
 
     The sorted scores are split into ``n_bins`` groups of sizes differing by at most
@@ -44,6 +50,11 @@ def uniform_mass_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):
     (ties can empty one). Their code also adds tiny random noise to break ties
     ("delta-randomisation"); this does not, so the map is deterministic.
 
+    With ``prior`` (a value in ``[0, 1]`` per score) and ``weight > 0``, a bin's value
+    is shrunk towards the mean prior of its samples: ``(sum hits + weight * mean prior)
+    / (count + weight)``, the posterior mean of a bin with ``weight`` pseudo-observations
+    at the prior (an empty bin gets the prior's overall mean).
+
     Returns:
         ``(edges [n_bins - 1], values [n_bins])``.
     """
@@ -51,7 +62,18 @@ def uniform_mass_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):
     groups = np.array_split(ordered, n_bins)
     edges = np.array([g[-1] for g in groups[:-1]], dtype=np.float64)
     index = np.searchsorted(edges, scores, side="left")  # number of edges < score
-    return edges, _bin_means(index, hits, n_bins, np.full(n_bins, 0.5))
+    if prior is None or weight <= 0:
+        return edges, _bin_means(index, hits, n_bins, np.full(n_bins, 0.5))
+    counts = np.bincount(index, minlength=n_bins)
+    sums = np.bincount(index, weights=hits.astype(np.float64), minlength=n_bins)
+    prior = np.asarray(prior, dtype=np.float64)
+    prior_means = np.where(
+        counts > 0,
+        np.bincount(index, weights=prior, minlength=n_bins) / np.maximum(counts, 1),
+        prior.mean(),
+    )
+    values = (sums + weight * prior_means) / (counts + weight)
+    return edges, np.clip(values, 0.0, 1.0)
 
 
 def equal_width_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):

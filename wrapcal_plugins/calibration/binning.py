@@ -8,7 +8,10 @@ Both learn one-dimensional maps from a probability to a calibrated probability
   on the calibration samples predicted as ``c`` against "the prediction was right".
   A class predicted too rarely to fit its own map uses the map pooled over all
   classes (``fallback="pooled"``) or is left as it is (``fallback="identity"``, Gupta
-  & Ramdas's choice). The calibrated confidence ``h`` goes to the predicted class; the
+  & Ramdas's choice). Histogram binning gives a class its own map only with enough
+  predictions for ``min_bins`` (2) bins and shrinks its bins towards the fallback, so
+  more data never makes a class's map abruptly coarser (see :class:`HistogramBinning`).
+  The calibrated confidence ``h`` goes to the predicted class; the
   other classes share ``1 - h`` in proportion to their probabilities, none above ``h``
   (:func:`capped_shares`), so the prediction stays (unless ``h`` falls below ``1 / K``).
 * ``"one_vs_rest"`` (Zadrozny & Elkan 2002, as netcal and scikit-learn do it): for each
@@ -111,7 +114,19 @@ class _MapCalibrator(Calibrator):
         """Whether ``n`` samples predicted as one class can fit its own top-label map."""
         raise NotImplementedError
 
-    def _fit_map(self, scores: np.ndarray, hits: np.ndarray, top_label: bool) -> Map:
+    def _fit_map(
+        self,
+        scores: np.ndarray,
+        hits: np.ndarray,
+        top_label: bool,
+        prior: np.ndarray | None = None,
+    ) -> Map:
+        """A map of ``hits`` on ``scores``; ``prior``: the fallback's calibrated value at
+        each score (a class's own top-label map), which a subclass may shrink towards."""
+        raise NotImplementedError
+
+    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+        """A fitted map's values at ``scores`` (numpy, as the lookup does in torch)."""
         raise NotImplementedError
 
     def _store(self, maps: list[Map], device: torch.device) -> None:
@@ -134,19 +149,22 @@ class _MapCalibrator(Calibrator):
         else:
             confidence, predicted = p.max(axis=1), p.argmax(axis=1)
             correct = predicted == y
+            # The pooled map is always fitted (the last row): the fallback, and a
+            # summary of the whole calibration set. A class's own map may lean on it.
+            pooled = self._fit_map(confidence, correct, top_label=True)
             maps = []
             for c in range(k):
                 chosen = predicted == c
                 if self._enough(int(chosen.sum())):
                     route[c] = len(maps)
-                    maps.append(self._fit_map(confidence[chosen], correct[chosen], True))
+                    scores = confidence[chosen]
+                    prior = scores if self.fallback == "identity" else self._apply(pooled, scores)
+                    maps.append(self._fit_map(scores, correct[chosen], True, prior))
                 else:
                     route[c] = -1
                     keep[c] = self.fallback == "identity"
-            # The pooled map is always fitted (the last row): the fallback, and a
-            # summary of the whole calibration set.
             route[route == -1] = len(maps)
-            maps.append(self._fit_map(confidence, correct, top_label=True))
+            maps.append(pooled)
         device = logits.device
         self._store(maps, device)
         self.route_ = torch.from_numpy(route).to(device=device, dtype=torch.int64)
@@ -192,10 +210,22 @@ class HistogramBinning(_MapCalibrator):
     Args:
         mode: ``"top_label"`` or ``"one_vs_rest"``.
         points_per_bin: Top label: calibration samples per bin; a class predicted
-            ``n`` times gets ``n // points_per_bin`` bins (none: the fallback).
+            ``n`` times gets ``n // points_per_bin`` bins (the pooled map too).
         n_bins: One-vs-rest: equal-width bins of ``[0, 1]`` per class.
         fallback: Top label: a class with too few predictions uses the ``"pooled"``
             map of all classes, or stays as it is (``"identity"``, Gupta & Ramdas).
+        min_bins: Top label: a class gets its own map only with enough predictions
+            for this many bins (``n >= min_bins * points_per_bin``); otherwise the
+            fallback. With 1 (Gupta & Ramdas), a class just past ``points_per_bin``
+            predictions gets one bin: one constant confidence, coarser than the pooled
+            map it replaces, so more data could make the calibration worse (on a
+            CIFAR-100 ShuffleNetV2, held-out NLL 0.956 from 3000 calibration samples,
+            1.0225 from 5000). 2 by default.
+        shrinkage: Top label: each bin of a class's own map is the mean of its hits
+            and ``shrinkage * points_per_bin`` pseudo-observations at the fallback's
+            mean value over the bin (the pooled map's, or the raw confidence's), so a
+            class's map moves away from the fallback as its evidence grows, not all at
+            once. 0: the plain bin means (Gupta & Ramdas). 1 by default.
         min_prob: Floor of every calibrated probability before renormalising;
             ``None``: ``0.01 / K`` (at most 1% of the mass; measured on the CIFAR logits
             it gives a lower NLL and ECE than 1e-6 or 0.1 / K).
@@ -212,6 +242,8 @@ class HistogramBinning(_MapCalibrator):
         **_COMMON,
         "points_per_bin": [Interval(int, 1, None)],
         "n_bins": [Interval(int, 1, 10_000)],
+        "min_bins": [Interval(int, 1, None)],
+        "shrinkage": [Interval(float, 0, None)],
     }
 
     def __init__(
@@ -221,21 +253,36 @@ class HistogramBinning(_MapCalibrator):
         n_bins: int = 15,
         fallback: str = "pooled",
         min_prob: float | None = None,
+        min_bins: int = 2,
+        shrinkage: float = 1.0,
     ) -> None:
         super().__init__(mode, fallback, min_prob)
         self.points_per_bin = points_per_bin
         self.n_bins = n_bins
+        self.min_bins = min_bins
+        self.shrinkage = shrinkage
         self.register_learned_buffer("edges_", (None, None), _F64)
         self.register_learned_buffer("values_", (None, None), _F64)
 
     def _enough(self, n: int) -> bool:
-        return n >= self.points_per_bin
+        return n >= self.min_bins * self.points_per_bin
 
-    def _fit_map(self, scores: np.ndarray, hits: np.ndarray, top_label: bool) -> Map:
+    def _fit_map(
+        self,
+        scores: np.ndarray,
+        hits: np.ndarray,
+        top_label: bool,
+        prior: np.ndarray | None = None,
+    ) -> Map:
         if top_label:
             bins = max(1, len(scores) // self.points_per_bin)
-            return uniform_mass_map(scores, hits, bins)
+            weight = 0.0 if prior is None else float(self.shrinkage) * self.points_per_bin
+            return uniform_mass_map(scores, hits, bins, prior=prior, weight=weight)
         return equal_width_map(scores, hits, self.n_bins)
+
+    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+        edges, values = fitted
+        return values[np.searchsorted(edges, scores, side="left")]
 
     def _store(self, maps: list[Map], device: torch.device) -> None:
         self.edges_, self.values_ = (t.to(device) for t in pad_steps(maps))
@@ -297,8 +344,17 @@ class IsotonicCalibration(_MapCalibrator):
     def _enough(self, n: int) -> bool:
         return n >= self.min_samples
 
-    def _fit_map(self, scores: np.ndarray, hits: np.ndarray, top_label: bool) -> Map:
+    def _fit_map(
+        self,
+        scores: np.ndarray,
+        hits: np.ndarray,
+        top_label: bool,
+        prior: np.ndarray | None = None,
+    ) -> Map:
         return isotonic_map(scores, hits)
+
+    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+        return np.interp(scores, *fitted)
 
     def _store(self, maps: list[Map], device: torch.device) -> None:
         self.knots_x_, self.knots_y_ = (t.to(device) for t in pad_knots(maps))
