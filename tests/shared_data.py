@@ -242,3 +242,27 @@ def resnet20_outputs() -> dict[str, torch.Tensor]:
     See the module docstring for the keys. Computed once and cached on disk.
     """
     return {k: torch.from_numpy(np.array(v)) for k, v in _outputs_arrays().items()}
+
+
+# --- the public logit sets (../shared/data/logits) -----------------------------------
+
+LOGITS_DIR = SHARED_DATA / "logits"
+LOGIT_SETS = ["cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20", "cifar100_resnet32"]
+requires_logits = pytest.mark.skipif(
+    not all((LOGITS_DIR / f"{name}.npz").is_file() for name in LOGIT_SETS),
+    reason=f"logits files not found in {LOGITS_DIR}",
+)
+
+
+def load_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if name == "resnet20_jpeg":
+        out = resnet20_outputs()
+        return out["test_logits"], out["test_labels"]
+    with np.load(LOGITS_DIR / f"{name}.npz", allow_pickle=False) as f:
+        return torch.from_numpy(f["logits"]), torch.from_numpy(f["labels"])
+
+
+def splits(n_total: int, n_splits: int = 200, seed: int = 0) -> torch.Tensor:
+    """``[n_splits, n_total]`` random permutations; a test calibrates on the first rows."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.argsort(torch.rand(n_splits, n_total, generator=gen), dim=1)

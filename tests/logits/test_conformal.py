@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from shared_data import SHARED_DATA, requires_shared_data, resnet20_outputs
+from shared_data import (
+    LOGIT_SETS,
+    LOGITS_DIR,
+    load_logits,
+    requires_logits,
+    requires_shared_data,
+    splits,
+)
 
 from wrapcal import DataError
 from wrapcal.logits.abstention import fit_abstention, risk_coverage_curve
@@ -34,29 +41,9 @@ from wrapcal.logits.conformal import (
 )
 from wrapcal.plugin.probs import logits_to_probs
 
-LOGITS_DIR = SHARED_DATA / "logits"
-LOGIT_SETS = ["cifar10_resnet20", "cifar10_resnet32", "cifar100_resnet20", "cifar100_resnet32"]
-requires_logits = pytest.mark.skipif(
-    not all((LOGITS_DIR / f"{name}.npz").is_file() for name in LOGIT_SETS),
-    reason=f"logits files not found in {LOGITS_DIR}",
-)
 ALPHA, N_CAL, SPLITS = 0.1, 5000, 200
 #: Fixed RAPS parameters for the split study (the automatic choice is tested apart).
 RAPS = {"k_reg": 2, "lam": 0.05}
-
-
-def load_logits(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if name == "resnet20_jpeg":
-        out = resnet20_outputs()
-        return out["test_logits"], out["test_labels"]
-    with np.load(LOGITS_DIR / f"{name}.npz", allow_pickle=False) as f:
-        return torch.from_numpy(f["logits"]), torch.from_numpy(f["labels"])
-
-
-def splits(n_total: int, n_splits: int = SPLITS, seed: int = 0) -> torch.Tensor:
-    """``[n_splits, n_total]`` random permutations: the first N_CAL calibrate."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.argsort(torch.rand(n_splits, n_total, generator=gen), dim=1)
 
 
 # --- the papers' formulas in numpy ---------------------------------------------------

@@ -14,8 +14,14 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from shared_data import pretrained_resnet20, requires_shared_data, resnet20_outputs
-from test_conformal import load_logits, requires_logits, splits
+from shared_data import (
+    load_logits,
+    pretrained_resnet20,
+    requires_logits,
+    requires_shared_data,
+    resnet20_outputs,
+    splits,
+)
 from torch import nn
 
 import wrapcal

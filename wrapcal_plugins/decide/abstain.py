@@ -149,8 +149,10 @@ class Abstain(Plugin):
         correct = prediction.label == labels.to(prediction.label.device)
         raw_msp = None
         if "raw_msp" in _RANKINGS[self.ranking]:
-            with torch.no_grad():
-                raw_msp = _raw_msp(combine_members(model.members(found.features)))
+            with torch.no_grad():  # in row chunks: the set may live on disk
+                raw_msp = torch.cat(
+                    [_raw_msp(combine_members(model.members(rows))) for rows, _ in found.batches()]
+                )
         return self.fit_scores(prediction.scores["msp"], correct, raw_msp=raw_msp)
 
     def fit_scores(self, msp: Any, correct: Any, raw_msp: Any = None) -> Abstain:
