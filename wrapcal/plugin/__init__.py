@@ -53,7 +53,12 @@ from typing import TYPE_CHECKING, Any
 from wrapcal.errors import DataError, DistributedError, NotFittedError, SplitError, WrapcalError
 from wrapcal.plugin.base import Plugin, ShapeSpec, get_tags
 from wrapcal.plugin.bootstrap import bootstrap_means, percentile_interval
-from wrapcal.plugin.calibrator import Calibrator, calibrated_log_probs, stratified_folds
+from wrapcal.plugin.calibrator import (
+    Calibrator,
+    calibrated_log_probs,
+    out_of_fold_log_probs,
+    stratified_folds,
+)
 from wrapcal.plugin.constraints import Check, Interval, Options
 from wrapcal.plugin.hookspecs import hookimpl
 from wrapcal.plugin.prediction import Prediction
@@ -170,6 +175,7 @@ __all__ = [
     "logits_to_probs",
     "num_samples",
     "one_cpu_thread",
+    "out_of_fold_log_probs",
     "percentile_interval",
     "preserved_modes",
     "rank",

@@ -22,6 +22,7 @@ like ``wrap`` does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "as_logits",
     "calibrated_log_probs",
     "check_calibration_data",
+    "out_of_fold_log_probs",
     "stratified_folds",
 ]
 
@@ -175,16 +177,35 @@ class Calibrator(Plugin):
         logits ``[N, K >= 2]``: for each fold, a copy refitted with :meth:`frozen_params`
         on the other folds, applied to it. Call after :meth:`fit_logits` on the same data
         (a subclass may start its refits from that fit)."""
-        out = torch.empty_like(logits, dtype=torch.float64)
-        for held_out in folds:
-            train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-            train[held_out] = False
-            clone = type(self)(**self.frozen_params())
-            clone.fit_logits(logits[train], labels[train])
-            with torch.no_grad():
-                calibrated = clone.transform_logits(logits[held_out])
-            out[held_out] = torch.log_softmax(calibrated.double(), dim=1)
-        return out
+        return out_of_fold_log_probs(
+            lambda: type(self)(**self.frozen_params()), logits, labels, folds
+        )
+
+
+def out_of_fold_log_probs(
+    make: Callable[[], Calibrator],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    folds: list[torch.Tensor],
+) -> torch.Tensor:
+    """Out-of-fold calibrated log-probabilities ``[N, K]`` (float64): for each fold, a
+    fresh calibrator from ``make()`` fitted on the other folds and applied to it.
+
+    ``make`` decides what is refitted: with the fitted hyperparameters frozen
+    (:meth:`Calibrator.cross_val_log_probs`) or the whole procedure, hyperparameter
+    search included (nested cross-validation, as ``auto_calibration`` scores tuned
+    candidates).
+    """
+    out = torch.empty_like(logits, dtype=torch.float64)
+    for held_out in folds:
+        train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+        train[held_out] = False
+        clone = make()
+        clone.fit_logits(logits[train], labels[train])
+        with torch.no_grad():
+            calibrated = clone.transform_logits(logits[held_out])
+        out[held_out] = torch.log_softmax(calibrated.double(), dim=1)
+    return out
 
 
 # --- helpers shared by the calibrators ---------------------------------------------------

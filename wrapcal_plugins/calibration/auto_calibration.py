@@ -41,7 +41,15 @@ import torch
 from torch import nn
 
 from wrapcal import PluginTags, get_tags, hookimpl, metrics
-from wrapcal.plugin import Calibrator, Check, Interval, Options, create_plugin, stratified_folds
+from wrapcal.plugin import (
+    Calibrator,
+    Check,
+    Interval,
+    Options,
+    create_plugin,
+    out_of_fold_log_probs,
+    stratified_folds,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -310,16 +318,9 @@ def _nested(
     """Out-of-fold log-probabilities of a tuned candidate's whole fitting procedure: a
     fresh copy with its own parameters (hyperparameters not fixed) fitted on each fold's
     complement, so they are chosen again at the fold's size (nested cross-validation)."""
-    out = torch.empty_like(logits, dtype=torch.float64)
-    for held_out in folds:
-        train = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-        train[held_out] = False
-        clone = type(calibrator)(**calibrator.get_params())
-        clone.fit_logits(logits[train], labels[train])
-        with torch.no_grad():
-            calibrated = clone.transform_logits(logits[held_out])
-        out[held_out] = torch.log_softmax(calibrated.double(), dim=1)
-    return out
+    return out_of_fold_log_probs(
+        lambda: type(calibrator)(**calibrator.get_params()), logits, labels, folds
+    )
 
 
 def _eligible(row: dict[str, Any], table: list[dict[str, Any]]) -> bool:
