@@ -24,6 +24,11 @@ from wrapcal.features.memory_store import CACHE
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def entries(cache_dir: Path) -> list[Path]:
+    """The folders in wrapcal's own folder of a cache directory (entries and partials)."""
+    return [p for p in (cache_dir / "wrapcal-features-v2").iterdir() if p.is_dir()]
+
+
 def labelled(n: int, seed: int, model: torch.nn.Module):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 8, 8, generator=g)
@@ -89,7 +94,9 @@ def test_a_cache_directory_skips_the_backbone_in_a_later_run(tmp_path):
         calibration=other, progress=False, cache_dir=tmp_path
     )
     assert changed.backbone_passes == 1
-    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    assert len(entries(tmp_path)) == 2
+    # wrapcal wrote only inside its own folder.
+    assert [p.name for p in tmp_path.iterdir()] == ["wrapcal-features-v2"]
 
 
 def test_every_built_in_plugin_fits_from_disk_as_from_memory(tmp_path):
@@ -146,7 +153,7 @@ def test_half_written_entries_are_rebuilt_never_read(tmp_path):
     model = small_net()
     cal = labelled(200, 1, model)
     wrapcal.wrap(model, ["temperature"]).fit(calibration=cal, progress=False, cache_dir=tmp_path)
-    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry,) = entries(tmp_path)
     features = entry / "features.bin"
     features.write_bytes(features.read_bytes()[:-40])  # truncated by a crash
     CACHE.clear()
@@ -207,12 +214,11 @@ def test_a_run_killed_half_way_leaves_nothing_that_is_read(tmp_path):
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    partial = list(tmp_path.glob("*.partial-*"))
+    partial = list((tmp_path / "wrapcal-features-v2").glob("*.partial-*"))
     assert partial and (partial[0] / "features.bin").stat().st_size > 0
     assert not (partial[0] / "meta.json").exists()
     store = DiskCache(tmp_path)  # a new run: the dead writer's folder is removed
-    assert not list(tmp_path.glob("*.partial-*")) and store.hits == 0
-    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert not entries(tmp_path) and store.hits == 0
 
 
 def test_evaluate_shares_a_cache_directory_with_fit(tmp_path):
@@ -254,7 +260,7 @@ def test_memory_and_disk_stores_implement_the_feature_store_protocol(tmp_path):
     from wrapcal.features.store import FeatureStore
 
     wanted = _protocol_methods(FeatureStore)
-    assert set(wanted) == {"lookup", "candidates", "new_sink", "store", "discard"}
+    assert set(wanted) == {"lookup", "candidates", "forget", "new_sink", "store", "discard"}
     for store in (FeatureCache(), DiskCache(tmp_path / "store")):
         for name, params in wanted.items():
             got = list(inspect.signature(getattr(type(store), name)).parameters)

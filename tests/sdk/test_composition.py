@@ -627,7 +627,8 @@ def test_a_features_stage_transform_with_the_features_on_disk(tmp_path, monkeypa
         on_disk = model().fit(**sets, cache_dir=tmp_path / "cache")
         in_memory = model().fit(**sets, cache=False)
     assert len(written) == 2  # train and calibration, from their disk cache
-    entries = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    owned = tmp_path / "cache" / "wrapcal-features-v2"
+    entries = sorted(p.name for p in owned.iterdir() if p.is_dir())
     assert len(entries) == 2 and not any(name.startswith("tmp") for name in entries), entries
     q = d["queries"]
     got, want = on_disk.predict_features(q), in_memory.predict_features(q)
@@ -829,11 +830,13 @@ def test_the_features_stage_scratch_on_disk_is_a_partial_folder_the_cache_cleans
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped_with([Shape(), spec("vim")]).fit(train=d["train"], progress=False, cache_dir=cache)
-    assert len(folders) == 1 and folders[0].parent == cache
+    assert len(folders) == 1 and folders[0].parent == cache / "wrapcal-features-v2"
     assert f".partial-{os.getpid()}-" in folders[0].name
     assert not folders[0].exists()  # the fit removed it
     # A killed run's leftover (its writer's process gone) is removed by the cache.
-    left = cache / folders[0].name.replace(f"-{os.getpid()}-", "-999999999-")
+    left = (
+        cache / "wrapcal-features-v2" / folders[0].name.replace(f"-{os.getpid()}-", "-999999999-")
+    )
     left.mkdir()
     (left / "features.bin").write_bytes(b"\0" * 64)
     DiskCache(cache)

@@ -6,11 +6,21 @@ fingerprint (structure, weights, device) and the data's, so the first call runs 
 backbone and the others reuse its features. Variants whose plugins change the backbone
 (``label_smoothing(scope="all")``) have other weights, hence their own entries.
 
-It never serves stale features: changed weights change the backbone's fingerprint, and
-data are fingerprinted by content. In-memory data (tensors, arrays, ``(X, y)`` pairs)
-are hashed directly. A ``DataLoader`` or ``Dataset`` is read batch by batch: its first
-batch finds candidate entries, and a candidate is used only after the whole stream,
-read again without the backbone, hashed the same (a shuffling loader never matches).
+It never serves stale features: changed weights, buffers or code (a class's ``forward``)
+change the backbone's fingerprint (:mod:`wrapcal.features.fingerprint`, which a module
+can extend with ``wrapcal_fingerprint()``), and data are fingerprinted by content.
+In-memory data (tensors, arrays, ``(X, y)`` pairs) are hashed directly. A
+``DataLoader`` or ``Dataset`` is read batch by batch: its first batch finds candidate
+entries, and a candidate is used only after the whole stream, read again without the
+backbone, hashed the same (a shuffling loader never matches).
+
+The labels are always the user's. The data's fingerprint covers them, so a sound entry
+holds the same labels; still, on every hit the entry's labels are compared with those the
+data passed now yields (read with the inputs, without the backbone: slices of an
+``(X, y)`` pair, the stream's digest pass for a loader), and an entry that disagrees (a
+disk entry edited along with its digests, say) is dropped with a warning and the
+backbone runs again. Comparing, rather than never storing labels, keeps a disagreement
+loud: it means the store cannot be trusted, not just its labels.
 
 The cache holds at most ``max_bytes`` of features (least recently used evicted first;
 default 2 GiB or ``$WRAPCAL_FEATURE_CACHE_BYTES``). Turn it off with
@@ -21,6 +31,7 @@ default 2 GiB or ``$WRAPCAL_FEATURE_CACHE_BYTES``). Turn it off with
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,6 +133,10 @@ class FeatureCache:
         """Data keys of entries of this backbone whose first batch is ``probe``."""
         return [k[1] for k, e in self._entries.items() if k[0] == model_key and e.probe == probe]
 
+    def forget(self, model_key: str, data_key: str) -> None:
+        """Drop the entry of this backbone and data, if there is one."""
+        self._entries.pop((model_key, data_key), None)
+
     def new_sink(self, model_key: str) -> MemorySink:
         """Where a pass's features go: memory."""
         return MemorySink()
@@ -155,11 +170,31 @@ def _first_batch_digest(data: Any, batch_size: int) -> str | None:
     return stream.first
 
 
-def _stream_digest(data: Any, batch_size: int) -> str:
+def _stream_digest(data: Any, batch_size: int) -> tuple[str, torch.Tensor | None]:
+    """The stream's digest, and its labels (``None`` if a batch has none)."""
     stream = StreamHash()
+    labels: list[torch.Tensor | None] = []
     for x, y in iter_batches(data, batch_size):
         stream.update(x, y)
-    return stream.hexdigest()
+        labels.append(y)
+    return stream.hexdigest(), _joined(labels)
+
+
+def _joined(labels: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if not labels or any(y is None for y in labels):
+        return None
+    return torch.cat([torch.as_tensor(y).reshape(-1).to("cpu", torch.int64) for y in labels])
+
+
+def _labels_of(data: Any, batch_size: int) -> torch.Tensor | None:
+    """The labels of data held in memory (slices: no copy of the inputs)."""
+    return _joined([y for _, y in iter_batches(data, batch_size)])
+
+
+def _labels_agree(cached: torch.Tensor | None, own: torch.Tensor | None) -> bool:
+    if cached is None or own is None:
+        return cached is None and own is None
+    return cached.shape == own.shape and torch.equal(cached.to("cpu", torch.int64), own)
 
 
 def cached_features(
@@ -216,15 +251,30 @@ def cached_features(
     model_key = backbone_fingerprint(backbone)
     data_key = memory_fingerprint(data)
     probe = None
+    own_labels: torch.Tensor | None = None
     if data_key is None:
         probe = _first_batch_digest(data, batch_size)
         if probe is not None and store.candidates(model_key, probe):
-            data_key = _stream_digest(data, batch_size)  # reading only: no backbone
+            # Reading only, no backbone: the key, and the labels to check a hit against.
+            data_key, own_labels = _stream_digest(data, batch_size)
     if data_key is not None:
         found = store.lookup(model_key, data_key, name, data, device)
         if found is not None:
-            store.hits += 1
-            return found, False
+            if probe is None:  # in memory: its labels are slices away
+                own_labels = _labels_of(data, batch_size)
+            if _labels_agree(found.labels, own_labels):
+                store.hits += 1
+                return found, False
+            warnings.warn(
+                f"the feature cache's entry for the {name!r} data holds labels other than "
+                "the data's (edited?): dropped, the backbone runs again; clear the cache "
+                "if this repeats",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            forget = getattr(store, "forget", None)  # a store written before forget()
+            if forget is not None:
+                forget(model_key, data_key)
     stream = StreamHash() if data_key is None else None
     sink = store.new_sink(model_key)
     try:

@@ -6,7 +6,9 @@ the protocol: :class:`~wrapcal.features.memory_store.FeatureCache` (memory, boun
 shared in the process; :data:`~wrapcal.features.memory_store.CACHE`) and
 :class:`~wrapcal.features.disk_store.DiskCache` (files in a directory, for data sets
 larger than memory, reused across runs). Both key entries by the backbone's fingerprint
-and the data's (:mod:`wrapcal.features.fingerprint`).
+and the data's (:mod:`wrapcal.features.fingerprint`); a hit's labels are checked against
+the data's own (:func:`~wrapcal.features.memory_store.cached_features`), and an entry that
+disagrees is dropped (:meth:`FeatureStore.forget`).
 
 A pass writes its rows into a :class:`~wrapcal.features.extract.FeatureSink` that the
 store hands out (:meth:`FeatureStore.new_sink`): a list in memory, a file on disk. When the pass
@@ -55,6 +57,11 @@ class FeatureStore(Protocol):
     def candidates(self, model_key: str, probe: str) -> list[str]:
         """Data keys of entries of this backbone whose first batch hashed to ``probe``
         (streamed data is fingerprinted only when some entry may match)."""
+        ...
+
+    def forget(self, model_key: str, data_key: str) -> None:
+        """Drop the entry of this backbone and data, if there is one (it failed a check
+        the store could not make itself: its labels disagree with the data's)."""
         ...
 
     def new_sink(self, model_key: str) -> FeatureSink:
