@@ -12,6 +12,10 @@ Nothing here downloads anything; every reader takes a path you already have.
 - :mod:`~wrapcal.datasets.hf`: Hugging Face ``datasets`` saved directories (optional).
 - :mod:`~wrapcal.datasets.specs`: any of these named by a short text, as the command
   line names them.
+- :mod:`~wrapcal.datasets.safety`: what every reader checks first: regular files only
+  (no FIFO, device or socket), sizes from headers against the bytes present, decoded
+  images capped (:data:`~wrapcal.datasets.safety.MAX_IMAGE_PIXELS`) and of one size
+  unless resized. A saved Hugging Face directory is read from its own files only.
 
 The generic input handling (DataLoader, Dataset, ``(X, y)``) is :mod:`wrapcal.data`.
 """

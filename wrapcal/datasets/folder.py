@@ -5,6 +5,10 @@ An ImageFolder numbers its classes by the *alphabetical* order of the folder nam
 index 2. A model numbers its classes however it was trained. :func:`check_class_order`
 compares the folder names with the model's class names when they are known and says
 what it found; :func:`relabel` renumbers a folder's labels by the model's names.
+
+Every file is checked before it is read (:mod:`wrapcal.datasets.safety`): special files,
+non-images, decompression bombs and mixed sizes are refused with a message naming the
+file, and links are followed without reading a directory twice.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ import torch
 from torch.utils.data import Dataset
 
 from wrapcal.datasets.pixels import match_channels
+from wrapcal.datasets.safety import common_size, decode_image, open_regular, probe_image
+from wrapcal.errors import DataError
 
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "ClassOrder",
     "ImageDirectory",
     "check_class_order",
     "image_transform",
+    "read_image_file",
     "relabel",
+    "scan_image_folder",
 ]
 
 
@@ -43,26 +52,138 @@ def image_transform(
     return transform
 
 
+#: File names read as images (torchvision's ImageFolder's, compared in lower case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+#: How a user asks for images of different sizes to be resized, for messages.
+RESIZE_HINT = (
+    "give the size to resize them to (--size N on the command line, size=(height, width) in Python)"
+)
+_FOLDER_FIX = "remove it from the folder"
+
+
+def _within(path: str, top: str) -> bool:
+    """Whether the real path ``path`` is ``top`` or inside it."""
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _walk_class(top: str, root: str, outside: set[str]) -> list[tuple[str, list[str]]]:
+    """``(directory, file names)`` under a class folder, as ``os.walk(followlinks=True)``
+    gives them, but each real directory once.
+
+    A link to a directory inside the image folder (read at its own place) or to one that
+    holds it (a loop) is skipped; a link out of it is followed once (``outside`` holds the
+    real paths already read, across classes). Without this, one link back to the root
+    made torchvision's ImageFolder read every image about 41 times.
+    """
+    found: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        real = os.path.realpath(directory)
+        if real in seen:
+            continue
+        seen.add(real)
+        files: list[str] = []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a link loop on a file name: checked when probed
+                    is_dir = False
+                if not is_dir:
+                    files.append(entry.name)
+                    continue
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if _within(target, root) or _within(root, target) or target in outside:
+                        continue
+                    outside.add(target)
+                stack.append(entry.path)
+        found.append((directory, files))
+    return sorted(found)
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes (folder names, alphabetical) and the ``(path, class index)`` of every
+    image file under them, in ImageFolder's order.
+
+    Raises:
+        DataError: No class folder, or a class folder without images.
+    """
+    name = os.fspath(root)
+    layout = "expected one folder per class holding the images (root/cat/1.png, root/dog/2.jpg)"
+    try:
+        with os.scandir(name) as entries:
+            classes = sorted(e.name for e in entries if e.is_dir())
+    except OSError as err:
+        raise DataError(f"{name} is not an image directory ({err.strerror}); {layout}") from None
+    if not classes:
+        raise DataError(f"{name} is not an image directory (no class folder in it); {layout}")
+    real_root = os.path.realpath(name)
+    outside: set[str] = set()
+    samples: list[tuple[str, int]] = []
+    for index, cls in enumerate(classes):
+        top = os.path.join(name, cls)
+        if _within(real_root, os.path.realpath(top)):
+            raise DataError(
+                f"{top} is a link to the image folder itself or a folder above it: remove it"
+            )
+        before = len(samples)
+        for directory, files in _walk_class(top, real_root, outside):
+            samples.extend(
+                (os.path.join(directory, f), index)
+                for f in sorted(files)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        if len(samples) == before:
+            raise DataError(
+                f"{name} is not an image directory (class folder {cls!r} holds no image file: "
+                f"{', '.join(IMAGE_EXTENSIONS)}); {layout}"
+            )
+    return classes, samples
+
+
+def read_image_file(path: str) -> Any:
+    """A decoded image file (PIL), converted to RGB as torchvision's ImageFolder does.
+
+    Raises:
+        DataError: Not a regular file, not an image, over the pixel cap, or truncated.
+    """
+    with open_regular(path, _FOLDER_FIX) as f:
+        return decode_image(f, path).convert("RGB")
+
+
 class ImageDirectory(Dataset):
     """Images in class folders, ``root/<class>/<image>``, as ``(x, label)`` pairs.
 
-    A thin layer over ``torchvision.datasets.ImageFolder`` (same files, same class
-    indices: alphabetical folder order) that brings every image to one size, channel
-    count and normalisation, and can renumber the classes (:func:`relabel`).
+    The files and class indices of torchvision's ``ImageFolder`` (alphabetical folder
+    order), with every image brought to one size, channel count and normalisation; the
+    classes can be renumbered (:func:`relabel`).
+
+    Every file is checked when the folder is opened, from its header alone: a FIFO,
+    device or socket named like an image, a file that is no image, an image over
+    :data:`~wrapcal.datasets.safety.MAX_IMAGE_PIXELS` (a decompression bomb) and, when
+    ``size`` is ``None``, an image whose size differs from the others are refused with
+    a message naming the file. A directory reached twice through links is read once.
 
     Args:
         root: The directory.
-        size: ``(height, width)``; ``None`` takes the first image's size.
+        size: ``(height, width)`` to resize every image to; ``None``: the images' own
+            size, which they must share.
         channels: Channels of the outputs (grey is replicated, RGB averaged).
         normalise: Pixels in [0, 1] -> model inputs.
 
     Attributes:
         classes: The class folder names, in label order.
+        samples: ``(path, folder class index)`` of every image, in file order.
         targets: The label of every image, in file order.
         size: The ``(height, width)`` of the outputs.
 
     Raises:
-        ValueError: No class folder or no image file under ``root``.
+        DataError: (a ``ValueError``) No class folder, a class without images, or a file
+            refused as above.
     """
 
     def __init__(
@@ -72,30 +193,26 @@ class ImageDirectory(Dataset):
         channels: int,
         normalise: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        from torchvision import datasets
-
-        try:
-            self.folder = datasets.ImageFolder(os.fspath(root))
-        except FileNotFoundError as err:
-            raise ValueError(
-                f"{os.fspath(root)} is not an image directory ({err}); expected one folder "
-                "per class holding the images (root/cat/1.png, root/dog/2.jpg)"
-            ) from None
+        self.classes, self.samples = scan_image_folder(root)
+        headers = []
+        for path, _ in self.samples:
+            with open_regular(path, _FOLDER_FIX) as f:
+                headers.append(probe_image(f, path))
         if size is None:
-            width, height = self.folder.loader(self.folder.samples[0][0]).size
-            size = (height, width)
+            paths = [p for p, _ in self.samples]
+            size = common_size([h.size for h in headers], paths, RESIZE_HINT)
         self.size = (int(size[0]), int(size[1]))
         self.channels = channels
-        self.classes: list[str] = list(self.folder.classes)
-        self.targets: list[int] = list(self.folder.targets)
+        self.folder_targets: list[int] = [t for _, t in self.samples]
+        self.targets: list[int] = list(self.folder_targets)
         self._transform = image_transform(self.size, channels, normalise)
 
     def __len__(self) -> int:
-        return len(self.folder.samples)
+        return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, _ = self.folder.samples[i]
-        return self._transform(self.folder.loader(path)), self.targets[i]
+        path, _ = self.samples[i]
+        return self._transform(read_image_file(path)), self.targets[i]
 
 
 @dataclass
@@ -176,5 +293,5 @@ def check_class_order(folders: Sequence[str], reference: Sequence[str] | None) -
 
 def relabel(dataset: ImageDirectory, mapping: Sequence[int]) -> ImageDirectory:
     """Renumber a folder's labels: folder class ``i`` becomes ``mapping[i]`` (in place)."""
-    dataset.targets = [int(mapping[t]) for t in dataset.folder.targets]
+    dataset.targets = [int(mapping[t]) for t in dataset.folder_targets]
     return dataset

@@ -9,13 +9,21 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
+import struct
+import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+from wrapcal.datasets.safety import check_regular, open_regular
+from wrapcal.errors import DataError
+
 __all__ = [
+    "MAX_GZIP_RATIO",
     "is_idx_name",
     "labels_file_for",
     "labels_name",
@@ -29,6 +37,11 @@ PathLike = str | os.PathLike
 # IDX type byte -> big-endian numpy dtype.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _IDX_NAME = re.compile(r"(idx\d|ubyte)", re.IGNORECASE)
+_FIX = "the file is truncated or corrupt; re-download it"
+
+#: The most a gzip-compressed IDX file may inflate to, as a multiple of its size. Real
+#: image sets compress 2 to 10 times (MNIST about 5); deflate can reach about 1000.
+MAX_GZIP_RATIO = 256
 
 
 def is_idx_name(path: PathLike) -> bool:
@@ -36,8 +49,35 @@ def is_idx_name(path: PathLike) -> bool:
     return _IDX_NAME.search(Path(path).name) is not None
 
 
+def _read_exact(stream: IO[bytes], size: int, name: str, what: str) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise DataError(f"{name}: truncated IDX {what} ({len(data)} of {size} bytes); {_FIX}")
+    return data
+
+
+def _header(stream: IO[bytes], name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The dtype, shape and byte length of an IDX header, read from its first bytes."""
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+        raise DataError(
+            f"{name}: not an IDX file (magic number {magic.hex() or 'missing'}; "
+            "expected 0000 followed by a type byte in 08/09/0b/0c/0d/0e and the rank)"
+        )
+    ndim = magic[3]
+    dims = _read_exact(stream, 4 * ndim, name, "header")
+    shape = tuple(int(d) for d in struct.unpack(f">{ndim}I", dims))
+    return np.dtype(_IDX_DTYPES[magic[2]]), shape, 4 + 4 * ndim
+
+
 def load_idx(path: PathLike) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzip-compressed or raw.
+
+    The header is read first and the size it states checked against the bytes present
+    before anything is allocated: for a raw file, the file's size; for a gzip file, at
+    most :data:`MAX_GZIP_RATIO` times its compressed size (real images compress 2 to 10
+    times), and the stream is inflated only as far as the header says (a 1.5 MB gzip
+    inflating to 1.5 GiB is refused, not inflated).
 
     Args:
         path: The file; gzip is detected from its first bytes, not its name.
@@ -46,40 +86,46 @@ def load_idx(path: PathLike) -> np.ndarray:
         The array, in native byte order, with the shape the header states.
 
     Raises:
-        ValueError: If the magic number is wrong, or the file is truncated or corrupt.
+        DataError: (a ``ValueError``) If the magic number is wrong, the file is not a
+            regular file, or it is truncated, corrupt or larger than its header says.
     """
     name = os.fspath(path)
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    try:
-        if compressed:
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-    except (EOFError, OSError) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(
-            f"{name}: corrupt or truncated gzip stream ({e}); re-download the file"
-        ) from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(
-            f"{name}: not an IDX file (magic number {data[:4].hex() or 'missing'}; "
-            "expected 0000 followed by a type byte in 08/09/0b/0c/0d/0e and the rank)"
-        )
-    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise ValueError(f"{name}: truncated IDX header ({len(data)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(data) != expected:
-        raise ValueError(
-            f"{name}: IDX header says shape {shape} ({expected} bytes) but the file holds "
-            f"{len(data)} bytes: the file is truncated or corrupt; re-download it"
-        )
-    array = np.frombuffer(data, dtype, offset=header).reshape(shape)
-    return array.astype(dtype.newbyteorder("="))
+    size = check_regular(path, "give an IDX file").st_size
+    with open_regular(path) as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        try:
+            dtype, shape, header = _header(stream, name)
+            # Python integers: 255 dimensions of 2^32 - 1 cannot wrap around.
+            claimed = math.prod(shape) * dtype.itemsize
+            says = f"IDX header says shape {shape} ({header + claimed} bytes)"
+            if not compressed and header + claimed != size:
+                raise DataError(f"{name}: {says} but the file holds {size} bytes; {_FIX}")
+            if compressed and claimed > MAX_GZIP_RATIO * size + 2**20:
+                raise DataError(
+                    f"{name}: {says} but the gzip file is {size} bytes: real images do not "
+                    f"inflate more than {MAX_GZIP_RATIO} times, so the file is corrupt or "
+                    "hostile; re-download it (if it is right, gunzip it and read the raw "
+                    "file)"
+                )
+            data = bytearray(claimed)
+            view, got = memoryview(data), 0
+            while got < claimed:  # inflated in the stream's own chunks, into place
+                n = stream.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got != claimed:
+                raise DataError(f"{name}: {says} but the file holds {header + got}; {_FIX}")
+            if compressed and stream.read(1):
+                raise DataError(f"{name}: {says} but the file holds more data; {_FIX}")
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(
+                f"{name}: corrupt or truncated gzip stream ({e}); re-download the file"
+            ) from None
+    array = np.frombuffer(data, dtype).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
 
 
 def load_idx_images(path: PathLike) -> np.ndarray:

@@ -1,5 +1,10 @@
 """Images and labels from NumPy ``.npz`` archives (read with ``allow_pickle=False``).
 
+Each array's ``.npy`` header is checked against the bytes its member holds before
+anything is allocated: a header claiming 10^12 images in a member of 30, or a zip
+directory claiming more than its compressed bytes can inflate to, is refused, as are
+object arrays (readable only by unpickling).
+
 Which arrays are the images and the labels: explicit keys; else, for a ``split``
 (``test``), ``test_images`` / ``test_x`` / ``x_test`` and ``test_labels`` / ``test_y``
 / ``y_test``; else a conventional name (``images``, ``x``, ``data``... and ``labels``,
@@ -17,8 +22,10 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +33,8 @@ import numpy as np
 import torch
 
 from wrapcal.datasets.pixels import normalise, to_nchw, to_unit_float
+from wrapcal.datasets.safety import check_regular, open_regular
+from wrapcal.errors import DataError
 
 __all__ = [
     "IMAGE_KEYS",
@@ -179,30 +188,131 @@ def find_npz_keys(
     return NpzKeys(images_key, found)
 
 
-def npz_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
-    """Every array's shape in an archive, from the headers alone (no data is read).
+# Deflate's largest expansion is about 1032:1 (258 bytes from each 2-bit code); a member
+# said to inflate to more than this from its compressed size is lying.
+_DEFLATE_RATIO = 1032
+_RESAVE = "re-save it with numpy.savez or numpy.savez_compressed"
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One array of an archive, from its ``.npy`` header."""
+
+    info: zipfile.ZipInfo
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _check_sizes(info: zipfile.ZipInfo, archive_size: int, name: str) -> None:
+    """The zip directory's sizes of a member, against what the archive can hold."""
+    member = f"{name}: member {info.filename}"
+    if info.header_offset + info.compress_size > archive_size:
+        raise DataError(
+            f"{member} says it holds {info.compress_size} bytes but the archive is "
+            f"{archive_size} bytes: the file is truncated or corrupt; {_RESAVE}"
+        )
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.file_size != info.compress_size:
+            raise DataError(
+                f"{member} is stored uncompressed but its sizes disagree ({info.file_size} "
+                f"and {info.compress_size} bytes): the archive is corrupt; {_RESAVE}"
+            )
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        if info.file_size > _DEFLATE_RATIO * info.compress_size + 1024:
+            raise DataError(
+                f"{member} says it will inflate to {info.file_size} bytes from "
+                f"{info.compress_size}, more than deflate can produce: the archive is "
+                f"corrupt or hostile; {_RESAVE}"
+            )
+    else:
+        raise DataError(
+            f"{member} is compressed with zip method {info.compress_type}, which numpy "
+            f"never writes: {_RESAVE}"
+        )
+
+
+def _members(path: PathLike) -> dict[str, _Member]:
+    """Every ``.npy`` member's header, checked against the bytes the member holds.
 
     Raises:
-        ValueError: If the file is not a readable ``.npz`` archive.
+        DataError: Not a regular file, a zip directory or ``.npy`` header that claims more
+            bytes than are present, or an object array (readable only by unpickling).
+        ValueError: Not a readable ``.npz`` archive.
     """
+    name = os.fspath(path)
+    archive_size = check_regular(path, "give an .npz archive written by numpy.savez").st_size
+    members = {}
     try:
-        with zipfile.ZipFile(path) as archive:
-            shapes = {}
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     continue
-                with archive.open(info) as f:
-                    version = np.lib.format.read_magic(f)
+                _check_sizes(info, archive_size, name)
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
                     read = (
                         np.lib.format.read_array_header_1_0
                         if version == (1, 0)
                         else np.lib.format.read_array_header_2_0
                     )
-                    shape, _, _ = read(f)
-                shapes[info.filename.removesuffix(".npy")] = tuple(shape)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{os.fspath(path)}: not a readable .npz archive ({err})") from err
-    return shapes
+                    shape, _, dtype = read(member)
+                    header = member.tell()
+                key = info.filename.removesuffix(".npy")
+                if dtype.hasobject:  # refused if read (_read_arrays); its size is a pickle's
+                    members[key] = _Member(info, tuple(int(d) for d in shape), dtype)
+                    continue
+                # Python integers: a product of header dimensions cannot wrap around.
+                claimed = header + math.prod(int(d) for d in shape) * dtype.itemsize
+                if claimed != info.file_size:
+                    raise DataError(
+                        f"{name}: member {info.filename}'s header claims shape {tuple(shape)} "
+                        f"of {dtype} ({claimed} bytes) but holds {info.file_size} bytes: the "
+                        f"archive is truncated, corrupt or hostile; {_RESAVE}"
+                    )
+                members[key] = _Member(info, tuple(int(d) for d in shape), dtype)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as err:
+        raise ValueError(f"{name}: not a readable .npz archive ({err})") from err
+    return members
+
+
+def _read_arrays(path: PathLike, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an archive, each allocated only once its header has been
+    checked against the bytes present (numpy allocates what a header says first)."""
+    members = _members(path)
+    name = os.fspath(path)
+    arrays = {}
+    with open_regular(path) as f, zipfile.ZipFile(f) as archive:
+        for key in keys:
+            if members[key].dtype.hasobject:
+                raise DataError(
+                    f"{name}[{key!r}] is an object array (dtype {members[key].dtype}), "
+                    "readable only by unpickling it, which runs code from the file: wrapcal "
+                    "reads numeric arrays only; save the images as uint8 or float and the "
+                    "names as strings"
+                )
+            with archive.open(members[key].info) as member:
+                try:
+                    arrays[key] = np.lib.format.read_array(member, allow_pickle=False)
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error) as err:
+                    raise DataError(
+                        f"{name}[{key!r}]: cannot be read ({err}): the archive is truncated "
+                        f"or corrupt; {_RESAVE}"
+                    ) from None
+    return arrays
+
+
+def npz_shapes(path: PathLike) -> dict[str, tuple[int, ...]]:
+    """Every array's shape in an archive, from the headers alone (no data is read).
+
+    Each header is checked against the bytes its member holds (see :func:`load_npz_images`).
+
+    Raises:
+        ValueError: If the file is not a readable ``.npz`` archive, or a header claims
+            more than its member holds (a :class:`~wrapcal.errors.DataError`).
+    """
+    return {key: member.shape for key, member in _members(path).items()}
 
 
 def _python_hint(err: NpzKeyError, path: PathLike, split: str | None) -> str:
@@ -261,25 +371,26 @@ def load_npz_images(
             names tried), the images have an unusable shape or range, or labels do not
             match the images.
     """
-    with np.load(path, allow_pickle=False) as archive:
-        shapes = npz_shapes(path)
-        try:
-            chosen = find_npz_keys(shapes, images_key, labels_key, split)
-        except NpzKeyError as err:
-            raise ValueError(_python_hint(err, path, split)) from None
-        what = f"{os.fspath(path)!s}[{chosen.images!r}]"
-        images = to_nchw(to_unit_float(archive[chosen.images], what), what).contiguous()
-        labels = None
-        if chosen.labels is not None:
-            raw = archive[chosen.labels]
-            if raw.ndim != 1 or raw.dtype.kind not in "iu":
-                if labels_key is not None:
-                    raise ValueError(
-                        f"{os.fspath(path)!s}[{chosen.labels!r}]: labels must be a 1-D "
-                        f"integer array, got shape {raw.shape} and dtype {raw.dtype}"
-                    )
-            else:
-                labels = torch.as_tensor(raw.astype(np.int64))
+    shapes = npz_shapes(path)
+    try:
+        chosen = find_npz_keys(shapes, images_key, labels_key, split)
+    except NpzKeyError as err:
+        raise ValueError(_python_hint(err, path, split)) from None
+    what = f"{os.fspath(path)!s}[{chosen.images!r}]"
+    wanted = [chosen.images] + ([chosen.labels] if chosen.labels is not None else [])
+    arrays = _read_arrays(path, wanted)
+    images = to_nchw(to_unit_float(arrays.pop(chosen.images), what), what).contiguous()
+    labels = None
+    if chosen.labels is not None:
+        raw = arrays[chosen.labels]
+        if raw.ndim != 1 or raw.dtype.kind not in "iu":
+            if labels_key is not None:
+                raise ValueError(
+                    f"{os.fspath(path)!s}[{chosen.labels!r}]: labels must be a 1-D "
+                    f"integer array, got shape {raw.shape} and dtype {raw.dtype}"
+                )
+        else:
+            labels = torch.as_tensor(raw.astype(np.int64))
     if labels is not None and len(labels) != len(images):
         raise ValueError(
             f"{what}: {len(images)} images but {len(labels)} labels in {chosen.labels!r}"
@@ -289,10 +400,9 @@ def load_npz_images(
 
 def npz_class_names(path: PathLike) -> list[str] | None:
     """The ``classes`` array of an archive (class names in label order), if it has one."""
-    with np.load(path, allow_pickle=False) as archive:
-        if "classes" not in archive.files:
-            return None
-        names = archive["classes"]
+    if "classes" not in npz_shapes(path):
+        return None
+    names = _read_arrays(path, ["classes"])["classes"]
     if names.ndim != 1:
         return None
     return [str(n) for n in names.tolist()]

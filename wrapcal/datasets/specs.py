@@ -8,8 +8,13 @@ A spec is one of:
 * an ``.npz`` archive (:mod:`wrapcal.datasets.npz`);
 * an IDX images file (MNIST's ``t10k-images-idx3-ubyte.gz``), labelled by the IDX
   labels file beside it when there is one;
-* a directory saved by Hugging Face ``datasets`` (``save_to_disk``);
+* a directory saved by Hugging Face ``datasets`` (``save_to_disk``), read from its own
+  files only (image bytes stored in it; paths and URLs are refused);
 * any other directory: an ImageFolder (``root/<class>/<image>``).
+
+Files must be regular files (a FIFO or device is refused, never opened for a blocking
+read). Images of different sizes are read only with a size to resize them to
+(``ImageSettings.size``, ``--size``); otherwise the odd file is named.
 
 :func:`read_spec` turns one into a :class:`Loaded` set: tensors for files read at
 once, a ``Dataset`` for directories and noise. Sets read after the test set (``like``)
@@ -27,8 +32,8 @@ import torch
 from torch.utils.data import Subset
 
 from wrapcal.datasets.digits import DIGITS_MEAN, DIGITS_STD, digits
-from wrapcal.datasets.folder import ImageDirectory, image_transform
-from wrapcal.datasets.hf import HFImages, find_columns, is_saved_hf_dataset, load_hf_directory
+from wrapcal.datasets.folder import RESIZE_HINT, ImageDirectory, image_transform
+from wrapcal.datasets.hf import HFImages, is_saved_hf_dataset, load_hf_directory, probe_rows
 from wrapcal.datasets.idx import (
     is_idx_name,
     labels_file_for,
@@ -50,6 +55,7 @@ from wrapcal.datasets.npz import (
     split_label_keys,
 )
 from wrapcal.datasets.pixels import Normaliser, match_channels, match_images, resize_images
+from wrapcal.datasets.safety import check_regular, common_size
 
 __all__ = [
     "LABELLED_ROLES",
@@ -304,30 +310,29 @@ def _read(
         raise FileNotFoundError(f"{where}: {role} data not found: {spec} (expected {_kinds(role)})")
     size, channels = _target(settings, like)
     if is_saved_hf_dataset(path):
-        try:
-            dataset = load_hf_directory(path, split, strict)
-            image, label, names = find_columns(dataset)
-        except ValueError as err:
-            raise SpecError(f"{where}: {err}") from None
-        if role in LABELLED_ROLES and label is None:
+        saved = load_hf_directory(path, split, strict)
+        if role in LABELLED_ROLES and saved.label_column is None:
             raise SpecError(f"{where}: {role} data must be labelled; it has no label column")
-        first = dataset[0][image] if len(dataset) else None
-        if first is None:
+        if not len(saved):
             raise SpecError(f"{where}: the data set is empty")
-        size = size or (first.size[1], first.size[0])
-        channels = channels or (1 if first.mode == "L" else 3)
-        hf = HFImages(dataset, image_transform(size, channels, normaliser), image, label, names)
+        headers = probe_rows(saved)  # up front: every row an image, within the pixel cap
+        if size is None:
+            rows = [saved.name(i) for i in range(len(saved))]
+            size = common_size([h.size for h in headers], rows, RESIZE_HINT)
+        channels = channels or (1 if headers[0].mode == "L" else 3)
+        hf = HFImages(saved, image_transform(size, channels, normaliser))
         labels = hf.targets if role not in UNLABELLED_ROLES else None
-        return _dataset(hf, role, names, "hf", (channels, *size), labels, normaliser, settings)
+        return _dataset(
+            hf, role, saved.class_names, "hf", (channels, *size), labels, normaliser, settings
+        )
     if path.is_dir():
-        try:
-            folder = ImageDirectory(path, size, channels or 3, normaliser)
-        except ValueError as err:
-            raise SpecError(f"{where}: {err}") from None
+        folder = ImageDirectory(path, size, channels or 3, normaliser)
         shape = (folder.channels, *folder.size)
         return _dataset(
             folder, role, folder.classes, "folder", shape, folder.targets, normaliser, settings
         )
+    # A FIFO named data.npz would block the read for ever; a device would never end.
+    check_regular(path, f"give {_kinds(role)}")
     if path.suffix == ".npz":
         x, y, names = _npz(path, role, (split, strict), split_option, where)
         kind = "npz"
