@@ -3,7 +3,8 @@ under ``torchrun`` (run by ``tests/model/test_distributed.py``), and write what 
 
 Usage: ``python run.py OUT [fail-on-rank-1 | fail-after-reduce-on-rank-1]``. Under
 torchrun every rank fits from its shard of each data set; rank 0 writes
-``OUT/result.json`` and ``OUT/tensors.safetensors``.
+``OUT/result.json`` (with the seconds of each fit and of the ranks' agreement step
+before it) and ``OUT/tensors.safetensors``.
 
 The ``sharded`` model's plugins all fit from shards, so its train set is never gathered
 (the names of the sets gathered are recorded), and its KNN bank stays split across the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -93,6 +95,19 @@ def record_gathers() -> list[str]:
     return names
 
 
+def time_agreement(check):
+    """Seconds of the ranks' agreement step of the next fits, under ``"agree"``."""
+    seconds: dict[str, float] = {"agree": 0.0}
+
+    def timed(*args):
+        start = time.perf_counter()
+        check(*args)
+        seconds["agree"] += time.perf_counter() - start
+
+    fitting.agree_to_fit = timed
+    return seconds
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     fail = sys.argv[2] if len(sys.argv) > 2 else ""
@@ -115,8 +130,12 @@ def main() -> None:
         wrapped = wrapcal.wrap(pretrained_resnet20(), [FailsAfterReduce()])
         wrapped.fit(train=data["train"], batch_size=BATCH, progress=False)
         return
-    if fail == "fail-on-rank-1" and distributed.rank() == 1:
-        data["calibration"] = (images[:1000], labels[:1000] + 100)  # out of range: a data error
+    if fail == "fail-on-rank-1":
+        # The same data on every rank (the ranks agree), but the second half, rank 1's
+        # shard, has labels out of range: a data error on rank 1 only.
+        bad = labels[:1000].clone()
+        bad[500:] += 100
+        data["calibration"] = (images[:1000], bad)
     calibrators = [
         name
         for name, info in wrapcal.plugin_registry().items()
@@ -126,7 +145,8 @@ def main() -> None:
     ]
     models = {**MODELS, "calibrators": sorted(calibrators)}
     gathered_function = fitting._gathered
-    result: dict = {"world": distributed.world(), "models": {}, "gathered": {}}
+    result: dict = {"world": distributed.world(), "models": {}, "gathered": {}, "seconds": {}}
+    agree_to_fit = fitting.agree_to_fit
     tensors: dict = {}
     wrapped_models = {}
     for name, plugins in models.items():
@@ -135,12 +155,17 @@ def main() -> None:
             wrapped = wrapcal.wrap(pretrained_resnet20(), plugins)
             reads, _ = wrapcal.model.fitting.read_sets(wrapped)
             gathered = record_gathers()
+            seconds = time_agreement(agree_to_fit)
+            start = time.perf_counter()
             wrapped.fit(
                 **{k: v for k, v in data.items() if k in reads},
                 batch_size=BATCH,
                 progress=False,
             )
+            seconds["fit"] = time.perf_counter() - start
         fitting._gathered = gathered_function
+        fitting.agree_to_fit = agree_to_fit
+        result["seconds"][name] = seconds
         result["gathered"][name] = gathered
         wrapped_models[name] = wrapped
         result["models"][name] = {
@@ -178,6 +203,15 @@ def main() -> None:
         result["save_before_unshard"] = "saved"
     except distributed.DistributedError as err:
         result["save_before_unshard"] = str(err)
+    # Models fitted together agree on every rank, a KNN bank still split included (what
+    # evaluate checks before it runs a model).
+    start = time.perf_counter()
+    distributed.agree_to_evaluate(
+        {"baseline": pretrained_resnet20(), **wrapped_models},
+        {"test": (images[2000:3000], labels[2000:3000]), "mnist": mnist_ood(1000)[500:]},
+        {"bootstrap": 200},
+    )
+    result["seconds"]["agree_to_evaluate"] = time.perf_counter() - start
     report = wrapcal.evaluate(
         {"baseline": pretrained_resnet20(), **wrapped_models},
         test=(images[2000:3000], labels[2000:3000]),

@@ -110,3 +110,127 @@ def test_unshard_calls_the_declared_method_of_every_sharded_plugin_in_chain_orde
     assert calls == order and len(calls) == 2  # never the plugin with whole state
     # The declared default is a no-op: a plugin without sharded state need not define it.
     assert wrapcal.Plugin.unshard(plugins[1]) is None
+
+
+# --- what the ranks compare before a fit (the exchange itself: test_distributed.py) ------
+
+
+def _differing(a: dict, b: dict) -> list[str]:
+    return [topic for topic in {**a, **b} if a.get(topic, (None,))[0] != b.get(topic, (None,))[0]]
+
+
+def test_agreement_facts_match_for_the_same_model_and_name_only_what_differs():
+    def model(**params):
+        torch.manual_seed(0)
+        return wrapcal.wrap(SmallNet(), ["temperature", ("conformal", {"alpha": 0.1, **params})])
+
+    same = distributed.model_facts(model())
+    assert _differing(same, distributed.model_facts(model())) == []
+    nudged = model()
+    with torch.no_grad():
+        nudged.backbone.model.conv.weight.view(-1)[0] += 1e-6
+    assert _differing(same, distributed.model_facts(nudged)) == ["the backbone's weights"]
+    assert _differing(same, distributed.model_facts(model(alpha=0.2))) == [
+        "plugin conformal's parameter alpha",
+        "plugin conformal's learned state",  # its repr shows its parameters
+    ]
+    fitted = model()
+    with torch.no_grad():
+        fitted.get_plugin("temperature").temperature.fill_(2.0)
+    assert _differing(same, distributed.model_facts(fitted)) == [
+        "plugin temperature's learned state"
+    ]
+    # A bare classifier (evaluate's baseline): its architecture and weights.
+    torch.manual_seed(0)
+    bare = distributed.model_facts(SmallNet(), "model 'baseline'")
+    assert list(bare) == [
+        "model 'baseline': the model's architecture",
+        "model 'baseline': the model's weights",
+    ]
+
+
+def test_agreement_facts_of_data_see_the_data_not_its_container():
+    x, y = _data(200)
+    facts = distributed.data_facts("calibration", (x, y))
+    # numpy and int32 labels on one rank, torch and int64 on another: the same data.
+    assert _differing(facts, distributed.data_facts("calibration", (x.numpy(), y.int()))) == []
+    assert facts["the calibration set's labels"][0].startswith("200 labels, 10 classes (0..9)")
+    assert facts["the size of the calibration set"][0] == "200 rows"
+    assert _differing(facts, distributed.data_facts("calibration", (x, y.flip(0)))) == [
+        "the calibration set's labels"
+    ]
+    assert _differing(facts, distributed.data_facts("calibration", (x + 1e-6, y))) == [
+        "a sample of the calibration set's inputs"
+    ]
+    # A torchvision-style dataset: its targets and class names, without reading it.
+    dataset = torch.utils.data.TensorDataset(x, y)
+    dataset.targets, dataset.classes = y.tolist(), [f"c{i}" for i in range(10)]  # type: ignore[attr-defined]
+    described = distributed.data_facts("train", dataset)
+    assert described["the train set's labels"][0] == facts["the calibration set's labels"][0]
+    assert described["the train set's class names"][0].startswith("10 (c0, c1, c2, ...), digest ")
+
+
+def test_parameters_compare_alike_in_every_process():
+    # A set's order and an object's address change from one process to the next.
+    def f() -> None: ...
+
+    assert (
+        distributed._canonical({"b": {"y", "x", "z"}, "a": 1})
+        == '{"a":1,"b":["\'x\'","\'y\'","\'z\'"]}'
+    )
+    assert " at 0x" not in distributed._canonical(
+        {"fn": f}
+    ) and "function" in distributed._canonical({"fn": f})
+    assert distributed._canonical({(1, 2): 3}) == "{(1, 2): 3}"  # keys JSON cannot write
+    t = distributed._canonical(torch.arange(3))
+    assert t == distributed._canonical(torch.arange(3).numpy()) and '"shape":[3]' in t
+
+
+def test_messages_group_the_ranks_by_value():
+    values = ["a", "a", "a", "b", "c", "a"]
+    assert distributed._by_rank(values) == "ranks 0-2, 5 = a; rank 3 = b; rank 4 = c"
+    many = distributed._by_rank([str(i) for i in range(7)])
+    assert many.endswith("rank 3 = 3; and 3 other values")
+    assert (
+        distributed._shown("x" * 200).endswith("...") and len(distributed._shown("x" * 200)) == 72
+    )
+
+
+def test_agreement_outside_a_process_group_checks_nothing():
+    distributed.check_agreement({"anything": ("value", "fix")})
+    assert distributed.check_shard_rows("train", torch.zeros(10), 7, False) == [7]
+    distributed.agree_to_evaluate({"m": SmallNet()}, {"test": _data(10)}, {"n_bins": 15})
+
+
+def test_data_the_user_shards_is_recognised():
+    x, y = _data(20)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=0)
+    assert distributed.sharded_by_user(torch.utils.data.DataLoader(dataset, sampler=sampler))
+    assert not distributed.sharded_by_user(torch.utils.data.DataLoader(dataset))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from zip(x, y, strict=True)
+
+    assert distributed.sharded_by_user(Stream())
+    assert distributed.sharded_by_user(torch.utils.data.DataLoader(Stream()))
+    assert not distributed.sharded_by_user((x, y)) and not distributed.sharded_by_user(dataset)
+    facts = distributed.data_facts("train", torch.utils.data.DataLoader(Stream()))
+    assert facts["how the train set is sharded"][0] == "by the user"
+    assert facts["the size of the train set"][0] == "unknown"
+    # A sampler built for rank 0 of 2, outside any process group (rank 0 of 1): named.
+    facts = distributed.data_facts("train", torch.utils.data.DataLoader(dataset, sampler=sampler))
+    assert facts["the train set's DistributedSampler"][0] == (
+        "num_replicas=2, rank=0 in the process of rank 0 of 1"
+    )
+
+
+def test_a_bank_split_across_ranks_is_compared_as_split():
+    # Each rank holds its own part of a sharded bank: evaluate's check must not refuse it.
+    torch.manual_seed(0)
+    wrapped = wrapcal.wrap(SmallNet(), [("knn", {"k": 5, "shard_bank": True})])
+    wrapped.fit(_data(), progress=False)
+    wrapped.get_plugin("knn")._bank_ranks = 2
+    facts = distributed.model_facts(wrapped)
+    assert facts["plugin knn's learned state"][0] == "split across the ranks"

@@ -64,6 +64,7 @@ from wrapcal.plugin.validation import check_labels
 
 __all__ = [
     "Fittable",
+    "agree_to_fit",
     "check_composition",
     "fit_from_data",
     "fit_from_features",
@@ -145,8 +146,50 @@ def _check_required(wrapped: Fittable, given: dict[str, Any]) -> set[str]:
     return set(given) & reads
 
 
+def agree_to_fit(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> None:
+    """Under ``torch.distributed``, before anything else of a fit: fail every rank unless
+    every rank holds the same model (weights, plugins, their parameters and state), the
+    same data sets (size, labels, sharding) and the same seed.
+
+    Without it, ranks that loaded different checkpoints or passed different parameters
+    each fit their own model and report as if they were one (temperature 4.20 on rank
+    0, 12.59 on rank 1). One exchange of short descriptions (digests); the weights'
+    digest is the feature cache's fingerprint, which the fit then reuses.
+
+    Raises:
+        DistributedError: On every rank, naming what differs, each rank's value and the fix.
+    """
+    if not distributed.active():
+        return
+
+    def describe() -> distributed.Facts:
+        given = {str(k): v for k, v in sets.items() if v is not None}
+        cache = options.get("cache")
+        facts: distributed.Facts = {
+            "the data sets given to fit": (
+                ", ".join(f"{k}=" for k in given) or "none",
+                "pass the same data sets to fit on every rank",
+            ),
+            "the seed given to fit": (
+                repr(options.get("seed", 0)),
+                "pass the same seed on every rank",
+            ),
+            "the feature cache's dtype": (
+                str(getattr(cache, "dtype", "float32")),
+                "pass the same cache_dtype on every rank",
+            ),
+            **distributed.model_facts(wrapped),  # type: ignore[arg-type]  # a WrappedModel
+        }
+        for name, data in given.items():
+            facts.update(distributed.data_facts(name, data))
+        return facts
+
+    distributed.check_agreement(distributed.agree(describe, "describing the model and data"))
+
+
 def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
     """``wrapped.fit``: extract the features of the sets that are read, fit the plugins."""
+    agree_to_fit(wrapped, sets, options)  # first: what follows must go alike on every rank
     given = _given(sets)
     used = _check_required(wrapped, given)
     check_composition(wrapped)
@@ -171,13 +214,17 @@ def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, An
         wrapped.backbone_passes += int(ran)
         return found
 
+    def combine(name: str, local: FeatureSet) -> FeatureSet:
+        # Every rank read its shard: the shards must add up to the set the ranks agreed on.
+        distributed.check_shard_rows(name, given[name], len(local), local.labels is not None)
+        return (_kept_sharded if _shardable(wrapped, name) else _gathered)(local)
+
     def extract_all() -> dict[str, FeatureSet]:
         out = {}
         for name in sorted(used, key=list(given).index):
             local = distributed.agree(lambda n=name: extract(n), f"computing {name} features")
-            combine = _kept_sharded if _shardable(wrapped, name) else _gathered
             out[name] = distributed.agree(
-                lambda c=combine, s=local: c(s), f"gathering {name} features"
+                lambda n=name, s=local: combine(n, s), f"gathering {name} features"
             )
         return out
 
@@ -244,6 +291,7 @@ def _warn_on_missing_classes(data: FitData, classes: int) -> None:
 
 def fit_from_features(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
     """``wrapped.fit_features``: fit the plugins from features the user computed."""
+    agree_to_fit(wrapped, sets, options)  # every rank fits from the features it was given
     given = _given(sets)
     used = _check_required(wrapped, given)
     check_composition(wrapped)

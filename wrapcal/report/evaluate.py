@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wrapcal import distributed
 from wrapcal.errors import DataError
 from wrapcal.features.disk_store import DiskCache
 from wrapcal.features.store import CacheOption
@@ -208,6 +209,13 @@ def evaluate(
     store: CacheOption = None if cache else False
     if cache and cache_dir is not None:
         store = DiskCache(cache_dir, cache_dtype)
+    # Under torchrun every rank must hold the same models, data and settings, or the
+    # report gathered from their shards mixes them (a no-op in one process).
+    distributed.agree_to_evaluate(
+        models,
+        {"test": test, **{f"OOD {name!r}": data for name, data in ood.items()}},
+        {"n_bins": n_bins, "bootstrap": bootstrap, "seed": seed},
+    )
     outputs: dict[str, ModelOutputs] = {}
     for name, model in models.items():
         run = runner_for(model, cache=store)
