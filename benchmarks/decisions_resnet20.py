@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from shared_data import SHARED_DATA, resnet20_outputs  # noqa: E402
+from shared_data import SHARED_DATA, resnet20_outputs
 
-from wrapcal import fit_abstention, fit_conformal, fit_temperature  # noqa: E402
+from wrapcal import fit_abstention, fit_conformal, fit_temperature
 
 
 def main() -> int:
@@ -39,10 +39,16 @@ def main() -> int:
     perm = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
     a, b = perm[:5000], perm[5000:]
     temperature = fit_temperature(logits[a], labels[a])
-    print(f"ResNet-20, JPEG CIFAR-10: calibration half A, measured on half B; T = {temperature:.3f}")
+    print(
+        f"ResNet-20, JPEG CIFAR-10: calibration half A, measured on half B; T = {temperature:.3f}"
+    )
     print("| sets | calibration | coverage | mean size | empty sets |")
     print("| --- | --- | ---: | ---: | ---: |")
-    rows = [("LAC", {"method": "lac"}), ("APS", {}), ("APS, allow_empty=False", {"allow_empty": False})]
+    rows = [
+        ("LAC", {"method": "lac"}),
+        ("APS", {}),
+        ("APS, allow_empty=False", {"allow_empty": False}),
+    ]
     for scaled, z in [("none", logits), ("temperature", logits / temperature)]:
         for name, options in rows:
             sets = fit_conformal(z[a], labels[a], alpha=0.1, **options).sets(z[b])

@@ -30,7 +30,15 @@ import torch
 
 from wrapcal import fit_temperature
 
-__all__ = ["ODIR_GRID", "LinearFit", "ODIRSearch", "fit_linear", "heldout_nll", "lbfgs", "select_odir"]
+__all__ = [
+    "ODIR_GRID",
+    "LinearFit",
+    "ODIRSearch",
+    "fit_linear",
+    "heldout_nll",
+    "lbfgs",
+    "select_odir",
+]
 
 #: The decade grid of lambda and mu, walked from strong to weak regularisation (Kull et
 #: al. search 1e-5..1e6 for 10 classes and 1e-2..1e6 for 100).

@@ -63,7 +63,8 @@ def _cross_val(
 
 def _same_folds(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(
-        x.shape == y.shape and bool(torch.equal(x, y.to(x.device))) for x, y in zip(a, b, strict=True)
+        x.shape == y.shape and bool(torch.equal(x, y.to(x.device)))
+        for x, y in zip(a, b, strict=True)
     )
 
 
