@@ -247,9 +247,9 @@ def timing(repeats: int) -> None:
     )
     peers: dict[str, Callable[[], object]] = {
         "sklearn temperature": lambda: sklearn_calibrated(z64, np.arange(5000), y, "temperature"),
-        "sklearn LogisticRegression(penalty=None)": lambda: LogisticRegression(
-            penalty=None
-        ).fit(z64, y),
+        "sklearn LogisticRegression(penalty=None)": lambda: LogisticRegression(penalty=None).fit(
+            z64, y
+        ),
         "sklearn LogisticRegression (L2, C=1)": lambda: LogisticRegression().fit(z64, y),
     }
     try:
