@@ -391,3 +391,52 @@ def test_step_lookup_bins_closed_on_the_right() -> None:
     got = step_lookup(edges, values, q)
     assert got[0].tolist() == [0.1, 0.1, 0.4, 0.4, 0.9, 0.9]
     assert got[1].tolist() == [0.3] * 6
+
+
+# --- isotonic_map is scikit-learn's IsotonicRegression, knot for knot ----------------------
+
+
+def _sklearn_knots(scores: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    model = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    model.fit(scores, hits.astype(np.float64))
+    return model.X_thresholds_, model.y_thresholds_
+
+
+def test_isotonic_map_equals_sklearn_knots_with_ties_and_near_ties() -> None:
+    from wrapcal_plugins.calibration._maps import isotonic_map
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n = int(rng.integers(2, 400))
+        # Exact ties, scores 1e-16 apart (which scikit-learn merges), tiny probabilities
+        # and ordinary ones, mixed.
+        base = rng.choice([0.0, 1e-20, 3e-16, 1e-15, 0.2, 0.5, 0.9], size=n)
+        scores = base + rng.choice([0.0, 1e-16, 4e-16, 1e-3], size=n) * rng.integers(0, 3, n)
+        if trial % 2:
+            scores = rng.random(n)
+        hits = rng.random(n) < np.clip(scores, 0.05, 0.95)
+        x, y = isotonic_map(scores, hits)
+        sx, sy = _sklearn_knots(scores, hits)
+        np.testing.assert_array_equal(x, sx)
+        np.testing.assert_array_equal(y, sy)
+
+
+def test_isotonic_map_equals_sklearn_knots_on_the_shared_logit_sets() -> None:
+    from wrapcal_plugins.calibration._maps import isotonic_map
+
+    paths = sorted((SHARED_DATA / "logits").glob("*.npz"))
+    if not paths:
+        pytest.skip("no logit sets in ../shared/data/logits")
+    maps = 0
+    for path in paths:
+        with np.load(path, allow_pickle=False) as f:
+            z, y = f["logits"][:2000].astype(np.float64), f["labels"][:2000]
+        p = softmax(z, axis=1)
+        columns = [(p[:, k], y == k) for k in range(0, p.shape[1], max(1, p.shape[1] // 10))]
+        for scores, hits in [*columns, (p.max(1), p.argmax(1) == y)]:
+            x, fitted = isotonic_map(scores, hits)
+            sx, sy = _sklearn_knots(scores, hits)
+            np.testing.assert_array_equal(x, sx)
+            np.testing.assert_array_equal(fitted, sy)
+            maps += 1
+    assert maps >= 11 * len(paths)

@@ -170,6 +170,13 @@ class Calibrator(Plugin):
         (cross-validation by ``auto_calibration``); by default its own parameters."""
         return self.get_params()
 
+    def procedure_copy(self) -> Calibrator:
+        """A fresh, unfitted copy with this calibrator's parameters (hyperparameters not
+        fixed): what nested cross-validation refits on each fold. A subclass may hand
+        the copy what only speeds its fit up (warm starts from this fit), never what
+        changes its result."""
+        return type(self)(**self.get_params())
+
     def cross_val_log_probs(
         self, logits: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor]
     ) -> torch.Tensor:

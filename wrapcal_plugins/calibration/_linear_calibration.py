@@ -30,7 +30,15 @@ import torch
 
 from wrapcal import fit_temperature
 
-__all__ = ["ODIR_GRID", "LinearFit", "fit_linear", "heldout_nll", "lbfgs", "select_odir"]
+__all__ = [
+    "ODIR_GRID",
+    "LinearFit",
+    "ODIRSearch",
+    "fit_linear",
+    "heldout_nll",
+    "lbfgs",
+    "select_odir",
+]
 
 #: The decade grid of lambda and mu, walked from strong to weak regularisation (Kull et
 #: al. search 1e-5..1e6 for 10 classes and 1e-2..1e6 for 100).
@@ -177,7 +185,7 @@ def fit_linear(
         weight0 = eye * beta if diagonal else torch.diag(eye * beta)
         bias0 = torch.zeros(k, dtype=x.dtype, device=x.device)
     else:
-        weight0, bias0 = init.weight, init.bias
+        weight0, bias0 = init.weight.to(x), init.bias.to(x)
     objective = _Objective(x, y, reg_lambda, reg_mu, diagonal)
     objective.precondition(weight0, bias0)
     theta = torch.cat([(weight0 / objective.scale_w).flatten(), bias0 / objective.scale_b])
@@ -266,6 +274,28 @@ def heldout_nll(fit: LinearFit, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((torch.logsumexp(a, dim=1) - a.gather(1, y[:, None])[:, 0]).sum())
 
 
+@dataclass
+class ODIRSearch:
+    """What :func:`select_odir` found.
+
+    Attributes:
+        reg_lambda, reg_mu: The chosen ODIR weights.
+        table: Every point tried, in order, with its cross-validated mean NLL (over the
+            folds it was fitted on before it was abandoned: ``folds``).
+        start: The chosen point's fold fits averaged (float64): the final fit's start.
+        fold_fits: The chosen point's fit on each fold's complement (float32, to the
+            search's tolerance), in the order of the folds.
+        points: Every point scored on all the folds -> its fold fits averaged.
+    """
+
+    reg_lambda: float
+    reg_mu: float
+    table: list[dict[str, Any]]
+    start: LinearFit
+    fold_fits: list[LinearFit]
+    points: dict[tuple[float, float], LinearFit]
+
+
 class _Search:
     """Cross-validated NLL of ODIR grid points, warm-started, abandoned when hopeless.
 
@@ -273,8 +303,15 @@ class _Search:
     on a CPU; the held-out NLL is summed in float64) to :data:`TOL_SEARCH`.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, folds: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        folds: list[torch.Tensor],
+        warm: dict[tuple[float, float], LinearFit] | None = None,
+    ) -> None:
         self.x = x.float()
+        self.warm = warm or {}
         self.y = y
         self.n = x.shape[0]
         self.folds = folds
@@ -301,7 +338,7 @@ class _Search:
         best = None if self.best is None else self.sums[self.best]
         seen = 0
         for f, (tr, te) in enumerate(zip(self.train, self.folds, strict=True)):
-            init = None if start is None else start[f]
+            init = self.warm.get(point) if start is None else start[f]
             fit = fit_linear(self.x[tr], self.y[tr], *point, init=init, tol=TOL_SEARCH)
             fits.append(fit)
             sums.append(heldout_nll(fit, self.x[te], self.y[te]))
@@ -328,9 +365,10 @@ class _Search:
                 return
             start = self.fits[point]
 
-    def average(self) -> LinearFit:
-        """The best point's fold solutions averaged, in float64: the final fit's start."""
-        fits = self.fits[self.best]
+    def average(self, point: tuple[float, float] | None = None) -> LinearFit:
+        """A point's fold solutions averaged, in float64 (the best point's by default:
+        the final fit's start)."""
+        fits = self.fits[self.best if point is None else point]
         weight = torch.stack([f.weight for f in fits]).double().mean(0)
         bias = torch.stack([f.bias for f in fits]).double().mean(0)
         return LinearFit(weight, bias, 0)
@@ -343,7 +381,8 @@ def select_odir(
     grid: tuple[float, ...] = ODIR_GRID,
     reg_lambda: float | None = None,
     reg_mu: float | None = None,
-) -> tuple[float, float, list[dict[str, Any]], LinearFit]:
+    warm: dict[tuple[float, float], LinearFit] | None = None,
+) -> ODIRSearch:
     """Choose ODIR's ``lambda`` and ``mu`` by cross-validated NLL.
 
     Two walks over ``grid``, each fold warm-started from its previous solution: first
@@ -356,12 +395,12 @@ def select_odir(
     :data:`MIN_GAIN` to replace it. A value given by the user is kept and only the
     other is searched.
 
-    Returns:
-        ``(lambda, mu, table, start)``: the table lists every point tried, in order,
-        with its cross-validated mean NLL (over the folds it was fitted on before it was
-        abandoned: ``folds``); ``start`` is a warm start for the final fit.
+    ``warm`` (point -> fit) starts a walk's first point from a fit of the same point on
+    similar data (nested cross-validation starts each outer fold's search from the
+    search on all the data): the objective is convex, so a start changes how long a fit
+    takes, not where it ends (to the search's tolerance).
     """
-    search = _Search(x, y, folds)
+    search = _Search(x, y, folds, warm)
     lambdas = list(grid) if reg_lambda is None else [reg_lambda]
     # The strong end is a plateau (the off-diagonal entries are all but zero there, the
     # vector scaling limit): walk across it, stopping only where the NLL clearly rises.
@@ -376,7 +415,8 @@ def select_odir(
             # The intercepts' penalty rarely matters: go on only while it clearly helps.
             search.walk([(lam, mu) for mu in side], search.fits[centre], margin=MIN_GAIN)
     lam, mu = search.best
-    return lam, mu, search.table, search.average()
+    complete = {point: search.average(point) for point in search.sums}
+    return ODIRSearch(lam, mu, search.table, search.average(), search.fits[search.best], complete)
 
 
 def _complement(fold: torch.Tensor, n: int) -> torch.Tensor:

@@ -210,18 +210,30 @@ class AutoCalibration(Calibrator):
                 if calibrator.frozen_params() != calibrator.get_params():
                     tuned.append(name)
             table = self._table(log_probs, labels, folds)
-            # A tuned candidate ineligible even with its optimistic score cannot be
-            # chosen; the others are scored again by nested CV, the shipped procedure.
-            nested = [r["method"] for r in table if r["method"] in tuned and _eligible(r, table)]
+            # A tuned candidate's optimistic score (its hyperparameters saw every fold)
+            # must not decide: while the choice, or the best eligible score the guard
+            # measures the others against, is a tuned candidate's, it is scored again
+            # by nested CV (the shipped procedure) and the choice is made again. Only
+            # the candidates that decide pay for nested CV.
+            nested: list[str] = []
             failed: dict[str, str] = {}
-            for name in nested:
+            while True:
+                choice = _choose(table, self.metric, failed, float(self.margin_se))
+                best = min(
+                    (r for r in table if r["decision"].startswith("eligible")),
+                    key=lambda r: r[self.metric],
+                )["method"]
+                unverified = [m for m in (choice, best) if m in tuned and m not in nested]
+                if not unverified:
+                    break
+                choice = unverified[0]
+                nested.append(choice)
                 try:
-                    log_probs[name] = _nested(self.calibrators[name], logits, labels, folds)
+                    log_probs[choice] = _nested(self.calibrators[choice], logits, labels, folds)
                 except Exception as error:  # any failure rules it out
                     # Its procedure fails on a fold's data (e.g. too few samples for its
                     # inner search): it cannot be trusted on data like this.
-                    failed[name] = f"{type(error).__name__}: {error}"
-            if nested:
+                    failed[choice] = f"{type(error).__name__}: {error}"
                 table = self._table(log_probs, labels, folds)
         self.chosen_ = _choose(table, self.metric, failed, float(self.margin_se))
         for row in table:
@@ -318,9 +330,7 @@ def _nested(
     """Out-of-fold log-probabilities of a tuned candidate's whole fitting procedure: a
     fresh copy with its own parameters (hyperparameters not fixed) fitted on each fold's
     complement, so they are chosen again at the fold's size (nested cross-validation)."""
-    return out_of_fold_log_probs(
-        lambda: type(calibrator)(**calibrator.get_params()), logits, labels, folds
-    )
+    return out_of_fold_log_probs(calibrator.procedure_copy, logits, labels, folds)
 
 
 def _eligible(row: dict[str, Any], table: list[dict[str, Any]]) -> bool:

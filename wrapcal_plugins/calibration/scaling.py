@@ -24,7 +24,7 @@ import torch
 from wrapcal import PluginTags, hookimpl
 from wrapcal.plugin import Calibrator, Check, Interval, one_cpu_thread, stratified_folds
 
-from ._linear_calibration import TOL_SEARCH, LinearFit, fit_linear, select_odir
+from ._linear_calibration import TOL_SEARCH, LinearFit, ODIRSearch, fit_linear, select_odir
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -59,6 +59,13 @@ def _cross_val(
         refit = fit_linear(x32[train], labels[train], init=start, tol=TOL_SEARCH, **kw)
         out[held_out] = torch.log_softmax(refit.logits(x32[held_out]).double(), dim=1)
     return out
+
+
+def _same_folds(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(
+        x.shape == y.shape and bool(torch.equal(x, y.to(x.device)))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 class VectorScaling(Calibrator):
@@ -167,6 +174,9 @@ class _ODIRCalibrator(Calibrator):
         self.cv_table_: list[dict[str, float]] | None = None
         self.register_learned_buffer("weight_", (None, None), _F64)
         self.register_learned_buffer("bias_", (None,), _F64)
+        # Working state of the last fit, never saved: see cross_val_log_probs.
+        self._search: tuple[list[torch.Tensor], ODIRSearch] | None = None
+        self._warm: dict[tuple[float, float], LinearFit] | None = None
 
     def __wrapcal_tags__(self) -> PluginTags:
         tags = super().__wrapcal_tags__()
@@ -178,11 +188,15 @@ class _ODIRCalibrator(Calibrator):
 
     def _fit(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         x = self._inputs(logits)
+        self._search = None
         if self.reg_lambda is None or self.reg_mu is None:
             folds = stratified_folds(labels, min(self.cv, labels.shape[0]), self.seed)
-            lam, mu, table, start = select_odir(
-                x, labels, folds, reg_lambda=self.reg_lambda, reg_mu=self.reg_mu
+            search = select_odir(
+                x, labels, folds, reg_lambda=self.reg_lambda, reg_mu=self.reg_mu, warm=self._warm
             )
+            lam, mu, table, start = search.reg_lambda, search.reg_mu, search.table, search.start
+            # Kept (not saved) for cross_val_log_probs and procedure_copy on this data.
+            self._search = (folds, search)
         else:
             lam, mu, table, start = float(self.reg_lambda), float(self.reg_mu), [], None
         fit: LinearFit = fit_linear(x, labels, lam, mu, init=start, max_iter=self.max_iter)
@@ -197,10 +211,30 @@ class _ODIRCalibrator(Calibrator):
     def cross_val_log_probs(
         self, logits: torch.Tensor, labels: torch.Tensor, folds: list[torch.Tensor]
     ) -> torch.Tensor:
+        x = self._inputs(logits)
+        if self._search is not None and _same_folds(self._search[0], folds):
+            # The search already fitted the chosen (lambda, mu) on each fold's complement,
+            # on these folds: those are the refits (to the search's tolerance).
+            fold_fits = self._search[1].fold_fits
+            out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+            x32 = x.float()
+            for fit, held_out in zip(fold_fits, folds, strict=True):
+                out[held_out] = torch.log_softmax(fit.logits(x32[held_out]).double(), dim=1)
+            return out
         fit = LinearFit(self.weight_, self.bias_, 0)
         lam, mu = self.reg_lambda_, self.reg_mu_
         with one_cpu_thread(logits.device):
-            return _cross_val(fit, self._inputs(logits), labels, folds, reg_lambda=lam, reg_mu=mu)
+            return _cross_val(fit, x, labels, folds, reg_lambda=lam, reg_mu=mu)
+
+    def procedure_copy(self) -> _ODIRCalibrator:
+        """A fresh copy whose search starts each grid point's first fits from this fit's
+        search (same result to the search's tolerance, fewer iterations): nested
+        cross-validation refits the whole procedure on each fold."""
+        copy = super().procedure_copy()
+        assert isinstance(copy, _ODIRCalibrator)
+        if self._search is not None:
+            copy._warm = self._search[1].points
+        return copy
 
     def frozen_params(self) -> dict[str, Any]:
         """The parameters with the fitted ``lambda`` and ``mu`` fixed (no search)."""
