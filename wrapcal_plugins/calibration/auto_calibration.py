@@ -8,10 +8,12 @@ others by the same procedure: its data-dependent choices (histogram binning's bi
 which classes get their own map, Dirichlet calibration's and matrix scaling's ODIR
 weights, chosen by their own inner cross-validation) are made again on the fold, as
 they are on the whole set. (A tuned candidate is first scored with its fitted
-hyperparameters fixed, which is cheap and optimistic: they saw every fold. If even that
-score leaves it ineligible, see below, it cannot be chosen and is not refitted; else its
-row is replaced by nested cross-validation's.) The out-of-fold calibrated probabilities of every
-candidate, and of the uncalibrated logits ("identity"), give one row of the table:
+hyperparameters fixed, which is cheap and optimistic: they saw every fold. Whenever the
+guard below would choose a tuned candidate on that score, or measure the others against
+it as the best, its row is replaced by nested cross-validation's and the choice is made
+again; a tuned candidate that decides nothing is not refitted, and its row says so.) The
+out-of-fold calibrated probabilities of every candidate, and of the uncalibrated logits
+("identity"), give one row of the table:
 accuracy, NLL, ECE, class-wise ECE and Brier score (``wrapcal.metrics``).
 
 The choice is guarded against cross-validation noise:
