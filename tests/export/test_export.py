@@ -86,7 +86,7 @@ def test_pt2_loads_and_runs_without_wrapcal(serving, tmp_path) -> None:
     bit for bit (the same ATen kernels run both)."""
     x = fit_sets("resnet20")["test"][:64]
     path = export(serving, tmp_path / "model.pt2", format="torch")
-    assert (tmp_path / "model.json").is_file()
+    assert (tmp_path / "model.pt2.json").is_file()
     torch.save(x, tmp_path / "x.pt")
     done = subprocess.run(
         [sys.executable, "-c", _LOADER, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
@@ -97,7 +97,7 @@ def test_pt2_loads_and_runs_without_wrapcal(serving, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     # The metadata inside the archive is the JSON beside it.
-    assert int(done.stdout.split()[-1]) == len((tmp_path / "model.json").read_text().strip())
+    assert int(done.stdout.split()[-1]) == len((tmp_path / "model.pt2.json").read_text().strip())
     got = torch.load(tmp_path / "y.pt")
     expected = prediction_outputs(serving.predict(x))
     names = [o["name"] for o in read_metadata(path)["outputs"]]
@@ -296,7 +296,7 @@ def test_cli_export(serving, tmp_path, capsys) -> None:
     )
     printed = capsys.readouterr().out
     assert "model.pt2" in printed and "sets" in printed
-    meta = json.loads((tmp_path / "model.json").read_text())
+    meta = json.loads((tmp_path / "model.pt2.json").read_text())
     assert meta["class_names"] == CLASSES and meta["format"] == "torch.export"
     x = fit_sets("resnet20")["test"][:8]
     with torch.no_grad():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -23,6 +24,14 @@ else:
     import mlflow
 
 MODEL = "temp & sets (v2)"  # spaces and symbols MLflow names do not take
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """MLflow writes beside the current folder (a SQLite store's artifacts go to
+    ./mlruns, a ``file:`` database URI's folders are made relative to it): keep it out of
+    the repository."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +160,135 @@ def test_log_to_the_active_run_and_a_saved_directory(report, tmp_path, monkeypat
         log_report(report, 42, tracking_uri=uri)
 
 
-def test_the_cli_logs_its_report_to_mlflow(tmp_path, monkeypatch):
+def _sqlalchemy() -> None:
+    pytest.importorskip("sqlalchemy", reason="the SQL store needs it (mlflow-skinny lacks it)")
+
+
+def test_the_documented_cli_command_logs_to_mlflow(tmp_path, monkeypatch):
+    """docs/report.md's command as written: --mlflow sqlite:///mlflow.db, MLflow 3's
+    default store, in the current folder; no MLFLOW_ALLOW_FILE_STORE needed. A database
+    in a folder that does not exist yet works too (MLflow creates the folder)."""
     from wrapcal.cli import main
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
-    out = tmp_path / "report"
+    _sqlalchemy()
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///mlflow.db"
     argv = ["evaluate", "timm:resnet10t", "--data", "digits", "--ood", "noise=gaussian"]
     argv += ["--plugins", "temperature", "--bootstrap", "0", "--no-progress", "--limit", "200"]
-    assert main([*argv, "--out", str(out), "--mlflow", uri, "--mlflow-experiment", "cli"]) == 0
+    assert main([*argv, "--out", "report", "--mlflow", uri, "--mlflow-experiment", "cli"]) == 0
+    assert (tmp_path / "mlflow.db").is_file()
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("cli").experiment_id])
-    saved = json.loads((out / "report.json").read_text())
+    assert run.info.status == "FINISHED"
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
     ece = saved["calibration"]["wrapped"]["ece"]
     logged = {k: v for k, v in run.data.metrics.items() if "wrapped" in k and k.endswith("ece")}
     assert any(v == pytest.approx(ece) for v in logged.values()), logged
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "wrapcal_report")]
     assert "wrapcal_report/report.html" in artifacts
+    from wrapcal.cli.tracking import open_run
+
+    deeper = open_run("sqlite:///runs/2026/mlflow.db", "cli")
+    deeper.finish(ok=True)
+    assert (tmp_path / "runs" / "2026" / "mlflow.db").is_file()
+
+
+# --- every store failure: one line, exit 2, before any data is read (issue 30) --------------
+
+CLI = ["evaluate", "timm:resnet10t", "--data", "digits", "--no-progress", "--bootstrap", "0"]
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    import wrapcal.cli.inputs as cli_inputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data set was read before --mlflow was checked")
+
+    monkeypatch.setattr(cli_inputs, "read", refuse)
+
+
+@pytest.fixture(scope="module")
+def existing_db(tmp_path_factory):
+    """An MLflow SQLite database with the experiment ``wrapcal`` (made once: MLflow's
+    migrations take seconds)."""
+    _sqlalchemy()
+    folder = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").create_experiment("wrapcal")
+    return folder / "mlflow.db"
+
+
+def _store(kind: str, tmp_path, existing_db) -> tuple[str, str]:
+    """A tracking URI that fails, and what the one line must say."""
+    if kind == "file store":
+        return (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE=true"
+    if kind == "unreachable server":
+        return "http://127.0.0.1:9", "cannot reach the tracking server"
+    if kind == "under a file":
+        (tmp_path / "runs").write_text("")
+        return f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", "is a file, so the database"
+    if kind == "unwritable folder":
+        return "sqlite:////proc/self/mlflow.db", "cannot write in /proc/self"
+    if kind == "not a database":
+        (tmp_path / "notes.db").write_text("my notes")
+        return f"sqlite:///{tmp_path / 'notes.db'}", "is not an SQLite database"
+    if kind == "database is a folder":
+        (tmp_path / "dir.db").mkdir()
+        return f"sqlite:///{tmp_path / 'dir.db'}", "is not a file"
+    assert kind == "read-only database"
+    return f"sqlite:///file:{existing_db}?mode=ro&uri=true", "the database is read-only"
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "file store",
+        "unreachable server",
+        "under a file",
+        "unwritable folder",
+        "not a database",
+        "database is a folder",
+        "read-only database",
+    ],
+)
+def test_a_store_mlflow_refuses_is_one_line_up_front(
+    kind, tmp_path, capsys, monkeypatch, no_data, request
+):
+    """The probes: the file store (refused by MLflow 3's default), an unreachable server,
+    a read-only SQLite database ended in a traceback after the whole evaluation."""
+    from wrapcal.cli import main
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    db = request.getfixturevalue("existing_db") if kind == "read-only database" else None
+    if kind in ("under a file", "unwritable folder", "not a database", "database is a folder"):
+        _sqlalchemy()
+    uri, message = _store(kind, tmp_path, db)
+    capsys.readouterr()  # MLflow's notes while the fixture made the database
+    started = time.monotonic()
+    assert main([*CLI, "--out", str(tmp_path / "report"), "--mlflow", uri]) == 2
+    assert time.monotonic() - started < 15  # no minutes of MLflow retries
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"wrapcal evaluate: error: --mlflow {uri}: "), err
+    assert message in err, err
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_failed_evaluation_ends_the_run_failed(tmp_path, capsys, monkeypatch):
+    """The run is created before the evaluation (the write that proves the store takes
+    one); when the evaluation then fails, the run says FAILED, not RUNNING."""
+    from wrapcal.cli import main
+
+    _sqlalchemy()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    argv = [*CLI[:2], "--data", str(bad), "--no-progress", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--mlflow", uri, "--mlflow-experiment", "failing"]) == 2
+    assert "--data" in capsys.readouterr().err
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert run.info.status == "FAILED"

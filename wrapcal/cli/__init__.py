@@ -60,6 +60,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from wrapcal.cli.demo import run_demo
+    from wrapcal.cli.targets import check_report_dir
+
+    check_report_dir(args.out)  # before the training, not after it
 
     run_demo(out=args.out, progress=not args.no_progress, seed=args.seed)
     return 0

@@ -51,6 +51,14 @@ _REWRITES: list[tuple[re.Pattern[str], object]] = [
         re.compile(r"\(wrapped\.check_inputs = False[^)]*\)"),
         "(check the image files)",
     ),
+    (re.compile(r"input_shape=\((?:C, H, W|channels, height, width)\)"), "--input-shape C,H,W"),
+    (
+        re.compile(
+            r"fit the model again to measure them, or set wrapped\.operating_points = None "
+            r"to export without them"
+        ),
+        "fit and save the model again to measure them",
+    ),
     (
         re.compile(r"pass it: wrapcal\.load\(path, (model|split)=[^;]*\)\)?"),
         "the command line cannot rebuild it: evaluate it from Python, passing the model "

@@ -12,7 +12,10 @@ wrapped, fitted and evaluated as ``wrapped``. A saved ``.wrapcal`` file is evalu
 ``wrapped``, beside its own backbone and head without plugins as ``baseline``.
 
 Every flag is checked before any data is read: the plugins and their parameters, the
-model name, and which data sets the plugins need (``wrapcal.model.fitting.read_sets``).
+model name, which data sets the plugins need (``wrapcal.model.fitting.read_sets``),
+that every input path is a readable file or directory, that ``--out`` can be written
+(:mod:`wrapcal.cli.targets`) and, with ``--mlflow``, that the tracking store takes a run
+(:mod:`wrapcal.cli.tracking`: the run is created then, and logged into at the end).
 docs/cli.md is the reference.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 
 import wrapcal.cli.inputs as inputs
 import wrapcal.cli.models as models
+import wrapcal.cli.targets as targets
 from wrapcal.cli.errors import FIT_FLAGS, CliError, fit_flag, in_cli_terms
 from wrapcal.cli.plugin_args import create_plugins
 from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Loaded, Normaliser
@@ -180,9 +184,43 @@ def _check_flags(args: argparse.Namespace) -> tuple[list[tuple[str, Any]], dict,
             )
         return plugins, model_kwargs, {}
     models.check(args.model, model_kwargs)
-    if args.weights and not Path(args.weights).is_file():
+    if args.weights and not Path(args.weights).exists():
         raise FileNotFoundError(f"--weights: weights file not found: {args.weights}")
     return plugins, model_kwargs, _fit_plan(args, plugins)
+
+
+def _input_paths(args: argparse.Namespace, plan: dict[str, Any]) -> list[tuple[str, str, Path]]:
+    """Every path the command will read: the flag that gives it, what it is, the path."""
+    found: list[tuple[str, str, Path]] = []
+    if models.is_saved_file(args.model):
+        found.append(("the model file", "model file", Path(args.model)))
+    if args.weights:
+        found.append(("--weights", "weights file", Path(args.weights)))
+    if args.class_names and args.class_names.startswith("@"):
+        found.append(("--class-names", "class names file", Path(args.class_names[1:])))
+    specs = [("--data", "test", args.data)]
+    for item in args.ood:
+        _, eq, spec = item.partition("=")
+        specs.append(("--ood", "ood", spec if eq and not Path(item).exists() else item))
+    for name, value in plan.items():
+        flag = fit_flag(name).replace("=SPEC", "")
+        for spec in value if isinstance(value, list) else [value]:
+            specs.append((flag, name, spec))
+    for flag, role, spec in specs:
+        path = targets.data_path(spec)
+        if path is not None:
+            found.append((flag, f"{role} data", path))
+    return found
+
+
+def _check_paths(args: argparse.Namespace, plan: dict[str, Any]) -> None:
+    """Inputs readable (regular files or directories), ``--out`` writable and none of
+    them: before any data is read."""
+    paths = _input_paths(args, plan)
+    for flag, what, path in paths:
+        directory_ok = what.endswith(" data")
+        targets.check_input_path(path, flag, directory_ok=directory_ok, what=what)
+    targets.check_report_dir(args.out, [path for _, _, path in paths])
 
 
 def _model(args: argparse.Namespace, kwargs: dict, test: Loaded, names: Any) -> _Model:
@@ -253,12 +291,37 @@ def _wrapped(
 
 def evaluate(args: argparse.Namespace) -> Path:
     """Run the command; returns the report directory."""
-    from wrapcal.report import evaluate as evaluate_models
+    from wrapcal.cli.tracking import open_run
 
     plugins, model_kwargs, plan = _check_flags(args)
+    _check_paths(args, plan)
     names = inputs.read_class_names(args.class_names)
     models.device(args.device)  # checked before reading data too
     settings = _settings(args)
+    # Last of the checks: it creates the run (a write, which a read-only store refuses).
+    tracking = open_run(args.mlflow, args.mlflow_experiment) if args.mlflow else None
+    try:
+        out = _evaluate(args, plugins, model_kwargs, plan, names, settings, tracking)
+    except BaseException:
+        if tracking is not None:
+            tracking.finish(ok=False)
+        raise
+    if tracking is not None:
+        tracking.finish(ok=True)
+    return out
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    plugins: list[tuple[str, Any]],
+    model_kwargs: dict,
+    plan: dict[str, Any],
+    names: list[str] | None,
+    settings: ImageSettings,
+    tracking: Any,
+) -> Path:
+    """Read the data, fit, evaluate, write the report (and log it to ``tracking``)."""
+    from wrapcal.report import evaluate as evaluate_models
 
     test = inputs.read(args.data, "test", "--data", settings, args.split, "--split")
     model = _model(args, model_kwargs, test, names)
@@ -290,17 +353,13 @@ def evaluate(args: argparse.Namespace) -> Path:
     calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]
     print("Calibration" + calibration.rstrip())
     print(f"\nreport written to {out / 'report.html'} (also report.md, report.json, figures/)")
-    if args.mlflow:
-        from wrapcal.report import log_report
+    if tracking is not None:
+        from wrapcal.cli.tracking import log_into
 
-        try:
-            run_id = log_report(
-                report, tracking_uri=args.mlflow, experiment=args.mlflow_experiment, directory=out
-            )
-        except ImportError as err:
-            raise ValueError("--mlflow needs MLflow: pip install 'wrapcal[mlflow]'") from err
+        log_into(tracking, report, out)
         print(
-            f"logged to MLflow ({args.mlflow}, experiment {args.mlflow_experiment!r}): run {run_id}"
+            f"logged to MLflow ({tracking.uri}, experiment {tracking.experiment!r}): run "
+            f"{tracking.run_id}"
         )
     for text in loud:
         inputs.say(COMMAND, "WARNING", text)

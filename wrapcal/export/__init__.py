@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wrapcal.export.checks import ExportError
-from wrapcal.export.metadata import build_metadata, read_metadata
+from wrapcal.export.metadata import build_metadata, check_operating_point_names, read_metadata
 from wrapcal.export.module import InferenceModule, OutputSpec
 
 if TYPE_CHECKING:
@@ -48,23 +48,30 @@ def export(
         wrapped: A fitted :class:`~wrapcal.WrappedModel` whose plugins are all
             exportable (``wrapcal.get_tags(plugin).exportable``).
         path: The file to write (``model.onnx``, ``model.pt2``). ``"torch"`` also writes
-            the metadata beside it (``model.json``).
+            the metadata beside it under the same name with ``.json`` appended
+            (``model.pt2.json``). Refused before any work when it is a directory or a
+            saved wrapcal model, or when that ``.json`` exists and is not a previous
+            export's metadata (:mod:`wrapcal.export.targets`).
         format: ``"onnx"`` or ``"torch"`` (a ``torch.export`` ExportedProgram).
         class_names: The class names in output order, for the metadata; default: those
             the model carries (a ``class_names`` attribute, a Hugging Face
             ``id2label``), else none.
         input_shape: The shape of one input (``(3, 224, 224)``) when the model does not
-            know it (``wrapped.input_shape`` is set by ``fit`` on inputs).
+            know it (``wrapped.input_shape`` is set by ``fit`` on inputs). Either way at
+            most :data:`~wrapcal.export.trace.MAX_INPUT_VALUES` values per input.
 
     Returns:
         The path written.
 
     Raises:
         ExportError: A plugin cannot be exported (the message names it and what it must
-            provide), the trace fails, or the format's packages are missing.
+            provide), the trace fails, the format's packages are missing, the target
+            is refused, the input shape is too large, or the operating points hold
+            names that are not plain.
         NotFittedError: A plugin still needs ``fit``.
         ValueError: An unknown format or bad class names.
     """
+    from wrapcal.export.targets import check_target
     from wrapcal.export.trace import blame, example_input, trace
 
     if format not in FORMATS:
@@ -72,6 +79,8 @@ def export(
     path = Path(path)
     if format == "torch" and path.suffix == ".json":
         raise ValueError(f"{path}: the metadata goes to a .json beside the file; name it .pt2")
+    check_target(path, format)  # before the trace: a refused target costs nothing
+    check_operating_point_names(wrapped.operating_points)  # they may come from a file
     example = example_input(wrapped, input_shape)
     program, specs = trace(wrapped, example)
     names = None if class_names is None else list(class_names)

@@ -18,26 +18,49 @@ Keys:
     ``outputs`` (name -> kind);
     ``operating_points``: ``wrapped.operating_points`` as measured at ``fit`` on the
     calibration set (thresholds accepting 95% of it per score; accuracy, ECE, NLL), or
-    ``None``.
+    ``None``. Copied only when every name in it is a plain name (:data:`NAME`) and each
+    threshold names one of the exported outputs: the operating points may come from a
+    saved file, and a server reads these names (as keys, in pages, in paths).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from wrapcal.export.checks import ExportError
 from wrapcal.export.module import OutputSpec
+from wrapcal.export.targets import is_export_metadata, sidecar
 from wrapcal.plugin.base import get_tags
+
+#: The name of the metadata inside a ``.pt2`` archive (``torch.export.save``'s extra file).
+PT2_EXTRA_FILE = "wrapcal.json"
 
 if TYPE_CHECKING:
     from wrapcal.model.wrapped import WrappedModel
 
-__all__ = ["KEYS", "SMALL", "build_metadata", "class_names_of", "read_metadata", "to_json"]
+__all__ = [
+    "KEYS",
+    "NAME",
+    "SMALL",
+    "build_metadata",
+    "check_operating_point_names",
+    "checked_operating_points",
+    "class_names_of",
+    "read_metadata",
+    "to_json",
+]
+
+#: The names an export's operating points may hold (scores and metrics): letters,
+#: digits and ``_ . @ % + -``, at most 64 characters; no path separator, no markup.
+NAME = re.compile(r"[A-Za-z0-9_.@%+-]{1,64}")
 
 #: Learned tensors up to this many elements are written out as values.
 SMALL = 1024
@@ -110,6 +133,67 @@ def _plugin_entry(plugin: nn.Module) -> dict[str, Any]:
     }
 
 
+def _shown(name: object) -> str:
+    """A name for a message: its repr, cut to 40 characters (a hostile one may be long)."""
+    text = repr(name)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_FIX = (
+    "fit the model again to measure them, or set wrapped.operating_points = None to "
+    "export without them"
+)
+
+
+def check_operating_point_names(points: Any) -> None:
+    """Refuse operating points that are not the form ``fit`` measures, or that hold a
+    name that is not plain (:data:`NAME`); cheap, so :func:`wrapcal.export.export` runs
+    it before the trace.
+
+    Raises:
+        ExportError: The first problem, and the fix.
+    """
+    from wrapcal.model.operating_points import is_operating_points
+
+    if points is None:
+        return
+    if not is_operating_points(points):
+        raise ExportError(
+            f"the model's operating points are not the thresholds and metrics fit measures; {_FIX}"
+        )
+    for table in ("thresholds", "metrics"):
+        for name in points[table]:
+            if not NAME.fullmatch(name):
+                raise ExportError(
+                    f"the model's operating points name a {table[:-1]} {_shown(name)} "
+                    f"({len(name)} characters), which is not a plain name (letters, digits, "
+                    f"_ . @ % + -, at most 64); {_FIX}"
+                )
+
+
+def checked_operating_points(points: Any, outputs: list[str]) -> dict[str, Any] | None:
+    """The operating points to write into the metadata, checked.
+
+    Args:
+        points: ``wrapped.operating_points`` (from ``fit``, or from a saved file).
+        outputs: The names of the exported outputs.
+
+    Raises:
+        ExportError: Not the form ``fit`` measures, a name that is not plain
+            (:data:`NAME`), or a threshold for a score the export does not output.
+    """
+    check_operating_point_names(points)
+    if points is None:
+        return None
+    unknown = [name for name in points["thresholds"] if name not in outputs]
+    if unknown:
+        raise ExportError(
+            f"the model's operating points hold a threshold for {_shown(unknown[0])}, which "
+            f"is not one of the exported outputs ({', '.join(outputs)}); {_FIX}"
+        )
+    return points
+
+
 def build_metadata(
     wrapped: WrappedModel,
     specs: list[OutputSpec],
@@ -121,6 +205,8 @@ def build_metadata(
 
     Raises:
         ValueError: ``class_names`` does not hold one name per class.
+        ExportError: The operating points hold names that must not be copied
+            (:func:`checked_operating_points`).
     """
     from wrapcal._version import __version__
 
@@ -153,16 +239,33 @@ def build_metadata(
             name: _plugin_entry(plugin)
             for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
         },
-        "operating_points": wrapped.operating_points,
+        "operating_points": checked_operating_points(
+            wrapped.operating_points, [spec.name for spec in specs]
+        ),
     }
 
 
+def _from_archive(path: Path) -> dict[str, Any] | None:
+    """The metadata inside a ``.pt2`` (its extra file ``wrapcal.json``), read from the
+    zip archive without loading the program."""
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(f"/extra/{PT2_EXTRA_FILE}"):
+                    return json.loads(archive.read(info))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    return None
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of an export: an ``.onnx`` file's ``metadata_props``, or the JSON
-    file beside a ``.pt2`` (``model.pt2`` -> ``model.json``).
+    """The metadata of an export: an ``.onnx`` file's ``metadata_props``, or for a
+    ``.pt2`` the JSON file beside it (``model.pt2.json``; ``model.json`` as earlier
+    exports wrote it, when it holds export metadata), else the copy inside it.
 
     Raises:
-        FileNotFoundError: No such export, or no JSON beside the ``.pt2``.
+        FileNotFoundError: No such export, or no metadata beside or inside the ``.pt2``.
         ValueError: The file holds no wrapcal metadata.
     """
     path = Path(path)
@@ -174,7 +277,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         if "wrapcal_version" not in props:
             raise ValueError(f"{path} holds no wrapcal metadata (not exported by wrapcal?)")
         return {key: json.loads(props[key]) for key in KEYS if key in props}
-    beside = path.with_suffix(".json")
-    if not beside.is_file():
-        raise FileNotFoundError(f"no metadata file {beside} beside {path}")
-    return json.loads(beside.read_text())
+    beside = sidecar(path)
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    legacy = path.with_suffix(".json")
+    if legacy.is_file() and is_export_metadata(legacy):
+        return json.loads(legacy.read_text())
+    if not path.is_file():
+        raise FileNotFoundError(f"no export at {path}")
+    inside = _from_archive(path)
+    if inside is None:
+        raise FileNotFoundError(f"no metadata file {beside} beside {path}, nor inside it")
+    return inside

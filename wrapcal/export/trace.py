@@ -9,6 +9,7 @@ the error names the plugin responsible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,19 +29,27 @@ from wrapcal.plugin.torch_helpers import float_dtype_of, in_mode
 if TYPE_CHECKING:
     from wrapcal.model.wrapped import WrappedModel
 
-__all__ = ["EXAMPLE_BATCH", "example_input", "export_program", "trace"]
+__all__ = ["EXAMPLE_BATCH", "MAX_INPUT_VALUES", "example_input", "export_program", "trace"]
 
 #: Rows of the example batch the graph is traced with. Not 1 or 0, which torch.export
 #: specialises on; the graph then takes any batch size from 1 up.
 EXAMPLE_BATCH = 2
+#: The most values one input may have (2**24: 3 x 2364 x 2364, an image far larger than
+#: classifiers take). The shape may come from a saved file, whose allow-list bounds each
+#: size but not their product: [3, 1048575, 1048575] would ask for a 26 TB example batch,
+#: and the trace then runs the model on it. Raise it here for a model that needs more.
+MAX_INPUT_VALUES = 1 << 24
 
 
 def example_input(wrapped: WrappedModel, input_shape: Sequence[int] | None = None) -> torch.Tensor:
     """A seeded example batch ``[2, *input_shape]`` in the model's dtype and device.
 
     Raises:
-        ExportError: The model does not know the shape of its inputs and none is given.
+        ExportError: The model does not know the shape of its inputs and none is given,
+            or the shape is not positive ints or holds more than :data:`MAX_INPUT_VALUES`
+            values (checked before anything is allocated).
     """
+    given = input_shape is not None
     shape = tuple(input_shape) if input_shape is not None else wrapped.input_shape
     if shape is None:
         raise ExportError(
@@ -49,10 +58,28 @@ def example_input(wrapped: WrappedModel, input_shape: Sequence[int] | None = Non
         )
     if not all(isinstance(d, int) and d > 0 for d in shape):
         raise ExportError(f"input_shape {shape!r} must be positive ints, one per input axis")
+    values = math.prod(shape)  # Python ints: no overflow, nothing allocated yet
+    if values > MAX_INPUT_VALUES:
+        dtype = float_dtype_of(wrapped) or torch.float32
+        size = EXAMPLE_BATCH * values * dtype.itemsize
+        source = "given" if given else "recorded in the model as wrapped.input_shape"
+        raise ExportError(
+            f"input shape {list(shape)} ({source}) holds {values:,} values per input, over "
+            f"the export's limit of {MAX_INPUT_VALUES:,}; its example batch alone would take "
+            f"{_bytes(size)}. Give the model's real input shape: input_shape=(C, H, W)"
+        )
     dtype = float_dtype_of(wrapped) or torch.float32
     generator = torch.Generator(device="cpu").manual_seed(0)
     example = torch.randn((EXAMPLE_BATCH, *shape), generator=generator)
     return example.to(device=wrapped.device, dtype=dtype)
+
+
+def _bytes(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1000  # type: ignore[assignment]
+    return f"{size} B"  # unreachable
 
 
 def export_program(

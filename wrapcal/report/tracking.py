@@ -160,8 +160,10 @@ def log_report(
         run: The run to log into: an ``mlflow.ActiveRun``, an ``mlflow.entities.Run`` or
             a run id. ``None``: the active run if there is one, else a new run in
             ``experiment``, ended (FINISHED) once everything is logged.
-        tracking_uri: The tracking server or store (``sqlite:///mlflow.db``,
-            ``file:///path/mlruns``, ``http://host:5000``); default MLflow's current one.
+        tracking_uri: The tracking server or store (``sqlite:///mlflow.db``, MLflow 3's
+            default; ``http://host:5000``; the file store ``file:///path/mlruns`` only
+            with ``MLFLOW_ALLOW_FILE_STORE=true``, which MLflow 3 requires); default
+            MLflow's current one.
         experiment: The experiment of a new run (created if missing; default
             ``"wrapcal"``). Ignored when logging into an existing run.
         run_name: The name of a new run.
