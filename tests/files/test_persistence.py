@@ -238,3 +238,108 @@ def test_a_0_2_0_file_with_react_alone_says_the_logits_changed(tmp_path) -> None
         wrapcal.load(old, model=SmallNet())
     message = next(str(w.message) for w in caught if "react" in str(w.message))
     assert "the operating points were fitted or measured" in message  # at fit, clipped
+
+
+# --- save targets and tied weights (issue 30) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["", ".", "..", "DIR", "DIR/sub/.."])
+def test_save_to_a_directory_is_a_clear_error_that_writes_nothing(
+    tmp_path, monkeypatch, target
+) -> None:
+    (tmp_path / "DIR" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "DIR" / "sub")  # '..' is DIR, '.' is DIR/sub
+    target = target.replace("DIR", str(tmp_path / "DIR"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(SavedFileError, match="it is a directory, not a file name") as caught:
+        wrapcal.wrap(SmallNet().eval()).save(target)
+    assert repr(target) in str(caught.value)  # names the target the user gave
+    assert "wrapcal-tmp" not in str(caught.value)  # never a temporary file's name
+    assert "model.wrapcal" in str(caught.value)  # and says what to give instead
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_target_that_cannot_be_written_is_a_clear_error_and_the_old_file_stays(
+    tmp_path, monkeypatch
+) -> None:
+    path = wrapcal.wrap(SmallNet().eval()).save(tmp_path / "m.wrapcal")
+    original = path.read_bytes()
+    under_a_file = tmp_path / "m.wrapcal" / "inner.wrapcal"  # its parent is a file
+    with pytest.raises(SavedFileError, match=r"cannot save to .*inner\.wrapcal") as caught:
+        wrapcal.wrap(SmallNet().eval()).save(under_a_file)
+    assert "wrapcal-tmp" not in str(caught.value)
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("wrapcal.files.format.os.replace", no_room)
+    with pytest.raises(SavedFileError, match=r"m\.wrapcal.*No space left on device") as caught:
+        wrapcal.wrap(SmallNet(num_classes=3).eval()).save(path)
+    assert "wrapcal-tmp" not in str(caught.value)
+    assert isinstance(caught.value.__cause__, OSError)  # the system's error stays attached
+    assert path.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["m.wrapcal"]  # no temporary left behind
+
+
+class TiedNet(torch.nn.Module):
+    """A classifier whose head shares its weight with an earlier layer (weight tying, as
+    language models tie their output layer to the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.embed = torch.nn.Linear(6, 8, bias=False)  # weight [8, 6]
+        self.mix = torch.nn.Linear(8, 6)
+        self.out = torch.nn.Linear(6, 8, bias=False)
+        self.out.weight = self.embed.weight  # tied: one parameter, two layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).mean(dim=(2, 3))
+        return self.out(torch.tanh(self.mix(self.embed(h))))
+
+
+def test_tied_weights_save_once_and_load_tied_with_the_same_predictions(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TiedNet().eval()
+    x = batch(8, 64)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = (y[::3] + 1) % 8
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(calibration=(x, y), progress=False)
+    assert wrapped.head.weight is wrapped.backbone.model.embed.weight
+    path = wrapped.save(tmp_path / "tied.wrapcal")
+    with safe_open(str(path), "pt") as f:  # stored once
+        assert "head.weight" not in f.keys()  # noqa: SIM118 (safe_open is no dict)
+        assert "backbone.model.embed.weight" in f.keys()  # noqa: SIM118
+    loaded = wrapcal.load(path, model=TiedNet())
+    assert loaded.head.weight is loaded.backbone.model.embed.weight  # tied again
+    assert torch.equal(loaded.predict(x).probs, wrapped.predict(x).probs)
+    assert len(list(loaded.parameters())) == len(list(wrapped.parameters()))
+    with torch.no_grad():  # one parameter: a change reaches both layers, as before saving
+        loaded.backbone.model.embed.weight.mul_(2)
+    assert torch.equal(loaded.head.weight, loaded.backbone.model.embed.weight)
+
+
+def test_a_tie_in_a_file_cannot_alias_what_it_likes(tmp_path) -> None:
+    torch.manual_seed(0)
+    path = wrapcal.wrap(TiedNet().eval()).save(tmp_path / "tied.wrapcal")
+    stored = read(path)
+    mix, embed = "backbone.model.mix.weight", "backbone.model.embed.weight"
+    assert stored.config["tied"] == {"head.weight": embed}
+    for ties, message in [
+        ({"head.weight": "backbone.model.conv.weight"}, r"stored weight is \(6, 3"),
+        ({"head.weight": embed, mix: embed}, r"does not match the model.*mix\.weight is \(8, 6\)"),
+        ({"head.weight": "no.such.tensor"}, "ties to no tensor"),
+        ({"head.weight": embed, "backbone.model.mix.bias": embed}, "tied name"),
+        (["head.weight"], "tied tensors are not names"),
+    ]:
+        config = {k: v for k, v in stored.config.items() if k != "tied"}
+        config["tied"] = ties
+        tensors = {k: v for k, v in stored.tensors.items() if k not in ("head.weight", mix)}
+        if "backbone.model.mix.bias" in ties:  # a name the file also stores
+            tensors[mix] = stored.tensors[mix]
+        config["digest"] = digest(config, tensors)
+        crafted = tmp_path / "crafted.wrapcal"
+        crafted.write_bytes(save_tensors(tensors, metadata={"wrapcal": json.dumps(config)}))
+        with pytest.raises(SavedFileError, match=message):
+            wrapcal.load(crafted, model=TiedNet())

@@ -79,6 +79,9 @@ def saved_timm(tmp_path_factory) -> tuple[Path, torch.Tensor]:
         (lambda c: c["model"].update(library="importlib"), "unknown model family"),
         (lambda c: c["model"]["kwargs"].update(num_classes=True), "asks for True classes"),
         (lambda c: c["model"]["kwargs"].update(drop_rate=float("nan")), "drop_rate"),
+        # timm itself refuses this tag with pretrained=False, in a RuntimeError
+        (lambda c: c["model"].update(name="resnet10t.a1_in1k"), "pretrained tag.*'resnet10t'"),
+        (lambda c: c["model"].update(name="resnet10t.tv_in1k"), "pretrained tag"),
     ],
 )
 def test_a_crafted_model_description_is_refused(saved_timm, tmp_path, monkeypatch, edit, message):
@@ -496,3 +499,143 @@ def test_a_file_listing_its_plugins_out_of_order_gets_each_its_own_state(tmp_pat
     assert loaded.plugin_names == ["knn", "temperature"]
     now, then = wrapped.predict(x[:8]), loaded.predict(x[:8])
     assert torch.equal(then.probs, now.probs) and torch.equal(then.scores["knn"], now.scores["knn"])
+
+
+# --- inputs and memory from a header (issue 30, items 3 and 6) ---------------------------------
+
+
+def rewrite_tensors(path: Path, out: Path, edit) -> Path:
+    """An attacker's file with edited tensors (and a digest that matches them)."""
+    stored = saving.read(path)
+    tensors = dict(stored.tensors)
+    edit(tensors)
+    config = {**stored.config, "digest": saving.digest(stored.config, tensors)}
+    out.write_bytes(save_tensors(tensors, metadata={"wrapcal": json.dumps(config)}))
+    return out
+
+
+def test_a_stored_dtype_the_models_layers_do_not_take_is_refused_at_load(saved_timm, tmp_path):
+    def half_head(tensors):
+        for key in [k for k in tensors if k.startswith("head.")]:
+            tensors[key] = tensors[key].half()
+
+    crafted = rewrite_tensors(saved_timm[0], tmp_path / "half-head.wrapcal", half_head)
+    with pytest.raises(SavedFileError, match=r"head\.(weight|bias) is torch\.float16 in the file"):
+        wrapcal.load(crafted)
+    model = timm.create_model("resnet10t", num_classes=4)
+    with pytest.raises(SavedFileError, match="float16"):  # with the model passed too
+        wrapcal.load(crafted, model=model)
+
+    def one_buffer(tensors):
+        key = next(k for k in tensors if k.endswith("running_var"))
+        tensors[key] = tensors[key].double()
+
+    with pytest.raises(SavedFileError, match=r"running_var is torch\.float64"):
+        wrapcal.load(rewrite_tensors(saved_timm[0], tmp_path / "f64.wrapcal", one_buffer))
+
+    def whole_model_in_half(tensors):
+        for key in [k for k in tensors if tensors[k].is_floating_point()]:
+            tensors[key] = tensors[key].half()
+
+    # The whole model in one dtype is a model that computes: loaded as it is stored.
+    loaded = wrapcal.load(
+        rewrite_tensors(saved_timm[0], tmp_path / "half.wrapcal", whole_model_in_half)
+    )
+    assert loaded.head.weight.dtype == torch.float16
+
+
+@pytest.fixture(scope="module")
+def saved_small(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    wrapped = wrapcal.wrap(SmallNet(num_classes=4).eval())
+    assert wrapped.head_path == "out"
+    return wrapped.save(tmp_path_factory.mktemp("small") / "small.wrapcal")
+
+
+@pytest.mark.parametrize(
+    ("head_path", "message"),
+    [
+        ("__class__", "not the dotted name of a module"),
+        ("_modules", "not the dotted name of a module"),
+        ("conv.__class__", "not the dotted name of a module"),
+        ("conv._forward_hooks", "not the dotted name of a module"),
+        ("", "not the dotted name of a module"),
+        (5, "not the dotted name of a module"),
+        ("out.weight", "does not match the model.*no submodule 'out.weight'"),
+        ("nothing.here", "does not match the model.*no submodule"),
+    ],
+)
+def test_a_crafted_head_path_is_a_saved_file_error(saved_small, tmp_path, head_path, message):
+    crafted = rewrite(
+        saved_small, tmp_path / "crafted.wrapcal", lambda c: c["split"].update(head_path=head_path)
+    )
+    with pytest.raises(SavedFileError, match=message):
+        wrapcal.load(crafted, model=SmallNet(num_classes=4))
+    assert wrapcal.load(saved_small, model=SmallNet(num_classes=4)).head_path == "out"
+
+
+class GridNet(nn.Module):
+    """A model with a buffer that is computed, not stored, and grows as ``img_size ** 4``
+    (attention-bias indices do in some timm models: LeViT, EfficientFormer V2, Swin)."""
+
+    def __init__(self, num_classes: int = 4, img_size: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Linear(8, num_classes)
+        cells = img_size * img_size
+        self.register_buffer("pairs", torch.zeros(cells, cells), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def grid_family(monkeypatch):
+    from wrapcal.files import families as registry
+    from wrapcal.plugin.constraints import Interval
+
+    family = registry.ModelFamily(
+        "grid",
+        lambda name, kwargs: GridNet(**kwargs),
+        lambda: ["gridnet"],
+        lambda name: name == "gridnet",
+        {"num_classes": [Interval(int, 1, 1000)], "img_size": [Interval(int, 1, 8192)]},
+    )
+    monkeypatch.setitem(registry.families(), "grid", family)
+    return family
+
+
+def test_sizes_whose_buffers_exceed_the_stored_tensors_are_refused_before_building(
+    grid_family, tmp_path
+):
+    torch.manual_seed(0)
+    wrapped = wrapcal.wrap(GridNet().eval())
+    wrapped.source = {"library": "grid", "name": "gridnet", "kwargs": {"img_size": 8}}
+    path = wrapped.save(tmp_path / "grid.wrapcal")
+    loaded = wrapcal.load(path)  # its own size: 16 KiB of computed buffer
+    with torch.no_grad():
+        assert torch.equal(loaded(batch(2)), wrapped(batch(2)))
+    before = _peak_rss_mb()
+    # img_size 512: a 256 GiB buffer the file's 1 KiB of weights never justify. Refused on
+    # the meta device; built for real, it would exhaust the memory of this machine.
+    crafted = rewrite(
+        path, tmp_path / "crafted.wrapcal", lambda c: c["model"]["kwargs"].update(img_size=512)
+    )
+    with pytest.raises(SavedFileError, match=r"buffers that are not stored.*img_size"):
+        wrapcal.load(crafted)
+    assert _peak_rss_mb() - before < 500
+
+
+def test_an_input_shape_larger_than_the_weights_justify_is_refused(saved_timm, tmp_path):
+    before = _peak_rss_mb()
+    for shape in ([3, 1048575, 1048575], [1 << 19, 1 << 19], [3, 16384, 16384]):
+        crafted = rewrite(
+            saved_timm[0], tmp_path / "shape.wrapcal", lambda c, s=shape: c.update(input_shape=s)
+        )
+        with pytest.raises(SavedFileError, match="input shape .* values per input"):
+            wrapcal.load(crafted)
+    assert _peak_rss_mb() - before < 500
+    legit = rewrite(
+        saved_timm[0], tmp_path / "ok.wrapcal", lambda c: c.update(input_shape=[3, 4096, 4096])
+    )
+    assert wrapcal.load(legit).input_shape == (3, 4096, 4096)

@@ -9,6 +9,7 @@ precision where it hands back the kind it was given.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -117,3 +118,38 @@ def test_abstain_takes_numpy():
     msp = 1 - torch.softmax(torch.from_numpy(logits).double(), 1).amax(1).numpy()
     rule = wrapcal.fit_abstention(msp, logits.argmax(1) == labels, risk=0.3)
     assert _numpy(rule.abstain(msp)).tolist() == rule.abstain(torch.from_numpy(msp)).tolist()
+
+
+# --- inputs (issue 30, item 6) --------------------------------------------------------------
+
+
+def test_fit_temperature_warns_on_values_that_are_all_probabilities() -> None:
+    logits, labels = _data()
+    sigmoid = 1 / (1 + np.exp(-logits))  # per-class sigmoid outputs: rows do not sum to 1
+    assert not np.allclose(sigmoid.sum(1), 1, atol=0.05)
+    with pytest.warns(UserWarning, match=r"every calibration logit is in \[0, 1\].*sigmoid"):
+        wrapcal.fit_temperature(sigmoid, labels)
+    with pytest.raises(wrapcal.DataError, match="look like probabilities"):  # rows summing to 1
+        wrapcal.fit_temperature(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real logits: nothing to warn about
+        wrapcal.fit_temperature(logits, labels)
+
+
+@pytest.mark.parametrize(
+    ("max_iter", "error", "message"),
+    [
+        (0, ValueError, "at least 1, got 0"),
+        (-5, ValueError, "at least 1, got -5"),
+        (2.5, TypeError, "an int >= 1, got 2.5"),
+        (True, TypeError, "an int >= 1, got True"),
+        (None, TypeError, "an int >= 1, got None"),
+    ],
+)
+def test_fit_temperature_refuses_an_iteration_count_that_runs_no_step(
+    max_iter, error, message
+) -> None:
+    logits, labels = _data()
+    with pytest.raises(error, match=rf"max_iter .*{message}"):
+        wrapcal.fit_temperature(logits, labels, max_iter=max_iter)
+    assert wrapcal.fit_temperature(logits, labels, max_iter=np.int64(50)) > 0

@@ -271,3 +271,106 @@ def test_digits_default_split_is_fixed() -> None:
     assert len(a.train[1]) + len(a.calibration[1]) + len(a.test[1]) == 1797
     for split in (a.train, a.calibration, a.test):
         assert set(np.unique(split[1].numpy())) == set(range(10))
+
+
+# --- inputs (issue 30, item 6) --------------------------------------------------------------
+
+
+def _fitted_small(seed: int = 0) -> tuple[wrapcal.WrappedModel, torch.Tensor]:
+    x, _ = make_data(96, 10, seed)
+    model = SmallNet().eval()
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = (y[::3] + 1) % 10
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(calibration=(x, y), progress=False)
+    return wrapped, x
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_predict_features_refuses_nan_and_inf_features_as_predict_refuses_pixels(bad) -> None:
+    wrapped, x = _fitted_small()
+    features = wrapped.backbone(x[:6]).detach()
+    features[4, 2] = bad
+    with pytest.raises(DataError, match=r"features hold NaN or inf values.*row 4"):
+        wrapped.predict_features(features)
+    with pytest.raises(DataError, match="features hold NaN or inf"):
+        wrapped.head_logits(features)
+    pixels = x[:6].clone()
+    pixels[4, 0, 0, 0] = bad
+    with pytest.raises(DataError, match="NaN or inf"):  # what predict says of pixels
+        wrapped.predict(pixels)
+    # Trusted inputs: the check can be turned off, for features as for pixels.
+    wrapped.check_inputs = False
+    assert not torch.isfinite(wrapped.predict_features(features).probs[4]).all()
+    torch.testing.assert_close(  # the other rows are what they always were
+        wrapped.predict_features(features).probs[:4], wrapped.predict(x[:4]).probs
+    )
+
+
+def test_predict_features_says_what_shape_it_takes() -> None:
+    wrapped, x = _fitted_small()
+    features = wrapped.backbone(x[:3]).detach()
+    with pytest.raises(DataError, match=r"one row instead of a batch.*unsqueeze\(0\)"):
+        wrapped.predict_features(features[0])
+    with pytest.raises(DataError, match=r"takes the backbone's features \[N, 16\]"):
+        wrapped.predict_features(features[:, :8])
+
+
+def test_an_empty_batch_gives_empty_outputs_of_the_right_shapes() -> None:
+    fitted, x = _fitted_small()
+    bare = wrapcal.wrap(SmallNet().eval(), [])  # no fit: the input shape is unknown too
+    for model in (fitted, bare):
+        full = model.predict(x[:3])
+        for empty in (model.predict(x[:0]), model.predict(x[:0].numpy())):
+            assert len(empty) == 0
+            assert empty.probs.shape == (0, 10) and empty.logits.shape == (0, 10)
+            assert empty.label.shape == (0,) and empty.label.dtype == full.label.dtype
+            assert empty.confidence.shape == (0,)
+            assert sorted(empty.scores) == sorted(full.scores)
+            assert all(v.shape == (0,) for v in empty.scores.values())
+        features = model.backbone(x[:0])
+        assert model.predict_features(features).probs.shape == (0, 10)
+        assert model.head_logits(features).shape == (0, 10)
+        with torch.no_grad():
+            out = model(x[:0])
+        assert out.shape == (0, 10) and out.dtype == torch.float32
+
+
+def test_an_empty_batch_keeps_every_plugin_output_shape(tmp_path) -> None:
+    x, _ = make_data(96, 10)
+    model = SmallNet().eval()
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = (y[::3] + 1) % 10
+    wrapped = wrapcal.wrap(model, ["temperature", "conformal"]).fit(
+        calibration=(x[:48], y[:48]), conformal=(x[48:], y[48:]), progress=False
+    )
+    full, empty = wrapped.predict(x[:2]), wrapped.predict(x[:0])
+    assert sorted(empty.outputs) == sorted(full.outputs)
+    for key, value in full.outputs.items():
+        assert empty.outputs[key].shape == (0, *value.shape[1:]), key
+        assert empty.outputs[key].dtype == value.dtype, key
+
+
+def test_one_input_without_its_batch_dimension_is_told_to_unsqueeze() -> None:
+    class NoNorm(torch.nn.Module):  # a convolution takes [3, H, W] unbatched: no error there
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.out = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.out(self.conv(x).flatten(-2).mean(-1))
+
+    x, _ = make_data(4)
+    for model in (SmallNet(), NoNorm()):  # BatchNorm's ValueError; features of 3 rows
+        wrapped = wrapcal.wrap(model.eval(), [])
+        assert wrapped.input_shape is None  # nothing says what the model takes
+        for call in (wrapped.predict, wrapped):
+            with pytest.raises(DataError, match=r"one input .* x\.unsqueeze\(0\)") as caught:
+                call(x[0])
+            assert not isinstance(caught.value, SplitError)
+        assert wrapped.predict(x[0].unsqueeze(0)).probs.shape[0] == 1
+    fitted, _ = _fitted_small()  # shape known from fit: said before the backbone runs
+    with pytest.raises(DataError, match=r"unsqueeze\(0\)"):
+        fitted.predict(x[0])

@@ -546,3 +546,13 @@ def test_every_known_model_type_wraps_and_rebuilds_on_the_meta_device() -> None:
         except (ValueError, RuntimeError):
             other_size = False
         assert (model_type in hf_transformers.FIXED_SIZE) == (not other_size), model_type
+
+
+def test_a_config_asking_for_tuples_loads_and_predicts_as_saved(saved_vit, tmp_path, offline):
+    """``return_dict: false`` changes only the output format (and breaks ViT's own forward
+    in transformers 5): the model is built returning dicts, with the same outputs."""
+    crafted = rewrite(saved_vit, tmp_path / "tuples.wrapcal", _kwargs(return_dict=False))
+    loaded, saved = wrapcal.load(crafted), wrapcal.load(saved_vit)
+    x = pixels(32)
+    with torch.no_grad():
+        assert torch.equal(loaded.predict(x).probs, saved.predict(x).probs)

@@ -84,7 +84,9 @@ def _timm_family() -> ModelFamily:
     def knows(name: str) -> bool:
         import timm
 
-        return bool(timm.is_model(name))
+        # An architecture, never ``name.tag``: a pretrained tag names weights to download,
+        # and with pretrained=False timm refuses some tags at build (a RuntimeError).
+        return "." not in name and bool(timm.is_model(name))
 
     pools = Options(str, ["", "avg", "max", "avgmax", "catavgmax", "token", "map", "fast"])
     return ModelFamily(
@@ -211,6 +213,13 @@ def check_spec(library: Any, name: Any, kwargs: Any) -> tuple[ModelFamily, str, 
             "'-'; no scheme such as hf-hub: or local-dir:, no path)"
         )
     if not family.knows(name):
+        architecture, dot, tag = name.partition(".")
+        if dot and architecture and family.knows(architecture):
+            raise ValueError(
+                f"{library} model name {name!r} carries a pretrained tag ({tag!r}); wrapcal "
+                f"builds models by architecture with random weights (a saved file holds its "
+                f"own weights): use {architecture!r}"
+            )
         raise ValueError(f"unknown {library} model {name!r}{suggest(name, family.names())}")
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise ValueError(f"{library} model arguments must be an object of named values")

@@ -7,16 +7,19 @@ load warns where a file's plugins were fitted under other rules), how to rebuild
 (a name in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the
 sizes, each plugin's name, the package it came from (``package``, since 0.3; load looks
 the name up there), parameters and learned plain values, and a SHA-256 digest over the
-configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled.
+configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled. Tied
+weights (one tensor under several names) are stored once, with the other names under
+``"tied"`` (since 0.3: alias -> stored name), and tied again by load.
 
 ``save`` first runs on what it is about to write the checks :func:`wrapcal.load` runs
 on a file (:func:`check_loadable`: sizes, each plugin's parameters and learned values
 after the JSON round trip, its learned tensors against their declared shapes and dtypes,
 its ``validate_state``), with load's messages, so it never writes a file that load
 refuses. It then writes a temporary file beside the target (with the target's mode, or
-the umask's) and renames it, so a failed save leaves the old file intact. ``read`` reads
-the file once, checks its structure and the digest, and returns the configuration
-and the tensors; :func:`wrapcal.load` builds the model from them.
+the umask's) and renames it, so a failed save leaves the old file intact; a target that
+is a directory, or one that cannot be written, is a :class:`~wrapcal.SavedFileError`
+naming it. ``read`` reads the file once, checks its structure and the digest, and returns
+the configuration and the tensors; :func:`wrapcal.load` builds the model from them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -60,6 +64,8 @@ __all__ = [
     "read",
     "save",
     "sizes_problem",
+    "state_tensors",
+    "with_ties",
 ]
 
 FORMAT = "wrapcal"
@@ -68,6 +74,9 @@ FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 64 << 20
 #: The largest number of classes or features a saved file may declare.
 MAX_SIZE = 1 << 24
+#: The most values one input of the saved input shape may hold when the file's tensors
+#: hold fewer (1 GiB in float32: 3 x 9000 x 9000 pixels, a 640^3 volume).
+MAX_INPUT_ELEMENTS = 1 << 28
 _TMP_SUFFIX = ".wrapcal-tmp"
 
 
@@ -184,6 +193,16 @@ def sizes_problem(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
         return (
             f"the model description asks for {kwargs['num_classes']!r} classes, "
             f"the header says {classes}"
+        )
+    shape = config.get("input_shape") or []
+    elements = math.prod(shape)
+    stored = sum(t.numel() for t in tensors.values())
+    if elements > max(MAX_INPUT_ELEMENTS, stored):
+        # One input of this shape is what a stand-in input or an export's example input
+        # allocates: a header may not ask for more than the weights themselves hold.
+        return (
+            f"the input shape {list(shape)} is {elements} values per input, more than "
+            f"{MAX_INPUT_ELEMENTS} and more than the {stored} values the file's tensors hold"
         )
     return None
 
@@ -305,28 +324,102 @@ def check_loadable(
         )
 
 
+def _check_target(path: Path, given: Any) -> None:
+    """Refuse a target that cannot be a file: a directory, ``''``, ``'.'``, ``'..'``."""
+    if path.name in ("", ".", "..") or path.is_dir():
+        example = (path / "model.wrapcal") if path.name not in ("", ".") else "model.wrapcal"
+        raise SavedFileError(
+            f"cannot save to {os.fspath(given)!r}: it is a directory, not a file name; give "
+            f"the file to write, e.g. wrapped.save({os.fspath(example)!r})"
+        )
+
+
+def state_tensors(wrapped: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write and the ties between them: ``(name -> tensor, alias -> name)``.
+
+    A tensor the state dict holds under several names (tied weights: a head that shares
+    its weight with an embedding) is written once, under its first name; the others
+    are recorded as aliases of it, and :func:`read` gives each alias that same tensor,
+    so that ``wrapcal.load`` ties them again (safetensors refuses shared memory). Tensors
+    that overlap in memory without being the same view (one a slice of another) are
+    written as copies of their own: they load as independent tensors with the same
+    values.
+    """
+    first: dict[tuple[Any, ...], str] = {}
+    storages: set[tuple[Any, ...]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    ties: dict[str, str] = {}
+    for name, value in wrapped.state_dict().items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr() if value.numel() else 0
+        if ptr == 0:  # no memory: nothing to share
+            tensors[name] = value.cpu().contiguous()
+            continue
+        storage = (value.device, ptr)
+        view = (*storage, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+        if view in first:
+            ties[name] = first[view]
+            continue
+        first[view] = name
+        value = value.cpu().contiguous()
+        # .cpu() and .contiguous() copy only what is on another device or strided, so a
+        # CPU view of another tensor's memory is still shared here: copy it.
+        tensors[name] = value.clone() if storage in storages else value
+        storages.add(storage)
+    return tensors, ties
+
+
+def with_ties(tensors: Mapping[str, torch.Tensor], ties: Mapping[str, str]):
+    """``tensors`` with each tied alias naming its tensor (the same object)."""
+    return {**tensors, **{alias: tensors[name] for alias, name in ties.items()}}
+
+
 def save(wrapped: Any, path: str | os.PathLike) -> Path:
     """Save ``wrapped`` to ``path`` (conventionally ``*.wrapcal``).
+
+    Tied weights (one tensor under several names) are written once and tied again by
+    ``wrapcal.load`` (:func:`state_tensors`).
 
     Returns:
         The path written.
 
     Raises:
-        SavedFileError: A plugin without a registered name, parameters or learned
+        SavedFileError: A target that is a directory (``''``, ``'.'``), one that cannot
+            be written (the message names it and why; an existing file there is left
+            as it was), a plugin without a registered name, parameters or learned
             values that are not JSON, or anything else ``wrapcal.load`` would refuse
             (:func:`check_loadable`); nothing is written then.
     """
     distributed.check_whole(wrapped, "save")
+    given = path
     path = Path(path)
+    _check_target(path, given)
     config = _config(wrapped)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in wrapped.state_dict().items()}
+    tensors, ties = state_tensors(wrapped)
+    if ties:
+        config["tied"] = ties
     try:
         config["digest"] = digest(config, tensors)
         text = json.dumps(config)
     except (TypeError, ValueError) as err:
         raise SavedFileError(f"a plugin parameter or learned value is not JSON: {err}") from err
-    check_loadable(wrapped, config, tensors, path)
+    check_loadable(wrapped, config, with_ties(tensors, ties), path)
     payload = save_tensors(tensors, metadata={FORMAT: text})
+    try:
+        _write(path, payload)
+    except OSError as err:
+        # The temporary file's name means nothing to the user: say which target failed.
+        raise SavedFileError(
+            f"cannot save to {os.fspath(given)!r}: {err.strerror or err}. Check that its "
+            "directory can be created and written and that the disk has room; an existing "
+            "file there is left as it was"
+        ) from err
+    return path
+
+
+def _write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file beside ``path``, then rename it over
+    ``path``: a failure leaves an existing file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(path.parent, path.name)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
@@ -343,7 +436,6 @@ def save(wrapped: Any, path: str | os.PathLike) -> Path:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    return path
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -417,6 +509,9 @@ def _check_config(path: Path, config: Any) -> dict[str, Any]:
             raise _fail(path, "a plugin entry is not {name, package, params, state}")
     if not is_operating_points(config.get("operating_points")):
         raise _fail(path, "the operating points are not thresholds and metrics")
+    ties = config.get("tied", {})
+    if not (isinstance(ties, dict) and all(isinstance(v, str) for v in ties.values())):
+        raise _fail(path, "the tied tensors are not names of tensors")
     shape = config.get("input_shape")
     if shape is not None and not (
         isinstance(shape, list) and all(isinstance(v, int) and 0 < v < 1 << 20 for v in shape)
@@ -460,4 +555,8 @@ def read(path: str | os.PathLike) -> SavedFile:
             "the file is corrupt: its contents do not match the digest stored when it was "
             "saved (a changed byte in the tensors or the configuration)",
         )
-    return SavedFile(path, config, tensors)
+    ties = config.get("tied", {})
+    for alias, name in ties.items():
+        if alias in tensors or name not in tensors:
+            raise _fail(path, f"the tied name {alias!r} is a tensor's, or ties to no tensor")
+    return SavedFile(path, config, with_ties(tensors, ties))

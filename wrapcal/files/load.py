@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
-from wrapcal.errors import PluginNotFoundError, SavedFileError
+from wrapcal.errors import PluginNotFoundError, SavedFileError, SplitError
 from wrapcal.files import families as registry
 from wrapcal.files.format import SavedFile, learned_tensor_problem, read, sizes_problem
 from wrapcal.model.assemble import build, find_split, resolve_plugins
@@ -26,7 +28,13 @@ from wrapcal.model.split import Split, split_at
 from wrapcal.model.wrapped import WrappedModel
 from wrapcal.plugin.base import get_tags
 
-__all__ = ["load"]
+__all__ = ["MAX_UNSTORED_BYTES", "load"]
+
+#: Buffers a model computes rather than stores may take this much memory even when the
+#: file's tensors take less (small models whose index buffers outweigh their weights).
+MAX_UNSTORED_BYTES = 16 << 20
+# A head path a file may name: dotted public attribute names (a Sequential's indices too).
+_HEAD_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]{0,127}(\.[A-Za-z0-9][A-Za-z0-9_]{0,127}){0,31}\Z")
 
 
 def _check_sizes(saved: SavedFile) -> None:
@@ -53,9 +61,16 @@ def _rebuild_model(saved: SavedFile, device: str | torch.device | None = None) -
             return family.build(name, kwargs)
         with torch.device(device):
             return family.build(name, kwargs)
-    except (ValueError, TypeError, KeyError) as err:
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         # A description the family refuses while building (inconsistent sizes, a key of
         # another model type): the file's fault, said as such.
+        raise SavedFileError(f"{saved.path}: cannot build {name}: {err}") from None
+    except (NotImplementedError, RuntimeError) as err:
+        if device is not None:
+            raise  # an operation the meta device lacks: the caller builds for real instead
+        # A description the library refuses in its own words (a RuntimeError from timm).
         raise SavedFileError(f"{saved.path}: cannot build {name}: {err}") from None
 
 
@@ -73,11 +88,23 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
                 f"{saved.path} holds a bare nn.Linear; pass one: model=nn.Linear(...)"
             )
         return Split(nn.Identity(), model, kind="linear")
-    if kind == "module":
-        if not isinstance(head_path, str):
-            raise SavedFileError(f"{saved.path}: the split has no head path")
-        return split_at(model, head_path)
-    return find_split(model)
+    try:
+        if kind == "module":
+            if not isinstance(head_path, str) or not _HEAD_PATH.match(head_path):
+                raise SavedFileError(
+                    f"{saved.path}: the split's head path {head_path!r} is not the dotted name "
+                    "of a module (public names: letters, digits and '_', not starting with "
+                    "'_'); save the model again"
+                )
+            return split_at(model, head_path)
+        return find_split(model)
+    except SplitError as err:
+        # The file names a split this model does not have: the file's (or the model
+        # passed with it) fault, not a split to make by hand.
+        raise SavedFileError(
+            f"{saved.path} does not match the model it is loaded into: {err}. Pass the same "
+            "architecture that was saved (wrapcal.load(path, model=...))"
+        ) from None
 
 
 def _in_acting_order(saved: SavedFile, names: list[str]) -> list[dict]:
@@ -145,6 +172,35 @@ def _fit_learned_buffers(saved: SavedFile, wrapped: WrappedModel) -> None:
             setattr(plugin, name, torch.empty(stored.shape, dtype=stored.dtype))
 
 
+def _check_dtypes(saved: SavedFile, expected: dict[str, torch.Tensor]) -> None:
+    """Refuse model tensors (backbone and head) whose floating dtypes the model's layers
+    cannot take together.
+
+    A file may hold the model in any one floating dtype (a ``half()`` model loads in
+    float16), or in the dtypes of the model it is loaded into, tensor by tensor (a model
+    built with some tensors in another dtype). Anything else (a float16 head in a float32
+    model) would load and then fail at the first ``predict``.
+    """
+    floating = {
+        key: tensor.dtype
+        for key, tensor in saved.tensors.items()
+        if not key.startswith("plugins.") and tensor.is_floating_point()
+    }
+    if len(set(floating.values())) <= 1:
+        return
+    odd = [key for key, dtype in floating.items() if dtype != expected[key].dtype]
+    if not odd:
+        return
+    common = max(set(floating.values()), key=list(floating.values()).count)
+    key = next((k for k in odd if floating[k] != common), odd[0])
+    raise SavedFileError(
+        f"{saved.path}: {key} is {floating[key]} in the file, but the model's other tensors "
+        f"are {common} and the model it is loaded into has it in {expected[key].dtype}: its "
+        "layers cannot compute in both. Save the model again after casting it whole "
+        "(wrapped.to(dtype))"
+    )
+
+
 def _check_tensors(saved: SavedFile, wrapped: WrappedModel) -> None:
     expected = wrapped.state_dict()
     missing = sorted(set(expected) - set(saved.tensors))
@@ -166,6 +222,32 @@ def _check_tensors(saved: SavedFile, wrapped: WrappedModel) -> None:
                 f"{tuple(got.shape)} {got.dtype} in the file, {tuple(want.shape)} "
                 f"{want.dtype} in the model. Pass the same architecture that was saved"
             )
+    _check_dtypes(saved, expected)
+
+
+def _tie_again(wrapped: WrappedModel) -> None:
+    """Make tied weights one parameter again.
+
+    A tied tensor is stored once and read back as one tensor under each of its names
+    (:func:`wrapcal.files.format.state_tensors`); ``load_state_dict(assign=True)`` wraps
+    it in a new ``Parameter`` per name, sharing memory. Each name gets the first one, as
+    in the model that was saved (one parameter for an optimiser, ``a is b``).
+    """
+    first: dict[tuple[Any, ...], nn.Parameter] = {}
+    for module in wrapped.modules(remove_duplicate=False):
+        for attr, param in list(module._parameters.items()):
+            if param is None or not param.numel():
+                continue
+            view = (
+                param.untyped_storage().data_ptr(),
+                param.storage_offset(),
+                tuple(param.shape),
+                param.stride(),
+                param.dtype,
+            )
+            kept = first.setdefault(view, param)
+            if kept is not param:
+                setattr(module, attr, kept)
 
 
 def _check_on_meta(saved: SavedFile) -> None:
@@ -180,6 +262,32 @@ def _check_on_meta(saved: SavedFile) -> None:
         return  # a model that cannot be built on meta: the checks after building remain
     _fit_learned_buffers(saved, wrapped)
     _check_tensors(saved, wrapped)
+    _check_unstored_buffers(saved, wrapped)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _check_unstored_buffers(saved: SavedFile, wrapped: WrappedModel) -> None:
+    """Refuse a description whose buffers that are not stored (non-persistent ones,
+    computed from allow-listed sizes: attention-bias indices and masks that grow with a
+    timm ``img_size``) would take more memory than the file's own tensors, and more than
+    :data:`MAX_UNSTORED_BYTES`: a header may not ask for memory its contents do not
+    justify. Measured on the meta device, before anything is allocated."""
+    stored_keys = set(wrapped.state_dict())
+    unstored = sum(
+        _nbytes(buffer) for name, buffer in wrapped.named_buffers() if name not in stored_keys
+    )
+    stored = sum(_nbytes(tensor) for tensor in saved.tensors.values())
+    if unstored > max(stored, MAX_UNSTORED_BYTES):
+        raise SavedFileError(
+            f"{saved.path}: the model it describes ({saved.config['model'].get('name')} with "
+            f"{saved.config['model'].get('kwargs')}) computes {unstored >> 20} MiB of "
+            f"buffers that are not stored, more than its {stored >> 20} MiB of stored "
+            "tensors: a size in its description (img_size?) is not the saved model's. Save "
+            "the model again"
+        )
 
 
 #: Built-in plugins whose meaning changed in 0.3, so that a file of 0.2.0 or older that
@@ -283,6 +391,7 @@ def load(
     _fit_learned_buffers(saved, wrapped)
     _check_tensors(saved, wrapped)
     wrapped.load_state_dict(saved.tensors, strict=True, assign=True)
+    _tie_again(wrapped)
     for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True):
         try:
             plugin.validate_state()

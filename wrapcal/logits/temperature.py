@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from wrapcal.errors import DataError
-from wrapcal.plugin.validation import MIN_SAMPLES, check_fit_data
+from wrapcal.plugin.validation import MIN_SAMPLES, check_fit_data, check_iterations
 
 __all__ = ["MIN_SAMPLES", "TEMPERATURE_BOUNDS", "fit_temperature"]
 
@@ -73,23 +73,26 @@ def fit_temperature(logits: Any, labels: Any, *, max_iter: int = 100) -> float:
         labels: ``[N]`` class indices in ``[0, K)`` (``{0, 1}`` for a single logit):
             integers, booleans or whole-number floats, checked by
             :func:`wrapcal.plugin.validation.check_labels` like every entry point's.
-        max_iter: Maximum number of objective evaluations (Newton steps).
+        max_iter: Maximum number of objective evaluations (Newton steps): an int >= 1.
 
     Returns:
         The temperature ``T`` (a float in ``TEMPERATURE_BOUNDS``); calibrated logits
         are ``logits / T``.
 
     Raises:
+        TypeError: ``max_iter`` is not an int.
+        ValueError: ``max_iter`` is 0 or negative.
         DataError: Logits with NaN/inf, not 1- or 2-D, or that look like probabilities;
             labels of the wrong shape, type or range, or of one class only (the checks
             and messages of :func:`wrapcal.plugin.validation.check_fit_data`, shared with
             the calibrators); logits no better than chance on these labels.
 
     Warns:
-        UserWarning: Fewer than ``MIN_SAMPLES`` samples; a single logit with every
-            value in [0, 1] (probabilities?); the minimiser outside
+        UserWarning: Fewer than ``MIN_SAMPLES`` samples; every value in [0, 1]
+            (probabilities: sigmoid outputs, or of one logit); the minimiser outside
             ``TEMPERATURE_BOUNDS`` (T is clipped); no convergence in ``max_iter`` steps.
     """
+    check_iterations(max_iter, "max_iter", "fit_temperature")
     checked, labels_checked = check_fit_data(logits, labels, "temperature scaling")
     # The caller's memory where it can be (a CPU tensor or array): read, never written.
     z = checked.cpu().numpy()

@@ -49,12 +49,13 @@ import torch
 from torch import nn
 
 from wrapcal import distributed
-from wrapcal.errors import DataError
+from wrapcal.errors import DataError, WrapcalError
 from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.probs import combine_members, entropy, logits_to_probs
 from wrapcal.plugin.torch_helpers import check_features, in_mode
 from wrapcal.plugin.types import OutputContext, OutputKind, PluginTags, Stage
+from wrapcal.plugin.validation import check_finite
 
 __all__ = ["CORE_OUTPUTS", "Chain", "ModelParts", "PrefixView", "named_errors", "overrides"]
 
@@ -151,6 +152,9 @@ class Chain:
         num_features: ``D``, checked on the backbone's output.
         input_hint: What inputs the model takes, for the message when the backbone
             fails on a batch.
+        check_finite: Refuse cached features that hold NaN or inf values (features a
+            user passes to ``predict_features``), batch by batch, with a
+            :class:`~wrapcal.errors.DataError` as ``predict`` refuses such inputs.
         features_done: Cached features given to this chain are the model's features,
             already through the ``FEATURES``-stage steps (the ``fit`` data of the
             plugins after that stage): those steps are not applied to them again.
@@ -166,6 +170,7 @@ class Chain:
         input_hint: str = "",
         *,
         features_done: bool = False,
+        check_finite: bool = False,
     ) -> None:
         self.backbone = backbone
         self.head = head
@@ -173,6 +178,7 @@ class Chain:
         self.num_features = num_features
         self.input_hint = input_hint
         self.features_done = features_done
+        self.check_finite = check_finite
 
     # --- the steps ---------------------------------------------------------------------
 
@@ -180,19 +186,70 @@ class Chain:
         if inputs is None:
             if cached is None:
                 raise ValueError("no inputs and no cached features to compute features from")
+            if self.check_finite:
+                check_finite(cached, "features")
             return check_features(cached, self.num_features).unsqueeze(0)
         try:
             features = self.backbone(inputs)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as err:
+        except WrapcalError:
+            raise  # a split that does not hold, a plugin's own error: already says what
+        except Exception as err:
+            # A batch dimension left out ([3, H, W] for [N, 3, H, W]) reaches layers that
+            # refuse it (BatchNorm's ValueError, a reduction's IndexError): say so first.
+            self._refuse_one_input(inputs)
+            if not isinstance(err, RuntimeError):
+                raise
             # Torch's message comes from deep inside the network: say what went in.
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(
                 f"the backbone cannot take inputs of shape {list(inputs.shape)}"
                 f"{'; ' + self.input_hint if self.input_hint else ''} (torch: {first})"
             ) from err
+        if not (
+            isinstance(features, torch.Tensor)
+            and features.ndim == 2
+            and features.shape[0] == inputs.shape[0]
+        ):
+            # Layers that take unbatched inputs (convolutions) turn one input without its
+            # batch dimension into features of another shape, or of another batch size
+            # (rows that are channels): never a split to redo by hand.
+            self._refuse_one_input(inputs)
+            if isinstance(features, torch.Tensor) and features.ndim == 2:
+                raise DataError(
+                    f"the backbone returned {features.shape[0]} rows of features for "
+                    f"{inputs.shape[0]} inputs of shape {list(inputs.shape)}"
+                    f"{'; ' + self.input_hint if self.input_hint else ''}: pass a batch "
+                    "[N, ...] with one input per row"
+                )
         return check_features(features, self.num_features).unsqueeze(0)
+
+    def _refuse_one_input(self, inputs: torch.Tensor) -> None:
+        """Raise the "one input instead of a batch" error when ``inputs`` is one input
+        without its batch dimension: the backbone takes ``inputs.unsqueeze(0)`` and
+        returns one row of features. Only called once the batch has failed, so the extra
+        pass (eval mode, no gradients: nothing in the model changes) costs nothing on
+        the way that works."""
+        try:
+            with torch.no_grad(), in_mode(self.backbone, False):
+                out = self.backbone(inputs.unsqueeze(0))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            return  # not one input either: the caller's error stands
+        if (
+            isinstance(out, torch.Tensor)
+            and out.ndim == 2
+            and out.shape[0] == 1
+            and out.shape[1] == self.num_features
+        ):
+            raise DataError(
+                f"inputs have shape {list(inputs.shape)}: one input (an image?) instead of a "
+                f"batch; add a batch dimension with x.unsqueeze(0), giving "
+                f"{[1, *inputs.shape]}"
+                f"{' (' + self.input_hint + ')' if self.input_hint else ''}"
+            )
 
     def _model_step(
         self, cached: torch.Tensor | None
@@ -347,6 +404,10 @@ class Chain:
     def cached_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
         """Final logits ``[N, K]`` of cached features ``[N, D]``, in steps of rows."""
         with torch.no_grad():
+            if features.shape[0] == 0:
+                # No rows: the logits of one row of zeros, none of them kept, so the
+                # result has the columns and dtype every plugin gives.
+                return self.logits(None, features.new_zeros(1, *features.shape[1:]))[:0]
             return torch.cat(
                 [
                     self.logits(None, features[i : i + batch_size])
@@ -379,7 +440,9 @@ class Chain:
 
         When a plugin synchronises the ranks at inference, every rank runs the same
         number of batches (:func:`wrapcal.distributed.lockstep`): a rank whose batches
-        ran out runs ``stand_in()`` and drops its result.
+        ran out runs ``stand_in()`` and drops its result (a rank with no batch at all
+        keeps its first one's rows, none of them: an empty prediction of the right
+        shapes).
         """
 
         def run(batch: torch.Tensor) -> Prediction:
@@ -388,12 +451,29 @@ class Chain:
         if not (self.collective and distributed.active()):
             return [run(batch) for batch in batches]
         parts = []
+        spare: Prediction | None = None
         for batch in distributed.lockstep(batches):
             if batch is None:
-                run(stand_in())
+                padding = run(stand_in())
+                spare = padding if spare is None else spare
             else:
                 parts.append(run(batch))
+        if not parts and spare is not None:
+            parts.append(spare.select_rows(slice(0, 0)))
         return parts
+
+    @property
+    def runs_alone(self) -> bool:
+        """Whether this rank may run the chain on its own: no plugin synchronises the
+        ranks at inference, or no process group is running."""
+        return not (self.collective and distributed.active())
+
+    def empty_prediction(self, one: torch.Tensor, *, cached: bool) -> Prediction:
+        """The prediction of no rows, every output with its shape past the batch and its
+        dtype: the chain's prediction of ``one`` (one input, or one row of features with
+        ``cached``), none of its rows kept. Only where the chain :attr:`runs_alone`."""
+        full = self.predict(None, one) if cached else self.predict(one)
+        return full.select_rows(slice(0, 0))
 
     def predict(self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None):
         """The whole chain: a :class:`~wrapcal.Prediction` with every plugin's outputs."""
@@ -566,9 +646,16 @@ class PrefixView:
     ) -> Prediction:
         self._check_logits_allowed()
         batches = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
+
+        def stand_in() -> torch.Tensor:
+            return features[:1].new_zeros(1, features.shape[1])
+
         with torch.no_grad():
-            return Prediction.cat(
-                self._chain.predict_each(
-                    batches, lambda: features[:1].new_zeros(1, features.shape[1])
-                )
-            )
+            parts = self._chain.predict_each(batches, stand_in)
+            if not parts:
+                if not self._chain.runs_alone:
+                    raise DataError(
+                        "no features to predict on any rank: give at least one rank rows"
+                    )
+                parts = [self._chain.empty_prediction(stand_in(), cached=True)]
+            return Prediction.cat(parts)

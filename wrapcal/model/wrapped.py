@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -86,8 +87,9 @@ class WrappedModel(nn.Module):
 
     # --- plugins -----------------------------------------------------------------------
 
-    def chain(self, upto: int | None = None) -> Chain:
-        """The plugins before index ``upto`` (all of them by default), as a chain."""
+    def chain(self, upto: int | None = None, *, check_finite: bool = False) -> Chain:
+        """The plugins before index ``upto`` (all of them by default), as a chain
+        (``check_finite``: refusing cached features with NaN or inf values)."""
         stop = len(self.plugins) if upto is None else upto
         triples = [
             (name, plugin, get_tags(plugin))
@@ -96,7 +98,9 @@ class WrappedModel(nn.Module):
             )
         ]
         hint = input_hint(self.input_shape, self.fixed_input_size)
-        return Chain(self.backbone, self.head, triples, self.num_features, hint)
+        return Chain(
+            self.backbone, self.head, triples, self.num_features, hint, check_finite=check_finite
+        )
 
     def view(self, upto: int) -> PrefixView:
         """The model as plugin number ``upto`` sees it (the plugins before it active)."""
@@ -246,9 +250,26 @@ class WrappedModel(nn.Module):
         return self.chain().finish(members)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits with the model's shape, dtype and device."""
+        """Calibrated logits with the model's shape, dtype and device (``[0, K]`` for an
+        empty batch)."""
         self.check_is_fitted()
-        return self.chain().logits(self.prepare(x))
+        chain = self.chain()
+        x = self.prepare(x)
+        if x.shape[0] == 0:
+            # The logits of one input of zeros, none kept: [0, K] in the logits' dtype.
+            # Only the logits: no plugin's outputs, which may synchronise the ranks.
+            with in_mode(self, False), torch.no_grad():
+                return chain.logits(x.new_zeros(1, *x.shape[1:]))[:0]
+        return chain.logits(x)
+
+    def _empty(self, chain: Chain, x: torch.Tensor) -> Prediction:
+        """The prediction of an empty batch ``x`` (``[0, ...]``): every output with no
+        rows and the shape and dtype it has for one input (the chain run on one input of
+        zeros, in eval mode without gradients, none of its rows kept), so that code
+        written for batches works on an empty one."""
+        one = x.new_zeros(1, *x.shape[1:])
+        with in_mode(self, False), torch.no_grad():
+            return chain.empty_prediction(one, cached=False)
 
     def predict(self, x: Any, batch_size: int = 256, progress: bool = False) -> Prediction:
         """Predict with probabilities, labels, confidences, scores and plugin outputs.
@@ -265,6 +286,10 @@ class WrappedModel(nn.Module):
         """
         self.check_is_fitted()
         chain = self.chain()
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)  # a batch, as a tensor is (iter_batches reads both)
+        if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 0 and chain.runs_alone:
+            return self._empty(chain, self.prepare(x))
         with in_mode(self, False), torch.no_grad():
             if isinstance(x, torch.Tensor) and x.shape[0] <= batch_size and not chain.collective:
                 return chain.predict(self.prepare(x))
@@ -297,19 +322,52 @@ class WrappedModel(nn.Module):
         """Predict, with every plugin's outputs, from backbone features ``[N, D]``.
 
         ``features`` are ``wrapped.backbone`` outputs (the ``fit`` cache, or features a
-        user stored); no backbone pass is made.
+        user stored); no backbone pass is made. They are checked as ``predict`` checks
+        inputs (with ``check_inputs``: NaN and inf values are refused, batch by batch);
+        no rows give an empty prediction.
+
+        Raises:
+            DataError: Features that are not ``[N, D]`` floats of the model's width, or
+                (with ``check_inputs``) that hold NaN or inf values.
         """
         self.check_is_fitted()
         if isinstance(features, DiskFeatures):
             features = features.to(self.device)  # rows are read batch by batch
         else:
             features = torch.as_tensor(features).to(self.device)
+        self._check_feature_shape(features)
+        view = PrefixView(self, self.chain(check_finite=self.check_inputs))
         with in_mode(self, False):
-            return self.view(len(self.plugins)).predict_features(features, batch_size)
+            return view.predict_features(features, batch_size)
+
+    def _check_feature_shape(self, features: Any) -> None:
+        """Refuse features that are not ``[N, D]`` floats: the backbone's output, never a
+        problem of the split (which :func:`check_features` would say)."""
+        shape = list(features.shape)
+        width = self.num_features
+        if not features.dtype.is_floating_point:
+            raise DataError(
+                f"features have dtype {features.dtype}; predict_features takes the backbone's "
+                "float features [N, D]"
+            )
+        if len(shape) == 1 and shape[0] == width:
+            raise DataError(
+                f"features have shape {shape}: one row instead of a batch; add a batch "
+                f"dimension with features.unsqueeze(0), giving [1, {width}]"
+            )
+        if len(shape) != 2 or shape[1] != width:
+            raise DataError(
+                f"features have shape {shape}; predict_features takes the backbone's "
+                f"features [N, {width}] (wrapped.backbone(x), or what fit cached)"
+            )
 
     def head_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
-        """Final logits ``[N, K]`` from backbone features ``[N, D]``, every plugin applied."""
-        return self.chain().cached_logits(features, batch_size)
+        """Final logits ``[N, K]`` from backbone features ``[N, D]``, every plugin applied
+        (``[0, K]`` for no rows; NaN or inf features are refused with ``check_inputs``)."""
+        if not isinstance(features, (torch.Tensor, DiskFeatures)):
+            features = torch.as_tensor(features)
+        self._check_feature_shape(features)
+        return self.chain(check_finite=self.check_inputs).cached_logits(features, batch_size)
 
     # --- fitting and saving --------------------------------------------------------------
 

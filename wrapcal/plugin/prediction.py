@@ -93,6 +93,19 @@ class Prediction:
             dict(first.kinds),
         )
 
+    def select_rows(self, index: slice | torch.Tensor) -> Prediction:
+        """The prediction of some of the rows (``slice(0, 0)``: none, every output keeping
+        its shape past the batch and its dtype)."""
+        return Prediction(
+            self.logits[index],
+            self.probs[index],
+            self.label[index],
+            self.confidence[index],
+            {k: v[index] for k, v in self.scores.items()},
+            {k: v[index] for k, v in self.outputs.items()},
+            dict(self.kinds),
+        )
+
     def to(self, device: torch.device | str) -> Prediction:
         """The same prediction with every tensor on ``device``."""
         return Prediction(

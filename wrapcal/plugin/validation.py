@@ -38,7 +38,9 @@ __all__ = [
     "ROW_SUM_TOL",
     "as_logits",
     "as_tensor",
+    "check_finite",
     "check_fit_data",
+    "check_iterations",
     "check_labels",
     "check_logits",
     "check_values",
@@ -116,6 +118,15 @@ def _non_finite_message(values: torch.Tensor, what: str) -> str:
         f"first is row {int(rows[0])}); check the model's inputs (NaN pixels?) and its "
         "precision (float16 overflow?), and fix or drop those rows"
     )
+
+
+def check_finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values`` if every one is finite; else a :class:`DataError` saying how many NaN
+    and inf values there are and the first row holding one (features a user passes,
+    refused as ``predict`` refuses NaN inputs)."""
+    if values.is_floating_point() and values.numel() and not bool(torch.isfinite(values).all()):
+        raise DataError(_non_finite_message(values, what))
+    return values
 
 
 def check_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:
@@ -286,8 +297,9 @@ def check_fit_data(
             (:func:`check_labels`), or labels of one class only.
 
     Warns:
-        UserWarning: Fewer than :data:`MIN_SAMPLES` samples; a single logit with every
-            value in [0, 1] (probabilities of the positive class?).
+        UserWarning: Fewer than :data:`MIN_SAMPLES` samples; every value in [0, 1]
+            (a single logit: probabilities of the positive class?; several: sigmoid
+            outputs?).
     """
     z = checked_logits(logits, "calibration logits")
     n, k = z.shape
@@ -309,11 +321,49 @@ def check_fit_data(
             UserWarning,
             stacklevel=stacklevel + 1,
         )
-    if k == 1 and float(z.min()) >= 0.0 and float(z.max()) <= 1.0:
+    lowest, highest = torch.stack(torch.aminmax(z)).tolist()
+    if k == 1 and lowest >= 0.0 and highest <= 1.0:
         warnings.warn(
             "every single-logit value is in [0, 1]: if these are probabilities of the "
             "positive class, pass logits instead (log(p / (1 - p)))",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
+    elif lowest >= 0.0 and highest <= 1.0:
+        # Rows summing to 1 were refused above (softmax outputs); per-class sigmoid
+        # outputs, or probabilities rounded or clipped, only look like these: real logits
+        # of several classes practically never all lie in [0, 1].
+        warnings.warn(
+            f"every calibration logit is in [0, 1]: if these are probabilities (sigmoid "
+            f"outputs, one per class), {name} of them does nothing useful; pass the "
+            "model's logits (its output before the sigmoid, log(p / (1 - p))) instead",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
     return z, y
+
+
+def check_iterations(value: Any, name: str, where: str) -> int:
+    """An iteration count (``max_iter``): an int >= 1, or a clear error.
+
+    Args:
+        value: The count given.
+        name: The argument's name, for the message.
+        where: The function or plugin it was given to, for the message.
+
+    Raises:
+        TypeError: Not an int (a bool, a float such as 1e3, ``None``).
+        ValueError: 0 or negative: no step would run, and the result would be the
+            starting point, silently.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{where}: {name} must be an int >= 1, got {value!r} "
+            f"({type(value).__name__}); pass e.g. {name}=100"
+        )
+    if value < 1:
+        raise ValueError(
+            f"{where}: {name} must be at least 1, got {value}: with no step nothing is "
+            f"fitted; pass e.g. {name}=100"
+        )
+    return int(value)

@@ -299,6 +299,10 @@ def build_from_config(model_type: str, kwargs: dict[str, Any]) -> nn.Module:
     # A copy: some models append to their config's lists while they are built (LeViT's
     # down_ops), which must not change the caller's (a loaded file's) description.
     kwargs = copy.deepcopy(kwargs)
+    # Output format only: wrapcal reads the logits either way, and a tuple-returning config
+    # breaks some models' own forward (ViT's reads .last_hidden_state of its encoder's
+    # tuple in transformers 5): built as returning dicts, the outputs are the same.
+    kwargs.pop("return_dict", None)
     classes = kwargs.pop("num_classes", None)
     if classes is not None:
         if "id2label" in kwargs and len(kwargs["id2label"]) != classes:
