@@ -37,7 +37,7 @@ def _inputs() -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["calib", "dropout", "smooth"])
-def test_a_file_written_by_0_2_0_loads_and_predicts_exactly_as_0_2_0_did(name: str) -> None:
+def test_a_file_written_by_0_2_0_loads_and_predicts_as_0_2_0_did(name: str) -> None:
     expected = np.load(HERE / "outputs.npz")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning about the file...
@@ -45,9 +45,21 @@ def test_a_file_written_by_0_2_0_loads_and_predicts_exactly_as_0_2_0_did(name: s
         warnings.filterwarnings("ignore", message="mc_dropout: .* inserting dropout")
         loaded = wrapcal.load(HERE / f"{name}.wrapcal", model=_model())
     prediction = loaded.predict(_inputs())
-    np.testing.assert_array_equal(prediction.probs.numpy(), expected[f"{name}/probs"])
+    probs = expected[f"{name}/probs"]
+    # To float32 rounding: 0.2.0 recorded these on another CPU, and a matrix product's
+    # last bit depends on the CPU's kernels (on an AMD EPYC they differ by 9e-8).
+    _same(prediction.probs.numpy(), probs, "probs")
+    np.testing.assert_array_equal(prediction.probs.numpy().argmax(1), probs.argmax(1))
     scores = [key for key in expected.files if key.startswith(f"{name}/score/")]
     assert len(scores) >= 4
     for key in scores:
         score = key.rpartition("/")[2]
-        np.testing.assert_array_equal(prediction.scores[score].numpy(), expected[key], key)
+        _same(prediction.scores[score].numpy(), expected[key], key)
+
+
+def _same(actual: np.ndarray, desired: np.ndarray, what: str) -> None:
+    """Equal, to float32 rounding for floating outputs (exactly otherwise)."""
+    if np.issubdtype(desired.dtype, np.floating):
+        np.testing.assert_allclose(actual, desired, rtol=2e-6, atol=1e-6, err_msg=what)
+    else:
+        np.testing.assert_array_equal(actual, desired, what)
