@@ -111,7 +111,9 @@ def isotonic_map(scores: np.ndarray, hits: np.ndarray):
 
     x = np.asarray(scores, dtype=np.float64)
     y = np.asarray(hits, dtype=np.float64)
-    order = np.lexsort((y, x))
+    # scikit-learn sorts by score, then hit; hits are 0 or 1, so a group's sum is exact
+    # in any order and a stable sort by score alone gives the same groups and means.
+    order = np.argsort(x, kind="stable")
     x, y = x[order], y[order]
     starts = _merged_starts(x)
     group = np.cumsum(starts) - 1
