@@ -227,7 +227,7 @@ def test_every_plugin_together(model_name: str, case: str, tmp_path) -> None:
 
 @pytest.mark.slow
 # One model per plugin: test_every_plugin_together runs every plugin on both families
-# (a second family here cost a minute of the suite's 20 and found nothing the first missed).
+# (a second family here cost a minute of the suite's 20-minute budget).
 @pytest.mark.parametrize("model_name", ["resnet20"])
 @pytest.mark.parametrize("case", plugin_names())
 def test_each_plugin_alone(model_name: str, case: str, tmp_path) -> None:
