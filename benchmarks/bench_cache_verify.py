@@ -12,26 +12,14 @@ Run: ``python benchmarks/bench_cache_verify.py [ROWS WIDTH ...]`` (default 20000
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _timing import median_seconds
 
 from wrapcal.features.disk_arrays import DiskFeatures, DiskWriter, verify_entry
-
-
-def median_seconds(run: Callable[[], object], repeats: int = 15) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(rows: int, width: int) -> None:
@@ -51,7 +39,7 @@ def measure(rows: int, width: int) -> None:
         def check() -> None:
             assert verify_entry(folder, meta) is None
 
-        plain, checked = median_seconds(read_all), median_seconds(check)
+        plain, checked = median_seconds(read_all, 15), median_seconds(check, 15)
         mib = rows * width * 4 / 2**20
         print(
             f"| {rows} x {width} float32 ({mib:.0f} MiB) | {1000 * plain:.1f} | "

@@ -36,3 +36,16 @@ def _seed_global_generators():
 
     _seed_all()
     CACHE.clear()
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fail the test if a CLI command reads any data set: its checks of flags and paths
+    must come first."""
+    import wrapcal.cli.inputs as cli_inputs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data set was read before the command's checks failed")
+
+    monkeypatch.setattr(cli_inputs, "read", refuse)
+    monkeypatch.setattr(cli_inputs, "read_ood", refuse)

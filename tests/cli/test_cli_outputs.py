@@ -11,23 +11,9 @@ import os
 import sys
 import threading
 
-import pytest
-
-import wrapcal.cli.inputs as cli_inputs
 from wrapcal.cli import main
 
 ARGV = ["evaluate", "timm:resnet10t", "--data", "digits", "--no-progress", "--bootstrap", "0"]
-
-
-@pytest.fixture
-def no_data(monkeypatch):
-    """Fail the test if the command reads any data set: the checks come first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a data set was read before the checks failed")
-
-    monkeypatch.setattr(cli_inputs, "read", refuse)
-    monkeypatch.setattr(cli_inputs, "read_ood", refuse)
 
 
 def one_error(capsys, command: str = "evaluate") -> str:

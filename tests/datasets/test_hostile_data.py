@@ -8,6 +8,7 @@ Every hostile input is built here in ``tmp_path``, small."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import gzip
 import io
@@ -18,6 +19,8 @@ import struct
 import tracemalloc
 import zipfile
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,24 @@ from wrapcal.errors import DataError
 
 PLAIN = ImageSettings(Normaliser((0.0,), (1.0,)))
 IDENTITY = Normaliser((0.0,), (1.0,))
+
+
+@dataclass
+class Peak:
+    bytes: int = 0
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[Peak]:
+    """The peak of Python-traced allocations inside the block (``peak.bytes``), also when
+    the block raises."""
+    peak = Peak()
+    tracemalloc.start()
+    try:
+        yield peak
+    finally:
+        peak.bytes = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
 
 
 def _png(size: tuple[int, int] = (16, 16), seed: int = 0, mode: str = "RGB") -> bytes:
@@ -196,18 +217,14 @@ def _npz_with_header(
 def test_npz_header_claiming_a_trillion_images_is_refused_before_allocating(tmp_path):
     path = tmp_path / "huge.npz"
     _npz_with_header(path, (10**12, 28, 28), bytes(30 * 28 * 28))
-    tracemalloc.start()
-    try:
+    with peak_memory() as peak:
         with pytest.raises(
             DataError, match=r"images\.npy.*claims .* bytes\) but holds 23648 bytes"
         ):
             load_npz_images(path)
         with pytest.raises(SpecError, match=r"huge\.npz.*claims"):
             read_spec(str(path), "test", PLAIN)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 32 * 2**20
+    assert peak.bytes < 32 * 2**20
 
 
 def test_npz_deflate_member_claiming_more_than_it_can_inflate_to(tmp_path):
@@ -222,14 +239,9 @@ def test_npz_deflate_member_claiming_more_than_it_can_inflate_to(tmp_path):
     path.write_bytes(bytes(raw))
     with zipfile.ZipFile(path) as z:
         assert z.getinfo("images.npy").file_size == header + claimed
-    tracemalloc.start()
-    try:
-        with pytest.raises(DataError, match=r"images\.npy.* inflate"):
-            load_npz_images(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 32 * 2**20
+    with pytest.raises(DataError, match=r"images\.npy.* inflate"), peak_memory() as peak:
+        load_npz_images(path)
+    assert peak.bytes < 32 * 2**20
 
 
 def test_npz_object_arrays_are_refused(tmp_path):
@@ -279,14 +291,9 @@ def test_gzip_idx_is_inflated_bounded(tmp_path, shape, zeros):
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(_gzip_members(_idx_header(shape), zeros))
     assert path.stat().st_size < 2 * 2**20
-    tracemalloc.start()
-    try:
-        with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz"):
-            load_idx(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 * 2**20
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz"), peak_memory() as peak:
+        load_idx(path)
+    assert peak.bytes < 64 * 2**20
 
 
 def test_raw_idx_header_checked_against_the_file_size(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -272,19 +273,24 @@ def test_edited_labels_never_replace_the_users(cached, digest_too):
     assert np.array_equal(np.fromfile(entry / "labels.bin", dtype=np.int64), cal[1].numpy())
 
 
-def test_a_symlinked_entry_is_refused_and_its_target_kept(tmp_path):
+def two_entries(cache_dir: Path):
+    """A model and two data sets cached in ``cache_dir``: ``(model, a, a's temperature
+    fitted without any cache, a's entry, b's entry)``, the memory cache emptied."""
     model = net()
     a, b = labelled(100, 1, model), labelled(100, 2, model)
     truth_a = temperature(fit(model, a, None, cache=False))
-    fit(model, a, tmp_path)
-    fit(model, b, tmp_path)
+    fit(model, a, cache_dir)
+    fit(model, b, cache_dir)
     CACHE.clear()
-    entry_a, entry_b = entry_dirs(tmp_path)
+    entry_a, entry_b = entry_dirs(cache_dir)
     if (entry_a / "labels.bin").read_bytes() != a[1].numpy().tobytes():
         entry_a, entry_b = entry_b, entry_a
-    before = {p.name: p.read_bytes() for p in entry_b.iterdir()}
-    import shutil
+    return model, a, truth_a, entry_a, entry_b
 
+
+def test_a_symlinked_entry_is_refused_and_its_target_kept(tmp_path):
+    model, a, truth_a, entry_a, entry_b = two_entries(tmp_path)
+    before = {p.name: p.read_bytes() for p in entry_b.iterdir()}
     shutil.rmtree(entry_a)
     entry_a.symlink_to(entry_b, target_is_directory=True)  # a's entry serves b's data?
     wrapped, warned = refit(model, a, tmp_path)
@@ -296,17 +302,7 @@ def test_a_symlinked_entry_is_refused_and_its_target_kept(tmp_path):
 
 def test_an_entry_copied_under_another_key_is_refused(tmp_path):
     """A real copy, not a link: its meta.json names the key it was written for."""
-    import shutil
-
-    model = net()
-    a, b = labelled(100, 1, model), labelled(100, 2, model)
-    truth_a = temperature(fit(model, a, None, cache=False))
-    fit(model, a, tmp_path)
-    fit(model, b, tmp_path)
-    CACHE.clear()
-    entry_a, entry_b = entry_dirs(tmp_path)
-    if (entry_a / "labels.bin").read_bytes() != a[1].numpy().tobytes():
-        entry_a, entry_b = entry_b, entry_a
+    model, a, truth_a, entry_a, entry_b = two_entries(tmp_path)
     shutil.rmtree(entry_a)
     shutil.copytree(entry_b, entry_a)
     wrapped, warned = refit(model, a, tmp_path)
@@ -317,15 +313,7 @@ def test_an_entry_copied_under_another_key_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["features.bin", "labels.bin", "meta.json"])
 def test_an_entry_whose_files_are_symlinks_is_refused(tmp_path, name):
-    model = net()
-    a, b = labelled(100, 1, model), labelled(100, 2, model)
-    truth_a = temperature(fit(model, a, None, cache=False))
-    fit(model, a, tmp_path)
-    fit(model, b, tmp_path)
-    CACHE.clear()
-    entry_a, entry_b = entry_dirs(tmp_path)
-    if (entry_a / "labels.bin").read_bytes() != a[1].numpy().tobytes():
-        entry_a, entry_b = entry_b, entry_a
+    model, a, truth_a, entry_a, entry_b = two_entries(tmp_path)
     target = entry_b / name
     kept = target.read_bytes()
     (entry_a / name).unlink()

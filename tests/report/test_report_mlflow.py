@@ -199,16 +199,6 @@ def test_the_documented_cli_command_logs_to_mlflow(tmp_path, monkeypatch):
 CLI = ["evaluate", "timm:resnet10t", "--data", "digits", "--no-progress", "--bootstrap", "0"]
 
 
-@pytest.fixture
-def no_data(monkeypatch):
-    import wrapcal.cli.inputs as cli_inputs
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a data set was read before --mlflow was checked")
-
-    monkeypatch.setattr(cli_inputs, "read", refuse)
-
-
 @pytest.fixture(scope="module")
 def existing_db(tmp_path_factory):
     """An MLflow SQLite database with the experiment ``wrapcal`` (made once: MLflow's
