@@ -1,0 +1,1 @@
+"""Model-uncertainty plugins: ensembles of checkpoints, last-layer Laplace."""
