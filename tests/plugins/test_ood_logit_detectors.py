@@ -4,9 +4,8 @@ and against the paper's formula written out where ``pytorch_ood`` differs from i
 
 The model is the ResNet-20's own head on an identity backbone, so the inputs are its
 cached penultimate features. Statistics come from the 10,000 CIFAR-10 training features
-(she) or from 2,000 held-out test images (kl_matching's calibration set, the test set's
-half A); evaluation uses 2,000 other test images (half B) against 2,000 MNIST digits, the
-split of ``test_plugin_feature_ood.py``.
+(she, kl_matching); evaluation uses 2,000 held-out test images (half B) against 2,000
+MNIST digits, the split of ``test_plugin_feature_ood.py``.
 """
 
 from __future__ import annotations
@@ -73,8 +72,7 @@ def features_model(plugins: list) -> wrapcal.WrappedModel:
 
 @cache
 def fitted_all() -> wrapcal.WrappedModel:
-    """The four detectors in one model, fitted once: she from the training features,
-    kl_matching from the calibration set (it prefers held-out data)."""
+    """The four detectors in one model, fitted once from the training features."""
     s = scenario()
     return features_model(list(DETECTORS)).fit(
         train=(s["train"], s["train_labels"]),
@@ -209,10 +207,10 @@ def test_kl_matching_equals_pytorch_ood() -> None:
     s = scenario()
     plugin = fitted_all().get_plugin("kl_matching")
     head = resnet_head()
-    # The logits the plugin fits on: the model's float32 head of the calibration
-    # features (it prefers calibration= to train=), in float64.
+    # The logits the plugin fits on: the model's float32 head of the training features
+    # (train= before calibration=), in float64.
     with torch.no_grad():
-        fit_logits = head(s["calibration"]).double()
+        fit_logits = head(s["train"]).double()
         x = queries().clone()
         query_logits = head(x).double()
     reference = OodKLMatching(None).fit_logits(fit_logits)
@@ -317,5 +315,5 @@ def test_unfitted_and_bad_input_errors() -> None:
     wrong = (predicted + 1) % 10  # no row is classified correctly
     with pytest.raises(DataError, match=r"no 'train' sample is classified correctly"):
         features_model(["she"]).fit(train=(s["train"][:200], wrong), progress=False)
-    with pytest.raises(DataError, match=r"calibration=\.\.\. or train=\.\.\."):
+    with pytest.raises(DataError, match=r"train=\.\.\. or calibration=\.\.\."):
         features_model(["kl_matching"]).fit(unlabeled=s["test"][:50], progress=False)

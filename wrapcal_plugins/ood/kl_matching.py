@@ -19,10 +19,14 @@ test), with these choices:
   inference, and ``model.head`` of the fit set's features at ``fit``: the same logits.
   Not calibrated logits, not extra heads or dropout samples: so ``kl_matching`` scores
   the same alone and beside calibrators, samplers and the other detectors.
-* The fit set: ``calibration=`` if given, else ``train=``. The paper estimates the
-  templates on held-out validation data: the training set's posteriors are more
-  confident than those of new in-distribution inputs (the model fitted them).
-  Labels are not read.
+* The fit set: ``train=`` if given, else ``calibration=``, as every detector (the
+  paper estimates the templates on held-out validation data, whose posteriors are less
+  confident than the training set's: MNIST AUROC 0.777 from 2,000 held-out images
+  against 0.764 from the training set on the shared ResNet-20). Train first keeps the
+  calibration set out of every detector's fit, which the ``ood`` decision's conformal
+  p-values need: a score fitted on the calibration set is smaller there than on new
+  in-distribution inputs, and the false-alarm rate would exceed ``alpha``. To follow
+  the paper, fit it alone on held-out data given as ``train=``. Labels are not read.
 * The templates are averaged in float64, chunk by chunk (memory: ``K x K`` sums), and
   summed over the ranks under ``torch.distributed``. ``log d_k`` is floored at
   ``log(1e-300)`` where a template holds an exact 0 (every sample predicted as ``k``
@@ -58,8 +62,8 @@ __all__ = ["KLMatching", "kl_to_templates"]
 
 _NAME = "kl_matching"
 _WHY = "the mean posterior of the in-distribution samples predicted as each class"
-#: The paper estimates the templates on held-out data: calibration before train.
-_FIT_SETS = ("calibration", "train")
+#: Train before calibration, as every detector (the module docstring says why).
+_FIT_SETS = ("train", "calibration")
 _F64 = (torch.float64,)
 #: Floor of a template's probabilities inside the log (keeps the score finite).
 _FLOOR = 1e-300
