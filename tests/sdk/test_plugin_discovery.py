@@ -187,15 +187,15 @@ def test_every_contract_method_is_documented_with_its_signature() -> None:
 def _plugin_classes() -> list[type]:
     import wrapcal_vector_scaling
 
-    ash = Path(__file__).resolve().parents[2] / "examples" / "ash_plugin" / "wrapcal_ash"
-    spec = importlib.util.spec_from_file_location("wrapcal_ash", ash / "__init__.py")
-    wrapcal_ash = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wrapcal_ash)
+    nci = Path(__file__).resolve().parents[2] / "examples" / "nci_plugin" / "wrapcal_nci"
+    spec = importlib.util.spec_from_file_location("wrapcal_nci", nci / "__init__.py")
+    wrapcal_nci = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wrapcal_nci)
     classes = [info.factory for info in wrapcal.plugin_registry().values()]
     classes += [
         wrapcal_vector_scaling.VectorScaling,
         wrapcal_vector_scaling.Mahalanobis,
-        wrapcal_ash.ASH,
+        wrapcal_nci.NCI,
     ]
     return [c for c in classes if isinstance(c, type)]
 

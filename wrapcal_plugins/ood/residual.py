@@ -1,0 +1,138 @@
+"""Residual off the principal subspace (Wang, Li, Zhang & Zhang, CVPR 2022): ``residual``.
+
+The ViM paper ("ViM: Out-Of-Distribution with Virtual-logit Matching") scores, besides
+ViM itself, the feature part of ViM alone, "Residual": the norm of the feature's
+residual off the principal subspace of the training features, without the logit term
+(higher = more OOD)::
+
+    residual(f) = ||(f - u) R||
+
+with the same origin ``u = -pinv(W) b`` (``W``, ``b``: the head's weights and bias) and
+the same residual basis ``R`` as the ``vim`` plugin: the eigenvectors of ``1/N sum_i
+(f_i - u)(f_i - u)^T`` beyond the top ``dim``, as the authors' code and OpenOOD's
+``ResidualPostprocessor`` compute them. No ``alpha``: the scale does not change a
+ranking.
+
+* ``dim=None``: :func:`wrapcal_plugins.ood.vim.default_dim` of the feature width (the
+  authors' 1000 / 512 for wide features, half the width below 768).
+* Input: the model's features only (:attr:`~wrapcal.OutputContext.backbone_features`),
+  no logits; the head (one ``nn.Linear``, as ``fit`` finds it) only places the origin.
+* Statistics in float64, in chunks, summed over the ranks of a sharded set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from wrapcal.plugin import (
+    FitData,
+    Interval,
+    ModelView,
+    OutputContext,
+    OutputKind,
+    Plugin,
+    PluginTags,
+    Stage,
+    hookimpl,
+)
+from wrapcal_plugins.ood._feature_stats import (
+    FIT_SETS,
+    Moments,
+    compute_dtype,
+    feature_chunks,
+    fit_set,
+    linear_head,
+)
+from wrapcal_plugins.ood.vim import default_dim
+
+__all__ = ["Residual", "residual_subspace"]
+
+_NAME = "residual"
+_WHY = "the principal subspace of in-distribution features"
+_F64 = (torch.float64,)
+
+
+def residual_subspace(
+    model: ModelView, data: FitData, dim: int, plugin: str, why: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViM's origin ``u = -pinv(W) b`` ``[D]`` and residual basis ``R`` ``[D, D - dim]``
+    of the ``train`` (else ``calibration``) features, in float64.
+
+    The same computation as :meth:`wrapcal_plugins.ood.vim.ViM.fit` (one chunked pass
+    for the second moment about ``u``, summed over the ranks; ``eigh``).
+    """
+    source = fit_set(data, plugin, why)
+    head = linear_head(model.head, plugin)
+    weight = head.weight.detach().to(torch.float64)
+    origin = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    if head.bias is not None:
+        origin = -(torch.linalg.pinv(weight) @ head.bias.detach().to(torch.float64))
+    moments = Moments(classes=1, shift=origin)
+    for features, _ in feature_chunks(model, source):
+        moments.update(features)
+    moments.combine_shards(source, model.num_features, weight.device)
+    # eigh sorts eigenvalues in ascending order: the first columns span the directions
+    # the training features vary least in.
+    _, vectors = torch.linalg.eigh(moments.second_moment())
+    return origin, vectors[:, : vectors.shape[1] - dim].contiguous()
+
+
+class Residual(Plugin):
+    """Norm of the feature's residual off the training features' principal subspace.
+
+    Args:
+        dim: Dimension of the principal subspace, below the feature width; ``None``
+            picks it from the width (:func:`~wrapcal_plugins.ood.vim.default_dim`).
+
+    Attributes:
+        origin_: ``[D]`` the origin ``u = -pinv(W) b`` (float64).
+        residual_basis_: ``[D, D - dim]`` orthonormal basis of the residual space.
+        dim_: The principal dimension used (resolved from ``dim`` at ``wrap``).
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {"dim": [None, Interval(int, 1, None)]}
+
+    def __init__(self, dim: int | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_learned_buffer("origin_", ("num_features",), _F64)
+        self.register_learned_buffer("residual_basis_", ("num_features", None), _F64)
+
+    def __wrapcal_tags__(self) -> PluginTags:
+        tags = super().__wrapcal_tags__()
+        tags.stage = Stage.DETECT
+        tags.fit_reads = FIT_SETS
+        tags.fits_from_shards = True  # the sums are all-reduced over the ranks
+        tags.exportable = True
+        tags.outputs = {_NAME: OutputKind.OOD_SCORE}
+        return tags
+
+    def attach(self, model: ModelView) -> None:
+        """Resolve ``dim`` from the feature width; check the head is linear."""
+        width = model.num_features
+        self.dim_ = default_dim(width) if self.dim is None else int(self.dim)
+        if self.dim_ >= width:
+            raise ValueError(
+                f"dim={self.dim_} leaves no residual space: the features have {width} "
+                f"dimensions; use dim < {width} (None picks {default_dim(width)})"
+            )
+        linear_head(model.head, _NAME)
+
+    def fit(self, model: ModelView, data: FitData) -> Residual:
+        """The origin from the head, the residual basis from the training set."""
+        self.origin_, self.residual_basis_ = residual_subspace(model, data, self.dim_, _NAME, _WHY)
+        return self
+
+    def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:
+        """``residual``: ``||(f - u) R||``."""
+        features = context.backbone_features
+        dtype = compute_dtype(features.dtype)
+        residual = (features.to(dtype) - self.origin_.to(dtype)) @ self.residual_basis_.to(dtype)
+        return {_NAME: residual.norm(dim=-1)}
+
+
+@hookimpl
+def wrapcal_register_plugins(register: Any) -> None:
+    register(_NAME, Residual)
