@@ -30,10 +30,12 @@ __all__ = [
     "compute_dtype",
     "energy",
     "feature_chunks",
+    "feature_mean",
     "feature_value_chunks",
     "fit_set",
     "linear_head",
     "pinv_factor",
+    "residual_subspace",
 ]
 
 #: The ``fit`` data sets the detectors learn from, in order of preference.
@@ -346,3 +348,43 @@ def _select(
         inside = int(counts[j])
         low, high = float(mins[j]), float(maxs[j])
     raise RuntimeError("chunked_quantile did not converge; the chunks changed between passes")
+
+
+def residual_subspace(
+    model: ModelView, source: FeatureSet, dim: int, plugin: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViM's origin ``u = -pinv(W) b`` ``[D]`` and residual basis ``R`` ``[D, D - dim]``
+    of the features of ``source``, in float64.
+
+    What ``vim`` and ``residual`` share: one chunked pass for the second moment about
+    ``u``, summed over the ranks; ``eigh``.
+    """
+    head = linear_head(model.head, plugin)
+    weight = head.weight.detach().to(torch.float64)
+    origin = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    if head.bias is not None:
+        origin = -(torch.linalg.pinv(weight) @ head.bias.detach().to(torch.float64))
+    moments = Moments(classes=1, shift=origin)
+    for features, _ in feature_chunks(model, source):
+        moments.update(features)
+    moments.combine_shards(source, model.num_features, weight.device)
+    # eigh sorts eigenvalues in ascending order: the first columns span the directions
+    # the training features vary least in.
+    _, vectors = torch.linalg.eigh(moments.second_moment())
+    return origin, vectors[:, : vectors.shape[1] - dim].contiguous()
+
+
+def feature_mean(model: ModelView, data: FitData, plugin: str, why: str) -> torch.Tensor:
+    """The mean ``[D]`` (float64) of the ``train`` (else ``calibration``) features,
+    summed in chunks and over the ranks of a sharded set."""
+    source = fit_set(data, plugin, why)
+    total = torch.zeros(model.num_features, dtype=torch.float64, device=model.device)
+    for features, _ in feature_chunks(model, source):
+        total += features.to(device=total.device, dtype=torch.float64).sum(dim=0)
+    total = source.sum_over_shards(total)
+    if not bool(torch.isfinite(total).all()):
+        raise DataError(
+            f"plugin {plugin}: the {source.name!r} features hold NaN or inf values; "
+            "check the backbone's outputs on that data"
+        )
+    return total / source.total

@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import torch
 
 from wrapcal.plugin import (
-    DataError,
     FitData,
     Interval,
     ModelView,
@@ -49,32 +48,15 @@ from wrapcal_plugins.ood._feature_stats import (
     chunked_quantile,
     compute_dtype,
     energy,
-    feature_chunks,
-    fit_set,
+    feature_mean,
     linear_head,
 )
 
-__all__ = ["DICE", "feature_mean"]
+__all__ = ["DICE"]
 
 _NAME = "dice"
 _WHY = "the weights' contributions are weighted by the mean in-distribution feature"
 _F64 = (torch.float64,)
-
-
-def feature_mean(model: ModelView, data: FitData, plugin: str, why: str) -> torch.Tensor:
-    """The mean ``[D]`` (float64) of the ``train`` (else ``calibration``) features,
-    summed in chunks and over the ranks of a sharded set."""
-    source = fit_set(data, plugin, why)
-    total = torch.zeros(model.num_features, dtype=torch.float64, device=model.device)
-    for features, _ in feature_chunks(model, source):
-        total += features.to(device=total.device, dtype=torch.float64).sum(dim=0)
-    total = source.sum_over_shards(total)
-    if not bool(torch.isfinite(total).all()):
-        raise DataError(
-            f"plugin {plugin}: the {source.name!r} features hold NaN or inf values; "
-            "check the backbone's outputs on that data"
-        )
-    return total / source.total
 
 
 class DICE(Plugin):

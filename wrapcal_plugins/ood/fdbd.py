@@ -48,8 +48,7 @@ from wrapcal.plugin import (
     Stage,
     hookimpl,
 )
-from wrapcal_plugins.ood._feature_stats import FIT_SETS, compute_dtype, linear_head
-from wrapcal_plugins.ood.dice import feature_mean
+from wrapcal_plugins.ood._feature_stats import FIT_SETS, compute_dtype, feature_mean, linear_head
 
 __all__ = ["FDBD", "boundary_norms"]
 

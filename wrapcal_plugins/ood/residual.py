@@ -39,44 +39,18 @@ from wrapcal.plugin import (
 )
 from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
-    Moments,
     compute_dtype,
-    feature_chunks,
     fit_set,
     linear_head,
+    residual_subspace,
 )
 from wrapcal_plugins.ood.vim import default_dim
 
-__all__ = ["Residual", "residual_subspace"]
+__all__ = ["Residual"]
 
 _NAME = "residual"
 _WHY = "the principal subspace of in-distribution features"
 _F64 = (torch.float64,)
-
-
-def residual_subspace(
-    model: ModelView, data: FitData, dim: int, plugin: str, why: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ViM's origin ``u = -pinv(W) b`` ``[D]`` and residual basis ``R`` ``[D, D - dim]``
-    of the ``train`` (else ``calibration``) features, in float64.
-
-    The same computation as :meth:`wrapcal_plugins.ood.vim.ViM.fit` (one chunked pass
-    for the second moment about ``u``, summed over the ranks; ``eigh``).
-    """
-    source = fit_set(data, plugin, why)
-    head = linear_head(model.head, plugin)
-    weight = head.weight.detach().to(torch.float64)
-    origin = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    if head.bias is not None:
-        origin = -(torch.linalg.pinv(weight) @ head.bias.detach().to(torch.float64))
-    moments = Moments(classes=1, shift=origin)
-    for features, _ in feature_chunks(model, source):
-        moments.update(features)
-    moments.combine_shards(source, model.num_features, weight.device)
-    # eigh sorts eigenvalues in ascending order: the first columns span the directions
-    # the training features vary least in.
-    _, vectors = torch.linalg.eigh(moments.second_moment())
-    return origin, vectors[:, : vectors.shape[1] - dim].contiguous()
 
 
 class Residual(Plugin):
@@ -122,7 +96,8 @@ class Residual(Plugin):
 
     def fit(self, model: ModelView, data: FitData) -> Residual:
         """The origin from the head, the residual basis from the training set."""
-        self.origin_, self.residual_basis_ = residual_subspace(model, data, self.dim_, _NAME, _WHY)
+        source = fit_set(data, _NAME, _WHY)
+        self.origin_, self.residual_basis_ = residual_subspace(model, source, self.dim_, _NAME)
         return self
 
     def outputs(self, context: OutputContext) -> dict[str, torch.Tensor]:

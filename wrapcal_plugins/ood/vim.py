@@ -64,7 +64,6 @@ from wrapcal.plugin import (
 )
 from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
-    Moments,
     base_logits,
     compute_dtype,
     energy,
@@ -72,6 +71,7 @@ from wrapcal_plugins.ood._feature_stats import (
     fit_set,
     linear_head,
     max_logit,
+    residual_subspace,
 )
 
 __all__ = ["ViM", "default_dim"]
@@ -136,19 +136,7 @@ class ViM(Plugin):
     def fit(self, model: ModelView, data: FitData) -> ViM:
         """The origin from the head, the subspace and ``alpha`` from the training set."""
         source = fit_set(data, _NAME, _WHY)
-        head = linear_head(model.head, _NAME)
-        weight = head.weight.detach().to(torch.float64)
-        origin = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-        if head.bias is not None:
-            origin = -(torch.linalg.pinv(weight) @ head.bias.detach().to(torch.float64))
-        moments = Moments(classes=1, shift=origin)
-        for features, _ in feature_chunks(model, source):
-            moments.update(features)
-        moments.combine_shards(source, model.num_features, weight.device)
-        # eigh sorts eigenvalues in ascending order: the first columns span the
-        # directions the training features vary least in.
-        _, vectors = torch.linalg.eigh(moments.second_moment())
-        basis = vectors[:, : vectors.shape[1] - self.dim_].contiguous()
+        origin, basis = residual_subspace(model, source, self.dim_, _NAME)
         logit_sum = residual_sum = 0.0
         for features, _ in feature_chunks(model, source):
             shifted = features.to(torch.float64) - origin
