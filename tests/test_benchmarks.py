@@ -249,3 +249,11 @@ def test_calibration_zoo_without_shared_data(
     monkeypatch.setattr(zoo, "LOGITS_DIR", tmp_path / "absent")
     assert zoo.main([]) == 0
     assert "needs the shared data" in capsys.readouterr().out
+
+
+def test_uncertainty_ensemble_fast(capsys: pytest.CaptureFixture) -> None:
+    main = bench("uncertainty_ensemble").main
+    assert main(["--members", "2", "--epochs", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[ok] probabilities = mean of members'" in out
+    assert "[ok] one pass per member per batch" in out

@@ -43,8 +43,29 @@ def _check_sizes(saved: SavedFile) -> None:
         raise SavedFileError(f"{saved.path}: {problem}")
 
 
+#: The split kind of an ensemble of checkpoints (``wrapcal_plugins.uncertainty.ensemble``).
+_ENSEMBLE = "ensemble"
+
+
+def _ensemble_members(saved: SavedFile) -> int:
+    """How many members a saved ensemble holds (its backbone's ``members.<i>``)."""
+    found = {
+        key.split(".")[2]
+        for key in saved.tensors
+        if key.startswith("backbone.members.") and key.count(".") >= 3
+    }
+    return len(found)
+
+
 def _rebuild_model(saved: SavedFile, device: str | torch.device | None = None) -> nn.Module:
     source = saved.config["model"]
+    if not source and saved.config["split"].get("kind") == _ENSEMBLE:
+        raise SavedFileError(
+            f"this file holds an ensemble of {_ensemble_members(saved)} custom models that "
+            "cannot be rebuilt by name; pass models of the same architectures, in the same "
+            "order: wrapcal.load(path, model=Ensemble([Model1(), Model2(), ...])) (from "
+            "wrapcal_plugins.uncertainty.ensemble import Ensemble)"
+        )
     if not source:
         raise SavedFileError(
             "this file holds a custom model that cannot be rebuilt by name; pass it: "
@@ -97,7 +118,7 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
                     "'_'); save the model again"
                 )
             return split_at(model, head_path)
-        return find_split(model)
+        split = find_split(model)
     except SplitError as err:
         # The file names a split this model does not have: the file's (or the model
         # passed with it) fault, not a split to make by hand.
@@ -105,6 +126,15 @@ def _split(saved: SavedFile, model: nn.Module) -> Split:
             f"{saved.path} does not match the model it is loaded into: {err}. Pass the same "
             "architecture that was saved (wrapcal.load(path, model=...))"
         ) from None
+    if kind == _ENSEMBLE and split.kind != _ENSEMBLE:
+        # Its tensors would not match either; say what to pass instead.
+        raise SavedFileError(
+            f"{saved.path} holds an ensemble of {_ensemble_members(saved)} models, not a "
+            f"{type(model).__name__}; pass the members: wrapcal.load(path, "
+            "model=Ensemble([Model1(), Model2(), ...])) (from "
+            "wrapcal_plugins.uncertainty.ensemble import Ensemble)"
+        )
+    return split
 
 
 def _in_acting_order(saved: SavedFile, names: list[str]) -> list[dict]:
