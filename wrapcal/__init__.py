@@ -51,6 +51,12 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("wrapcal.export")
+    if name == "monitor":
+        # The module is callable: ``wrapcal.monitor(wrapped, traffic, ...)``; it pulls in
+        # scipy's tests, imported only when asked for.
+        import importlib
+
+        return importlib.import_module("wrapcal.monitor")
     raise AttributeError(f"module 'wrapcal' has no attribute {name!r}")
 
 
@@ -94,6 +100,7 @@ __all__ = [
     "load",
     "log_report",
     "metrics",
+    "monitor",
     "plugin_registry",
     "save",
     "selective",

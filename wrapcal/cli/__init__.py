@@ -1,4 +1,4 @@
-"""The ``wrapcal`` command: ``demo``, ``evaluate``, ``export`` and ``plugins``.
+"""The ``wrapcal`` command: ``demo``, ``evaluate``, ``export``, ``monitor`` and ``plugins``.
 
 Every bad input ends the command with exit code 2 and one line on stderr,
 ``wrapcal <command>: error: <what is wrong and how to fix it>``, in the command
@@ -80,6 +80,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from wrapcal.cli.monitor import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapcal`` command."""
     from wrapcal.cli.options import add_evaluate_arguments, at_least
@@ -113,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="a saved model as one ONNX or torch.export file")
     add_export_arguments(export)
     export.set_defaults(func=_cmd_export)
+
+    from wrapcal.cli.monitor import add_monitor_arguments
+
+    monitor = sub.add_parser(
+        "monitor", help="a saved model over windows of traffic: estimates, drift, alerts"
+    )
+    add_monitor_arguments(monitor)
+    monitor.set_defaults(func=_cmd_monitor)
     return parser
 
 
