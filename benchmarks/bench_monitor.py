@@ -21,7 +21,7 @@ import numpy as np
 from _timing import SHARED_DATA, best_times, import_shared_data, machine_line, threads
 
 import wrapcal
-from wrapcal.monitor import Reference
+from wrapcal.monitoring import Reference
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from _timing import SHARED_DATA, import_shared_data, machine_line, threads
 
 import wrapcal
 from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD
-from wrapcal.monitor import AlertRules, Window
+from wrapcal.monitoring import AlertRules, Window
 
 _MEAN = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         )
     temperature = float(wrapped.get_plugin("temperature").temperature_)
     print(f"plugins {plugins}; T = {temperature:.3f}; fit {time.perf_counter() - start:.1f} s")
-    reference = wrapcal.monitor.Reference.from_prediction(
+    reference = wrapcal.monitoring.Reference.from_prediction(
         wrapped, wrapped.predict_features(feats[a]), labels[a]
     )
     windows = build_windows(x_test[b], y_test[b], mnist, args.window)

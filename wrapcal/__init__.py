@@ -52,11 +52,10 @@ def __getattr__(name: str):
 
         return importlib.import_module("wrapcal.export")
     if name == "monitor":
-        # The module is callable: ``wrapcal.monitor(wrapped, traffic, ...)``; it pulls in
-        # scipy's tests, imported only when asked for.
-        import importlib
+        # The monitor pulls in scipy's tests: imported only when asked for.
+        from wrapcal.monitoring import monitor
 
-        return importlib.import_module("wrapcal.monitor")
+        return monitor
     raise AttributeError(f"module 'wrapcal' has no attribute {name!r}")
 
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 import wrapcal
-from wrapcal.monitor import AlertRules, check_rules
+from wrapcal.monitoring import AlertRules, check_rules
 
 
 def summary(**changes):
@@ -75,7 +75,7 @@ def test_false_alert_rate_on_clean_windows(world, calibrated, calibration):
     """400 clean windows of 200 fresh inputs, every rule on (OOD: msp past its operating
     point): the share raising any alert stays at the documented rate, at most about
     ood_alpha + drift_alpha = 2% (4%: the bound plus the draw's noise at 400 windows)."""
-    reference = wrapcal.monitor.Reference.from_data(calibrated, calibration)
+    reference = wrapcal.monitoring.Reference.from_data(calibrated, calibration)
     x, y = world.sample(400 * 200, seed=50)
     result = wrapcal.monitor(
         calibrated, (x, y), window_size=200, reference=reference, ood_score="msp"
@@ -90,7 +90,7 @@ def test_false_alert_rate_on_clean_windows(world, calibrated, calibration):
 
 
 def test_windows_with_a_fifth_of_ood_inputs_alert(world, wrapped, calibration):
-    reference = wrapcal.monitor.Reference.from_data(wrapped, calibration)
+    reference = wrapcal.monitoring.Reference.from_data(wrapped, calibration)
     windows = []
     for s in range(10):
         x = world.sample(200, seed=70 + s)[0]

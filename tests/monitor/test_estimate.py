@@ -10,7 +10,7 @@ from sklearn.metrics import accuracy_score
 
 import wrapcal
 from wrapcal.metrics import ece
-from wrapcal.monitor.stats import ece_from_confidence
+from wrapcal.monitoring.stats import ece_from_confidence
 
 
 def cbpe_accuracy(probs: np.ndarray) -> float:

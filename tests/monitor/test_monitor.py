@@ -13,8 +13,8 @@ from scipy import stats
 
 import wrapcal
 from wrapcal.errors import DataError, NotFittedError
-from wrapcal.monitor import Reference, Window, WindowSummary
-from wrapcal.monitor.stats import PSI_FLOOR, ks_test, psi
+from wrapcal.monitoring import Reference, Window, WindowSummary
+from wrapcal.monitoring.stats import PSI_FLOOR, ks_test, psi
 
 
 def test_window_size_cuts_one_stream_like_a_list_of_windows(world, wrapped, calibration):
@@ -55,7 +55,7 @@ def test_windows_stream_and_only_summaries_are_kept(world, wrapped):
             yield Window(world.sample(100, seed=40 + i)[0], name=f"hour {i}", timestamp=f"T{i}")
 
     seen = []
-    for summary in wrapcal.monitor.stream(wrapped, traffic()):
+    for summary in wrapcal.monitoring.stream(wrapped, traffic()):
         seen.append(summary.index)
         # The next window is read only after this one's summary is out.
         assert pulled == list(range(summary.index + 1))
@@ -160,7 +160,7 @@ def result(world, wrapped, calibration):
         [*windows, far],
         reference=ref,
         names=["mon", "tue", "wed", "thu <b>"],
-        rules=wrapcal.monitor.AlertRules(min_accuracy=0.5),
+        rules=wrapcal.monitoring.AlertRules(min_accuracy=0.5),
     )
 
 

@@ -155,7 +155,7 @@ def _windows(args: argparse.Namespace, settings: Any) -> tuple[list[Any], list[s
 
 def _reference(args: argparse.Namespace, settings: Any, wrapped: Any) -> Any:
     from wrapcal.cli.inputs import read
-    from wrapcal.monitor import Reference
+    from wrapcal.monitoring import Reference
 
     if args.reference is None:
         return None
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     import wrapcal
     from wrapcal.cli.models import device as pick_device
     from wrapcal.cli.targets import check_input_path, check_report_dir
-    from wrapcal.monitor import AlertRules
+    from wrapcal.monitoring import AlertRules
 
     source = Path(args.model)
     if not source.exists():
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"ALERT {alert.name}: {alert.rule}: {alert.message}")
         print(f"\nreport written to {out / 'monitor.html'} (also monitor.md, monitor.json)")
         if tracking is not None:
-            from wrapcal.monitor.tracking import log_monitor
+            from wrapcal.monitoring.tracking import log_monitor
 
             log_monitor(result, tracking.run_id, tracking_uri=tracking.uri, directory=out)
             print(f"logged to MLflow ({tracking.uri}): run {tracking.run_id}, a step per window")

@@ -1,8 +1,8 @@
 """The monitoring loop: one backbone pass per window, summaries out, nothing else kept.
 
 Each batch goes through ``wrapped.predict`` once (the backbone runs once per input);
-the window's values are summarised when it ends (:mod:`wrapcal.monitor.summary`), its
-alerts checked (:mod:`wrapcal.monitor.alerts`), and only the summary is kept.
+the window's values are summarised when it ends (:mod:`wrapcal.monitoring.summary`), its
+alerts checked (:mod:`wrapcal.monitoring.alerts`), and only the summary is kept.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from wrapcal.monitor.alerts import AlertRules
-from wrapcal.monitor.reference import Reference
-from wrapcal.monitor.result import MonitorResult
-from wrapcal.monitor.summary import OodPlan, WindowAccumulator, WindowSummary, plan_ood
-from wrapcal.monitor.windows import iter_windows
+from wrapcal.monitoring.alerts import AlertRules
+from wrapcal.monitoring.reference import Reference
+from wrapcal.monitoring.result import MonitorResult
+from wrapcal.monitoring.summary import OodPlan, WindowAccumulator, WindowSummary, plan_ood
+from wrapcal.monitoring.windows import iter_windows
 from wrapcal.plugin.prediction import Prediction
 
 if TYPE_CHECKING:
@@ -121,17 +121,17 @@ def monitor(
     Args:
         wrapped: A fitted :class:`~wrapcal.WrappedModel` (``wrapcal.load`` gives one).
         traffic: A list (or any iterable) of windows, each a data set
-            (:class:`~wrapcal.monitor.Window` adds a name and timestamp), or one data
+            (:class:`~wrapcal.monitoring.Window` adds a name and timestamp), or one data
             set with ``window_size``. Inputs as ``wrapped.predict`` takes them;
             labelled windows add realised accuracy and ECE.
         reference: The calibration set as the monitor's reference: calibration data
-            (one pass; needed for drift), a :class:`~wrapcal.monitor.Reference` or the
+            (one pass; needed for drift), a :class:`~wrapcal.monitoring.Reference` or the
             path of a saved one, or ``None`` for the model's operating points alone
             (no drift test).
         window_size: Cut one data stream into windows of this many inputs.
         names: A name per window.
         timestamps: A timestamp per window.
-        rules: The alert rules (default :class:`~wrapcal.monitor.AlertRules`()).
+        rules: The alert rules (default :class:`~wrapcal.monitoring.AlertRules`()).
         ood_score: How inputs count as OOD: ``"auto"`` (the ``ood`` plugin's
             ``is_ood``, else the first OOD score a plugin adds, else ``msp``), a score
             name (past its operating-point threshold), ``"is_ood"``, or ``None``.
@@ -141,7 +141,7 @@ def monitor(
         on_window: Called with each window's summary as soon as the window ends.
 
     Returns:
-        A :class:`~wrapcal.monitor.MonitorResult`: the summaries, the alerts, and
+        A :class:`~wrapcal.monitoring.MonitorResult`: the summaries, the alerts, and
         ``save`` (HTML, Markdown, JSON) and ``log_to`` (MLflow, a step per window).
 
     Raises:

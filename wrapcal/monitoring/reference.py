@@ -35,7 +35,7 @@ import torch
 from wrapcal.data import iter_batches
 from wrapcal.errors import DataError
 from wrapcal.metrics import acceptance_threshold
-from wrapcal.monitor.stats import quantile_points
+from wrapcal.monitoring.stats import quantile_points
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.types import OutputKind
 

@@ -1,5 +1,5 @@
 """The monitoring report over time: time-series figures, a self-contained HTML page and
-Markdown, from the Jinja2 templates in ``wrapcal/monitor/templates``.
+Markdown, from the Jinja2 templates in ``wrapcal/monitoring/templates``.
 
 The page follows ``evaluate``'s report (:mod:`wrapcal.report.render`): its stylesheet,
 figures as ``data:`` URIs, no script and no external URL, autoescaped. One figure per
@@ -225,7 +225,7 @@ def environment() -> Environment:
     """The monitor's Jinja2 environment (its templates, and the report's stylesheet)."""
     env = Environment(
         loader=ChoiceLoader(
-            [PackageLoader("wrapcal.monitor", "templates"), PackageLoader("wrapcal.report")]
+            [PackageLoader("wrapcal.monitoring", "templates"), PackageLoader("wrapcal.report")]
         ),
         autoescape=select_autoescape(enabled_extensions=("html",), default_for_string=True),
         undefined=StrictUndefined,

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from wrapcal.errors import DataError
-from wrapcal.monitor.alerts import Alert, AlertRules, check_rules
-from wrapcal.monitor.stats import (
+from wrapcal.monitoring.alerts import Alert, AlertRules, check_rules
+from wrapcal.monitoring.stats import (
     binomial_pvalue,
     ece_from_confidence,
     estimate_accuracy,
@@ -29,8 +29,8 @@ from wrapcal.plugin.types import OutputKind
 
 if TYPE_CHECKING:
     from wrapcal.model.wrapped import WrappedModel
-    from wrapcal.monitor.reference import Reference
-    from wrapcal.monitor.windows import WindowInfo
+    from wrapcal.monitoring.reference import Reference
+    from wrapcal.monitoring.windows import WindowInfo
 
 __all__ = ["DECISION_OOD", "OodPlan", "WindowAccumulator", "WindowSummary", "plan_ood"]
 
@@ -128,7 +128,7 @@ class WindowSummary:
         timestamp: Its timestamp as given, or ``None``.
         n: Inputs in it.
         estimated_accuracy: Mean calibrated confidence (NannyML's CBPE accuracy).
-        estimated_accuracy_ci: Its interval (see :mod:`wrapcal.monitor.stats`).
+        estimated_accuracy_ci: Its interval (see :mod:`wrapcal.monitoring.stats`).
         baseline_accuracy: The reference's (see :attr:`Reference.baseline_accuracy`).
         ood: ``output``, ``threshold``, ``flagged``, ``rate``, ``expected`` and the
             binomial test's ``pvalue``; ``None`` without an OOD rate.

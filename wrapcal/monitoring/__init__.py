@@ -13,16 +13,12 @@ summaries are kept. See docs/monitoring.md.
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import Any
-
-from wrapcal.monitor.alerts import Alert, AlertRules, check_rules
-from wrapcal.monitor.reference import Reference
-from wrapcal.monitor.result import MonitorResult
-from wrapcal.monitor.run import monitor, stream
-from wrapcal.monitor.summary import WindowSummary
-from wrapcal.monitor.windows import Window
+from wrapcal.monitoring.alerts import Alert, AlertRules, check_rules
+from wrapcal.monitoring.reference import Reference
+from wrapcal.monitoring.result import MonitorResult
+from wrapcal.monitoring.run import monitor, stream
+from wrapcal.monitoring.summary import WindowSummary
+from wrapcal.monitoring.windows import Window
 
 __all__ = [
     "Alert",
@@ -35,14 +31,3 @@ __all__ = [
     "monitor",
     "stream",
 ]
-
-
-class _CallableModule(types.ModuleType):
-    """``wrapcal.monitor`` is a module and the function: ``wrapcal.monitor(wrapped, ...)``
-    and ``wrapcal.monitor.Reference`` both work."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> MonitorResult:
-        return monitor(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

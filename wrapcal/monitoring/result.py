@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from wrapcal._version import __version__
-from wrapcal.monitor.alerts import Alert, AlertRules
-from wrapcal.monitor.reference import Reference
-from wrapcal.monitor.summary import WindowSummary
+from wrapcal.monitoring.alerts import Alert, AlertRules
+from wrapcal.monitoring.reference import Reference
+from wrapcal.monitoring.summary import WindowSummary
 
 __all__ = ["MonitorResult"]
 
@@ -26,7 +26,7 @@ class MonitorResult:
     """The summaries of a monitoring run and its alerts.
 
     Attributes:
-        windows: One :class:`~wrapcal.monitor.WindowSummary` per window, in order.
+        windows: One :class:`~wrapcal.monitoring.WindowSummary` per window, in order.
         reference: The reference each window was compared with.
         rules: The alert rules applied.
         settings: The model, its plugins, how OOD inputs were counted, the interval's
@@ -94,7 +94,7 @@ class MonitorResult:
     def save(self, directory: str | Path, *, figures: bool = True) -> Path:
         """Write ``monitor.html`` (self-contained), ``monitor.md``, ``monitor.json`` and
         ``figures/*.png`` into ``directory`` (created if missing)."""
-        from wrapcal.monitor.report import render_html, render_markdown, time_series_figures
+        from wrapcal.monitoring.report import render_html, render_markdown, time_series_figures
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,8 @@ class MonitorResult:
         directory: str | Path | None = None,
     ) -> str:
         """Log to MLflow: each window's numbers as a step, the report as artifacts
-        (see :func:`wrapcal.monitor.tracking.log_monitor`)."""
-        from wrapcal.monitor.tracking import log_monitor
+        (see :func:`wrapcal.monitoring.tracking.log_monitor`)."""
+        from wrapcal.monitoring.tracking import log_monitor
 
         return log_monitor(
             self, run, tracking_uri=tracking_uri, experiment=experiment, directory=directory

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from wrapcal.report.tracking import mlflow_name
 
 if TYPE_CHECKING:
-    from wrapcal.monitor.summary import WindowSummary
+    from wrapcal.monitoring.summary import WindowSummary
 
 # A MonitorResult, not imported (even for typing): MonitorResult.log_to imports this module.
 MonitorResult = Any
