@@ -42,14 +42,30 @@ for name, m in report.calibration.items():
         f"{name:9s} ECE {100 * m['ece']:.2f}% (95% interval {100 * low:.2f}-{100 * high:.2f}%)"
         f"  NLL {m['nll']:.4f}"
     )
-base, wrapped_ece = report.calibration["baseline"], report.calibration["wrapped"]
-if wrapped_ece["ece_ci"][0] <= base["ece"] <= wrapped_ece["ece_ci"][1]:
-    print(
-        "-> no measurable change: on these easy, in-distribution digits the model is "
-        f"{100 * base['accuracy']:.1f}% accurate and already calibrated, so temperature "
-        "scaling has little to fix (T close to 1). On a model under distribution shift it "
-        "matters: examples/retrofit_resnet20.py takes a ResNet-20's ECE from 12.6% to 1.2%."
+base, calibrated = report.calibration["baseline"], report.calibration["wrapped"]
+temperature = wrapped.get_plugin("temperature").temperature_
+# The words follow the numbers measured above, whichever way they went.
+print(
+    f"-> T = {temperature:.3f}: the model was "
+    + (
+        "overconfident, so its probabilities are softened"
+        if temperature > 1
+        else "underconfident, so its probabilities are sharpened"
     )
+    + f"; test ECE {100 * base['ece']:.2f}% -> {100 * calibrated['ece']:.2f}%"
+    + (
+        " (inside the calibrated model's 95% interval: no measurable change)"
+        if calibrated["ece_ci"][0] <= base["ece"] <= calibrated["ece_ci"][1]
+        else ""
+    )
+    + f", test NLL {base['nll']:.4f} -> {calibrated['nll']:.4f} "
+    + (
+        "(better)"
+        if calibrated["nll"] < base["nll"]
+        else "(worse: the calibration set is small and the digits easy; on a model under "
+        "distribution shift, examples/retrofit_resnet20.py, temperature scaling pays)"
+    )
+)
 auroc = report.ood["wrapped"]["noise"]["mutual_information"]["auroc"]
 print(f"MC-dropout mutual information flags the noise images with AUROC {100 * auroc:.1f}%")
 

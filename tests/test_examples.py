@@ -67,9 +67,17 @@ def test_quickstart_runs_and_explains_what_it_prints():
     assert "saved and loaded: model.wrapcal - identical outputs" in out
     eces = dict(re.findall(r"^(\w+)\s+ECE ([\d.]+)%", out, re.M))
     assert set(eces) == {"baseline", "wrapped"}
-    # A wrapped ECE above the baseline's comes with its explanation, never alone.
-    if float(eces["wrapped"]) > float(eces["baseline"]):
-        assert "no measurable change" in out
+    # The words follow the numbers printed above them (#28: "little to fix, T close to 1"
+    # printed beside T = 0.348 and a worse NLL).
+    temperature = float(re.search(r"^temperature: ([\d.]+)$", out, re.M).group(1))
+    verdict = re.search(r"^-> T = ([\d.]+): .*$", out, re.M)
+    assert verdict and abs(float(verdict.group(1)) - temperature) < 1e-3
+    line = verdict.group(0)
+    assert ("overconfident" in line) == (temperature > 1)
+    assert ("underconfident" in line) == (temperature <= 1)
+    nlls = dict(re.findall(r"^(\w+)\s+ECE .*NLL ([\d.]+)$", out, re.M))
+    assert ("(better)" in line) == (float(nlls["wrapped"]) < float(nlls["baseline"]))
+    assert f"test ECE {eces['baseline']}% -> {eces['wrapped']}%" in line
 
 
 @pytest.mark.slow
