@@ -40,7 +40,9 @@ The rules (:data:`RULES`, in the order they run; docs/plugins.md says more):
 ``outputs``
     Every output is declared and every declared output is produced, of its kind and
     shape (score: float ``[B]``, finite; set: bool ``[B, K]``; decision: bool ``[B]``;
-    value: batch first), and a row's outputs do not depend on the batch it is in.
+    value: batch first), a row's outputs do not depend on the batch it is in, and
+    ``predict`` leaves the model's parameters' gradients as they were (a plugin that
+    differentiates the network, ODIN, takes its gradients with ``torch.autograd.grad``).
 ``order``
     Beside a companion of each other stage (:data:`COMPANIONS`: cheap built-ins and the
     kit's own feature transform :class:`KitClip`), ``[plugin, other]`` and
@@ -51,7 +53,9 @@ The rules (:data:`RULES`, in the order they run; docs/plugins.md says more):
     ``head_logits`` / ``predict_features``, the rows it fed to ``model.head``) equals
     what it receives at inference for the same inputs (its ``features`` / ``members`` /
     ``transform_logits`` arguments, the ``OutputContext`` fields it reads, the features
-    the heads read); and predicting from cached features equals predicting from inputs.
+    the heads read); and predicting from cached features equals predicting from inputs
+    (a plugin that declares ``needs_inputs`` may leave its own outputs out when there
+    are no inputs, as its documentation must say; what it gives must be equal).
 ``save_load``
     ``wrapped.save`` then ``wrapcal.load`` gives the same outputs, parameters and state.
 ``save_refuses``
@@ -773,6 +777,14 @@ def _check_tags(kit: _Kit) -> str:
     ):
         if not isinstance(getattr(tags, flag), bool):
             raise kit.fail(rule, f"tags.{flag} is {getattr(tags, flag)!r}, not a bool")
+    if not isinstance(tags.export_refusal, str):
+        raise kit.fail(rule, f"tags.export_refusal is {tags.export_refusal!r}, not a str")
+    if tags.exportable and tags.export_refusal:
+        raise kit.fail(
+            rule,
+            "tags.export_refusal says why the plugin cannot be exported, but tags.exportable "
+            "is True: set one or the other",
+        )
     for name, kind in tags.outputs.items():
         if not isinstance(kind, OutputKind):
             raise kit.fail(rule, f"output {name!r} has kind {kind!r}, not an OutputKind")
@@ -972,6 +984,7 @@ def _check_outputs(kit: _Kit) -> str:
         return raw[-1]
 
     object.__setattr__(plugin, "outputs", keeping_outputs)
+    grads_before = _parameter_grads(wrapped)
     try:
         prediction = wrapped.predict(x)
     except Exception as err:
@@ -981,6 +994,15 @@ def _check_outputs(kit: _Kit) -> str:
         failure = None
     finally:
         del plugin.__dict__["outputs"]
+    touched = _changed_grads(grads_before, _parameter_grads(wrapped))
+    if touched:
+        raise kit.fail(
+            rule,
+            f"predict changed the gradients of the model's parameters ({', '.join(touched[:3])}"
+            f"{', ...' if len(touched) > 3 else ''}): take a gradient an output needs with "
+            "torch.autograd.grad(loss, inputs), not loss.backward(), which leaves gradients "
+            "in the user's model",
+        )
     overrides = type(plugin).outputs is not Plugin.outputs
     if overrides and raw:
         found = raw[0]
@@ -1020,6 +1042,28 @@ def _check_outputs(kit: _Kit) -> str:
                 f"the whole batch and on two parts differ: {_difference(split[name], value)})",
             )
     return ""
+
+
+def _parameter_grads(wrapped: WrappedModel) -> dict[str, torch.Tensor | None]:
+    """Each parameter's gradient (a copy), by name."""
+    return {
+        name: None if p.grad is None else p.grad.detach().clone()
+        for name, p in wrapped.named_parameters()
+    }
+
+
+def _changed_grads(
+    before: dict[str, torch.Tensor | None], after: dict[str, torch.Tensor | None]
+) -> list[str]:
+    """The parameters whose gradient ``after`` differs from ``before``."""
+    changed = []
+    for name, grad in after.items():
+        old = before.get(name)
+        if (grad is None) != (old is None) or (
+            grad is not None and old is not None and not torch.equal(grad, old)
+        ):
+            changed.append(name)
+    return changed
 
 
 def _check_order(kit: _Kit) -> str:
@@ -1211,13 +1255,23 @@ def _fit_input_problem(fitted: _Fitted) -> tuple[str | None, int]:
 
 def _cached_problem(wrapped: WrappedModel) -> str | None:
     """Whether predicting from cached backbone features (what ``fit`` and evaluation
-    work from) differs from predicting from the inputs."""
+    work from) differs from predicting from the inputs. The outputs of a plugin that
+    declares ``needs_inputs`` may be absent from cached features (ODIN perturbs the
+    inputs themselves); an output that is there must be equal."""
     x = kit_data().test.to(wrapped.device)
     with torch.no_grad():
         from_inputs = wrapped.predict(x)
         from_cache = wrapped.predict_features(wrapped.backbone(x))
     named = _named(from_cache)
+    need_inputs = {
+        output
+        for plugin in wrapped.plugins
+        if get_tags(plugin).needs_inputs
+        for output in get_tags(plugin).outputs
+    }
     for name, value in _named(from_inputs).items():
+        if name not in named and name in need_inputs:
+            continue
         if name not in named or not _close(named[name], value):
             detail = _difference(named[name], value) if name in named else "missing"
             return (

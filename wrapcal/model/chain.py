@@ -35,6 +35,12 @@ inference, whatever the list order.
   every sampler's ``inner(inputs)`` returns them; otherwise the samplers run the model
   step themselves and ``f`` is one more backbone pass, in eval mode, made only when a
   plugin reads it.
+* A plugin that declares ``needs_inputs`` also gets the batch of inputs and the
+  model's own network (:attr:`~wrapcal.OutputContext.inputs`,
+  :attr:`~wrapcal.OutputContext.network`: the backbone in eval mode, the
+  ``FEATURES``-stage steps, the head; what ``base_logits`` reads), to run it again on
+  inputs of its own (ODIN's perturbed inputs). From cached features its ``inputs``
+  are ``None``.
 * Outputs are checked against their declared :class:`~wrapcal.OutputKind`.
 """
 
@@ -326,6 +332,15 @@ class Chain:
         """Features ``[S, B, D]`` of inputs (or of cached features ``[B, D]``)."""
         return self._features(inputs, cached)[0]
 
+    def network(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The model's own logits ``[B, K]`` of inputs: the backbone in eval mode, the
+        ``FEATURES``-stage steps, the head (``base_logits`` of these inputs). Runs in
+        the caller's grad mode, differentiable with respect to ``inputs``: what
+        :attr:`~wrapcal.OutputContext.network` gives a plugin that declares
+        ``needs_inputs``."""
+        with in_mode(self.head, False):
+            return self.head(self._deterministic(self._model_step(None), inputs))
+
     def model_features(
         self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -492,6 +507,9 @@ class Chain:
         for name, plugin, tags in self.plugins:
             if not overrides(plugin, "outputs"):
                 continue
+            # Only a plugin that declares needs_inputs gets them: the others must score
+            # cached features as they score inputs.
+            reads_inputs = tags.needs_inputs
             context = OutputContext(
                 features,
                 members,
@@ -502,6 +520,8 @@ class Chain:
                 backbone_features=model_features,
                 base_logits=base_logits,
                 head=self.head,
+                inputs=inputs if reads_inputs else None,
+                network=self.network if reads_inputs else None,
             )
             found = named_errors(name, plugin.outputs, context)
             for key, value in self._checked(name, tags, found, probs).items():

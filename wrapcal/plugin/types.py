@@ -125,17 +125,29 @@ class PluginTags:
             ``FEATURES`` to ``SAMPLE`` stages, and at no later stage than a
             ``HEADS``-stage plugin beside it, whose heads were trained beside the head
             (refused before ``fit`` starts).
-        needs_inputs: Inference needs the inputs themselves, not cached features (it
-            samples the backbone), so cached features cannot stand in for them. A
-            feature step after the ``FEATURES`` stage that samples the backbone must
-            declare it: otherwise the core computes the model's features once per batch
-            and that step's ``inner(inputs)`` returns them.
+        needs_inputs: Inference needs the inputs themselves, not cached features, so
+            cached features cannot stand in for them (``evaluate`` then runs the model
+            on the data sets' inputs). Two kinds of plugin declare it. A feature step
+            after the ``FEATURES`` stage that samples the backbone (MC dropout
+            ``scope="all"``) must: otherwise the core computes the model's features
+            once per batch and that step's ``inner(inputs)`` returns them. A plugin
+            whose outputs run the network on the inputs (ODIN: a gradient with respect
+            to the inputs) must too: only such a plugin's context gives
+            :attr:`OutputContext.inputs` and :attr:`OutputContext.network`. Where the
+            core works from cached features (``predict_features``, ``fit_features``,
+            the operating points and the ``fit`` of the plugins after it, ``evaluate``
+            on cached sets) there are no inputs (``context.inputs`` is ``None``): such
+            a plugin leaves out the outputs that need them and documents it.
         streams_data: ``fit`` streams the user's data through the network (the data
             sets must be given as data, not as features to ``fit_features``). Not beside
             a ``FEATURES``-stage plugin that transforms the features (its batches bypass
             the transform).
         exportable: Inference is plain tensor operations that ``torch.export`` / ONNX
             can trace.
+        export_refusal: When ``exportable`` is ``False``, why, in words ``wrapcal.export``
+            puts after the plugin's name when it refuses the model ("differentiates the
+            network with respect to its inputs at every call, which a traced graph
+            cannot hold"); empty: the export names the plugin with the generic reason.
         outputs: The per-sample outputs the plugin adds, by name, with their kind.
         fits_from_shards: Under ``torch.distributed``, ``fit`` can take a data set
             as this rank's shard (``FeatureSet.sharded``) and combine what it needs
@@ -157,6 +169,7 @@ class PluginTags:
     needs_inputs: bool = False
     streams_data: bool = False
     exportable: bool = False
+    export_refusal: str = ""
     outputs: dict[str, OutputKind] = field(default_factory=dict)
     fits_from_shards: bool = False
     collective_outputs: bool = False
@@ -178,11 +191,15 @@ class OutputContext:
     ``logits``, ``probs``         the above, and every calibrator
                                   (``transform_logits``)
     ``outputs``                   the above, and the plugins before this one
+    ``inputs``                    nothing: the batch itself, as the backbone takes it
+    ``network``                   as ``base_logits``
     ============================  =====================================================
 
     Detectors read ``backbone_features`` and ``base_logits`` unless their documentation
     says otherwise: a detector then scores the same alone and beside any sampler, extra
-    head or calibrator.
+    head or calibrator. ``inputs`` and ``network`` are given only to a plugin whose tags
+    declare ``needs_inputs`` (ODIN perturbs the inputs along the gradient of the
+    network's softmax); reading them from another plugin's context raises.
 
     Attributes:
         features: ``[S, B, D]`` features the heads read, every sample of them
@@ -207,12 +224,29 @@ class OutputContext:
         head: The model's own head, features ``[B, D]`` -> logits ``[B, K]``, for a
             detector that scores features it transformed itself (ReAct: the energy of
             ``head(min(f, c))``). Nothing it computes reaches the other plugins.
+        inputs: ``[B, ...]`` the batch of inputs, on the model's device, as the
+            backbone receives it; ``None`` when the core works from cached features
+            (``predict_features``, ``fit_features``, the operating points, the ``fit``
+            of later plugins): then no output can be computed from the inputs. Only for
+            a plugin that declares ``needs_inputs``.
+        network: The model's own network as one function, inputs ``[N, ...]`` ->
+            logits ``[N, K]``: the backbone in eval mode, the ``FEATURES``-stage steps,
+            the model's own head (as ``changes_head`` plugins left it), no sampler,
+            extra head or calibrator; on ``inputs`` it gives ``base_logits``. It is
+            differentiable with respect to its inputs and runs in the caller's grad
+            mode: ``predict`` runs under ``torch.no_grad()``, so a plugin that needs a
+            gradient calls it inside ``torch.enable_grad()`` and takes the gradient with
+            ``torch.autograd.grad`` (``backward()`` would leave gradients in the user's
+            parameters). Nothing it computes reaches the other plugins. Only for a
+            plugin that declares ``needs_inputs``.
     """
 
     __slots__ = (
         "_backbone_features",
         "_base_logits",
         "_head",
+        "_inputs",
+        "_network",
         "combined",
         "features",
         "logits",
@@ -232,6 +266,8 @@ class OutputContext:
         backbone_features: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         base_logits: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         head: nn.Module | None = None,
+        inputs: torch.Tensor | None = None,
+        network: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """Build a context.
 
@@ -240,7 +276,10 @@ class OutputContext:
         samples its backbone needs one more, deterministic, pass for them), or ``None``:
         then they are taken from ``features`` (one sample) and ``members`` (one member),
         which is what they are in a model without samplers or extra heads. ``head`` is
-        the model's own head (``None``: reading it raises).
+        the model's own head (``None``: reading it raises). ``network`` marks a context
+        built for a plugin that declares ``needs_inputs`` (the core passes both for such
+        a plugin, ``inputs=None`` from cached features); without it, reading
+        ``inputs`` or ``network`` raises.
         """
         for name, value in (
             ("features", features),
@@ -252,6 +291,8 @@ class OutputContext:
             ("_backbone_features", backbone_features),
             ("_base_logits", base_logits),
             ("_head", head),
+            ("_inputs", inputs),
+            ("_network", network),
         ):
             object.__setattr__(self, name, value)
 
@@ -291,6 +332,28 @@ class OutputContext:
         if self._head is None:
             raise ValueError("this OutputContext was built without the model's head: pass head=...")
         return self._head
+
+    def _check_inputs_given(self, name: str) -> None:
+        if self._network is None:
+            raise ValueError(
+                f"OutputContext.{name} is given only to a plugin whose tags declare "
+                "needs_inputs=True (every other plugin works from cached features as well as "
+                "from inputs); set tags.needs_inputs = True in __wrapcal_tags__ (a context "
+                "built by hand: pass network=...)"
+            )
+
+    @property
+    def inputs(self) -> torch.Tensor | None:
+        """``[B, ...]`` or ``None`` (cached features): see the class documentation."""
+        self._check_inputs_given("inputs")
+        return self._inputs
+
+    @property
+    def network(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Inputs -> the model's own logits: see the class documentation."""
+        self._check_inputs_given("network")
+        assert self._network is not None
+        return self._network
 
     def __repr__(self) -> str:
         return (
