@@ -29,7 +29,7 @@ import itertools
 import warnings
 from collections.abc import Mapping
 from functools import cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -58,6 +58,10 @@ SMALL: dict[str, dict[str, Any]] = {
     "label_smoothing": {"alpha": 0.05},
     "vim": {"dim": 8},
     "auto_calibration": {"cv": 2},
+    "odin": {"temperature": 10.0, "eps": 0.05},
+    # Named scores, so its inputs are the same in every pair (by default it combines every
+    # OOD score the model has: tests/plugins/test_ood_decision.py).
+    "ood": {"scores": ["msp", "entropy"]},
 }
 
 #: Every field of the context, in the order each depends on the ones before.
@@ -65,12 +69,15 @@ FIELDS = (
     "backbone_features",
     "head",
     "base_logits",
+    "network",
     "features",
     "members",
     "combined",
     "logits",
     "probs",
 )
+#: Each field and the ones after it.
+_FROM = {name: FIELDS[i:] for i, name in enumerate(FIELDS)}
 #: What the core's outputs read.
 CORE_READS = {"energy": "members", "max_logit": "members", "msp": "probs", "entropy": "probs"}
 
@@ -157,11 +164,11 @@ def changes(name: str, plugin: Plugin) -> dict[str, str]:
     if tags.changes_head:
         mark(FIELDS[1:], "retrains the head (changes_head)")
     if overrides(plugin, "features"):
-        mark(FIELDS[3:], "changes the features the heads read (overrides features)")
+        mark(_FROM["features"], "changes the features the heads read (overrides features)")
     if overrides(plugin, "members"):
-        mark(FIELDS[4:], "changes the members (overrides members)")
+        mark(_FROM["members"], "changes the members (overrides members)")
     if overrides(plugin, "transform_logits"):
-        mark(FIELDS[6:], "calibrates the final logits (overrides transform_logits)")
+        mark(_FROM["logits"], "calibrates the final logits (overrides transform_logits)")
     return out
 
 
@@ -195,13 +202,32 @@ class _RecordingContext:
         return value
 
 
+class _RecordingModel:
+    """Stands in for the ModelView ``fit`` gets and records a read of the head: a
+    detector that learns from the head at ``fit`` (dice masks its weights, residual
+    places its origin with it) reads it, even if ``outputs`` never does."""
+
+    #: ModelView members that run the model's own head.
+    HEAD: ClassVar[dict[str, str]] = {"head": "head", "head_logits": "head", "members": "members"}
+
+    def __init__(self, model: Any, seen: set[str]) -> None:
+        self._model, self._seen = model, seen
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.HEAD:
+            self._seen.add(self.HEAD[name])
+        return getattr(self._model, name)
+
+
 def recorded_reads(plugin: Plugin) -> set[str]:
-    """Make ``plugin.outputs`` record what it reads; return the (growing) set."""
+    """Make ``plugin.outputs`` and ``plugin.fit`` record what they read; return the
+    (growing) set."""
     seen: set[str] = set()
-    method = plugin.outputs
+    outputs, fit_method = plugin.outputs, plugin.fit
     # An instance attribute wins over the class's method; the chain still sees the
     # class override (it checks the type).
-    plugin.outputs = lambda context: method(_RecordingContext(context, seen))
+    plugin.outputs = lambda context: outputs(_RecordingContext(context, seen))
+    plugin.fit = lambda model, data: fit_method(_RecordingModel(model, seen), data)
     return seen
 
 
@@ -210,13 +236,15 @@ def alone(name: str) -> dict[str, Any]:
     wrapped = wrapped_with([spec(name)])
     reads = recorded_reads(wrapped.get_plugin(name))
     fit(wrapped)
-    pred = wrapped.predict_features(data()["queries"])
+    # predict, not predict_features: with the identity backbone the inputs are the
+    # features, and a plugin that needs the inputs (odin) gets them.
+    pred = wrapped.predict(data()["queries"])
     return {"pred": pred, "reads": reads, "plugin": wrapped.get_plugin(name)}
 
 
 @cache
 def together(a: str, b: str) -> Any:
-    return fit(wrapped_with([spec(a), spec(b)])).predict_features(data()["queries"])
+    return fit(wrapped_with([spec(a), spec(b)])).predict(data()["queries"])
 
 
 # --- the verdict on one pair ---------------------------------------------------------------
@@ -293,7 +321,7 @@ def test_the_verdicts_name_the_input_that_changed() -> None:
 
 
 #: The input every detector reads unless its documentation says otherwise.
-DETECTOR_INPUT = {"backbone_features", "base_logits", "head"}
+DETECTOR_INPUT = {"backbone_features", "base_logits", "head", "inputs", "network"}
 
 
 DETECTORS = [
