@@ -8,6 +8,7 @@ of ``tests/helpers.py``, since they stop before or during the trace.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -340,3 +341,30 @@ def test_wrapcal_export_is_callable_after_a_plain_import_wrapcal() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "wrapcal.export"
+
+
+def test_every_accept_rate_travels_in_the_metadata(tmp_path) -> None:
+    """``fit(accept_rates=(0.95, 0.99))``: the export's metadata holds both tables, as
+    measured; a name in a rate's table is checked like the others."""
+    torch.manual_seed(0)
+    model = SmallNet(dropout=0.2).eval()
+    x = torch.randn(120, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    wrapped = wrapcal.wrap(model, ["temperature"])
+    y[::3] = torch.arange(len(y[::3])) % 10
+    wrapped.fit(calibration=(x, y), progress=False, accept_rates=(0.95, 0.99))
+    meta = read_metadata(export(wrapped, tmp_path / "m.pt2", "torch"))
+    points = meta["operating_points"]
+    assert points == json.loads(json.dumps(wrapped.operating_points))
+    assert points["accept_rates"] == [0.95, 0.99] and set(points["thresholds_at"]) == {
+        "0.95",
+        "0.99",
+    }
+    for name, high in points["thresholds_at"]["0.99"].items():
+        assert high >= points["thresholds_at"]["0.95"][name], name  # accepts more
+    hostile = copy.deepcopy(wrapped.operating_points)
+    hostile["thresholds_at"]["0.99"]["../x"] = 0.5
+    wrapped.operating_points = hostile
+    with pytest.raises(ExportError, match=r"name a threshold at 0\.99 '\.\./x'"):
+        export(wrapped, tmp_path / "bad.pt2", "torch")

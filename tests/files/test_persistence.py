@@ -343,3 +343,58 @@ def test_a_tie_in_a_file_cannot_alias_what_it_likes(tmp_path) -> None:
         crafted.write_bytes(save_tensors(tensors, metadata={"wrapcal": json.dumps(config)}))
         with pytest.raises(SavedFileError, match=message):
             wrapcal.load(crafted, model=TiedNet())
+
+
+# --- operating points at the acceptance rates the user chose --------------------------------
+
+
+def test_accept_rates_are_measured_saved_and_loaded(tmp_path) -> None:
+    """``fit(accept_rates=(0.9, 0.99))``: one threshold per score and rate, each the
+    ``ceil(rate n)``-th smallest calibration score; the first rate's table is
+    ``thresholds`` (what files of one rate hold); the file keeps them all."""
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    wrapped = wrapcal.wrap(model, ["temperature"])
+    wrapped.fit(calibration=(x, y), progress=False, accept_rates=(0.9, 0.99))
+    points = wrapped.operating_points
+    assert points["accept_rate"] == 0.9 and points["accept_rates"] == [0.9, 0.99]
+    assert points["thresholds"] == points["thresholds_at"]["0.9"]
+    scores = wrapped.predict(x).scores
+    for rate, table in points["thresholds_at"].items():
+        for name, threshold in table.items():
+            ranked = scores[name].double().sort().values
+            k = int(torch.ceil(torch.tensor(float(rate) * len(ranked)).round(decimals=6)))
+            assert threshold == float(ranked[k - 1]), (rate, name)
+    loaded = wrapcal.load(wrapped.save(tmp_path / "m.wrapcal"), model=SmallNet())
+    assert loaded.operating_points == json.loads(json.dumps(points))
+    # One rate: the form every earlier file holds, no new keys.
+    wrapped.fit(calibration=(x, y), progress=False, accept_rates=0.99)
+    assert set(wrapped.operating_points) == {"data", "n", "accept_rate", "thresholds", "metrics"}
+    assert wrapped.operating_points["accept_rate"] == 0.99
+
+
+@pytest.mark.parametrize("rates", [(), (0,), (1.5,), (0.9, 0.9), ("0.9",), (True,), None])
+def test_bad_accept_rates_are_refused_before_any_work(rates) -> None:
+    wrapped = wrapcal.wrap(SmallNet().eval(), ["temperature"])
+    with pytest.raises(ValueError, match=r"accept_rates .* e\.g\. accept_rates=\(0\.95, 0\.99\)"):
+        wrapped.fit(calibration=object(), accept_rates=rates)  # the data is never read
+    assert wrapped.backbone_passes == 0
+
+
+def test_a_file_whose_rate_tables_disagree_is_refused(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    x = torch.randn(100, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = torch.arange(len(y[::3])) % 10  # every class present, the model still right
+    wrapped = wrapcal.wrap(model, ["temperature"])
+    wrapped.fit(calibration=(x, y), progress=False, accept_rates=(0.95, 0.99))
+    config = copy.deepcopy(wrapped.operating_points)
+    config["thresholds_at"]["0.95"]["msp"] = 0.5  # no longer the first rate's thresholds
+    wrapped.operating_points = config
+    with pytest.raises(SavedFileError, match="operating points"):
+        wrapcal.load(wrapped.save(tmp_path / "bad.wrapcal"), model=SmallNet())

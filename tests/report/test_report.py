@@ -655,3 +655,42 @@ def test_the_report_draws_each_models_own_data(run, data, ood_sets, monkeypatch)
                 counts = np.histogram(np.log10(x) if scale == "log" else x, bins=bins)[0]
                 # float32 outputs against float64 here: a sample may sit across an edge.
                 assert np.abs(values * np.diff(bins) * len(x) - counts).max() <= 1.01
+
+
+# --- the ood decision and the operating points in the report ------------------------------
+
+
+def test_ood_decision_rates_and_operating_points_are_reported(trained, data, ood_sets, tmp_path):
+    """With the ``ood`` plugin: its false-alarm rate on the test set beside alpha, and
+    each OOD set's share flagged; with ``accept_rates``: each rate's thresholds and the
+    share of the test set they accept. Each number recomputed from ``predict``."""
+    x, y = data.calibration
+    half = len(y) // 2
+    wrapped = wrapcal.wrap(trained.eval(), ["mahalanobis", ("ood", {"alpha": 0.1})])
+    wrapped.fit(
+        train=data.train, calibration=(x[half:], y[half:]), progress=False, accept_rates=(0.95, 0.8)
+    )
+    sets = {"noise": ood_sets["noise"], "bright": ood_sets["bright"]}
+    report = evaluate({"wrapped": wrapped}, data.test, sets, progress=False, bootstrap=0)
+    metrics = report.to_dict()["plugin_metrics"]["wrapped"]
+    ood = metrics["ood"]
+    flagged = wrapped.predict(data.test[0]).outputs["is_ood"].double()
+    assert ood["false_alarm_rate"]["value"] == pytest.approx(float(flagged.mean()))
+    low, high = ood["false_alarm_rate"]["ci"]
+    assert low <= ood["false_alarm_rate"]["value"] <= high
+    assert ood["alpha"]["value"] == 0.1
+    for name, images in sets.items():
+        share = wrapped.predict(images).outputs["is_ood"].double().mean()
+        assert ood[f"is_ood on {name}"]["value"] == pytest.approx(float(share)), name
+    assert ood["is_ood on noise"]["value"] > 0.5  # noise is flagged, test images are not
+    table = metrics["operating_points"]["thresholds"]
+    scores = wrapped.predict(data.test[0]).scores
+    assert sorted(set(table["accept_rate"])) == [0.8, 0.95]
+    for score, rate, threshold, accepted in zip(*table.values(), strict=True):
+        points = wrapped.operating_points["thresholds_at"][repr(rate)]
+        assert points[score] == threshold
+        assert accepted == pytest.approx(
+            float((scores[score].double() <= threshold).double().mean())
+        )
+    html = (report.save(tmp_path) / "report.html").read_text()
+    assert "is_ood on noise" in html and "false_alarm_rate" in html and "test_accepted" in html

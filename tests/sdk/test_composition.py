@@ -61,7 +61,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "odin": {"temperature": 10.0, "eps": 0.05},
     # Named scores, so its inputs are the same in every pair (by default it combines every
     # OOD score the model has: tests/plugins/test_ood_decision.py).
-    "ood": {"scores": ["msp", "entropy"]},
+    "ood": {"scores": ["msp", "entropy"], "max_reference": 200},
 }
 
 #: Every field of the context, in the order each depends on the ones before.

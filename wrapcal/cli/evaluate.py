@@ -284,7 +284,11 @@ def _wrapped(
         wrapped = wrapcal.wrap(baseline, [plugin for _, plugin in plugins])
         if data or any(get_tags(p).requires_fit for _, p in plugins):
             wrapped.fit(
-                **data, batch_size=args.batch_size, progress=not args.no_progress, seed=args.seed
+                **data,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                seed=args.seed,
+                accept_rates=getattr(args, "accept_rates", (0.95,)),
             )
     return wrapped
 

@@ -43,6 +43,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def accept_rates(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated shares in (0, 1] (``0.95,0.99``)."""
+    from wrapcal.model.operating_points import check_accept_rates
+
+    try:
+        return check_accept_rates(tuple(float(part) for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected distinct shares in (0, 1] separated by commas, e.g. 0.95,0.99; got {text!r}"
+        ) from None
+
+
 def finite_float(text: str) -> float:
     """An argparse type: a finite number."""
     try:
@@ -152,6 +164,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=SPEC",
         help="another named fit data set a plugin reads (repeatable), e.g. "
         "conformal=held_out.npz (npz key prefix: NAME); labels are kept when present",
+    )
+    fit.add_argument(
+        "--accept-rates",
+        type=accept_rates,
+        default=(0.95,),
+        metavar="RATES",
+        help="shares of --calibration that the wrapped model's operating thresholds accept, "
+        "one threshold per score and rate, shown in the report, e.g. 0.95,0.99 "
+        "(default: 0.95)",
     )
     fit.add_argument(
         "--allow-partial-classes",

@@ -17,10 +17,12 @@ Keys:
     ``thresholds``, abstain ``threshold``; larger ones as ``shape`` and ``dtype``) and
     ``outputs`` (name -> kind);
     ``operating_points``: ``wrapped.operating_points`` as measured at ``fit`` on the
-    calibration set (thresholds accepting 95% of it per score; accuracy, ECE, NLL), or
-    ``None``. Copied only when every name in it is a plain name (:data:`NAME`) and each
-    threshold names one of the exported outputs: the operating points may come from a
-    saved file, and a server reads these names (as keys, in pages, in paths).
+    calibration set (per score, the threshold accepting ``accept_rate`` of it, 95% by
+    default; with several ``fit(accept_rates=...)`` also ``accept_rates`` and
+    ``thresholds_at``, one table per rate; accuracy, ECE, NLL), or ``None``. Copied
+    only when every name in it is a plain name (:data:`NAME`) and each threshold names
+    one of the exported outputs: the operating points may come from a saved file, and a
+    server reads these names (as keys, in pages, in paths).
 """
 
 from __future__ import annotations
@@ -161,14 +163,26 @@ def check_operating_point_names(points: Any) -> None:
         raise ExportError(
             f"the model's operating points are not the thresholds and metrics fit measures; {_FIX}"
         )
-    for table in ("thresholds", "metrics"):
-        for name in points[table]:
+    for table, names in _named_tables(points):
+        for name in names:
             if not NAME.fullmatch(name):
                 raise ExportError(
-                    f"the model's operating points name a {table[:-1]} {_shown(name)} "
+                    f"the model's operating points name a {table} {_shown(name)} "
                     f"({len(name)} characters), which is not a plain name (letters, digits, "
                     f"_ . @ % + -, at most 64); {_FIX}"
                 )
+
+
+def _named_tables(points: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(what, names)`` of every table of names in operating points: the thresholds,
+    the metrics, and with several rates each rate's thresholds."""
+    tables: list[tuple[str, Any]] = [
+        ("threshold", points["thresholds"]),
+        ("metric", points["metrics"]),
+    ]
+    for rate, thresholds in points.get("thresholds_at", {}).items():
+        tables.append((f"threshold at {rate}", thresholds))
+    return tables
 
 
 def checked_operating_points(points: Any, outputs: list[str]) -> dict[str, Any] | None:
@@ -185,7 +199,8 @@ def checked_operating_points(points: Any, outputs: list[str]) -> dict[str, Any] 
     check_operating_point_names(points)
     if points is None:
         return None
-    unknown = [name for name in points["thresholds"] if name not in outputs]
+    every = [points["thresholds"], *points.get("thresholds_at", {}).values()]
+    unknown = [name for table in every for name in table if name not in outputs]
     if unknown:
         raise ExportError(
             f"the model's operating points hold a threshold for {_shown(unknown[0])}, which "

@@ -57,7 +57,7 @@ from wrapcal.model.chain import (
     named_errors,
     transforms_features,
 )
-from wrapcal.model.operating_points import measure_operating_points
+from wrapcal.model.operating_points import ACCEPT_RATE, measure_operating_points
 from wrapcal.plugin.base import Plugin, get_tags
 from wrapcal.plugin.types import Stage
 from wrapcal.plugin.validation import check_labels
@@ -496,6 +496,7 @@ def _measure_operating_points(wrapped: Fittable, data: FitData, chain: Chain) ->
     def measure() -> Any:
         whole = _gathered(calibration) if calibration.sharded else calibration
         prediction = PrefixView(wrapped, chain).predict_features(whole.features)
-        return measure_operating_points(prediction, whole.labels)
+        rates = data.options.get("accept_rates", (ACCEPT_RATE,))
+        return measure_operating_points(prediction, whole.labels, rates)
 
     wrapped.operating_points = distributed.agree(measure, "measuring operating points")

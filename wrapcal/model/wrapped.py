@@ -28,6 +28,7 @@ from wrapcal.features.store import CacheOption
 from wrapcal.files import format as saving
 from wrapcal.model import fitting
 from wrapcal.model.chain import CACHED_BATCH, Chain, PrefixView, named_errors
+from wrapcal.model.operating_points import ACCEPT_RATE, check_accept_rates
 from wrapcal.model.split import Split
 from wrapcal.plugin.base import Plugin, get_tags, not_fitted_error
 from wrapcal.plugin.prediction import Prediction
@@ -60,9 +61,10 @@ class WrappedModel(nn.Module):
             trusted and the check's pass over the batch is not wanted.
         backbone_passes: How many passes over a data set the backbone has made.
         operating_points: Measured at ``fit`` on the calibration set: for each score the
-            threshold accepting 95% of it, and its accuracy, ECE and NLL
-            (:mod:`wrapcal.model.operating_points`); ``None`` before (or without calibration
-            data). Saved with the model and written into exports.
+            threshold accepting each of ``fit``'s ``accept_rates`` of it (95% by
+            default), and its accuracy, ECE and NLL (:mod:`wrapcal.model.operating_points`);
+            ``None`` before (or without calibration data). Saved with the model and
+            written into exports.
     """
 
     def __init__(self, split: Split, plugins: Sequence[tuple[str, Plugin]]) -> None:
@@ -383,6 +385,7 @@ class WrappedModel(nn.Module):
         cache: bool = True,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float32",
+        accept_rates: Sequence[float] = (ACCEPT_RATE,),
         **more: Any,
     ) -> WrappedModel:
         """Fit every plugin, in stage order, from one backbone pass per data set read.
@@ -402,16 +405,30 @@ class WrappedModel(nn.Module):
                 (data sets larger than memory; reused by later runs with the same weights
                 and data): :mod:`wrapcal.features.disk_store`. Plugins then fit in bounded memory.
             cache_dtype: ``"float32"`` or ``"float16"`` (half the disk) for ``cache_dir``.
+            accept_rates: The shares of the calibration set that the operating points'
+                thresholds accept, one threshold per score and rate (``(0.95, 0.99)``;
+                the first is ``operating_points["thresholds"]``), see
+                :mod:`wrapcal.model.operating_points`.
             **more: Further named data sets a plugin reads (``conformal=...``).
 
         Returns:
             self
+
+        Raises:
+            ValueError: ``accept_rates`` are not distinct shares in (0, 1] (before any
+                backbone pass).
         """
         sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
         store: CacheOption = cache
         if cache_dir is not None and cache is not False:
             store = DiskCache(cache_dir, cache_dtype)
-        options = {"batch_size": batch_size, "progress": progress, "seed": seed, "cache": store}
+        options = {
+            "batch_size": batch_size,
+            "progress": progress,
+            "seed": seed,
+            "cache": store,
+            "accept_rates": check_accept_rates(accept_rates),
+        }
         return fitting.fit_from_data(self, sets, options)
 
     def fit_features(
@@ -422,15 +439,22 @@ class WrappedModel(nn.Module):
         *,
         progress: bool = True,
         seed: int = 0,
+        accept_rates: Sequence[float] = (ACCEPT_RATE,),
         **more: Any,
     ) -> WrappedModel:
         """Fit from features already computed with ``wrapped.backbone``.
 
         Each argument is ``(features, labels)`` or bare ``features`` (``[N, D]``).
         Plugins that stream data through the network cannot be fitted this way.
+        ``accept_rates`` as for :meth:`fit`.
         """
         sets = {"train": train, "calibration": calibration, "unlabeled": unlabeled, **more}
-        return fitting.fit_from_features(self, sets, {"progress": progress, "seed": seed})
+        options = {
+            "progress": progress,
+            "seed": seed,
+            "accept_rates": check_accept_rates(accept_rates),
+        }
+        return fitting.fit_from_features(self, sets, options)
 
     def save(self, path: str | Path) -> Path:
         """Save weights (safetensors) and configuration (JSON) in one file."""

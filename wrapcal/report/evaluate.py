@@ -35,7 +35,10 @@ from wrapcal.metrics import (
 )
 from wrapcal.model.chain import named_errors
 from wrapcal.model.wrapped import WrappedModel
+from wrapcal.plugin.base import get_tags
+from wrapcal.plugin.bootstrap import bootstrap_means, percentile_interval
 from wrapcal.plugin.prediction import Prediction
+from wrapcal.plugin.types import OutputKind
 from wrapcal.plugin.validation import check_labels
 from wrapcal.report.outputs import ModelOutputs
 from wrapcal.report.passes import model_device, runner_for
@@ -44,8 +47,10 @@ from wrapcal.report.report import Report
 __all__ = [
     "ModelOutputs",
     "calibration_row",
+    "decision_rates",
     "evaluate",
     "ood_row",
+    "operating_points_table",
     "plugin_metrics",
 ]
 
@@ -260,7 +265,66 @@ def evaluate(
         name: plugin_metrics(models[name], out.test.prediction, out.test.labels)
         for name, out in outputs.items()
     }
+    for name, out in outputs.items():
+        decision_rates(models[name], out, plugin_results[name], seed)
+        points = operating_points_table(models[name], out.test.prediction)
+        if points is not None:
+            plugin_results[name][OPERATING_POINTS] = {"thresholds": points}
     return Report.build(outputs, calibration, ood_results, settings, plugin_results)
+
+
+def decision_rates(
+    model: nn.Module, out: ModelOutputs, found: dict[str, dict[str, Any]], seed: int = 0
+) -> None:
+    """Add to each plugin's metrics, for each of its decisions (``is_ood``, ``abstain``)
+    and each OOD set, the share of that set it flags: ``"is_ood on noise"``, with a 95%
+    bootstrap interval (the ``ood`` plugin's detection rate; its false-alarm rate on the
+    test set is its own ``report_metrics``)."""
+    if not isinstance(model, WrappedModel) or not out.ood:
+        return
+    for name, plugin in zip(model.plugin_names, model.plugins, strict=True):
+        decisions = [
+            k for k, kind in get_tags(plugin).outputs.items() if kind is OutputKind.DECISION
+        ]
+        for output in decisions:
+            for ood_name, o in out.ood.items():
+                flagged = o.prediction.outputs.get(output)
+                if flagged is None or not len(flagged):
+                    continue
+                share = flagged.double()[:, None]
+                means = bootstrap_means(share, 1000, seed)
+                found.setdefault(name, {})[f"{output} on {ood_name}"] = {
+                    "value": float(share.mean()),
+                    "ci": percentile_interval(means[:, 0]),
+                    "percent": True,
+                }
+
+
+#: The key of the model's operating points among the plugin metrics.
+OPERATING_POINTS = "operating_points"
+
+
+def operating_points_table(model: nn.Module, prediction: Prediction) -> dict[str, list] | None:
+    """The thresholds ``fit`` measured on the calibration set at each acceptance rate,
+    and the share of the test set each accepts (``score <= threshold``): how the chosen
+    rates hold on new in-distribution data. ``None`` without operating points."""
+    points = getattr(model, "operating_points", None) if isinstance(model, WrappedModel) else None
+    if not points:
+        return None
+    tables = points.get("thresholds_at") or {
+        repr(float(points["accept_rate"])): points["thresholds"]
+    }
+    table: dict[str, list] = {"score": [], "accept_rate": [], "threshold": [], "test_accepted": []}
+    for rate, thresholds in tables.items():
+        for score, threshold in thresholds.items():
+            values = prediction.scores.get(score)
+            if values is None:
+                continue
+            table["score"].append(score)
+            table["accept_rate"].append(float(rate))
+            table["threshold"].append(float(threshold))
+            table["test_accepted"].append(float((values.double() <= threshold).double().mean()))
+    return table if table["score"] else None
 
 
 def _metric(value: Any) -> Any:
