@@ -63,6 +63,8 @@ def describe_plugin(name: str, plugin: Plugin) -> str:
 def _reason(name: str, plugin: Plugin) -> str:
     tags = get_tags(plugin)
     who = describe_plugin(name, plugin)
+    if tags.export_refusal:
+        return f"{who} {tags.export_refusal}"
     if tags.needs_inputs:
         return (
             f"{who} runs the network on the inputs at every call (its tags say "
