@@ -58,6 +58,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "label_smoothing": {"alpha": 0.05},
     "vim": {"dim": 8},
     "auto_calibration": {"cv": 2},
+    # Sampled heads exercise members() beside every plugin; 8 heads keep it fast.
+    "laplace": {"predictive": "samples", "samples": 8},
     "odin": {"temperature": 10.0, "eps": 0.05},
     # Named scores, so its inputs are the same in every pair (by default it combines every
     # OOD score the model has: tests/plugins/test_ood_decision.py).
