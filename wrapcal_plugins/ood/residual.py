@@ -41,10 +41,9 @@ from wrapcal_plugins.ood._feature_stats import (
     FIT_SETS,
     compute_dtype,
     fit_set,
-    linear_head,
     residual_subspace,
 )
-from wrapcal_plugins.ood.vim import default_dim
+from wrapcal_plugins.ood.vim import principal_dim
 
 __all__ = ["Residual"]
 
@@ -85,14 +84,7 @@ class Residual(Plugin):
 
     def attach(self, model: ModelView) -> None:
         """Resolve ``dim`` from the feature width; check the head is linear."""
-        width = model.num_features
-        self.dim_ = default_dim(width) if self.dim is None else int(self.dim)
-        if self.dim_ >= width:
-            raise ValueError(
-                f"dim={self.dim_} leaves no residual space: the features have {width} "
-                f"dimensions; use dim < {width} (None picks {default_dim(width)})"
-            )
-        linear_head(model.head, _NAME)
+        self.dim_ = principal_dim(model, self.dim, _NAME)
 
     def fit(self, model: ModelView, data: FitData) -> Residual:
         """The origin from the head, the residual basis from the training set."""

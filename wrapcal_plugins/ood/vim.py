@@ -74,7 +74,7 @@ from wrapcal_plugins.ood._feature_stats import (
     residual_subspace,
 )
 
-__all__ = ["ViM", "default_dim"]
+__all__ = ["ViM", "default_dim", "principal_dim"]
 
 _NAME = "vim"
 _WHY = "the principal subspace of in-distribution features"
@@ -88,6 +88,20 @@ def default_dim(width: int) -> int:
     if width >= 768:
         return 512
     return max(1, width // 2)
+
+
+def principal_dim(model: ModelView, dim: int | None, plugin: str) -> int:
+    """``dim`` (or :func:`default_dim` of the feature width) checked against the width,
+    at ``attach``; the head must be one ``nn.Linear`` (it places the origin)."""
+    width = model.num_features
+    resolved = default_dim(width) if dim is None else int(dim)
+    if resolved >= width:
+        raise ValueError(
+            f"plugin {plugin}: dim={resolved} leaves no residual space: the features have "
+            f"{width} dimensions; use dim < {width} (None picks {default_dim(width)})"
+        )
+    linear_head(model.head, plugin)
+    return resolved
 
 
 class ViM(Plugin):
@@ -124,14 +138,7 @@ class ViM(Plugin):
 
     def attach(self, model: ModelView) -> None:
         """Resolve ``dim`` from the feature width; check the head is linear."""
-        width = model.num_features
-        self.dim_ = default_dim(width) if self.dim is None else int(self.dim)
-        if self.dim_ >= width:
-            raise ValueError(
-                f"dim={self.dim_} leaves no residual space: the features have {width} "
-                f"dimensions; use dim < {width} (None picks {default_dim(width)})"
-            )
-        linear_head(model.head, _NAME)
+        self.dim_ = principal_dim(model, self.dim, _NAME)
 
     def fit(self, model: ModelView, data: FitData) -> ViM:
         """The origin from the head, the subspace and ``alpha`` from the training set."""
