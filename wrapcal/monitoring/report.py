@@ -33,6 +33,7 @@ from wrapcal.report.plot_style import (
     set_title,
     style,
 )
+from wrapcal.report.render import squeeze_blank_lines
 
 # The figures read a MonitorResult (windows, reference, rules, settings); it is not
 # imported, even for typing, because MonitorResult.save imports this module.
@@ -268,9 +269,4 @@ def render_markdown(
         .get_template("monitor.md")
         .render(_context(data, figures), figure_dir=figure_dir)
     )
-    lines, blank = [], False
-    for line in text.splitlines():
-        if line.strip() or not blank:
-            lines.append(line.rstrip())
-        blank = not line.strip()
-    return "\n".join(lines).strip() + "\n"
+    return squeeze_blank_lines(text)

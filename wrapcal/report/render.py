@@ -23,7 +23,15 @@ from wrapcal.report.view import context
 if TYPE_CHECKING:
     from wrapcal.report.figures import FigureFile
 
-__all__ = ["CALIBRATION_COLUMNS", "OOD_COLUMNS", "Column", "best_rows", "html", "markdown"]
+__all__ = [
+    "CALIBRATION_COLUMNS",
+    "OOD_COLUMNS",
+    "Column",
+    "best_rows",
+    "html",
+    "markdown",
+    "squeeze_blank_lines",
+]
 
 _NBSP = "\u00a0"
 
@@ -81,7 +89,12 @@ def markdown(
         .get_template("report.md")
         .render(context(data, figures), figure_dir=figure_dir)
     )
-    # Blocks that render nothing leave runs of blank lines: at most one in a row.
+    return squeeze_blank_lines(text)
+
+
+def squeeze_blank_lines(text: str) -> str:
+    """Rendered Markdown with at most one blank line in a row: template blocks that
+    render nothing leave runs of them."""
     lines, blank = [], False
     for line in text.splitlines():
         if line.strip() or not blank:
