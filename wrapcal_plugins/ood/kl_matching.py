@@ -56,14 +56,18 @@ from wrapcal.plugin import (
     Stage,
     hookimpl,
 )
-from wrapcal_plugins.ood._feature_stats import base_logits, compute_dtype, feature_chunks
+from wrapcal_plugins.ood._feature_stats import (
+    FIT_SETS,
+    base_logits,
+    compute_dtype,
+    feature_chunks,
+    fit_set,
+)
 
 __all__ = ["KLMatching", "kl_to_templates"]
 
 _NAME = "kl_matching"
 _WHY = "the mean posterior of the in-distribution samples predicted as each class"
-#: Train before calibration, as every detector (the module docstring says why).
-_FIT_SETS = ("train", "calibration")
 _F64 = (torch.float64,)
 #: Floor of a template's probabilities inside the log (keeps the score finite).
 _FLOOR = 1e-300
@@ -115,7 +119,7 @@ class KLMatching(Plugin):
     def __wrapcal_tags__(self) -> PluginTags:
         tags = super().__wrapcal_tags__()
         tags.stage = Stage.DETECT
-        tags.fit_reads = _FIT_SETS
+        tags.fit_reads = FIT_SETS
         tags.fits_from_shards = True  # the sums and counts are all-reduced over the ranks
         tags.exportable = True
         tags.outputs = {_NAME: OutputKind.OOD_SCORE}
@@ -123,7 +127,7 @@ class KLMatching(Plugin):
 
     def fit(self, model: ModelView, data: FitData) -> KLMatching:
         """The templates: mean posteriors of the fit set's rows, by predicted class."""
-        source = data.first(_FIT_SETS, _NAME, _WHY)
+        source = fit_set(data, _NAME, _WHY)
         width = max(model.num_classes, 2)
         sums = torch.zeros(width, width, dtype=torch.float64, device=model.device)
         counts = torch.zeros(width, dtype=torch.float64, device=model.device)
