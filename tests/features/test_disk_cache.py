@@ -103,7 +103,9 @@ def test_every_built_in_plugin_fits_from_disk_as_from_memory(tmp_path):
     model = small_net()
     train, cal = labelled(400, 1, model), labelled(300, 2, model)
     unlabeled = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * 2
-    names = sorted(n for n in wrapcal.plugin_registry() if n not in ("auto_calibration",))
+    # she stores a pattern per class from correctly classified training samples, and
+    # this random net predicts 2 of its 10 classes: it refuses to fit (as it should).
+    names = sorted(n for n in wrapcal.plugin_registry() if n not in ("auto_calibration", "she"))
     plugins = [(n, {"epochs_pretrain": 1, "epochs": 1}) if n == "discrepancy" else n for n in names]
     results = []
     for cache_dir in (None, tmp_path):
