@@ -18,6 +18,7 @@ from wrapcal.errors import (
 from wrapcal.features.extract import FeatureSet, FitData
 from wrapcal.files.format import save
 from wrapcal.files.load import load
+from wrapcal.files.preprocess import Preprocess
 from wrapcal.logits import abstention as selective
 from wrapcal.logits import conformal
 from wrapcal.logits.abstention import AbstentionRule, fit_abstention
@@ -75,6 +76,7 @@ __all__ = [
     "PluginNotFoundError",
     "PluginTags",
     "Prediction",
+    "Preprocess",
     "Report",
     "SavedFileError",
     "Split",

@@ -398,3 +398,97 @@ def test_a_file_whose_rate_tables_disagree_is_refused(tmp_path) -> None:
     wrapped.operating_points = config
     with pytest.raises(SavedFileError, match="operating points"):
         wrapcal.load(wrapped.save(tmp_path / "bad.wrapcal"), model=SmallNet())
+
+
+# --- the preprocessing record -----------------------------------------------------------------
+
+
+def _with_preprocess(path: Path, out: Path, record) -> Path:
+    """``path`` with its preprocessing record replaced (``...``: removed, as files written
+    before records were saved), the digest recomputed: what an attacker or an old wrapcal
+    writes."""
+    stored = read(path)
+    config = copy.deepcopy(stored.config)
+    if record is ...:
+        del config["preprocess"]
+    else:
+        config["preprocess"] = record
+    config["digest"] = digest(config, stored.tensors)
+    out.write_bytes(save_tensors(stored.tensors, metadata={"wrapcal": json.dumps(config)}))
+    return out
+
+
+def test_the_preprocessing_record_comes_from_the_model_and_round_trips(tmp_path) -> None:
+    """wrapcal's CIFAR ResNet and timm say what their inputs are; the user's record wins;
+    the file keeps it; a file without one (written before 0.3) takes the model's."""
+    from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD
+
+    wrapped = wrapcal.wrap(cifar_resnet20())
+    assert wrapped.preprocess == wrapcal.Preprocess(
+        mean=CIFAR_MEAN, std=CIFAR_STD, size=(32, 32), channel_order="RGB"
+    )
+    path = wrapped.save(tmp_path / "cifar.wrapcal")
+    assert read(path).config["preprocess"]["mean"] == list(CIFAR_MEAN)
+    assert wrapcal.load(path).preprocess == wrapped.preprocess
+    old = _with_preprocess(path, tmp_path / "old.wrapcal", ...)
+    assert wrapcal.load(old).preprocess == wrapped.preprocess
+    none = _with_preprocess(path, tmp_path / "none.wrapcal", None)
+    assert wrapcal.load(none).preprocess is None
+
+    timm_model = timm.create_model("resnet10t", num_classes=5)
+    config = timm.data.resolve_data_config({}, model=timm_model)
+    record = wrapcal.wrap(timm_model).preprocess
+    assert record.mean == tuple(config["mean"]) and record.std == tuple(config["std"])
+    assert record.size == tuple(config["input_size"][1:])
+    assert record.interpolation == config["interpolation"]
+
+    mine = {"mean": 0.5, "std": [0.2, 0.3, 0.4], "channel_order": "BGR", "value_range": [0, 255]}
+    wrapped = wrapcal.wrap(cifar_resnet20(), preprocess=mine)
+    assert wrapped.preprocess.mean == (0.5, 0.5, 0.5) and wrapped.preprocess.size is None
+    assert wrapcal.load(wrapped.save(tmp_path / "mine.wrapcal")).preprocess == wrapped.preprocess
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"mean": [0.5] * 3, "std": [0.5, 0.5, 0.0]}, "std values must be positive"),
+        ({"mean": [0.5] * 2, "std": [0.5] * 3}, "has 2 values; channel_order 'RGB' has 3"),
+        ({"mean": [0.5] * 3, "std": [0.5] * 3, "size": [0, 32]}, "size must be"),
+        ({"mean": [0.5] * 3, "std": [0.5] * 3, "channel_order": "CMYK"}, "channel_order"),
+        ({"mean": [0.5] * 3, "std": [0.5] * 3, "value_range": [1, 0]}, "low < high"),
+        ({"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "magic"}, "interpolation"),
+        ({"mean": ["0.5"] * 3, "std": [0.5] * 3}, "must hold numbers"),
+        ({"std": [0.5] * 3}, "needs mean and std"),
+        ({"mean": [0.5], "std": [0.5], "channel_order": "L", "code": "x"}, "unknown keys"),
+        ({"mean": [0.5] * 3, "std": [0.5] * 3, "size": [32, 32, 3]}, "size must be"),
+    ],
+)
+def test_a_bad_preprocessing_record_is_refused_by_wrap_and_by_load(
+    record, message, tmp_path
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        wrapcal.wrap(cifar_resnet20(), preprocess=record)
+    path = wrapcal.wrap(cifar_resnet20()).save(tmp_path / "good.wrapcal")
+    with pytest.raises(SavedFileError, match="preprocessing record is not valid"):
+        wrapcal.load(_with_preprocess(path, tmp_path / "bad.wrapcal", record))
+
+
+def test_a_hostile_record_cannot_hold_nan_or_huge_lists_nor_contradict_the_model(
+    tmp_path,
+) -> None:
+    wrapped = wrapcal.wrap(cifar_resnet20())
+    wrapped.input_shape = (3, 32, 32)  # as fit records it
+    path = wrapped.save(tmp_path / "good.wrapcal")
+    for record in (
+        {"mean": [float("nan")] * 3, "std": [1.0] * 3},
+        {"mean": [0.0] * 3, "std": [float("inf")] * 3},
+        {"mean": [0.0] * 10_000, "std": [1.0] * 10_000},
+        ["mean", "std"],
+    ):
+        with pytest.raises(SavedFileError, match="preprocessing record is not valid"):
+            wrapcal.load(_with_preprocess(path, tmp_path / "bad.wrapcal", record))
+    grey = {"mean": [0.5], "std": [0.5], "channel_order": "L"}  # the model takes 3 channels
+    with pytest.raises(SavedFileError, match="describes 1 channel"):
+        wrapcal.load(_with_preprocess(path, tmp_path / "grey.wrapcal", grey))
+    with pytest.raises(TypeError, match="preprocess must be a wrapcal.Preprocess"):
+        wrapcal.wrap(cifar_resnet20(), preprocess=[0.5, 0.5])

@@ -182,3 +182,60 @@ def test_a_bare_linear_model_is_its_own_head(tmp_path) -> None:
     )
     loaded = wrapcal.load(wrapped.save(tmp_path / "lin.wrapcal"), model=torch.nn.Linear(5, 3))
     assert torch.equal(loaded(x), wrapped(x))
+
+
+class _TupleNet(torch.nn.Module):
+    """Returns ``(logits, aux)``, as many research models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.fc(h), h.sum(1)
+
+
+class _DictNet(_TupleNet):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        h = torch.relu(self.body(x))
+        return {"logits": self.fc(h), "aux": h.mean(1)}
+
+
+class _ScaledTupleNet(_TupleNet):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.fc(h) * 2, h  # changes the last layer's output: no split there
+
+
+@pytest.mark.parametrize("net", [_TupleNet, _DictNet])
+def test_a_model_returning_a_tuple_or_dict_keeps_it_with_calibrated_logits(net) -> None:
+    """#28: code that called the model keeps working: ``wrapped(x)`` returns the model's
+    own structure, the calibrated logits in the logits' place, the rest unchanged."""
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = model(x)
+    logits = own[0] if isinstance(own, tuple) else own["logits"]
+    y = logits.argmax(-1)
+    y[::4] = (y[::4] + 1) % 3
+    wrapped = wrapcal.wrap(model, ["temperature"]).fit(calibration=(x, y), progress=False)
+    t = wrapped.get_plugin("temperature").temperature_
+    with torch.no_grad():
+        out = wrapped(x)
+    assert type(out) is type(own)
+    if isinstance(own, tuple):
+        torch.testing.assert_close(out[0], own[0] / t)
+        assert torch.equal(out[1], own[1])
+    else:
+        assert list(out) == list(own)
+        torch.testing.assert_close(out["logits"], own["logits"] / t)
+        assert torch.equal(out["aux"], own["aux"])
+    torch.testing.assert_close(wrapped.predict(x).logits, logits / t)
+
+
+def test_a_model_that_changes_its_last_layers_output_in_a_tuple_is_refused() -> None:
+    with pytest.raises(SplitError, match="changes that layer's output"):
+        wrapcal.wrap(_ScaledTupleNet().eval())(torch.randn(2, 6))

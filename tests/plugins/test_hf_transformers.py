@@ -176,17 +176,20 @@ def test_each_architecture_splits_exactly_and_round_trips(arch, tmp_path, offlin
     model = build(arch).eval()
     x = pixels(side)
     with torch.no_grad():
-        logits = model(pixel_values=x).logits
+        own = model(pixel_values=x)
+        logits = own.logits
         expected_features = reads(model, x)
     wrapped = wrapcal.wrap(model)
     with torch.no_grad():
         out = wrapped(x)
         features = wrapped.backbone(x)
         split_logits = wrapped.head(features)
-    assert isinstance(out, torch.Tensor) and out.shape == (4, 5)
+    # The model's own output type, its logits in place (no plugin: the same logits).
+    assert type(out) is type(own) and list(out.keys()) == list(own.keys())
+    assert out.logits.shape == (4, 5)
     torch.testing.assert_close(features, expected_features, atol=1e-6, rtol=0)
     torch.testing.assert_close(split_logits, logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(out, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
     assert wrapped.num_classes == 5 and wrapped.num_features == expected_features.shape[1]
     assert wrapped.split_kind == "transformers"
     assert wrapped.source["library"] == "transformers" and wrapped.source["name"] == model_type
@@ -206,7 +209,7 @@ def test_each_architecture_splits_exactly_and_round_trips(arch, tmp_path, offlin
         wrapped.fixed_input_size,
     )
     with torch.no_grad():
-        assert torch.equal(loaded(x), out)
+        assert torch.equal(loaded(x).logits, out.logits)
 
 
 def test_the_pooled_features_and_input_checks_per_architecture() -> None:
@@ -218,7 +221,7 @@ def test_the_pooled_features_and_input_checks_per_architecture() -> None:
     swin = wrapcal.wrap(build("swin"))
     assert swin.input_shape == (3, 32, 32) and not swin.fixed_input_size
     with torch.no_grad():
-        assert swin(pixels(48)).shape == (4, 5)
+        assert swin(pixels(48)).logits.shape == (4, 5)
     resnet = wrapcal.wrap(build("resnet"))
     assert resnet.head_path == "classifier.1" and resnet.input_shape is None
 
@@ -267,7 +270,8 @@ def test_a_subclass_is_wrapped_but_loaded_only_with_the_model(tmp_path) -> None:
     with pytest.raises(SavedFileError, match="cannot be rebuilt by name"):
         wrapcal.load(path)
     with torch.no_grad():
-        assert torch.equal(wrapcal.load(path, model=model)(pixels(32)), wrapped(pixels(32)))
+        again = wrapcal.load(path, model=model)(pixels(32)).logits
+        assert torch.equal(again, wrapped(pixels(32)).logits)
 
 
 def test_a_model_that_changes_its_classifiers_output_is_refused() -> None:
@@ -370,6 +374,80 @@ def test_every_built_in_plugin_on_a_vit(data, trained_vit, tmp_path, offline) ->
         for score, values in prediction.scores.items():
             assert torch.equal(again.scores[score], values), (name, score)
         assert model_class_names(loaded) == ENGLISH, name
+
+
+# --- the model's interface ---------------------------------------------------------
+
+
+def test_a_wrapped_classifier_answers_like_the_model_with_calibrated_logits(
+    data, trained_vit, tmp_path
+) -> None:
+    """``wrapped(x).logits`` is what ``model(x).logits`` was, calibrated: the model's
+    logits over the fitted temperature (written out), equal to ``predict``'s logits;
+    an empty batch keeps the type; the .pt2 export (which runs the chain, not
+    ``forward``) still gives ``predict``'s logits."""
+    wrapped = wrapcal.wrap(trained_vit, ["temperature"])
+    wrapped.fit(calibration=data.calibration, progress=False)
+    x = data.test[0][:8]
+    with torch.no_grad():
+        own = trained_vit(pixel_values=x)
+        out = wrapped(x)
+    t = float(wrapped.get_plugin("temperature").temperature)
+    assert type(out) is transformers.modeling_outputs.ImageClassifierOutput
+    assert abs(t - 1.0) > 0.05  # calibration changed something to check
+    torch.testing.assert_close(out.logits, own.logits / t, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.logits, wrapped.predict(x).logits)
+    assert out[0] is out.logits  # a ModelOutput indexes its fields too
+    empty = wrapped(x[:0])
+    assert type(empty) is type(out) and empty.logits.shape == (0, 10)
+    path = wrapcal.export(wrapped, tmp_path / "vit.pt2", format="torch")
+    with torch.no_grad():
+        exported = torch.export.load(str(path)).module()(x)
+    torch.testing.assert_close(exported[0], out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_returning_tuples_gets_a_tuple_with_the_calibrated_logits() -> None:
+    """``return_dict=False`` (a ResNet, whose forward honours it): ``(logits, hidden
+    states)`` in, the same tuple out, the logits replaced, the rest the model's own."""
+    model = build("resnet", return_dict=False, output_hidden_states=True).eval()
+    x = pixels(32)
+    with torch.no_grad():
+        own = model(pixel_values=x)
+    assert isinstance(own, tuple) and len(own) == 2
+    wrapped = wrapcal.wrap(model, [wrapcal_temperature(2.0)])
+    with torch.no_grad():
+        out = wrapped(x)
+    assert type(out) is tuple and len(out) == 2
+    torch.testing.assert_close(out[0], own[0] / 2.0, atol=1e-5, rtol=1e-5)
+    assert len(out[1]) == len(own[1])
+    for got, want in zip(out[1], own[1], strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(out[0], wrapped.predict(x).logits)
+
+
+def wrapcal_temperature(value: float) -> wrapcal.Plugin:
+    """A temperature plugin set by hand (no data needed)."""
+    from wrapcal_plugins.calibration.temperature import TemperatureScaler
+
+    plugin = TemperatureScaler()
+    plugin.temperature.fill_(value)
+    plugin.fitted_ = True
+    return plugin
+
+
+def test_an_image_processor_gives_the_preprocessing_record(tmp_path) -> None:
+    """A ViT image processor (built offline, its defaults): mean, std, size, rescale,
+    resampling; saved with the model and back."""
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    wrapped = wrapcal.wrap(build("vit"), preprocess=processor)
+    record = wrapped.preprocess
+    assert record.mean == tuple(processor.image_mean) and record.std == tuple(processor.image_std)
+    assert record.size == (32, 32) and record.value_range == (0.0, 1.0)
+    assert record.interpolation == "bilinear"  # PIL.Image.BILINEAR, the processor's resample
+    loaded = wrapcal.load(wrapped.save(tmp_path / "vit.wrapcal"))
+    assert loaded.preprocess == record
+    with pytest.raises(ValueError, match="the model takes only"):
+        wrapcal.wrap(build("vit"), preprocess=transformers.ViTImageProcessor())  # 224 != 32
 
 
 # --- class names ---------------------------------------------------------------------

@@ -61,6 +61,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="C,H,W",
         help="the shape of one input, when the saved model does not know it",
     )
+    parser.add_argument(
+        "--include-preprocessing",
+        action="store_true",
+        help="build the model's recorded preprocessing (mean, std, size) into the graph: it "
+        "then takes uint8 images [batch, H, W, C] (RGB) at the recorded size",
+    )
 
 
 def _check_out(source: Path, out: Path, fmt: str) -> None:
@@ -102,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
     names = read_class_names(args.class_names)
     wrapped = wrapcal.load(source)
     written = export(
-        wrapped, out, format=args.format, class_names=names, input_shape=args.input_shape
+        wrapped,
+        out,
+        format=args.format,
+        class_names=names,
+        input_shape=args.input_shape,
+        include_preprocessing=args.include_preprocessing,
     )
     from wrapcal.export import read_metadata
 

@@ -9,7 +9,13 @@ Keys:
     ``format``, ``wrapcal_version``, ``torch_version``;
     ``model``: its name, ``num_features`` and ``num_classes`` (of the probabilities);
     ``class_names``: in output order, or ``None`` when unknown;
-    ``input``: ``name``, ``shape`` (``"batch"`` first) and ``dtype``;
+    ``input``: ``name``, ``shape`` (``"batch"`` first) and ``dtype``; with the
+    preprocessing in the graph also ``layout`` (``"NHWC"``) and ``channel_order`` (of the
+    ``uint8`` images it takes: ``"RGB"``, or ``"L"``);
+    ``preprocessing``: what the model's inputs are (:class:`~wrapcal.Preprocess`:
+    ``mean``, ``std``, ``size``, ``channel_order``, ``value_range``, ``interpolation``)
+    and ``in_graph`` (whether the graph applies it to ``uint8`` images, or takes inputs
+    already preprocessed so), or ``None`` when unknown;
     ``outputs``: in graph order, each ``name``, ``kind``, ``dtype`` and ``shape``;
     ``plugins``: by name, in the order they act: ``class``, ``stage``, ``params``
     (``plugin.get_params()``), ``state`` (learned plain values), ``learned`` (learned
@@ -74,6 +80,7 @@ KEYS = (
     "model",
     "class_names",
     "input",
+    "preprocessing",
     "outputs",
     "plugins",
     "operating_points",
@@ -215,8 +222,10 @@ def build_metadata(
     example: torch.Tensor,
     fmt: str,
     class_names: list[str] | None,
+    includes_preprocessing: bool = False,
 ) -> dict[str, Any]:
-    """The export's metadata (module docstring), JSON-able.
+    """The export's metadata (module docstring), JSON-able (``includes_preprocessing``:
+    the graph takes ``uint8`` images ``[N, H, W, C]``).
 
     Raises:
         ValueError: ``class_names`` does not hold one name per class.
@@ -226,6 +235,7 @@ def build_metadata(
     from wrapcal._version import __version__
 
     classes = wrapped.num_classes_out
+    record = wrapped.preprocess
     names = class_names if class_names is not None else class_names_of(wrapped.backbone)
     if names is not None and (
         len(names) != classes or not all(isinstance(n, str) and n for n in names)
@@ -244,11 +254,10 @@ def build_metadata(
             "num_classes": classes,
         },
         "class_names": None if names is None else list(names),
-        "input": {
-            "name": "input",
-            "shape": ["batch", *example.shape[1:]],
-            "dtype": str(example.dtype).removeprefix("torch."),
-        },
+        "input": _input_entry(wrapped, example, includes_preprocessing),
+        "preprocessing": None
+        if record is None
+        else {**record.to_config(), "in_graph": includes_preprocessing},
         "outputs": [spec.as_dict() for spec in specs],
         "plugins": {
             name: _plugin_entry(plugin)
@@ -258,6 +267,19 @@ def build_metadata(
             wrapped.operating_points, [spec.name for spec in specs]
         ),
     }
+
+
+def _input_entry(wrapped: WrappedModel, example: torch.Tensor, pixels: bool) -> dict[str, Any]:
+    """The ``input`` entry: what the graph takes."""
+    entry: dict[str, Any] = {
+        "name": "input",
+        "shape": ["batch", *example.shape[1:]],
+        "dtype": str(example.dtype).removeprefix("torch."),
+    }
+    if pixels:
+        entry["layout"] = "NHWC"
+        entry["channel_order"] = "L" if wrapped.preprocess.channels == 1 else "RGB"
+    return entry
 
 
 def _from_archive(path: Path) -> dict[str, Any] | None:

@@ -23,9 +23,10 @@ from torch import nn
 from wrapcal.plugin.prediction import Prediction
 
 if TYPE_CHECKING:
+    from wrapcal.files.preprocess import Preprocess
     from wrapcal.model.wrapped import WrappedModel
 
-__all__ = ["CORE_OUTPUTS", "InferenceModule", "OutputSpec", "output_specs"]
+__all__ = ["CORE_OUTPUTS", "InferenceModule", "OutputSpec", "PixelInput", "output_specs"]
 
 #: The four outputs every export starts with, and what each is.
 CORE_OUTPUTS = {
@@ -76,6 +77,42 @@ def prediction_outputs(prediction: Prediction) -> dict[str, torch.Tensor]:
     return named
 
 
+class PixelInput(nn.Module):
+    """``uint8`` images ``[N, H, W, C]`` (RGB, or L) -> the model's input ``[N, C, H, W]``.
+
+    What :class:`~wrapcal.Preprocess` says, in float32 and in the order a data loader
+    computes it (``u / 255``, the value range, ``(x - mean) / std``), then the model's
+    dtype. It never resizes: a resize that equals the one the model was trained with
+    (PIL's antialiased filters) is not an ONNX operator, so the graph takes the recorded
+    size and the server resizes.
+
+    Args:
+        preprocess: The record.
+        dtype: The model's floating dtype.
+    """
+
+    def __init__(self, preprocess: Preprocess, dtype: torch.dtype) -> None:
+        super().__init__()
+        c = preprocess.channels
+        self.dtype = dtype
+        low, high = preprocess.value_range
+        self.rescale = (low, high) != (0.0, 1.0)
+        self.low, self.span = low, high - low
+        # The model's channel order from RGB input: BGR reverses the channel axis.
+        self.reverse = preprocess.channel_order == "BGR"
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, c, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32) / 255.0
+        if self.rescale:
+            x = x * self.span + self.low
+        x = x.permute(0, 3, 1, 2)
+        if self.reverse:
+            x = x.flip(1)
+        return ((x - self.mean) / self.std).to(self.dtype)
+
+
 class InferenceModule(nn.Module):
     """``forward(x)`` -> the wrapped model's named outputs, as a tuple (module docstring).
 
@@ -86,18 +123,28 @@ class InferenceModule(nn.Module):
         cached: Take backbone features ``[B, D]`` instead of inputs (no backbone): the
             plugin part of the graph alone, used to find which plugin stops an export.
         upto: Only the first ``upto`` plugins (all by default), for the same search.
+        pixels: A :class:`PixelInput`: the graph then takes ``uint8`` images
+            ``[N, H, W, C]`` and preprocesses them first.
     """
 
     def __init__(
-        self, wrapped: WrappedModel, names: list[str], cached: bool = False, upto: int | None = None
+        self,
+        wrapped: WrappedModel,
+        names: list[str],
+        cached: bool = False,
+        upto: int | None = None,
+        pixels: PixelInput | None = None,
     ) -> None:
         super().__init__()
         self.model: WrappedModel = wrapped
         self.names = list(names)
         self.cached = cached
         self.upto = upto
+        self.pixels = pixels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.pixels is not None:
+            x = self.pixels(x)
         chain = self.model.chain(self.upto)
         prediction = chain.predict(None, x) if self.cached else chain.predict(x)
         named = prediction_outputs(prediction)
@@ -110,10 +157,17 @@ class InferenceModule(nn.Module):
 
 
 def output_specs(
-    wrapped: WrappedModel, example: torch.Tensor, cached: bool = False, upto: int | None = None
+    wrapped: WrappedModel,
+    example: torch.Tensor,
+    cached: bool = False,
+    upto: int | None = None,
+    pixels: PixelInput | None = None,
 ) -> list[OutputSpec]:
-    """The outputs of ``wrapped``'s chain on ``example``: names, kinds, dtypes, shapes."""
+    """The outputs of ``wrapped``'s chain on ``example`` (images through ``pixels``
+    first, when given): names, kinds, dtypes, shapes."""
     chain = wrapped.chain(upto)
+    if pixels is not None:
+        example = pixels(example)
     with torch.no_grad():
         prediction = chain.predict(None, example) if cached else chain.predict(example)
     specs = []

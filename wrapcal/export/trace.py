@@ -23,13 +23,20 @@ from wrapcal.export.checks import (
     find_culprit,
     first_line,
 )
-from wrapcal.export.module import InferenceModule, OutputSpec, output_specs
+from wrapcal.export.module import InferenceModule, OutputSpec, PixelInput, output_specs
 from wrapcal.plugin.torch_helpers import float_dtype_of, in_mode
 
 if TYPE_CHECKING:
     from wrapcal.model.wrapped import WrappedModel
 
-__all__ = ["EXAMPLE_BATCH", "MAX_INPUT_VALUES", "example_input", "export_program", "trace"]
+__all__ = [
+    "EXAMPLE_BATCH",
+    "MAX_INPUT_VALUES",
+    "example_input",
+    "export_program",
+    "pixel_example",
+    "trace",
+]
 
 #: Rows of the example batch the graph is traced with. Not 1 or 0, which torch.export
 #: specialises on; the graph then takes any batch size from 1 up.
@@ -82,13 +89,27 @@ def _bytes(size: int) -> str:
     return f"{size} B"  # unreachable
 
 
+def pixel_example(wrapped: WrappedModel, shape: Sequence[int]) -> torch.Tensor:
+    """A seeded example batch of ``uint8`` images ``[2, H, W, C]`` for the model's input
+    shape ``(C, H, W)``, on the model's device."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    c, h, w = shape
+    images = torch.randint(0, 256, (EXAMPLE_BATCH, h, w, c), generator=generator)
+    return images.to(device=wrapped.device, dtype=torch.uint8)
+
+
 def export_program(
-    wrapped: WrappedModel, example: torch.Tensor, cached: bool = False, upto: int | None = None
+    wrapped: WrappedModel,
+    example: torch.Tensor,
+    cached: bool = False,
+    upto: int | None = None,
+    pixels: PixelInput | None = None,
 ) -> tuple[ExportedProgram, list[OutputSpec]]:
-    """``torch.export`` of the chain (or of its first ``upto`` plugins from features)."""
+    """``torch.export`` of the chain (or of its first ``upto`` plugins from features),
+    behind ``pixels`` when given (then ``example`` is ``uint8`` images)."""
     with in_mode(wrapped, False), torch.no_grad():
-        specs = output_specs(wrapped, example, cached, upto)
-        module = InferenceModule(wrapped, [s.name for s in specs], cached, upto)
+        specs = output_specs(wrapped, example, cached, upto, pixels)
+        module = InferenceModule(wrapped, [s.name for s in specs], cached, upto, pixels)
         program = torch.export.export(
             module, (example,), dynamic_shapes=({0: Dim("batch", min=1)},), strict=False
         )
@@ -101,8 +122,11 @@ def feature_example(wrapped: WrappedModel, example: torch.Tensor) -> torch.Tenso
         return wrapped.backbone(example)
 
 
-def trace(wrapped: WrappedModel, example: torch.Tensor) -> tuple[ExportedProgram, list[OutputSpec]]:
-    """The wrapped model as an ``ExportedProgram`` with a dynamic batch, and its outputs.
+def trace(
+    wrapped: WrappedModel, example: torch.Tensor, pixels: PixelInput | None = None
+) -> tuple[ExportedProgram, list[OutputSpec]]:
+    """The wrapped model as an ``ExportedProgram`` with a dynamic batch, and its outputs
+    (``pixels``: behind that preprocessing, ``example`` being ``uint8`` images).
 
     Raises:
         ExportError: A plugin is not exportable, or the trace fails (naming the plugin
@@ -111,11 +135,12 @@ def trace(wrapped: WrappedModel, example: torch.Tensor) -> tuple[ExportedProgram
     """
     check_exportable(wrapped)
     try:
-        return export_program(wrapped, example)
+        return export_program(wrapped, example, pixels=pixels)
     except ExportError:
         raise
     except Exception as err:
-        raise blame(wrapped, example, err, "torch.export", None) from err
+        inputs = example if pixels is None else pixels(example)
+        raise blame(wrapped, inputs, err, "torch.export", None) from err
 
 
 def blame(

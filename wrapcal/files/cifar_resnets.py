@@ -139,6 +139,15 @@ def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
         "name": "cifar_resnet",
         "kwargs": {"depth": depth, "num_classes": num_classes},
     }
+    # What its inputs are (wrapcal.files.preprocess): wrap records it, save and export carry it.
+    model.wrapcal_preprocess = {
+        "mean": list(CIFAR_MEAN),
+        "std": list(CIFAR_STD),
+        "size": [32, 32],
+        "channel_order": "RGB",
+        "value_range": [0.0, 1.0],
+        "interpolation": None,
+    }
     return model
 
 

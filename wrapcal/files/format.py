@@ -3,11 +3,13 @@
 The tensors are the wrapped model's ``state_dict``; the header's metadata holds one
 JSON document under ``"wrapcal"``: format version, the version of wrapcal that wrote it
 (``wrapcal_version``, since 0.3: what a plugin computes may change between releases, and
-load warns where a file's plugins were fitted under other rules), how to rebuild the model
-(a name in :mod:`wrapcal.files.families` and allow-listed arguments), the split, the
-sizes, each plugin's name, the package it came from (``package``, since 0.3; load looks
-the name up there), parameters and learned plain values, and a SHA-256 digest over the
-configuration and every tensor's name, dtype, shape and bytes. Nothing is pickled. Tied
+load warns where a file's plugins were fitted under other rules), what the model's
+inputs are (``preprocess``, since 0.3: :mod:`wrapcal.files.preprocess`, or ``null``), how
+to rebuild the model (a name in :mod:`wrapcal.files.families` and allow-listed
+arguments), the split, the sizes, each plugin's name, the package it came from
+(``package``, since 0.3; load looks the name up there), parameters and learned plain
+values, and a SHA-256 digest over the configuration and every tensor's name, dtype, shape
+and bytes. Nothing is pickled. Tied
 weights (one tensor under several names) are stored once, with the other names under
 ``"tied"`` (since 0.3: alias -> stored name), and tied again by load.
 
@@ -48,6 +50,7 @@ from wrapcal import distributed
 from wrapcal._version import __version__
 from wrapcal.errors import SavedFileError
 from wrapcal.files.families import describe_model
+from wrapcal.files.preprocess import Preprocess
 from wrapcal.model import discovery
 from wrapcal.model.operating_points import is_operating_points
 
@@ -147,6 +150,7 @@ def _config(wrapped: Any) -> dict[str, Any]:
         "num_features": wrapped.num_features,
         "input_shape": list(wrapped.input_shape) if wrapped.input_shape else None,
         "operating_points": wrapped.operating_points,
+        "preprocess": None if wrapped.preprocess is None else wrapped.preprocess.to_config(),
         "plugins": _plugin_entries(wrapped),
     }
 
@@ -517,6 +521,12 @@ def _check_config(path: Path, config: Any) -> dict[str, Any]:
         isinstance(shape, list) and all(isinstance(v, int) and 0 < v < 1 << 20 for v in shape)
     ):
         raise _fail(path, "the input shape is not a list of sizes")
+    record = config.get("preprocess")  # absent before 0.3
+    if record is not None:
+        try:
+            Preprocess.from_config(record)
+        except (TypeError, ValueError) as err:
+            raise _fail(path, f"the preprocessing record is not valid ({err})") from None
     return config
 
 

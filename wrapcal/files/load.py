@@ -23,6 +23,7 @@ from torch import nn
 from wrapcal.errors import PluginNotFoundError, SavedFileError, SplitError
 from wrapcal.files import families as registry
 from wrapcal.files.format import SavedFile, learned_tensor_problem, read, sizes_problem
+from wrapcal.files.preprocess import Preprocess, fit_to_model
 from wrapcal.model.assemble import build, find_split, resolve_plugins
 from wrapcal.model.split import Split, split_at
 from wrapcal.model.wrapped import WrappedModel
@@ -371,6 +372,26 @@ def _warn_of_changed_plugins(
         )
 
 
+def _set_preprocess(saved: SavedFile, wrapped: WrappedModel) -> None:
+    """The file's preprocessing record (checked by ``read``), or for a file written
+    before records were saved, what the rebuilt model says (as ``wrap`` would)."""
+    if "preprocess" in saved.config:
+        record = saved.config["preprocess"]
+        try:
+            wrapped.preprocess = None if record is None else Preprocess.from_config(record)
+        except ValueError as err:
+            raise SavedFileError(f"{saved.path}: {err}") from None
+        return
+    inner = getattr(wrapped.backbone, "model", wrapped.backbone)
+    try:
+        record = Preprocess.from_model(inner)
+        if record is not None:
+            record = fit_to_model(record, wrapped.input_shape, wrapped.fixed_input_size)
+        wrapped.preprocess = record
+    except (ValueError, TypeError, ImportError):
+        wrapped.preprocess = None  # the model's own statement is only a default
+
+
 def load(
     path: str | os.PathLike,
     model: nn.Module | None = None,
@@ -431,5 +452,6 @@ def load(
     shape = saved.config.get("input_shape")
     wrapped.input_shape = tuple(shape) if shape else None
     wrapped.operating_points = saved.config.get("operating_points")
+    _set_preprocess(saved, wrapped)
     _warn_of_changed_plugins(saved, file_order, wrapped)
     return wrapped.eval()

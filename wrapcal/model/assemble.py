@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from wrapcal.errors import SplitError
+from wrapcal.files.preprocess import Preprocess, fit_to_model, resolve
 from wrapcal.model import discovery
 from wrapcal.model.chain import CORE_OUTPUTS
 from wrapcal.model.ordering import order_plugins
@@ -246,6 +247,7 @@ def wrap(
     inplace: bool = False,
     head: str | None = None,
     split: Split | None = None,
+    preprocess: Preprocess | Mapping[str, Any] | Any = None,
 ) -> WrappedModel:
     """Wrap a classifier with plugins.
 
@@ -258,17 +260,34 @@ def wrap(
             The copy is the default: the user's model is never changed.
         head: The dotted name of the final linear layer, to split there by hand.
         split: A complete :class:`~wrapcal.model.split.Split`, to skip the adapters.
+        preprocess: What the model's inputs are: a :class:`~wrapcal.Preprocess`
+            (``mean``, ``std``, ``size``, ``channel_order``, ``value_range``), a dict of
+            its fields, or a Hugging Face image processor (or its config dict). Default:
+            what the model says (a timm model's data config, a ``wrapcal_preprocess``
+            attribute such as wrapcal's CIFAR ResNets carry), else none. Saved with the
+            model and written into exports.
 
     Returns:
         The :class:`~wrapcal.WrappedModel`, in eval mode (an inference object; see
         its documentation).
+
+    Raises:
+        TypeError: ``preprocess`` of another type.
+        ValueError: ``preprocess`` values that are not valid, or that contradict the
+            number of channels the model takes.
     """
     if split is None and not isinstance(model, nn.Module):
         raise TypeError(f"wrap takes an nn.Module, got {type(model).__name__}")
     resolved = resolve_plugins(plugins)
+    # Read before the split: the adapters take the model apart.
+    record = resolve(preprocess, model if split is None else split.backbone)
     if split is None:
         target = model if inplace else copy.deepcopy(model)
         split = split_at(target, head) if head is not None else find_split(target)
     elif not inplace:
         split = _copy_split(split)
-    return build(split, resolved, stacklevel=3)
+    wrapped = build(split, resolved, stacklevel=3)
+    if preprocess is None and record is not None:
+        record = fit_to_model(record, wrapped.input_shape, wrapped.fixed_input_size)
+    wrapped.preprocess = record
+    return wrapped

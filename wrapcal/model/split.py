@@ -8,6 +8,7 @@ input and ``head(backbone(x))`` is exactly ``model(x)``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,32 +101,59 @@ class FeatureTap(nn.Identity):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.last_output = x
-        return x
+        # A new tensor object (a view, no copy): found by identity in the model's output,
+        # it is the logits' slot, never the features the model may also return.
+        out = x.view_as(x)
+        self.last_output = out
+        return out
+
+
+def _holds(output: Any, value: torch.Tensor) -> bool:
+    """Whether the model's ``output`` is ``value`` or holds it (the object itself) as an
+    item of a tuple or list or a value of a dict: the logits, returned unchanged."""
+    if output is value:
+        return True
+    if isinstance(output, (tuple, list)):
+        return any(item is value for item in output)
+    if isinstance(output, Mapping):
+        return any(item is value for item in output.values())
+    return False
 
 
 class TappedBackbone(nn.Module):
-    """A model whose final linear layer was replaced by a :class:`FeatureTap`."""
+    """A model whose final linear layer was replaced by a :class:`FeatureTap`.
+
+    The model may return that layer's output itself, or a tuple, list or dict that holds
+    it unchanged (``(logits, aux)``, ``{"logits": ...}``). While ``keep_output`` is
+    ``True`` (``wrapped(x)`` sets it for one pass) it keeps ``kept_output = (output,
+    features)``: the model's output and the object in it where the logits go, so that
+    ``wrapped(x)`` returns the same structure with the calibrated logits in place.
+    """
 
     def __init__(self, model: nn.Module, head_path: str) -> None:
         super().__init__()
         self.model = model
         self.head_path = head_path
         self._checked = False
+        self.keep_output = False
+        self.kept_output: tuple[Any, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tap = self.model.get_submodule(self.head_path)
         out = self.model(x)
+        features = tap.last_output
         if not self._checked:
-            if out is not tap.last_output:
+            if features is None or not _holds(out, features):
                 raise SplitError(
                     f"cannot split {type(self.model).__name__} at '{self.head_path}': the "
                     "model changes that layer's output before returning it (a final "
                     f"activation or reshaping); {HOW_TO_SPLIT_BY_HAND}"
                 )
             self._checked = True
+        if self.keep_output:
+            self.kept_output = (out, features)
         tap.last_output = None  # do not keep the batch alive
-        return out
+        return features
 
 
 def split_at(model: nn.Module, head_path: str) -> Split:

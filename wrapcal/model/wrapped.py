@@ -1,14 +1,18 @@
 """``WrappedModel``: a split classifier with plugins, for inference.
 
-``wrapped(x)`` returns calibrated logits with the model's shape, dtype and device, so
-it drops into code that used the model; ``predict`` adds probabilities and every
-plugin's scores and outputs. Fitting lives in :mod:`wrapcal.model.fitting`, assembly (wrap,
-load) in :mod:`wrapcal.model.assemble`, files in :mod:`wrapcal.files.format`.
+``wrapped(x)`` returns what the model returned with the calibrated logits in place (a
+tensor for a model that returns logits; the same ``ModelOutput`` with new ``.logits``
+for a Hugging Face classifier; the same tuple or dict for a model whose output holds
+the logits), with the logits' shape, dtype and device, so it drops into code that used
+the model; ``predict`` adds probabilities and every plugin's scores and outputs. Fitting
+lives in :mod:`wrapcal.model.fitting`, assembly (wrap, load) in
+:mod:`wrapcal.model.assemble`, files in :mod:`wrapcal.files.format`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from wrapcal.features.extract import FeatureSet
 from wrapcal.features.memory_store import cached_features
 from wrapcal.features.store import CacheOption
 from wrapcal.files import format as saving
+from wrapcal.files.preprocess import Preprocess, check_against
 from wrapcal.model import fitting
 from wrapcal.model.chain import CACHED_BATCH, Chain, PrefixView, named_errors
 from wrapcal.model.operating_points import ACCEPT_RATE, check_accept_rates
@@ -65,6 +70,12 @@ class WrappedModel(nn.Module):
             default), and its accuracy, ECE and NLL (:mod:`wrapcal.model.operating_points`);
             ``None`` before (or without calibration data). Saved with the model and
             written into exports.
+        preprocess: What the model's inputs are (:class:`~wrapcal.Preprocess`: mean,
+            std, size, channel order, value range), from ``wrap(..., preprocess=...)``
+            or what the model says; ``None`` when unknown. Saved with the model and
+            written into exports (and built into them with
+            ``wrapcal.export(..., include_preprocessing=True)``). Assign a
+            :class:`~wrapcal.Preprocess` or a dict of its fields to set it.
     """
 
     def __init__(self, split: Split, plugins: Sequence[tuple[str, Plugin]]) -> None:
@@ -83,6 +94,7 @@ class WrappedModel(nn.Module):
         self.check_inputs = True
         self.backbone_passes = 0
         self.operating_points: dict[str, Any] | None = None
+        self._preprocess: Preprocess | None = None
         for index, (name, plugin) in enumerate(plugins):
             named_errors(name, plugin.attach, self.view(index))
         self.eval()
@@ -134,6 +146,23 @@ class WrappedModel(nn.Module):
     def device(self) -> torch.device:
         """Where the model's parameters are."""
         return device_of(self)
+
+    @property
+    def preprocess(self) -> Preprocess | None:
+        """What the model's inputs are (class docstring), or ``None``."""
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value: Preprocess | Mapping[str, Any] | None) -> None:
+        if isinstance(value, Mapping):
+            value = Preprocess.from_config(value)
+        if value is not None and not isinstance(value, Preprocess):
+            raise TypeError(
+                "wrapped.preprocess takes a wrapcal.Preprocess, a dict of its fields or "
+                f"None; got {type(value).__name__}"
+            )
+        check_against(value, self.input_shape, self.fixed_input_size)
+        self._preprocess = value
 
     @property
     def model_name(self) -> str:
@@ -251,18 +280,28 @@ class WrappedModel(nn.Module):
         """Final logits ``[B, K]`` of members ``[M, B, K]``: combined, then calibrated."""
         return self.chain().finish(members)[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Calibrated logits with the model's shape, dtype and device (``[0, K]`` for an
-        empty batch)."""
+    def forward(self, x: torch.Tensor) -> Any:
+        """What the model returns, with the calibrated logits in place of its logits.
+
+        A model that returns logits gets a tensor ``[B, K]`` (the model's dtype and
+        device; ``[0, K]`` for an empty batch). A model whose output holds the logits
+        (a Hugging Face ``ModelOutput``, a tuple or dict) gets that output, the same
+        type, with the calibrated logits where its logits were: ``wrapped(x).logits``
+        works where ``model(x).logits`` did. The backbone says what the model returned
+        (:func:`kept_output`); ``predict`` and exports read the logits alone.
+        """
         self.check_is_fitted()
         chain = self.chain()
         x = self.prepare(x)
         if x.shape[0] == 0:
             # The logits of one input of zeros, none kept: [0, K] in the logits' dtype.
             # Only the logits: no plugin's outputs, which may synchronise the ranks.
-            with in_mode(self, False), torch.no_grad():
-                return chain.logits(x.new_zeros(1, *x.shape[1:]))[:0]
-        return chain.logits(x)
+            with in_mode(self, False), torch.no_grad(), kept_output(self.backbone) as kept:
+                logits = chain.logits(x.new_zeros(1, *x.shape[1:]))
+            return _map_tensors(logits_in_place(kept.get("output"), kept, logits), _no_rows)
+        with kept_output(self.backbone) as kept:
+            logits = chain.logits(x)
+        return logits_in_place(kept.get("output"), kept, logits)
 
     def _empty(self, chain: Chain, x: torch.Tensor) -> Prediction:
         """The prediction of an empty batch ``x`` (``[0, ...]``): every output with no
@@ -459,3 +498,77 @@ class WrappedModel(nn.Module):
     def save(self, path: str | Path) -> Path:
         """Save weights (safetensors) and configuration (JSON) in one file."""
         return saving.save(self, path)
+
+
+# --- the model's own output, calibrated logits in place ---------------------------------------
+
+
+@contextlib.contextmanager
+def kept_output(backbone: nn.Module) -> Iterator[dict[str, Any]]:
+    """Ask a backbone that can to keep what the whole model returned, for one pass.
+
+    The protocol (duck-typed, so the core names no adapter): a backbone whose model's
+    output is more than the logits has a ``keep_output`` attribute; while it is
+    ``True`` the backbone sets ``kept_output = (output, logits)`` at each pass, the
+    model's output and the logits inside it (the object itself). The dict this yields
+    then holds ``"output"`` and ``"logits"``; it is empty for other backbones.
+    """
+    found: dict[str, Any] = {}
+    if not hasattr(backbone, "keep_output"):
+        yield found
+        return
+    backbone.keep_output = True
+    backbone.kept_output = None
+    try:
+        yield found
+        kept = backbone.kept_output
+        if kept is not None:
+            found["output"], found["logits"] = kept
+    finally:
+        backbone.keep_output = False
+        backbone.kept_output = None  # do not keep the batch alive
+
+
+def logits_in_place(output: Any, kept: Mapping[str, Any], logits: torch.Tensor) -> Any:
+    """``output`` (what the model returned) with ``logits`` where its logits were.
+
+    The model's logits are found by identity (``kept["logits"]``), else under the key
+    or attribute ``logits``; a tensor output, or none, gives ``logits`` itself. A
+    ``ModelOutput`` or dict is rebuilt as the same type with the same fields; a tuple
+    (a named one too) or list as the same type with the same items.
+    """
+    raw = kept.get("logits")
+    if output is None or isinstance(output, torch.Tensor):
+        return logits
+    if isinstance(output, Mapping):
+        fields = dict(output.items())
+        key = next((k for k, v in fields.items() if v is raw), "logits")
+        fields[key] = logits
+        if type(output) is dict:
+            return fields
+        return type(output)(**fields)
+    if isinstance(output, (tuple, list)):
+        items = [logits if item is raw else item for item in output]
+        if hasattr(output, "_fields"):  # a named tuple
+            return type(output)(*items)
+        return type(output)(items)
+    return logits
+
+
+def _no_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:0] if tensor.ndim else tensor
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside it (tuples, lists, dicts)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        fields = {k: _map_tensors(v, fn) for k, v in value.items()}
+        return fields if type(value) is dict else type(value)(**fields)
+    if isinstance(value, (tuple, list)):
+        items = [_map_tensors(v, fn) for v in value]
+        if hasattr(value, "_fields"):
+            return type(value)(*items)
+        return type(value)(items)
+    return value

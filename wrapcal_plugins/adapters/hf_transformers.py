@@ -140,6 +140,11 @@ class ClassifierInput(TappedBackbone):
     ``[B, D]``, or for two heads on two tokens, both side by side (``[B, 2 D]``, as
     :class:`~wrapcal.model.split.DistilledHead` expects). Checked once, at the first pass.
 
+    While ``keep_output`` is ``True`` (``wrapped(x)`` sets it for one pass) it keeps
+    ``kept_output = (output, logits)``: the model's own output object and the logits
+    in it, so that ``wrapped(x)`` returns that object with the calibrated logits in
+    place (``wrapped(x).logits``).
+
     Args:
         model: The model, its classifier slots holding :class:`FeatureTap` s.
         paths: The dotted names of those slots (one, or two averaged heads).
@@ -150,10 +155,14 @@ class ClassifierInput(TappedBackbone):
         super().__init__(model, paths[0])
         self.paths = tuple(paths)
         self.two_tokens = two_tokens
+        self.keep_output = False
+        self.kept_output: tuple[Any, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=x)
         logits = out.logits if hasattr(out, "logits") else out[0]  # return_dict=False
+        if self.keep_output:
+            self.kept_output = (out, logits)
         taps = [self.model.get_submodule(path) for path in self.paths]
         inputs = [getattr(tap, "last_output", None) for tap in taps]
         for tap in taps:
