@@ -10,8 +10,10 @@ Everything that takes data accepts:
 * an ``(X, y)`` pair of tensors or numpy arrays, or a bare ``X`` (unlabelled data).
 
 Inputs must already be what the model takes (float tensors, normalised as the model
-expects); labels are integer class indices. Readers of image files and the embedded
-digits live in :mod:`wrapcal.datasets`.
+expects, channels first); labels are integer class indices. Images as they come from
+PIL and most loaders (``uint8``, channels last ``[N, H, W, C]``) are refused with an
+error that names the fix (:func:`check_inputs`, :func:`layout_problem`). Readers of
+image files and the embedded digits live in :mod:`wrapcal.datasets`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from wrapcal.errors import DataError
@@ -40,19 +43,125 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     )
 
 
-def check_inputs(x: torch.Tensor) -> torch.Tensor:
-    """Refuse inputs the model cannot take as they are (integer images, say)."""
-    if not torch.is_floating_point(x):
-        raise DataError(
+def model_channels(model: nn.Module) -> int | None:
+    """The number of channels a model takes in dim 1, when it can be told: what a
+    :class:`~wrapcal.WrappedModel` knows of its inputs (``input_shape``, from ``fit`` or
+    its adapter), else the ``in_channels`` of its first 2-D convolution (a ViT's patch
+    embedding is one)."""
+    shape = getattr(model, "input_shape", None)
+    if isinstance(shape, tuple) and len(shape) == 3:
+        return int(shape[0])
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def _may_be_channels_last(x: torch.Tensor) -> bool:
+    """Images ``[N, H, W, C]`` with one or three channels, not also ``[N, C, H, W]``: the
+    cheap test that comes before asking the model what it takes."""
+    return x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] != x.shape[-1]
+
+
+def _channels_last(x: torch.Tensor, model: nn.Module | None) -> int | None:
+    """The model's channels when ``x`` is that many channels last and not first:
+    then the model cannot take ``x`` as it is, and the permute is the fix."""
+    if model is None or not _may_be_channels_last(x):
+        return None
+    channels = model_channels(model)
+    return channels if channels == x.shape[-1] else None
+
+
+_PERMUTE = "pass x.permute(0, 3, 1, 2) (a numpy array: x.transpose(0, 3, 1, 2))"
+
+
+def _shape(x: torch.Tensor) -> str:
+    """``(N, 32, 32, 3)``: the shape of every batch of a set, whatever this one's size."""
+    return f"(N, {', '.join(map(str, x.shape[1:]))})"
+
+
+def _dtype_message(x: torch.Tensor, channels: int | None) -> str:
+    shape = _shape(x)
+    if x.dtype == torch.uint8:
+        text = (
+            f"inputs have dtype torch.uint8: images of shape {shape} with pixels 0..255? "
+            "The model takes float tensors: divide by 255 and normalise as the model "
+            "expects, x.float() / 255 then (x - mean) / std"
+        )
+    else:
+        text = (
             f"inputs have dtype {x.dtype}; the model takes float tensors. Convert and "
             "normalise them as the model expects, e.g. images.float() / 255 then "
             "(x - mean) / std"
         )
+    if channels is not None:
+        text += f"; they are also channels last and the model takes [N, {channels}, H, W]: "
+        text += _PERMUTE.removeprefix("pass ")
+    elif _may_be_channels_last(x) and x.shape[1] not in (1, 3, 4):
+        # The model is not known here: a hint, on a batch refused anyway.
+        text += f"; if they are images [N, H, W, C], also permute them: {_PERMUTE}"
+    return text
+
+
+def check_inputs(x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """Refuse inputs the model cannot take as they are, naming the fix.
+
+    Args:
+        x: A batch.
+        model: The model that takes it, when known: images channels last ``[N, H, W, C]``
+            with the one or three channels that the model takes in dim 1 are then
+            refused (an input the model takes is never refused: the model is asked only
+            when dim 1 is not the channels).
+
+    Raises:
+        DataError: Integer inputs (``uint8`` images: divide by 255 and normalise), no
+            batch dimension, or images channels last (pass ``x.permute(0, 3, 1, 2)``).
+    """
+    channels = _channels_last(x, model)
+    if not torch.is_floating_point(x):
+        raise DataError(_dtype_message(x, channels))
     if x.ndim < 2:
         raise DataError(
             f"inputs have shape {tuple(x.shape)}; expected a batch [N, ...] with N first"
         )
+    if channels is not None:
+        raise DataError(_layout_message(x, channels))
     return x
+
+
+def _layout_message(x: torch.Tensor, channels: int) -> str:
+    return (
+        f"got images of shape {_shape(x)}: channels last? The model takes "
+        f"[N, {channels}, H, W] (channels first): {_PERMUTE}"
+    )
+
+
+def first_inputs(data: Any) -> torch.Tensor | None:
+    """The first inputs of a data set as they reach the model (unchecked), to say what is
+    wrong with them; ``None`` when they cannot be read."""
+    try:
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            return _as_tensor(data[:2], "X")
+        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
+            return _as_tensor(data[0][:2], "X")
+        if isinstance(data, DataLoader):
+            return _split_item(next(iter(data)))[0]
+        if isinstance(data, Dataset) or _is_map_style(data):
+            return _split_item(_collate([data[0]]))[0]
+    except Exception:  # a diagnosis must not hide the error being diagnosed
+        return None
+    return None
+
+
+def layout_problem(data: Any, model: nn.Module) -> str | None:
+    """What is wrong with a data set's images for ``model`` when they are ``uint8`` or
+    channels last (the message of :func:`check_inputs`), else ``None``: for turning a
+    failure deep in the network into wrapcal's error."""
+    x = first_inputs(data)
+    if x is None:
+        return None
+    channels = _channels_last(x, model)
+    if not torch.is_floating_point(x):
+        return _dtype_message(x, channels)
+    return None if channels is None else _layout_message(x, channels)
 
 
 # Column names of the inputs and labels in dict items (Hugging Face rows, say).

@@ -1,4 +1,5 @@
-"""The ``wrapcal`` command: ``demo``, ``evaluate``, ``export``, ``monitor`` and ``plugins``.
+"""The ``wrapcal`` command: ``demo``, ``evaluate``, ``fit``, ``export``, ``monitor`` and
+``plugins``.
 
 Every bad input ends the command with exit code 2 and one line on stderr,
 ``wrapcal <command>: error: <what is wrong and how to fix it>``, in the command
@@ -74,6 +75,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from wrapcal.cli.fit import run
+
+    return run(args)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from wrapcal.cli.export import run
 
@@ -88,7 +95,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``wrapcal`` command."""
-    from wrapcal.cli.options import add_evaluate_arguments, at_least
+    from wrapcal.cli.options import add_evaluate_arguments, add_fit_command_arguments, at_least
 
     parser = _Parser(
         prog="wrapcal",
@@ -113,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="calibration and OOD report for a model")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    fit = sub.add_parser("fit", help="wrap a model with plugins, fit them and save it")
+    add_fit_command_arguments(fit)
+    fit.set_defaults(func=_cmd_fit)
 
     from wrapcal.cli.export import add_export_arguments
 

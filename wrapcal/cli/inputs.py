@@ -4,13 +4,15 @@ checks a fit needs: class order, label range and class coverage."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from wrapcal.cli.errors import CliError
+from wrapcal.cli.errors import CliError, in_cli_terms
 from wrapcal.datasets import ImageSettings, Loaded, check_class_order, read_spec
 from wrapcal.datasets.specs import concat_inputs
 
@@ -23,6 +25,7 @@ __all__ = [
     "read_ood",
     "read_unlabeled",
     "reconcile_classes",
+    "relayed",
     "say",
 ]
 
@@ -30,6 +33,20 @@ __all__ = [
 def say(command: str, kind: str, message: str) -> None:
     """One line on stderr: ``wrapcal evaluate: warning: ...``."""
     print(f"wrapcal {command}: {kind}: {message}", file=sys.stderr)
+
+
+@contextmanager
+def relayed(command: str, plugins: list[str]) -> Iterator[None]:
+    """Library warnings as ``wrapcal <command>: warning:`` lines, in the command's terms,
+    also when the block fails."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                text = " ".join(str(warning.message).split())
+                say(command, "warning", in_cli_terms(text, plugins))
 
 
 def read(

@@ -3,7 +3,9 @@ saved ``.wrapcal`` file; weights, device, the input it takes and its class names
 
 from __future__ import annotations
 
+import argparse
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,14 @@ from torch import nn
 
 from wrapcal.cli.errors import CliError
 from wrapcal.cli.plugin_args import parse_value
+from wrapcal.datasets import Loaded
 from wrapcal.files import families as registry
 
 __all__ = [
     "BackboneHead",
+    "Resolved",
     "build",
+    "check_input",
     "device",
     "expected_input",
     "is_saved_file",
@@ -24,6 +29,7 @@ __all__ = [
     "model_class_names",
     "parse_model_args",
     "probe",
+    "resolve",
 ]
 
 
@@ -96,12 +102,37 @@ def load_weights(model: nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
+        # Counted here, after torch refused: torch itself forgives some keys (BatchNorm's
+        # num_batches_tracked), and its own message lists every key.
+        lines = str(err).strip().splitlines()
+        detail = _mismatch(model.state_dict(), state) or lines[-1].strip()
         raise CliError(
             f"--weights: {path} does not fit the model ({detail}); check the model name, "
             "--num-classes and --model-arg"
         ) from err
+
+
+def _mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str | None:
+    """How a state dict differs from the model's, each kind counted with its first key
+    (a list of every key of a model built wrongly would run to hundreds)."""
+    kinds = [
+        (
+            "key(s) of the model missing from the file",
+            # BatchNorm fills a missing num_batches_tracked in itself: not a mismatch.
+            [k for k in own if k not in given and not k.endswith("num_batches_tracked")],
+        ),
+        ("key(s) in the file the model does not have", [k for k in given if k not in own]),
+        (
+            "tensor(s) of another shape",
+            [
+                f"{k}: {list(given[k].shape)} in the file, {list(own[k].shape)} in the model"
+                for k in own
+                if k in given and own[k].shape != given[k].shape
+            ],
+        ),
+    ]
+    parts = [f"{len(keys)} {what}, first {keys[0]}" for what, keys in kinds if keys]
+    return "; ".join(parts) or None
 
 
 def device(name: str | None) -> torch.device:
@@ -173,3 +204,86 @@ def probe(model: nn.Module, batch: torch.Tensor, what: str) -> None:
             f"the model cannot take {what} of shape {tuple(batch.shape[1:])} ({first}){hint}: "
             "adapt them with --channels / --size, or the model with --model-arg"
         ) from None
+
+
+@dataclass
+class Resolved:
+    """The model a command works on, what it takes and what its classes are called."""
+
+    baseline: Any  # the model as given (a saved file's backbone and head without plugins)
+    saved: Any  # the loaded WrappedModel of a .wrapcal file, or None
+    num_classes: int
+    reference: list[str] | None  # the model's class names, when known
+    source: str  # where ``reference`` comes from, for messages
+
+
+def resolve(
+    args: argparse.Namespace,
+    kwargs: dict[str, Any],
+    data: Loaded | None,
+    where: str,
+    names: list[str] | None,
+) -> Resolved:
+    """Load or build the model ``args.model`` names, on ``--device``, with ``--weights``.
+
+    Args:
+        args: The command's flags (``model``, ``weights``, ``num_classes``, ``device``).
+        kwargs: The checked ``--model-arg`` values.
+        data: The labelled set the classes are counted from when no flag gives them
+            (``evaluate``: the test set; ``fit``: the first labelled fit set; ``None``
+            when ``fit``'s plugins read no labelled set).
+        where: The flag and spec of ``data`` (``--data x.npz``), for messages.
+        names: ``--class-names``, when given.
+    """
+    import wrapcal
+    from wrapcal.cli.inputs import relayed
+
+    found = device(args.device)
+    if is_saved_file(args.model):
+        with relayed(args.command, []):
+            saved = wrapcal.load(args.model).to(found)
+        baseline: Any = BackboneHead(saved.backbone, saved.head)
+        num_classes, carried = saved.num_classes_out, model_class_names(saved)
+    else:
+        saved = None
+        counted = data.num_classes if data is not None else None
+        num_classes = args.num_classes or (len(names) if names else counted)
+        if num_classes is None:
+            raise CliError(f"{where} has no labels to count the classes from; give --num-classes")
+        baseline = build(args.model, kwargs, num_classes)
+        if args.weights:
+            load_weights(baseline, args.weights)
+        baseline = baseline.to(found).eval()
+        carried = model_class_names(baseline)
+    if names is not None and len(names) != num_classes:
+        raise CliError(
+            f"--class-names gives {len(names)} names but the model has {num_classes} classes"
+        )
+    reference, source = (names, "--class-names") if names else (carried, "the model")
+    if reference is None and data is not None and data.kind != "folder" and data.class_names:
+        reference, source = data.class_names, where
+    return Resolved(baseline, saved, num_classes, reference, source)
+
+
+def check_input(model: nn.Module, data: Loaded, flag: str, label: str = "the model") -> None:
+    """The images of ``data`` (given by ``flag``) are what ``model`` takes: its channels,
+    its one size when it has one, and a probe pass; the message says which flag fixes it."""
+    channels, size = expected_input(model)
+    if channels is not None and data.shape[0] != channels:
+        raise CliError(
+            f"{flag} images have {data.shape[0]} channel(s) but {label} takes {channels}: add "
+            f"--channels {channels} (grey is replicated to RGB, RGB averaged to grey)"
+            if channels in (1, 3)
+            else f"{flag} images have {data.shape[0]} channel(s) but {label} takes {channels}"
+        )
+    if size is not None and tuple(data.shape[1:]) != size:
+        raise CliError(
+            f"{flag} images are {data.shape[1]}x{data.shape[2]} but {label} takes exactly "
+            f"{size[0]}x{size[1]}: add --size {size[0]}"
+            if size[0] == size[1]
+            else f"{flag} images are {data.shape[1]}x{data.shape[2]} but {label} takes "
+            f"exactly {size[0]}x{size[1]}"
+        )
+    from wrapcal.cli.inputs import first_inputs
+
+    probe(model, first_inputs(data.data), f"the {flag} images")

@@ -1,12 +1,23 @@
-"""The flags of ``wrapcal evaluate`` and the types that check them as they are parsed."""
+"""The flags of ``wrapcal evaluate`` and ``wrapcal fit`` (which share the model, fit-data and
+image flags) and the types that check them as they are parsed."""
 
 from __future__ import annotations
 
 import argparse
 
-from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD
+from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Normaliser
 
-__all__ = ["add_evaluate_arguments", "at_least", "finite_float", "positive_float"]
+__all__ = [
+    "add_evaluate_arguments",
+    "add_fit_arguments",
+    "add_fit_command_arguments",
+    "add_image_arguments",
+    "add_model_arguments",
+    "at_least",
+    "finite_float",
+    "image_settings",
+    "positive_float",
+]
 
 _SPECS = (
     "'digits', an .npz file, an IDX images file (with its labels file beside it), an "
@@ -72,32 +83,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "Evaluate a classifier's calibration and OOD detection (optionally wrapped with "
         "plugins) and write report.html, report.md, report.json and PNG figures."
     )
-    parser.add_argument(
-        "model",
-        help="FAMILY:NAME from wrapcal's model registry (timm:resnet18, torchvision:resnet18, "
-        "wrapcal:cifar_resnet20) or the path of a saved .wrapcal file",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument("--weights", help="safetensors state dict to load into the model")
-    model.add_argument(
-        "--num-classes",
-        type=at_least(1),
-        help="number of classes of the model (default: the --class-names, else the test data's)",
-    )
-    model.add_argument(
-        "--model-arg",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a constructor argument the registry allows (in_chans, img_size, drop_rate...); "
-        "repeatable",
-    )
-    model.add_argument(
-        "--class-names",
-        metavar="A,B,...|@FILE",
-        help="the model's class names in output order, to check ImageFolder and npz class "
-        "order against",
-    )
+    add_model_arguments(parser, saved_ok=True, classes_from="the test data's")
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, help=f"labelled test data: {_SPECS}")
     data.add_argument(
@@ -113,15 +99,119 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="an OOD set (repeatable): 'gaussian' or 'uniform' noise shaped like the test "
         "images, an .npz, an IDX images file, an ImageFolder or a saved Hugging Face dataset",
     )
-    data.add_argument(
-        "--limit",
-        type=at_least(1),
-        help="use at most N images of every set, drawn at random (--seed), for a quick look",
+    _add_limit(data)
+    fit = add_fit_arguments(parser, digits_default=True, plugins_required=False)
+    fit.add_argument(
+        "--save",
+        metavar="FILE",
+        help="also save the fitted wrapped model (the 'wrapped' variant, with --plugins) to "
+        "FILE (model.wrapcal), for wrapcal export and wrapcal.load",
     )
+    add_image_arguments(parser)
+    run = parser.add_argument_group("run and report")
+    run.add_argument(
+        "--out", default="wrapcal-report", help="report directory (default: wrapcal-report)"
+    )
+    run.add_argument(
+        "--mlflow",
+        metavar="TRACKING_URI",
+        help="also log the metrics, figures and report to MLflow at this tracking URI "
+        "(e.g. sqlite:///mlflow.db, file:///path/mlruns, http://host:5000); needs "
+        "pip install 'wrapcal[mlflow]'",
+    )
+    run.add_argument(
+        "--mlflow-experiment",
+        default="wrapcal",
+        help="MLflow experiment of the run (default: wrapcal)",
+    )
+    run.add_argument(
+        "--batch-size", type=at_least(1), default=256, help="images per batch (default: 256)"
+    )
+    run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (default: 15)")
+    run.add_argument(
+        "--bootstrap",
+        type=at_least(0),
+        default=1000,
+        help="bootstrap resamples of the 95%% intervals, 0 for none (default: 1000)",
+    )
+    _add_run_basics(run, "seed of noise, --limit, fit and bootstrap (default: 0)")
+
+
+def add_fit_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``wrapcal fit`` to ``parser``: evaluate's model, fit-data and
+    image flags, without the test data and the report, and ``--save`` (required)."""
+    parser.description = (
+        "Wrap a classifier with plugins, fit them on the given data and save the fitted "
+        "model (a .wrapcal file that wrapcal export, wrapcal evaluate and wrapcal.load take)."
+    )
+    add_model_arguments(parser, saved_ok=False, classes_from="the first labelled fit set's")
+    fit = add_fit_arguments(parser, digits_default=False, plugins_required=True)
+    fit.add_argument(
+        "--save",
+        required=True,
+        metavar="FILE",
+        help="the file to write, e.g. model.wrapcal (checked before any data is read)",
+    )
+    _add_limit(fit)
+    add_image_arguments(parser)
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--batch-size", type=at_least(1), default=256, help="images per batch (default: 256)"
+    )
+    _add_run_basics(run, "seed of --limit and the fit (default: 0)")
+
+
+def add_model_arguments(
+    parser: argparse.ArgumentParser, *, saved_ok: bool, classes_from: str
+) -> None:
+    """The positional model and the model flags (``--weights``, ``--num-classes``,
+    ``--model-arg``, ``--class-names``)."""
+    parser.add_argument(
+        "model",
+        help="FAMILY:NAME from wrapcal's model registry (timm:resnet18, torchvision:resnet18, "
+        "wrapcal:cifar_resnet20)" + (" or the path of a saved .wrapcal file" if saved_ok else ""),
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--weights", help="safetensors state dict to load into the model")
+    model.add_argument(
+        "--num-classes",
+        type=at_least(1),
+        help=f"number of classes of the model (default: the --class-names, else {classes_from})",
+    )
+    model.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a constructor argument the registry allows (in_chans, img_size, drop_rate...); "
+        "repeatable",
+    )
+    model.add_argument(
+        "--class-names",
+        metavar="A,B,...|@FILE",
+        help="the model's class names in output order, to check ImageFolder and npz class "
+        "order against",
+    )
+
+
+def add_fit_arguments(
+    parser: argparse.ArgumentParser, *, digits_default: bool, plugins_required: bool
+) -> argparse._ArgumentGroup:
+    """The plugins, their parameters and the fit data flags; returns their group.
+
+    Args:
+        parser: The command's parser.
+        digits_default: Whether ``--calibration`` and ``--train`` default to ``digits``
+            with ``--data digits`` (``evaluate``; ``fit`` has no ``--data``).
+        plugins_required: Whether ``--plugins`` must be given (``fit``: nothing to fit
+            without them).
+    """
+    digits = " (default with --data digits: digits)" if digits_default else ""
     fit = parser.add_argument_group("plugins and their fit data")
     fit.add_argument(
         "--plugins",
         default="",
+        required=plugins_required,
         help="comma-separated plugins to wrap the model with, e.g. temperature,mc_dropout "
         "(see 'wrapcal plugins')",
     )
@@ -133,17 +223,14 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="a plugin parameter (repeatable), e.g. label_smoothing.alpha=auto; values are "
         "read as JSON, else as text",
     )
-    fit.add_argument(
-        "--calibration",
-        help=f"labelled calibration data: {_SPECS} (default with --data digits: digits)",
-    )
+    fit.add_argument("--calibration", help=f"labelled held-out calibration data: {_SPECS}{digits}")
     fit.add_argument(
         "--calibration-split", help="the same for --calibration (default: calibration, else ...)"
     )
     fit.add_argument(
         "--train",
         help="labelled training data for plugins that retrain (label_smoothing, discrepancy, "
-        "mc_dropout finetune); same forms (default with --data digits: digits)",
+        f"mc_dropout finetune) or read training statistics; same forms{digits}",
     )
     fit.add_argument("--train-split", help="the same for --train (default: train, else ...)")
     fit.add_argument(
@@ -171,8 +258,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default=(0.95,),
         metavar="RATES",
         help="shares of --calibration that the wrapped model's operating thresholds accept, "
-        "one threshold per score and rate, shown in the report, e.g. 0.95,0.99 "
-        "(default: 0.95)",
+        "one threshold per score and rate, e.g. 0.95,0.99 (default: 0.95)",
     )
     fit.add_argument(
         "--allow-partial-classes",
@@ -180,6 +266,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="fit on labels (--calibration, --train, --fit-data) that miss some classes, "
         "with a warning, instead of refusing",
     )
+    return fit
+
+
+def add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--size``, ``--channels``, ``--mean`` and ``--std``."""
     images = parser.add_argument_group("images")
     images.add_argument("--size", type=at_least(1), help="resize images to SIZE x SIZE")
     images.add_argument(
@@ -200,37 +291,32 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help=f"per-channel std of the normalisation (default: ImageNet's {IMAGENET_STD})",
     )
-    run = parser.add_argument_group("run and report")
-    run.add_argument(
-        "--out", default="wrapcal-report", help="report directory (default: wrapcal-report)"
+
+
+def image_settings(args: argparse.Namespace) -> ImageSettings:
+    """The image flags as the readers take them (``--mean``/``--std`` checked)."""
+    from wrapcal.cli.errors import CliError
+
+    mean = tuple(args.mean or IMAGENET_MEAN)
+    std = tuple(args.std or IMAGENET_STD)
+    if len(mean) != len(std):
+        raise CliError(
+            f"--mean has {len(mean)} values and --std {len(std)}; give as many of each "
+            "(one per channel, or one for all)"
+        )
+    size = (args.size, args.size) if args.size else None
+    return ImageSettings(Normaliser(mean, std), size, args.channels, args.seed, args.limit)
+
+
+def _add_limit(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--limit",
+        type=at_least(1),
+        help="use at most N images of every set, drawn at random (--seed), for a quick look",
     )
-    run.add_argument(
-        "--mlflow",
-        metavar="TRACKING_URI",
-        help="also log the metrics, figures and report to MLflow at this tracking URI "
-        "(e.g. sqlite:///mlflow.db, file:///path/mlruns, http://host:5000); needs "
-        "pip install 'wrapcal[mlflow]'",
-    )
-    run.add_argument(
-        "--mlflow-experiment",
-        default="wrapcal",
-        help="MLflow experiment of the run (default: wrapcal)",
-    )
-    run.add_argument(
-        "--batch-size", type=at_least(1), default=256, help="images per batch (default: 256)"
-    )
-    run.add_argument("--bins", type=at_least(1), default=15, help="ECE bins (default: 15)")
-    run.add_argument(
-        "--bootstrap",
-        type=at_least(0),
-        default=1000,
-        help="bootstrap resamples of the 95%% intervals, 0 for none (default: 1000)",
-    )
-    run.add_argument(
-        "--seed",
-        type=at_least(0),
-        default=0,
-        help="seed of noise, --limit, fit and bootstrap (default: 0)",
-    )
-    run.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_run_basics(group: argparse._ArgumentGroup, seed_help: str) -> None:
+    group.add_argument("--seed", type=at_least(0), default=0, help=seed_help)
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")

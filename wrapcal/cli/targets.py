@@ -25,6 +25,7 @@ __all__ = [
     "check_input_path",
     "check_output_file",
     "check_report_dir",
+    "check_save_file",
     "data_path",
     "existing_ancestor",
     "same_file",
@@ -139,13 +140,48 @@ def check_output_file(out: Path, flag: str, source: Path, example: str) -> None:
     Raises:
         CliError: What is wrong, naming ``flag``.
     """
+    if same_file(out, source):
+        raise CliError(f"{flag} {out} is the model file itself; give another path")
+    _check_file_target(out, flag, example)
+
+
+def _check_file_target(out: Path, flag: str, example: str) -> None:
+    """Not a directory, not a special file, in a place that can be written."""
     if out.is_dir():
         raise CliError(f"{flag} {out} is a directory; give the file to write, e.g. {example}")
     if out.exists() and not out.is_file():
         raise CliError(f"{flag} {out} exists and is not a regular file; give another path")
-    if same_file(out, source):
-        raise CliError(f"{flag} {out} is the model file itself; give another path")
     _check_writable_place(out, flag, "file")
+
+
+def check_save_file(
+    save: str | Path, inputs: Iterable[Path] = (), report: str | Path | None = None
+) -> Path:
+    """``--save FILE``: the fitted model's file, checked as :func:`check_output_file`
+    checks an export's, against every input of the command and the report directory.
+
+    Args:
+        save: The file given.
+        inputs: The paths the command reads (weights, data): saving over one would
+            change it.
+        report: The report directory (``evaluate --out``), when there is one.
+
+    Raises:
+        CliError: What is wrong, naming ``--save``.
+    """
+    path = Path(save)
+    if not str(save).strip():
+        raise CliError("--save is empty; give the file to write, e.g. --save model.wrapcal")
+    for source in inputs:
+        if source.exists() and same_file(path, source):
+            raise CliError(
+                f"--save {path} is also an input of this command; saving there would change "
+                "it: give another path"
+            )
+    if report is not None and same_file(path, Path(report)):
+        raise CliError(f"--save {path} is the report directory (--out); give another path")
+    _check_file_target(path, "--save", "model.wrapcal")
+    return path
 
 
 def check_input_path(

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 
 from wrapcal import distributed
+from wrapcal.data import layout_problem
 from wrapcal.errors import DataError
 from wrapcal.features.disk_arrays import DiskFeatures
 from wrapcal.features.disk_store import DiskCache
@@ -204,13 +205,22 @@ def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, An
                 )
 
     def extract(name: str) -> FeatureSet:
-        found, ran = wrapped.features_of(
-            distributed.shard(given[name]),  # this rank's shard (all of it in one process)
-            name,
-            batch_size=int(options.get("batch_size", 256)),
-            progress=bool(options.get("progress", True)) and distributed.rank() == 0,
-            cache=options.get("cache"),
-        )
+        shard = distributed.shard(given[name])  # this rank's shard (all of it in one process)
+        try:
+            found, ran = wrapped.features_of(
+                shard,
+                name,
+                batch_size=int(options.get("batch_size", 256)),
+                progress=bool(options.get("progress", True)) and distributed.rank() == 0,
+                cache=options.get("cache"),
+            )
+        except (RuntimeError, DataError):
+            # Images as they come (uint8, channels last) fail deep in the network, or
+            # in a check that does not know the model: say what they are and the fix.
+            problem = layout_problem(shard, wrapped)
+            if problem is None:
+                raise
+            raise DataError(f"the {name} data: {problem}") from None
         wrapped.backbone_passes += int(ran)
         return found
 

@@ -198,7 +198,7 @@ class WrappedModel(nn.Module):
         """
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
-        check_inputs(x)
+        check_inputs(x, self)
         if self.check_inputs:
             check_batch(x, self.input_shape, self.fixed_input_size)
         param = next(self.parameters(), None)
