@@ -9,8 +9,10 @@ import torch
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsData", "digits", "digits_to_images"]
 
-#: Mean and standard deviation used to normalise the digits images.
-DIGITS_MEAN, DIGITS_STD = 0.2, 0.3
+DIGITS_MEAN = 0.2
+"""Mean of the embedded digits' pixels in [0, 1]; digits_to_images normalises with it."""
+DIGITS_STD = 0.3
+"""Standard deviation of the embedded digits' pixels in [0, 1]."""
 
 
 @dataclass
