@@ -6,6 +6,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,3 +100,38 @@ def sample_plugin_installed(tmp_path: Path) -> Iterator[None]:
         extra_paths=(SAMPLE_PLUGIN_DIR,),
     ):
         yield
+
+
+def assert_demo_is_honest(text: str, data: dict[str, Any], out: Path) -> None:
+    """What ``wrapcal demo`` must print and write: the table in the report's units, the
+    retraining plugins without an accuracy jump, inverted scores flagged and explained,
+    conformal coverage near its target. ``text`` is its output, ``data`` its
+    ``report.json``, ``out`` the report directory."""
+    from wrapcal.cli.demo import SETUPS
+
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).stat().st_size > 1000
+    assert "acc %" in text and "ECE %" in text and "AUROC%" in text  # the report's units
+    assert "none sees new labelled data" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.split()[:1]}
+    baseline = data["calibration"]["baseline"]
+    assert baseline["accuracy"] > 0.97  # a properly trained baseline
+    for name in SETUPS:
+        assert name in rows, name
+        cal = data["calibration"][name]
+        # The retraining plugins see no new data: no accuracy jump from more training.
+        assert abs(cal["accuracy"] - baseline["accuracy"]) < 0.02, name
+        assert f"{100 * cal['accuracy']:6.1f} {100 * cal['ece']:6.2f}" in rows[name]
+    # Inverted scores are flagged in the table and explained below it.
+    flagged = [
+        (model, ood_set)
+        for model in data["ood"]
+        for ood_set, scores in data["ood"][model].items()
+        for score, row in scores.items()
+        if row["auroc"] < 0.5 and score in rows.get(model, "")
+    ]
+    for model, _ in flagged:
+        assert "!" in rows[model]
+    assert ("inverted score" in text) == bool(flagged)
+    conformal = data["plugin_metrics"]["all"]["conformal"]
+    assert 0.85 <= conformal["coverage"]["value"] <= 1.0

@@ -30,6 +30,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import assert_demo_is_honest
 
 pytest.importorskip("build", reason="the test extra's `build` is not installed")
 tomllib = pytest.importorskip("tomllib")
@@ -206,9 +207,11 @@ def test_pip_check_is_clean(built) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_demo_runs_from_the_wheel(built, tmp_path: Path) -> None:
+def test_demo_runs_from_the_wheel_and_its_table_is_honest(built, tmp_path: Path) -> None:
+    """The README's headline command, from the installed wheel (the suite's one demo
+    run): its templates come from the wheel, and its table says what its report shows."""
     out = tmp_path / "demo"
-    _run(
+    done = _run(
         [built["venv"] / "bin" / "wrapcal", "demo", "--no-progress", "--out", out],
         built["cwd"],
         built["env"],
@@ -218,4 +221,4 @@ def test_demo_runs_from_the_wheel(built, tmp_path: Path) -> None:
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "<html" in html.lower()
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert report
+    assert_demo_is_honest(done.stdout, report, out)

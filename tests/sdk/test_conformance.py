@@ -66,8 +66,15 @@ def builtin_cases() -> Iterator[Any]:
 
 @pytest.mark.parametrize("name", list(builtin_cases()))
 def test_every_builtin_plugin_passes_check_plugin(name: str) -> None:
-    notes = check_plugin(name, **SMALL.get(name, {}))
-    assert list(notes) == [rule for rule, _ in RULES]
+    # Every rule but the export, which tests/export/test_export_onnx.py runs for every
+    # built-in on two real models (the kit's two exports per plugin cost a minute of the
+    # suite's budget); the rule itself is checked on NormScore and the sample package.
+    notes = {
+        rule: check()
+        for rule, check in plugin_checks(name, **SMALL.get(name, {}))
+        if rule != "export"
+    }
+    assert list(notes) == [rule for rule, _ in RULES if rule != "export"]
     tags = wrapcal.get_tags(create_plugin(name, SMALL.get(name)))
     # Beside a plugin of every other stage among the kit's companions, and compared.
     expected = {"FEATURES": "kit_clip", "SAMPLE": "mc_dropout", "DETECT": "knn"}
@@ -81,8 +88,6 @@ def test_every_builtin_plugin_passes_check_plugin(name: str) -> None:
         assert notes["save_refuses"].startswith("refused ")
     else:  # learns nothing (gradnorm, gen: closed forms of the features and logits)
         assert notes["save_refuses"] == "nothing learned to corrupt"
-    if tags.exportable:
-        assert notes["export"] == "pt2 and ONNX"
 
 
 # --- a correct plugin, and one broken variant per rule ----------------------------------------
