@@ -63,8 +63,10 @@ class OodPlan:
 
 def _decision_alpha(wrapped: WrappedModel, reference: Reference) -> float:
     for plugin in wrapped.plugins:
-        if DECISION_OOD in get_tags(plugin).outputs and hasattr(plugin, "alpha"):
-            return float(plugin.alpha)
+        # Its parameters (get_params, the contract's method): the decision's alpha.
+        alpha = plugin.get_params().get("alpha")
+        if DECISION_OOD in get_tags(plugin).outputs and isinstance(alpha, (int, float)):
+            return float(alpha)
     if DECISION_OOD in reference.decisions:
         return reference.decisions[DECISION_OOD]
     raise ValueError(
