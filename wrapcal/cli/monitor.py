@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from wrapcal.cli.errors import CliError
-from wrapcal.cli.options import at_least, finite_float, positive_float
-from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD
+from wrapcal.cli.options import add_image_arguments, at_least, image_settings
 
 __all__ = ["add_monitor_arguments", "run"]
 
@@ -102,21 +101,7 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
         help="what counts as OOD: auto (the ood plugin's is_ood, else the first OOD "
         "score, else msp), a score name, or none",
     )
-    images = parser.add_argument_group("images")
-    images.add_argument("--size", type=at_least(1), help="resize images to SIZE x SIZE")
-    images.add_argument("--channels", type=int, choices=(1, 3), help="convert to 1 or 3 channels")
-    images.add_argument(
-        "--mean",
-        type=finite_float,
-        nargs="+",
-        help=f"per-channel mean of the normalisation (default: ImageNet's {IMAGENET_MEAN})",
-    )
-    images.add_argument(
-        "--std",
-        type=positive_float,
-        nargs="+",
-        help=f"per-channel std of the normalisation (default: ImageNet's {IMAGENET_STD})",
-    )
+    add_image_arguments(parser)
     out = parser.add_argument_group("run and report")
     out.add_argument("--out", default="wrapcal-monitor", help="report directory")
     out.add_argument("--fail-on-alert", action="store_true", help="exit with 1 when any rule fired")
@@ -124,17 +109,6 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--mlflow-experiment", default="wrapcal", help="MLflow experiment")
     out.add_argument("--batch-size", type=at_least(1), default=256, help="images per batch")
     out.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-
-
-def _settings(args: argparse.Namespace) -> Any:
-    from wrapcal.datasets import ImageSettings, Normaliser
-
-    mean = tuple(args.mean or IMAGENET_MEAN)
-    std = tuple(args.std or IMAGENET_STD)
-    if len(mean) != len(std):
-        raise CliError(f"--mean has {len(mean)} values and --std {len(std)}; give as many")
-    size = (args.size, args.size) if args.size else None
-    return ImageSettings(Normaliser(mean, std), size, args.channels)
 
 
 def _windows(args: argparse.Namespace, settings: Any) -> tuple[list[Any], list[str]]:
@@ -189,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     rules = AlertRules(args.min_accuracy, args.max_drop, args.ood_alpha, args.drift_alpha)
     ood_score = None if args.ood_score.lower() == "none" else args.ood_score
-    settings = _settings(args)
+    settings = image_settings(args)
     windows, names = _windows(args, settings)
     tracking = None
     if args.mlflow:

@@ -305,7 +305,9 @@ def image_settings(args: argparse.Namespace) -> ImageSettings:
             "(one per channel, or one for all)"
         )
     size = (args.size, args.size) if args.size else None
-    return ImageSettings(Normaliser(mean, std), size, args.channels, args.seed, args.limit)
+    # Commands without --seed or --limit (monitor) read every image, as the readers do.
+    seed, limit = getattr(args, "seed", 0), getattr(args, "limit", None)
+    return ImageSettings(Normaliser(mean, std), size, args.channels, seed, limit)
 
 
 def _add_limit(group: argparse._ArgumentGroup) -> None:
