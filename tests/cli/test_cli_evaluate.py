@@ -117,6 +117,8 @@ def test_timm_model_on_digits_with_gaussian_noise(tmp_path, capsys):
     assert set(report["ood"]["baseline"]["noise"]) == {"msp", "max_logit", "entropy", "energy"}
     assert len(list((out / "figures").glob("*.png"))) == 4
     assert str(out / "report.html") in stdout and "| baseline |" in stdout
+    # Plain text in the terminal, though report.md marks the best values in bold.
+    assert "**" in (out / "report.md").read_text() and "**" not in stdout
 
 
 def _write_idx(path, images: np.ndarray) -> None:

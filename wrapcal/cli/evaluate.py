@@ -177,7 +177,9 @@ def _evaluate(
         )
         out = report.save(args.out)
     calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]
-    print("Calibration" + calibration.rstrip())
+    # The terminal gets plain text: the Markdown's bold marks on the best values would
+    # print as literal asterisks (#28).
+    print("Calibration" + calibration.rstrip().replace("**", ""))
     print(f"\nreport written to {out / 'report.html'} (also report.md, report.json, figures/)")
     if saved is not None:
         print(f"saved the wrapped model to {saved}")
