@@ -193,6 +193,12 @@ def _features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[np.nda
     return torch.cat(captured).numpy(), torch.cat(logits).numpy()
 
 
+def resnet20_features(images: torch.Tensor) -> np.ndarray:
+    """The pretrained ResNet-20's penultimate features of normalised images (float32
+    ``[N, 64]``), in batches: the pass ``resnet20_outputs`` caches, for other images."""
+    return _features_and_logits(pretrained_resnet20(), images)[0]
+
+
 def _compute_outputs() -> dict[str, np.ndarray]:
     model = pretrained_resnet20()
     start = time.perf_counter()
