@@ -102,18 +102,57 @@ def sample_plugin_installed(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+def table_rows(text: str) -> dict[str, str]:
+    """The demo table's rows by their first word (its lines are the ones with ``|``)."""
+    return {line.split()[0]: line for line in text.splitlines() if "|" in line}
+
+
+def assert_table_names_the_summarys_scores(text: str, data: dict[str, Any]) -> None:
+    """The demo's table (``text``) shows, per model and OOD set, the report summary's
+    cell (``data["summary"]``): the same best score, its AUROC and FPR95 to the printed
+    0.1 point, ``!`` exactly where the summary says inverted; and every drop of the
+    baseline's best score in another model, found here from ``data["ood"]``, has a note."""
+    summary = data["summary"]
+    sets = list(data["data"]["ood"])
+    rows = table_rows(text)
+    for model, entry in summary["models"].items():
+        parts = rows[model].split("|")
+        assert len(parts) == len(sets) + 1, rows[model]
+        for part, ood_set in zip(parts[:-1], sets, strict=True):
+            cell = entry["ood"][ood_set]
+            score, auroc, fpr = part.split()[-3:]
+            assert score == cell["score"], (model, ood_set, part)
+            assert auroc.endswith("!") == cell["inverted"], (model, ood_set, part)
+            assert abs(float(auroc.rstrip("!")) - 100 * cell["auroc"]) <= 0.05 + 1e-9
+            assert abs(float(fpr) - 100 * cell["fpr95"]) <= 0.05 + 1e-9
+    base = summary["baseline"]
+    flat = " ".join(text.split())  # the notes are wrapped
+    for model in summary["models"]:
+        for i, ood_set in enumerate(sets):
+            theirs = summary["models"][base]["ood"][ood_set]
+            mine = summary["models"][model]["ood"][ood_set]
+            same = data["ood"][model][ood_set].get(theirs["score"], {}).get("auroc")
+            drop = mine["auroc"] < theirs["auroc"] - 0.01
+            reordered = same is not None and same < theirs["auroc"] - 0.01
+            noted = f"{model} on ({i + 1}):" in flat
+            assert noted == (model != base and (drop or reordered)), (model, ood_set)
+            if noted and not drop:  # the score fell, the best held: says both numbers
+                assert f"to {100 * same:.1f}%" in flat
+                assert f"{mine['score']}, reaches {100 * mine['auroc']:.1f}%" in flat
+
+
 def assert_demo_is_honest(text: str, data: dict[str, Any], out: Path) -> None:
-    """What ``wrapcal demo`` must print and write: the table in the report's units, the
-    retraining plugins without an accuracy jump, inverted scores flagged and explained,
-    conformal coverage near its target. ``text`` is its output, ``data`` its
-    ``report.json``, ``out`` the report directory."""
+    """What ``wrapcal demo`` must print and write: the table in the report's units, naming
+    the report summary's best scores, the retraining plugins without an accuracy jump,
+    drops and inverted scores flagged and explained, conformal coverage near its target.
+    ``text`` is its output, ``data`` its ``report.json``, ``out`` the report directory."""
     from wrapcal.cli.demo import SETUPS
 
     for name in ("report.html", "report.md", "report.json"):
         assert (out / name).stat().st_size > 1000
     assert "acc %" in text and "ECE %" in text and "AUROC%" in text  # the report's units
     assert "none sees new labelled data" in text
-    rows = {line.split()[0]: line for line in text.splitlines() if line.split()[:1]}
+    rows = table_rows(text)
     baseline = data["calibration"]["baseline"]
     assert baseline["accuracy"] > 0.97  # a properly trained baseline
     for name in SETUPS:
@@ -122,16 +161,12 @@ def assert_demo_is_honest(text: str, data: dict[str, Any], out: Path) -> None:
         # The retraining plugins see no new data: no accuracy jump from more training.
         assert abs(cal["accuracy"] - baseline["accuracy"]) < 0.02, name
         assert f"{100 * cal['accuracy']:6.1f} {100 * cal['ece']:6.2f}" in rows[name]
-    # Inverted scores are flagged in the table and explained below it.
-    flagged = [
-        (model, ood_set)
-        for model in data["ood"]
-        for ood_set, scores in data["ood"][model].items()
-        for score, row in scores.items()
-        if row["auroc"] < 0.5 and score in rows.get(model, "")
-    ]
-    for model, _ in flagged:
-        assert "!" in rows[model]
-    assert ("inverted score" in text) == bool(flagged)
+    # The table and the report's summary name the same score, and drops are explained.
+    assert_table_names_the_summarys_scores(text, data)
+    # Every inverted score the report lists is named below the table.
+    flat = " ".join(text.split())
+    assert ("inverted score" in flat) == bool(data["summary"]["inverted"])
+    for item in data["summary"]["inverted"]:
+        assert item["model"] in flat and item["score"] in flat
     conformal = data["plugin_metrics"]["all"]["conformal"]
     assert 0.85 <= conformal["coverage"]["value"] <= 1.0

@@ -113,7 +113,8 @@ def test_timm_model_on_digits_with_gaussian_noise(tmp_path, capsys):
     out, stdout, _ = _run(argv, tmp_path, capsys)
     report = _report(out)
     assert list(report["models"]) == ["baseline"]
-    assert report["data"] == {"test": {"n": 400, "num_classes": 10}, "ood": {"noise": {"n": 400}}}
+    test = {"n": 400, "num_classes": 10, "class_names": [str(k) for k in range(10)]}
+    assert report["data"] == {"test": test, "ood": {"noise": {"n": 400}}}
     assert set(report["ood"]["baseline"]["noise"]) == {"msp", "max_logit", "entropy", "energy"}
     assert len(list((out / "figures").glob("*.png"))) == 4
     assert str(out / "report.html") in stdout and "| baseline |" in stdout
@@ -548,7 +549,9 @@ def test_a_saved_hugging_face_dataset_as_test_data(tmp_path, data, trained_timm,
     argv += ["--mean", "0.2", "--std", "0.3", "--bootstrap", "0", "--ood", "gaussian"]
     out, _, err = _run(argv, tmp_path, capsys)
     report = _report(out)
-    assert report["data"]["test"] == {"n": 40, "num_classes": 10}
+    # The ClassLabel names label the report's classes.
+    assert report["data"]["test"] == {"n": 40, "num_classes": 10, "class_names": ENGLISH}
+    assert f"10 classes ({', '.join(ENGLISH)})" in (out / "report.html").read_text()
     assert report["data"]["ood"] == {"gaussian": {"n": 40}}
     assert "warning" not in err  # ClassLabel names in label order: nothing to renumber
 
@@ -609,6 +612,9 @@ def test_the_shared_resnet20_on_cifar10_from_the_cli(tmp_path, capsys):
     out, _, err = _run(argv, tmp_path, capsys)
     assert "warning" not in err.lower()
     report = _report(out)
+    # CIFAR-10's names, from the npz's classes array, label the report's classes.
+    classes = np.load(shared.CIFAR_NPZ)["classes"].tolist()
+    assert report["data"]["test"]["class_names"] == classes and classes[0] == "airplane"
 
     outputs = shared.resnet20_outputs()
     rows = {

@@ -213,3 +213,13 @@ def test_mlflow_logs_each_window_as_a_step(tmp_path, monkeypatch, result, saved)
     names = {f.path for f in client.list_artifacts(run_id, "wrapcal_monitor")}
     assert "wrapcal_monitor/monitor.html" in names
     assert math.isfinite(float(client.get_run(run_id).data.metrics["monitor/drift/knn/pvalue"]))
+    # The run handling the report's logging shares: a run nested under this one.
+    from wrapcal.monitoring.tracking import log_monitor
+
+    child = log_monitor(result, run_id, tracking_uri=uri, directory=saved, nested=True)
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == run_id
+    assert client.get_run(child).info.status == "FINISHED"
+    nested = client.get_metric_history(child, "monitor/estimated_accuracy")
+    assert sorted((m.step, m.value) for m in nested) == sorted((m.step, m.value) for m in history)
+    with pytest.raises(FileNotFoundError, match=r"result.save\(\) wrote"):
+        log_monitor(result, run_id, tracking_uri=uri, directory=tmp_path)

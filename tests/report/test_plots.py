@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgba
 from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
@@ -216,6 +217,39 @@ def test_an_inverted_score_is_flagged_in_the_roc_legend(ood_scores):
     assert auc < 0.5
     assert labels[0] == f"flipped (AUROC {100 * auc:.2f}%, inverted)"
     assert "inverted" not in labels[1]
+
+
+def _styles(lines) -> list[tuple]:
+    """Each line's colour (RGBA) and dash pattern, as drawn."""
+    return [(to_rgba(line.get_color()), line.get_linestyle(), str(line._unscaled_dash_pattern))
+            for line in lines]  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [12, 40])
+def test_every_roc_curve_of_a_figure_has_its_own_colour(n):
+    """Ten scores reused seven colours (#28): with 12 curves every colour differs (and
+    every pair of colours is at least 0.15 apart in RGB, the figure's ID blue and grey
+    chance line included); with 40, every colour and line-style pair differs. The
+    histograms of many OOD sets follow the same rule."""
+    rng = np.random.default_rng(0)
+    pairs = {f"score {i}": (rng.normal(size=60), rng.normal(1, size=40)) for i in range(n)}
+    ax = roc_pairs(pairs, "every score").axes[0]
+    curves = [line for line in ax.lines if line.get_label().startswith("score ")]
+    assert len(curves) == n
+    styles = _styles(curves)
+    assert len(set(styles)) == n
+    if n <= 17:
+        colors = [c for c, _, _ in styles]
+        assert len(set(colors)) == n
+        others = [to_rgba(c) for c in ("#1f77b4", "0.4")]  # ID blue, chance line
+        for i, a in enumerate(colors):
+            for b in colors[i + 1 :] + others:
+                assert np.linalg.norm(np.subtract(a, b)[:3]) > 0.15, (a, b)
+    outs = {f"set {i}": rng.normal(1, size=40) for i in range(n)}
+    hist = score_histograms(rng.normal(size=60), outs, "s").axes[0]
+    patches = [p for p in hist.patches if p.get_label().startswith("set ")]
+    drawn = {(to_rgba(p.get_edgecolor()), p.get_linestyle()) for p in patches}
+    assert len(patches) == len(drawn) == n
 
 
 def test_curve_plot_draws_the_points_in_percent():

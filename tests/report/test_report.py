@@ -43,6 +43,7 @@ from wrapcal.report.plugin_metrics import as_curve, as_table
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BOOT = 200
 SCORES = {"msp", "max_logit", "entropy", "energy"}
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def tiny_net() -> nn.Sequential:
@@ -272,7 +273,8 @@ def test_metadata_and_json_round_trip(run, data):
     assert Report(json.loads(report.to_json())).to_markdown() == report.to_markdown()
     assert d["wrapcal_version"] == wrapcal.__version__
     assert re.match(r"\d{4}-\d\d-\d\dT", d["created"])
-    assert d["data"]["test"] == {"n": len(data.test[1]), "num_classes": 10}
+    # (X, y) tensors and models without names: classes are numbered.
+    assert d["data"]["test"] == {"n": len(data.test[1]), "num_classes": 10, "class_names": None}
     assert d["settings"] == {"n_bins": 15, "bootstrap": BOOT, "seed": 3, "level": 0.95}
     models = d["models"]
     assert models["wrapped"]["plugins"] == ["temperature"]
@@ -572,6 +574,28 @@ def test_inverted_scores_are_flagged_and_explained(run, saved):
     assert explanation in md and md.count("⚠ inverted") >= len(flagged) + 2
 
 
+def test_the_demo_table_names_the_reports_best_scores(run):
+    """The demo's table printed from this report (a baseline and its temperature-scaled
+    copy, one inverted OOD set): each cell is the summary's best score, which is the
+    argmax of the report's own AUROCs; drops are explained, inverted scores flagged."""
+    from helpers import assert_table_names_the_summarys_scores, table_rows
+
+    from wrapcal.cli.demo import summary_lines
+
+    report = run["report"]
+    data = report.to_dict()
+    text = "\n".join(summary_lines(report, {}))
+    assert_table_names_the_summarys_scores(text, data)
+    rows = table_rows(text)
+    for model, sets in data["ood"].items():
+        for i, scores in enumerate(sets.values()):
+            best = max(scores, key=lambda s: scores[s]["auroc"])  # independent of summary
+            cell = rows[model].split("|")[i].split()[-3:]
+            assert cell[0] == best and float(cell[1].rstrip("!")) == pytest.approx(
+                100 * scores[best]["auroc"], abs=0.05)  # fmt: skip
+    assert "bright" in data["ood"]["wrapped"] and "! AUROC below 50%" in text
+
+
 def test_a_report_read_back_from_json_summarizes_without_thresholds(run):
     data = run["report"].to_dict()
     del data["summary"]
@@ -608,6 +632,14 @@ def test_plugin_tables_and_curves_are_recognised_and_drawn(run):
     md = report.to_markdown()
     assert "| wrapped | p | coverage | 91.00 | 90.00 – 92.00 |" in md
     assert "| 1 | 12 | 75.00 |" in md
+    # With the class names known, the classes are shown by name (the JSON keeps numbers).
+    data["data"]["test"]["class_names"] = NAMES
+    named = Report(data)
+    md = named.to_markdown()
+    assert "| one | 12 | 75.00 |" in md and "| zero | 10 | 90.00 |" in md
+    assert "worst (class one)" in md and "| 1 | 12 |" not in md
+    assert f"10 classes ({', '.join(NAMES)})." in named.to_html()
+    assert named.to_dict()["plugin_metrics"]["wrapped"]["p"]["by_class"]["class"] == [0, 1]
 
 
 def drawn(fig) -> dict:
@@ -694,3 +726,56 @@ def test_ood_decision_rates_and_operating_points_are_reported(trained, data, ood
         )
     html = (report.save(tmp_path) / "report.html").read_text()
     assert "is_ood on noise" in html and "false_alarm_rate" in html and "test_accepted" in html
+
+
+def test_class_names_come_from_the_data_the_model_or_the_caller(trained, data):
+    """A torchvision-style data set's ``classes`` (an ImageFolder's folders) and a model's
+    own ``class_names`` label the conformal plugin's per-class table and its worst class;
+    names given to ``evaluate`` win, and must be one per class."""
+    x, y = data.test[0][:100], data.test[1][:100]
+    model = copy.deepcopy(trained).eval()
+    wrapped = wrapcal.wrap(model, ["conformal"]).fit(calibration=data.calibration, progress=False)
+
+    class Named(TensorDataset):
+        classes = NAMES
+
+    report = evaluate({"wrapped": wrapped}, Named(x, y), progress=False, bootstrap=0)
+    assert report.to_dict()["data"]["test"]["class_names"] == NAMES
+    metrics = report.to_dict()["plugin_metrics"]["wrapped"]["conformal"]
+    by_class, md = metrics["coverage_by_class"], report.to_markdown()
+    for k, n, coverage in zip(*by_class.values(), strict=True):
+        assert f"| {NAMES[k]} | {n} | {100 * coverage:.2f} |" in md
+    assert sorted(by_class["class"]) == sorted(set(y.tolist()))  # numbers in the JSON
+    worst = metrics["worst_class_coverage"]["class"]
+    assert f"worst_class_coverage (class {NAMES[worst]})" in md
+
+    upper = [n.upper() for n in NAMES]
+    model.class_names = upper  # the model's own names, found on the wrapped copy too
+    named = wrapcal.wrap(model, ["conformal"]).fit(calibration=data.calibration, progress=False)
+    report = evaluate({"wrapped": named}, (x, y), progress=False, bootstrap=0)
+    assert report.to_dict()["data"]["test"]["class_names"] == upper
+    report = evaluate(named, (x, y), progress=False, bootstrap=0, class_names=NAMES[::-1])
+    assert report.to_dict()["data"]["test"]["class_names"] == NAMES[::-1]
+    with pytest.raises(ValueError, match="holds 3 names but the models have 10 classes"):
+        evaluate(named, (x, y), progress=False, bootstrap=0, class_names=NAMES[:3])
+
+
+def test_the_mlflow_run_handling_is_shared_and_report_does_not_import_monitoring():
+    """The report and the monitor log through one run handler (wrapcal.report.mlflow_run);
+    the monitor imports the report, never the reverse (no import cycle)."""
+    import ast
+    from pathlib import Path
+
+    import wrapcal.monitoring.tracking as monitor_tracking
+    import wrapcal.report.mlflow_run as shared
+    import wrapcal.report.tracking as report_tracking
+
+    for name in ("logging_run", "log_batches", "log_files"):
+        assert getattr(monitor_tracking, name) is getattr(shared, name)
+        assert getattr(report_tracking, name) is getattr(shared, name)
+    for path in Path(shared.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("wrapcal.monitoring") for n in names), path

@@ -144,6 +144,14 @@ def test_log_to_the_active_run_and_a_saved_directory(report, tmp_path, monkeypat
         with mlflow.start_run() as active:
             mlflow.log_param("user_param", "kept")
             assert report.log_to(directory=saved) == active.info.run_id
+            # nested=True: a new run under the active one, as mlflow.start_run(nested=True).
+            child_id = report.log_to(directory=saved, nested=True, run_name="child")
+        child = mlflow.MlflowClient(uri).get_run(child_id)
+        assert child_id != active.info.run_id and child.info.run_name == "child"
+        assert child.data.tags["mlflow.parentRunId"] == active.info.run_id
+        assert child.info.experiment_id == active.info.experiment_id
+        assert child.info.status == "FINISHED" and "user_param" not in child.data.params
+        assert child.data.metrics == pytest.approx(flat_metrics(report.to_dict()), rel=1e-12)
         run = mlflow.MlflowClient(uri).get_run(active.info.run_id)
         assert run.data.params["user_param"] == "kept"  # logged beside the user's own
         assert run.data.metrics["calibration/baseline/accuracy"] == report.calibration[
@@ -158,6 +166,8 @@ def test_log_to_the_active_run_and_a_saved_directory(report, tmp_path, monkeypat
         log_report(report, run.info.run_id, tracking_uri=uri, directory=tmp_path)
     with pytest.raises(ValueError, match="run must be"):
         log_report(report, 42, tracking_uri=uri)
+    with pytest.raises(ValueError, match="nested=True logs into a new run under a parent"):
+        log_report(report, tracking_uri=uri, nested=True)
 
 
 def _sqlalchemy() -> None:

@@ -164,6 +164,11 @@ def _evaluate(
         runs["wrapped"] = fit_step.wrap_and_fit(args, model.baseline, plugins, data, test)
         if args.save:  # before the evaluation: a fit is kept even if the report fails
             saved = fit_step.save(runs["wrapped"], args.save, COMMAND)
+    # The report labels classes by name when they are known: --class-names, the model's
+    # own, else the test set's (an npz's classes, an ImageFolder's folders, the digits).
+    class_names = model.reference or test.class_names
+    if class_names is not None and len(class_names) != model.num_classes:
+        class_names = None  # names of another class count are not the model's
     with inputs.relayed(COMMAND, [n for n, _ in plugins]):
         report = evaluate_models(
             runs,
@@ -174,6 +179,7 @@ def _evaluate(
             progress=not args.no_progress,
             bootstrap=args.bootstrap,
             seed=args.seed,
+            class_names=class_names,
         )
         out = report.save(args.out)
     calibration = report.to_markdown().split("\n## Calibration", 1)[1].split("\n## ", 1)[0]

@@ -14,11 +14,10 @@ when this runs (``pip install 'wrapcal[mlflow]'``).
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wrapcal.report.mlflow_run import log_batches, log_files, logging_run
 from wrapcal.report.tracking import mlflow_name
 
 if TYPE_CHECKING:
@@ -27,9 +26,10 @@ if TYPE_CHECKING:
 # A MonitorResult, not imported (even for typing): MonitorResult.log_to imports this module.
 MonitorResult = Any
 
-__all__ = ["log_monitor", "window_metrics"]
+__all__ = ["MONITOR_FILES", "log_monitor", "window_metrics"]
 
-_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+#: The monitoring report's files a run receives (with ``figures/*.png``).
+MONITOR_FILES = ("monitor.html", "monitor.md", "monitor.json")
 
 
 def window_metrics(w: WindowSummary) -> dict[str, float]:
@@ -63,10 +63,15 @@ def log_monitor(
     *,
     tracking_uri: str | None = None,
     experiment: str | None = None,
+    run_name: str | None = None,
     artifact_path: str = "wrapcal_monitor",
     directory: str | Path | None = None,
+    nested: bool = False,
 ) -> str:
     """Log a monitoring run to an MLflow run (a step per window).
+
+    The run is resolved as :func:`wrapcal.report.log_report` resolves it
+    (:func:`wrapcal.report.mlflow_run.logging_run`).
 
     Args:
         result: What :func:`wrapcal.monitor` returned.
@@ -74,55 +79,29 @@ def log_monitor(
             run in ``experiment`` (default ``"wrapcal"``), ended once all is logged.
         tracking_uri: The tracking store (default MLflow's current one).
         experiment: The experiment of a new run.
+        run_name: The name of a new run.
         artifact_path: Folder of the run's artifacts receiving the report.
-        directory: Where ``result.save`` wrote the report already (logged as it is);
-            default: saved to a temporary folder.
+        directory: Where ``result.save`` wrote the report already (its ``monitor.*``
+            files and figures are logged as they are); default: saved to a temporary
+            folder.
+        nested: Log into a new run nested under ``run`` (or the active run).
 
     Returns:
         The run's id.
 
     Raises:
         ImportError: MLflow is not installed.
+        ValueError: ``run`` is not a run, or ``nested`` without a parent run.
     """
-    try:
-        import mlflow
-        from mlflow.entities import Metric, Param
-    except ImportError as err:
-        raise ImportError("logging to MLflow needs mlflow: pip install 'wrapcal[mlflow]'") from err
-    client = mlflow.MlflowClient(tracking_uri)
-    if run is None and mlflow.active_run() is not None and tracking_uri is None:
-        run = mlflow.active_run()
-    created = run is None
-    if created:
-        name = experiment or "wrapcal"
-        found = client.get_experiment_by_name(name)
-        experiment_id = found.experiment_id if found else client.create_experiment(name)
-        run_id = client.create_run(experiment_id).info.run_id
-    else:
-        run_id = run if isinstance(run, str) else run.info.run_id
-    now = int(time.time() * 1000)
-    metrics = [
-        Metric(k, v, now, w.index) for w in result.windows for k, v in window_metrics(w).items()
-    ]
+    metrics = [(k, v, w.index) for w in result.windows for k, v in window_metrics(w).items()]
     params = {mlflow_name("rule", k): str(v) for k, v in result.rules.to_dict().items()}
     params["model"] = str(result.settings["model"])
     params["plugins"] = ", ".join(result.settings["plugins"]) or "none"
     params["ood"] = json.dumps(result.settings.get("ood"))
     params["reference"] = f"{result.reference.source} (n={result.reference.n})"
-    try:
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        if directory is not None:
-            client.log_artifacts(run_id, str(directory), artifact_path)
-        else:
-            with tempfile.TemporaryDirectory(prefix="wrapcal-monitor-") as tmp:
-                result.save(tmp)
-                client.log_artifacts(run_id, tmp, artifact_path)
-    except BaseException:
-        if created:
-            client.set_terminated(run_id, status="FAILED")
-        raise
-    if created:
-        client.set_terminated(run_id)
-    return run_id
+    with logging_run(
+        run, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, nested=nested
+    ) as target:
+        log_batches(target, metrics=metrics, params=params)
+        log_files(target, artifact_path, MONITOR_FILES, result.save, directory, "result.save()")
+    return target.run_id

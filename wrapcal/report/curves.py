@@ -8,7 +8,7 @@ is :func:`wrapcal.metrics.roc_curve`'s: in-distribution positive, false positive
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -20,11 +20,12 @@ from wrapcal.report.plot_style import (
     GAP_COLOR,
     ID_COLOR,
     LEGEND_ROW_IN,
+    curve_styles,
     legend_below,
     legend_rows,
     margins,
     new_figure,
-    ood_color,
+    root_figure,
     set_title,
     style,
     to_numpy,
@@ -35,7 +36,7 @@ __all__ = ["curve_plot", "roc_curves", "roc_pairs"]
 
 def _roc_axes(ax: Axes | None, entries: int) -> tuple[Figure, Axes]:
     if ax is not None:
-        return ax.figure, ax
+        return root_figure(ax), ax
     rows = legend_rows(entries, ncol=1)
     fig = new_figure((4.6, 3.9 + rows * LEGEND_ROW_IN))
     ax = fig.add_subplot()
@@ -43,8 +44,11 @@ def _roc_axes(ax: Axes | None, entries: int) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def _roc_lines(ax: Axes, pairs: dict[str, tuple[ArrayLike, ArrayLike]], title: str) -> None:
-    for i, (name, (s_in, s_out)) in enumerate(pairs.items()):
+def _roc_lines(ax: Axes, pairs: Mapping[str, tuple[ArrayLike, ArrayLike]], title: str) -> None:
+    # Every curve its own colour (and line style beyond seven): a figure of every score
+    # of a model holds ten or more.
+    styles = curve_styles(len(pairs))
+    for (name, (s_in, s_out)), (color, linestyle) in zip(pairs.items(), styles, strict=True):
         fpr, tpr, _ = roc_curve(s_in, s_out)
         value = auroc(s_in, s_out)
         flag = ", inverted" if value < 0.5 else ""
@@ -52,7 +56,8 @@ def _roc_lines(ax: Axes, pairs: dict[str, tuple[ArrayLike, ArrayLike]], title: s
             to_numpy(fpr),
             to_numpy(tpr),
             linewidth=1.6,
-            color=ood_color(i),
+            color=color,
+            linestyle=linestyle,
             label=f"{name} (AUROC {100 * value:.2f}%{flag})",
         )
     ax.plot([0, 1], [0, 1], ":", color="0.4", linewidth=1, label="chance")
@@ -65,7 +70,7 @@ def _roc_lines(ax: Axes, pairs: dict[str, tuple[ArrayLike, ArrayLike]], title: s
 
 def roc_curves(
     scores_in: ArrayLike,
-    scores_out: dict[str, ArrayLike],
+    scores_out: Mapping[str, ArrayLike],
     score_name: str,
     ax: Axes | None = None,
     title: str | None = None,
@@ -93,7 +98,7 @@ def roc_curves(
 
 
 def roc_pairs(
-    pairs: dict[str, tuple[ArrayLike, ArrayLike]], title: str, ax: Axes | None = None
+    pairs: Mapping[str, tuple[ArrayLike, ArrayLike]], title: str, ax: Axes | None = None
 ) -> Figure:
     """ROC curves of labelled ``(scores_in, scores_out)`` pairs: every score on one OOD
     set, or each OOD set with its own best score.
@@ -149,7 +154,7 @@ def curve_plot(
         ax = fig.add_subplot()
         margins(fig, left=0.7, right=0.15, top=0.35, bottom=0.95)
     else:
-        fig = ax.figure
+        fig = root_figure(ax)
     xs, ys = scale * np.asarray(x, dtype=float), scale * np.asarray(y, dtype=float)
     ax.plot(xs, ys, color=ID_COLOR, linewidth=1.6, label=y_label)
     if point is not None:

@@ -10,7 +10,7 @@ The metrics run on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -171,6 +171,7 @@ def evaluate(
     cache: bool = True,
     cache_dir: str | None = None,
     cache_dtype: str = "float32",
+    class_names: Sequence[str] | None = None,
 ) -> Report:
     """Measure calibration and OOD detection of one or more models, side by side.
 
@@ -197,6 +198,11 @@ def evaluate(
         cache_dir: Keep those features in files under this directory (data larger than
             memory; reused across runs), as ``fit(cache_dir=...)`` does.
         cache_dtype: ``"float32"`` or ``"float16"`` for ``cache_dir``.
+        class_names: The classes' names in the models' output order, for the report's
+            per-class labels (a plugin's ``coverage_by_class`` table, its worst class).
+            Default: the names a model carries (a ``class_names`` attribute, a Hugging
+            Face config's ``id2label``), else the test set's (a torchvision data set's
+            ``classes``, an ``ImageFolder``'s folders), else none (classes by number).
 
     Returns:
         A :class:`~wrapcal.report.Report`; ``report.save(dir)`` writes HTML, Markdown,
@@ -204,7 +210,8 @@ def evaluate(
 
     Raises:
         DataError: If the test data has no labels or labels outside the model's classes.
-        ValueError: If ``models`` or ``ood`` are not what is described above.
+        ValueError: If ``models`` or ``ood`` are not what is described above, or
+            ``class_names`` does not hold one name per class.
     """
     models, ood = _check_inputs(models, ood)
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
@@ -222,6 +229,7 @@ def evaluate(
         {"n_bins": n_bins, "bootstrap": bootstrap, "seed": seed},
     )
     outputs: dict[str, ModelOutputs] = {}
+    labels: dict[str, Tensor] = {}
     for name, model in models.items():
         run = runner_for(model, cache=store)
         test_out = run(test, batch_size=batch_size, progress=progress, desc=f"{name}: test")
@@ -230,7 +238,7 @@ def evaluate(
                 "the test data has no labels; pass labelled data, e.g. (X, y) or a "
                 "DataLoader yielding (x, y)"
             )
-        test_out.labels = check_labels(
+        test_out.labels = labels[name] = check_labels(
             test_out.labels, test_out.probs.shape[0], test_out.probs.shape[1]
         )
         out = ModelOutputs(name, _model_info(model), test_out)
@@ -240,14 +248,16 @@ def evaluate(
             )
         outputs[name] = out
 
+    names = report_class_names(class_names, models, test, next(iter(outputs.values())))
     settings = {"n_bins": n_bins, "bootstrap": bootstrap, "seed": seed, "level": LEVEL}
-    calibration, ood_results = {}, {}
+    calibration: dict[str, dict[str, Any]] = {}
+    ood_results: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     # The bootstrap intervals take a while on large sets: a bar of their own.
     tasks = sum(1 + len(out.ood) * len(out.test.scores) for out in outputs.values())
     bar = tqdm(total=tasks, desc="metrics", disable=not progress)
     for name, out in outputs.items():
         calibration[name] = calibration_row(
-            out.test.probs, out.test.labels, n_bins=n_bins, bootstrap=bootstrap, seed=seed
+            out.test.probs, labels[name], n_bins=n_bins, bootstrap=bootstrap, seed=seed
         )
         bar.update(1)
         ood_results[name] = {}
@@ -262,7 +272,7 @@ def evaluate(
             ood_results[name][ood_name] = rows
     bar.close()
     plugin_results = {
-        name: plugin_metrics(models[name], out.test.prediction, out.test.labels)
+        name: plugin_metrics(models[name], out.test.prediction, labels[name])
         for name, out in outputs.items()
     }
     for name, out in outputs.items():
@@ -270,7 +280,44 @@ def evaluate(
         points = operating_points_table(models[name], out.test.prediction)
         if points is not None:
             plugin_results[name][OPERATING_POINTS] = {"thresholds": points}
-    return Report.build(outputs, calibration, ood_results, settings, plugin_results)
+    return Report.build(
+        outputs, calibration, ood_results, settings, plugin_results, class_names=names
+    )
+
+
+def _data_class_names(data: Any) -> list[str] | None:
+    """The class names a data set says it has: torchvision's ``classes`` (an
+    ``ImageFolder``'s folder names in label order), on the set or a loader's set."""
+    for holder in (data, getattr(data, "dataset", None)):
+        names = getattr(holder, "classes", None)
+        if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+            return list(names)
+    return None
+
+
+def report_class_names(
+    given: Sequence[str] | None, models: Mapping[str, nn.Module], test: Any, first: ModelOutputs
+) -> list[str] | None:
+    """The class names the report labels classes with: ``given``, else a model's, else
+    the test set's; ``None`` when none is known or a found list does not hold one name
+    per class (a data set's names that do not match the model are not the model's).
+
+    Raises:
+        ValueError: ``given`` does not hold one name per class.
+    """
+    from wrapcal.export.metadata import class_names_of  # no import cycle: lazy
+
+    classes = int(first.test.probs.shape[1])
+    if given is not None:
+        names = [str(n) for n in given]
+        if len(names) != classes:
+            raise ValueError(
+                f"class_names holds {len(names)} names but the models have {classes} "
+                "classes: give one name per class, in the models' output order"
+            )
+        return names
+    found = [class_names_of(m) for m in models.values()] + [_data_class_names(test)]
+    return next((n for n in found if n is not None and len(n) == classes), None)
 
 
 def decision_rates(

@@ -73,7 +73,8 @@ def _render(fig: Figure) -> tuple[bytes, int, int, float]:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
-    smallest = min((t.get_fontsize() for t in texts), default=0.0) * DPI / 72
+    sizes = (t.get_fontproperties().get_size_in_points() for t in texts)
+    smallest = min(sizes, default=0.0) * DPI / 72
     width, height = (round(v * DPI) for v in fig.get_size_inches())
     # Figures are built without pyplot (nothing to plt.close); clearing frees the artists.
     fig.clear()
@@ -186,6 +187,8 @@ def report_figures(data: dict[str, Any], outputs: dict[str, ModelOutputs]) -> li
     files = _Files()
     n_bins = data["settings"]["n_bins"]
     for name, out in outputs.items():
+        if out.test.labels is None:  # evaluate() requires labels: a report rebuilt by hand
+            continue
         fig = reliability_diagram(out.test.probs, out.test.labels, n_bins=n_bins, title=name)
         files.add(
             fig, "reliability", name, None, f"Reliability diagram: {name}", f"reliability_{name}"

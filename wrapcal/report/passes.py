@@ -204,8 +204,9 @@ def runner_for(model: nn.Module, cache: CacheOption = None) -> Runner:
 def _local_runner(model: nn.Module, cache: CacheOption) -> Runner:
     if cache is False:
         return lambda data, **kw: run_model(model, data, **kw)
-    target = model
-    if not isinstance(model, WrappedModel):
+    if isinstance(model, WrappedModel):
+        target = model
+    else:
         try:
             target = wrap(model)
             target.check_is_fitted()

@@ -16,7 +16,7 @@ outside the axes, so they never cover a bar.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -31,11 +31,12 @@ from wrapcal.report.plot_style import (
     ID_COLOR,
     LEGEND_ROW_IN,
     SMALL_PT,
+    curve_styles,
     legend_below,
     legend_rows,
     margins,
     new_figure,
-    ood_color,
+    root_figure,
     set_title,
     style,
     to_numpy,
@@ -87,7 +88,7 @@ def reliability_diagram(
         ax, hist_ax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
         margins(fig, left=0.7, right=0.15, top=1.05, bottom=0.55, hspace=0.08)
     else:
-        fig, hist_ax = ax.figure, None
+        fig, hist_ax = root_figure(ax), None
     ax.bar(
         left,
         acc[filled],
@@ -145,7 +146,7 @@ def reliability_diagram(
 
 
 def _score_arrays(
-    scores_in: ArrayLike, scores_out: dict[str, ArrayLike]
+    scores_in: ArrayLike, scores_out: Mapping[str, ArrayLike]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     if not scores_out:
         raise ValueError("scores_out is empty — pass {'name of OOD set': scores, ...}")
@@ -202,7 +203,7 @@ def _densities(x: np.ndarray, edges: np.ndarray, scale: str) -> np.ndarray:
 
 def score_histograms(
     scores_in: ArrayLike,
-    scores_out: dict[str, ArrayLike],
+    scores_out: Mapping[str, ArrayLike],
     score_name: str,
     ax: Axes | None = None,
     threshold: float | None = None,
@@ -234,7 +235,7 @@ def score_histograms(
         ax = fig.add_subplot()
         margins(fig, left=0.7, right=0.15, top=0.35, bottom=0.75 + rows * LEGEND_ROW_IN)
     else:
-        fig = ax.figure
+        fig = root_figure(ax)
     edges, scale = histogram_bins([s_in, *outs.values()])
     ax.stairs(
         _densities(s_in, edges, scale),
@@ -244,12 +245,15 @@ def score_histograms(
         alpha=0.45,
         label=f"in-distribution test (n={len(s_in)})",
     )
-    for i, (name, s_out) in enumerate(outs.items()):
+    for (name, s_out), (color, linestyle) in zip(
+        outs.items(), curve_styles(len(outs)), strict=True
+    ):
         ax.stairs(
             _densities(s_out, edges, scale),
             edges,
             linewidth=1.6,
-            color=ood_color(i),
+            color=color,
+            linestyle=linestyle,
             label=f"{name} (n={len(s_out)})",
         )
     if threshold is not None:

@@ -11,6 +11,10 @@ recognises three shapes and shows each one its own way (anything else stays in t
   "operating_point": {"coverage": c, "risk": r}}``; drawn as a figure;
 * a **table**: equal-length lists (``{"class": [...], "n": [...], "coverage": [...]}``).
 
+Classes are shown by name when the report knows the names (``data["data"]["test"]
+["class_names"]``): a table column named ``class`` (or ``label``) of class indices, and a
+number's ``"class"`` note (``worst_class_coverage``: ``class cat``).
+
 Fractions are shown as percentages, as everywhere in the report: a number with
 ``"percent": true``; a table column of floats within [0, 1] (or named in the table's
 ``"percent"`` list); a curve whose values all lie within [0, 1] (unless it says
@@ -25,7 +29,16 @@ from typing import Any
 
 from wrapcal.report.columns import interval_text, number_text, percent_text
 
-__all__ = ["Curve", "Table", "as_curve", "as_table", "plugin_section", "scalar_note"]
+__all__ = [
+    "CLASS_KEYS",
+    "Curve",
+    "Table",
+    "as_curve",
+    "as_table",
+    "class_text",
+    "plugin_section",
+    "scalar_note",
+]
 
 PLUGIN_NOTE = (
     "Metrics the plugins report on their own outputs (prediction sets, decisions) on the "
@@ -36,6 +49,8 @@ PLUGIN_NOTE = (
 LONG_TABLE = 12
 
 _SCALAR_KEYS = {"value", "ci", "percent", "higher_is_better"}
+#: Keys (table columns, a number's note) whose values are class indices.
+CLASS_KEYS = ("class", "label")
 _META = {"percent", "x_label", "y_label", "point", "operating_point", "title"}
 
 
@@ -113,7 +128,8 @@ def as_table(entry: Any) -> Table | None:
         return None
     if any(isinstance(x, (dict, list)) for v in columns.values() for x in v):
         return None
-    named = entry.get("percent") if isinstance(entry.get("percent"), list) else []
+    given = entry.get("percent")
+    named: list[Any] = given if isinstance(given, list) else []
     percent = [
         name in named or (_numbers(v) and any(isinstance(x, float) for x in v) and _fractions(v))
         for name, v in columns.items()
@@ -122,22 +138,37 @@ def as_table(entry: Any) -> Table | None:
     return Table(list(columns), percent, rows)
 
 
-def scalar_note(entry: dict[str, Any]) -> str:
-    """The extra keys of a number (``class 3``), as a short note; empty if none."""
-    extra = [f"{k} {v}" for k, v in entry.items() if k not in _SCALAR_KEYS]
+def class_text(value: Any, names: Sequence[str] | None) -> str:
+    """A class index as the report shows it: its name when ``names`` has one for it,
+    else the number (a value that is not an index is shown as it is)."""
+    if names and _is_number(value) and int(value) == value and 0 <= int(value) < len(names):
+        return str(names[int(value)])
+    return str(value)
+
+
+def scalar_note(entry: dict[str, Any], names: Sequence[str] | None = None) -> str:
+    """The extra keys of a number (``class 3``, or ``class cat`` with the class
+    ``names``), as a short note; empty if none."""
+    extra = [
+        f"{k} {class_text(v, names) if k in CLASS_KEYS else v}"
+        for k, v in entry.items()
+        if k not in _SCALAR_KEYS
+    ]
     return ", ".join(extra)
 
 
 def plugin_section(data: dict[str, Any], figures: Sequence[Any]) -> dict[str, Any] | None:
     """The plugin metrics section: numbers, tables and the curves among the report's
-    figures (``FigureFile`` of kind ``"curve"``); ``None`` if the plugins report nothing."""
+    figures (``FigureFile`` of kind ``"curve"``); ``None`` if the plugins report nothing.
+    Class indices are shown by name when the report knows the names."""
+    names = data.get("data", {}).get("test", {}).get("class_names")
     scalars, tables = [], []
     for model, plugins in data.get("plugin_metrics", {}).items():
         for plugin, metrics in plugins.items():
             for metric, entry in metrics.items():
                 if isinstance(entry, dict) and "value" in entry:
                     percent = bool(entry.get("percent"))
-                    note = scalar_note(entry)
+                    note = scalar_note(entry, names)
                     scalars.append(
                         {
                             "model": model,
@@ -159,7 +190,10 @@ def plugin_section(data: dict[str, Any], figures: Sequence[Any]) -> dict[str, An
                     for c, p in zip(table.columns, table.percent, strict=True)
                 ]
                 rows = [
-                    [_table_text(v, p) for v, p in zip(row, table.percent, strict=True)]
+                    [
+                        class_text(v, names) if c in CLASS_KEYS else _table_text(v, p)
+                        for v, p, c in zip(row, table.percent, table.columns, strict=True)
+                    ]
                     for row in table.rows
                 ]
                 tables.append(

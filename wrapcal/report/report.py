@@ -125,8 +125,11 @@ class Report:
         ood: dict[str, dict[str, dict[str, dict[str, Any]]]],
         settings: dict[str, Any],
         plugin_metrics: dict[str, dict[str, dict[str, Any]]] | None = None,
+        class_names: list[str] | None = None,
     ) -> Report:
-        """Assemble a report from ``evaluate``'s outputs and metrics."""
+        """Assemble a report from ``evaluate``'s outputs and metrics; ``class_names``
+        (one per class, in output order) label the classes wherever the report shows
+        one."""
         first = next(iter(outputs.values()))
         models = {}
         for name, out in outputs.items():
@@ -156,7 +159,11 @@ class Report:
                 settings["n_bins"], settings["bootstrap"], settings["seed"], settings["level"]
             ),
             "data": {
-                "test": {"n": len(first.test.probs), "num_classes": int(first.test.probs.shape[1])},
+                "test": {
+                    "n": len(first.test.probs),
+                    "num_classes": int(first.test.probs.shape[1]),
+                    "class_names": None if class_names is None else list(class_names),
+                },
                 "ood": {name: {"n": len(o.probs)} for name, o in first.ood.items()},
             },
             "models": models,

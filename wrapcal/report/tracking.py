@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["flat_metrics", "log_report", "mlflow_name"]
+from wrapcal.report.mlflow_run import log_batches, log_files, logging_run
+
+__all__ = ["REPORT_FILES", "flat_metrics", "log_report", "mlflow_name"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_./-]+")
-_BATCH = 1000  # MLflow's limit of metrics per log_batch call (params and tags: 100)
+#: The report's files a run receives (with ``figures/*.png``).
+REPORT_FILES = ("report.html", "report.md", "report.json")
 
 
 def mlflow_name(*parts: str) -> str:
@@ -103,7 +104,7 @@ def _params(data: dict[str, Any]) -> dict[str, str]:
             if plugins is not None
             else f"bare {info['class']}"
         )
-    return {k: v[:6000] for k, v in params.items()}  # MLflow's longest param value
+    return params  # log_batches cuts each value at MLflow's 6000 characters
 
 
 def _tags(data: dict[str, Any]) -> dict[str, str]:
@@ -115,34 +116,6 @@ def _tags(data: dict[str, Any]) -> dict[str, str]:
     return tags
 
 
-def _log_saved(client: Any, run_id: str, directory: Path, artifact_path: str) -> None:
-    """Log the report files of a saved report (and only those: not whatever else the
-    folder holds)."""
-    names = ("report.html", "report.md", "report.json")
-    missing = [n for n in names if not (directory / n).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} has no {', '.join(missing)}: pass the folder report.save() wrote"
-        )
-    for name in names:
-        client.log_artifact(run_id, str(directory / name), artifact_path)
-    for png in sorted((directory / "figures").glob("*.png")):
-        client.log_artifact(run_id, str(png), f"{artifact_path}/figures")
-
-
-def _run_id(run: Any) -> str:
-    if isinstance(run, str):
-        return run
-    info = getattr(run, "info", None)
-    run_id = getattr(info, "run_id", None)
-    if not isinstance(run_id, str):
-        raise ValueError(
-            f"run must be an mlflow.ActiveRun, an mlflow.entities.Run or a run id; got "
-            f"{type(run).__name__}"
-        )
-    return run_id
-
-
 def log_report(
     report: Any,
     run: Any = None,
@@ -152,8 +125,12 @@ def log_report(
     run_name: str | None = None,
     artifact_path: str = "wrapcal_report",
     directory: str | Path | None = None,
+    nested: bool = False,
 ) -> str:
     """Log a :class:`~wrapcal.report.Report` to an MLflow run.
+
+    The run is resolved by :func:`wrapcal.report.mlflow_run.logging_run`, which
+    :func:`wrapcal.monitoring.tracking.log_monitor` shares.
 
     Args:
         report: The report (``wrapcal.evaluate``'s result).
@@ -171,53 +148,25 @@ def log_report(
         directory: Where ``report.save`` already wrote the report: its files are logged
             as they are (no second rendering of the figures). Default: save to a
             temporary folder.
+        nested: Log into a new run nested under ``run`` (or the active run), as
+            ``mlflow.start_run(nested=True)`` makes: one child run per report of a sweep.
 
     Returns:
         The run's id.
 
     Raises:
         ImportError: If MLflow is not installed (``pip install wrapcal[mlflow]``).
+        ValueError: ``run`` is not a run, or ``nested`` without a parent run.
     """
-    try:
-        import mlflow
-        from mlflow.entities import Metric, Param, RunTag
-    except ImportError as err:  # an optional extra: say how to get it
-        raise ImportError(
-            "logging a report to MLflow needs mlflow: pip install 'wrapcal[mlflow]'"
-        ) from err
-    client = mlflow.MlflowClient(tracking_uri)
-    if run is None and mlflow.active_run() is not None and tracking_uri is None:
-        run = mlflow.active_run()
-    created = run is None
-    if created:
-        name = experiment or "wrapcal"
-        found = client.get_experiment_by_name(name)
-        experiment_id = found.experiment_id if found else client.create_experiment(name)
-        run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    else:
-        run_id = _run_id(run)
     data = report.to_dict()
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(data).items()]
-    params = [Param(k, v) for k, v in _params(data).items()]
-    tags = [RunTag(k, v) for k, v in _tags(data).items()]
-    try:
-        for i in range(0, len(metrics), _BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i : i + 100])
-        for i in range(0, len(tags), 100):
-            client.log_batch(run_id, tags=tags[i : i + 100])
-        if directory is not None:
-            _log_saved(client, run_id, Path(directory), artifact_path)
-        else:
-            with tempfile.TemporaryDirectory(prefix="wrapcal-report-") as tmp:
-                report.save(tmp)
-                client.log_artifacts(run_id, tmp, artifact_path)
-    except BaseException:
-        if created:
-            client.set_terminated(run_id, status="FAILED")
-        raise
-    if created:
-        client.set_terminated(run_id)
-    return run_id
+    with logging_run(
+        run, tracking_uri=tracking_uri, experiment=experiment, run_name=run_name, nested=nested
+    ) as target:
+        log_batches(
+            target,
+            metrics=[(k, v, 0) for k, v in flat_metrics(data).items()],
+            params=_params(data),
+            tags=_tags(data),
+        )
+        log_files(target, artifact_path, REPORT_FILES, report.save, directory)
+    return target.run_id

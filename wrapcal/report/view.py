@@ -275,6 +275,14 @@ def _figures(figures: Sequence[FigureFile]) -> dict[str, Any]:
     }
 
 
+def _names_text(names: Sequence[str] | None, shown: int = 20) -> str:
+    """The class names in output order, for the page's header (the first ``shown``)."""
+    if not names:
+        return ""
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return f" ({', '.join(names[:shown])}{more})"
+
+
 def context(data: dict[str, Any], figures: Sequence[FigureFile] = ()) -> dict[str, Any]:
     """Everything the templates show, from a report's data and its rendered figures."""
     test, env = data["data"]["test"], data["environment"]
@@ -288,7 +296,9 @@ def context(data: dict[str, Any], figures: Sequence[FigureFile] = ()) -> dict[st
             f"(torch {env['torch']}, Python {env['python']})."
         ),
         "sizes": (
-            f"Test set: {test['n']} samples, {test['num_classes']} classes. "
+            f"Test set: {test['n']} samples, {test['num_classes']} classes"
+            + _names_text(test.get("class_names"))
+            + ". "
             + (f"OOD sets: {sets}." if sets else "No OOD sets.")
         ),
         "legend": LEGEND,
