@@ -167,33 +167,7 @@ def parse_page(page: str) -> list[Block]:
 
 # Setups for pages whose owner has not yet put them in the Markdown: the same text goes
 # into the page as an <!-- example-setup --> comment before the block, and out of here.
-_SMALL_MODEL = """import timm, torch, wrapcal
-from wrapcal.datasets import digits
-data = digits(size=16)  # the bundled digits, small images: a quick run
-model = timm.create_model("resnet10t", num_classes=10)
-model = fit_head(model, data.train[0][:300], data.train[1][:300])  # "trained"
-"""
-PENDING_SETUPS = {
-    ("docs/feature_ood.md", 1): _SMALL_MODEL
-    + "x_train, y_train = data.train[0][:300], data.train[1][:300]\n"
-    + "x = data.test[0][:8]\n",
-    ("docs/ood_decision.md", 1): _SMALL_MODEL
-    + "train_data = data.train[0][:300], data.train[1][:300]\n"
-    + "held_out_in_distribution = data.calibration\n"
-    + "images = torch.cat([data.test[0][:16], torch.rand(16, 3, 16, 16) * 4 - 2])  # 16 noise\n",
-}
-
-
-def _with_pending_setups(blocks: list[Block]) -> list[Block]:
-    for block in blocks:
-        pending = PENDING_SETUPS.get((block.page, block.number))
-        if pending is not None:
-            assert block.setup is None, f"{block.id} has its setup now: drop it from PENDING_SETUPS"
-            block.setup = (1, pending)
-    return blocks
-
-
-BLOCKS = _with_pending_setups([block for page in PAGES for block in parse_page(page)])
+BLOCKS = [block for page in PAGES for block in parse_page(page)]
 RUN = [block for block in BLOCKS if block.skip is None]
 
 
