@@ -4,6 +4,8 @@
 >>> wrapped = wrapcal.wrap(timm.create_model("resnet18", num_classes=10), ["temperature"])
 """
 
+from typing import TYPE_CHECKING, Any
+
 from wrapcal import _compat, distributed, metrics
 from wrapcal._version import __version__
 from wrapcal.errors import (
@@ -39,8 +41,15 @@ from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTag
 # keep working for this release, with a DeprecationWarning naming the new path.
 _compat.install()
 
+if TYPE_CHECKING:
+    # What the lazy attributes below are, for type checkers (imported on first use).
+    from wrapcal.monitoring import monitor
+    from wrapcal.report.evaluate import evaluate
+    from wrapcal.report.report import Report
+    from wrapcal.report.tracking import log_report
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:  # Any: a function, a class or the export module
     # The report pulls in matplotlib: import it only when it is asked for.
     if name in ("evaluate", "Report", "log_report"):
         from wrapcal import report

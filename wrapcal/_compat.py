@@ -111,9 +111,9 @@ class _Merged(types.ModuleType):
             module, new_name = self.__moved[attribute]
             return getattr(importlib.import_module(module), new_name)
         for target in self.__targets:
-            module = importlib.import_module(target)
-            if hasattr(module, attribute):
-                return getattr(module, attribute)
+            loaded = importlib.import_module(target)
+            if hasattr(loaded, attribute):
+                return getattr(loaded, attribute)
         raise AttributeError(f"module {self.__name__!r} has no attribute {attribute!r}")
 
     def __dir__(self) -> list[str]:
@@ -152,7 +152,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module: types.ModuleType) -> None:
-        real = getattr(self, "_specs", {}).pop(module.__spec__.name, None)
+        spec = module.__spec__
+        real = None if spec is None else getattr(self, "_specs", {}).pop(spec.name, None)
         if real is not None:
             module.__spec__ = real
 

@@ -19,7 +19,7 @@ image files and the embedded digits live in :mod:`wrapcal.datasets`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,32 @@ from wrapcal.errors import DataError
 from wrapcal.plugin.validation import check_labels
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+class MapStyleData(Protocol):
+    """A map-style data set read by index: a Hugging Face ``datasets.Dataset`` (with a
+    transform), or anything else with ``len`` and integer indexing."""
+
+    def __len__(self) -> int: ...
+
+    # Any: an item is whatever the data set holds (a pair, a tensor, a dict of fields).
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+#: A tensor or an array: one batch of inputs, a set of features, labels.
+ArrayLike: TypeAlias = torch.Tensor | np.ndarray
+#: Everything :func:`iter_batches` reads: a loader, a data set, an ``(X, y)`` pair of
+#: tensors or arrays, or a bare ``X`` (unlabelled).
+DataSource: TypeAlias = (
+    DataLoader[Any] | Dataset[Any] | MapStyleData | ArrayLike | tuple[ArrayLike, ArrayLike]
+)
+
+
+class HasModules(Protocol):
+    """A model whose layers can be listed: an ``nn.Module``, or a wrapped model as the
+    fit loop sees it (:class:`wrapcal.model.fitting.Fittable`)."""
+
+    def modules(self) -> Iterator[nn.Module]: ...
 
 
 def _as_tensor(value: Any, what: str) -> torch.Tensor:
@@ -43,7 +69,7 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     )
 
 
-def model_channels(model: nn.Module) -> int | None:
+def model_channels(model: HasModules) -> int | None:
     """The number of channels a model takes in dim 1, when it can be told: what a
     :class:`~wrapcal.WrappedModel` knows of its inputs (``input_shape``, from ``fit`` or
     its adapter), else the ``in_channels`` of its first 2-D convolution (a ViT's patch
@@ -61,7 +87,7 @@ def _may_be_channels_last(x: torch.Tensor) -> bool:
     return x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] != x.shape[-1]
 
 
-def _channels_last(x: torch.Tensor, model: nn.Module | None) -> int | None:
+def _channels_last(x: torch.Tensor, model: HasModules | None) -> int | None:
     """The model's channels when ``x`` is that many channels last and not first:
     then the model cannot take ``x`` as it is, and the permute is the fix."""
     if model is None or not _may_be_channels_last(x):
@@ -151,7 +177,7 @@ def first_inputs(data: Any) -> torch.Tensor | None:
     return None
 
 
-def layout_problem(data: Any, model: nn.Module) -> str | None:
+def layout_problem(data: Any, model: HasModules) -> str | None:
     """What is wrong with a data set's images for ``model`` when they are ``uint8`` or
     channels last (the message of :func:`check_inputs`), else ``None``: for turning a
     failure deep in the network into wrapcal's error."""
@@ -229,7 +255,7 @@ def _split_item(item: Any) -> Batch:
     return _as_tensor(item, "inputs"), None
 
 
-def iter_batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
+def iter_batches(data: DataSource, batch_size: int = 256) -> Iterator[Batch]:
     """Yield ``(x, y)`` batches (``y`` is ``None`` for unlabelled data) from any input."""
     if data is None:
         raise DataError("no data given")
@@ -251,7 +277,9 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[Batch]:
             yield x_all[start : start + batch_size], None
         return
     if isinstance(data, Dataset) or _is_map_style(data):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+        # DataLoader reads any map-style set (len and integer indexing), typed or not.
+        dataset = cast("Dataset[Any]", data)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
         yield from iter_batches(loader, batch_size)
         return
     raise DataError(
@@ -280,13 +308,17 @@ def num_samples(data: Any) -> int | None:
 
 def to_tensors(data: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read all of ``data`` into one ``(X, y)`` pair (``y`` is ``None`` if unlabelled)."""
-    xs, ys = [], []
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    unlabelled = 0
     for x, y in iter_batches(data, batch_size):
         xs.append(x)
-        ys.append(y)
+        if y is None:
+            unlabelled += 1
+        else:
+            ys.append(y)
     if not xs:
         raise DataError("the data set is empty")
-    labelled = [y is not None for y in ys]
-    if any(labelled) and not all(labelled):
+    if unlabelled and ys:
         raise DataError("some batches have labels and some do not")
-    return torch.cat(xs), (torch.cat(ys) if all(labelled) else None)
+    return torch.cat(xs), (torch.cat(ys) if ys else None)

@@ -37,7 +37,7 @@ import json
 import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import numpy as np
 import torch
@@ -138,7 +138,7 @@ def shard(data: Any) -> Any:
         return data[start:stop]
     if isinstance(data, Dataset) or _is_map_style(data):
         # A Hugging Face dataset too: without this every rank would read all of it.
-        start, stop = _block(len(data))  # type: ignore[arg-type]
+        start, stop = _block(len(data))
         return Subset(data, range(start, stop))
     return data
 
@@ -234,6 +234,24 @@ def all_reduce(
     exchange(None, group=group)
     dist.all_reduce(combined, op=_REDUCE_OPS[op], group=group)
     return combined.to(tensor.device)
+
+
+@overload
+def gather_rows(
+    tensor: torch.Tensor,
+    *,
+    sizes: list[int] | None = None,
+    group: ProcessGroup | None = None,
+) -> torch.Tensor: ...
+
+
+@overload
+def gather_rows(
+    tensor: torch.Tensor | None,
+    *,
+    sizes: list[int] | None = None,
+    group: ProcessGroup | None = None,
+) -> torch.Tensor | None: ...
 
 
 def gather_rows(
@@ -617,7 +635,7 @@ def _shown(value: str | None) -> str:
     return value if len(value) <= _SHOWN else value[: _SHOWN - 3] + "..."
 
 
-def _by_rank(values: list[str | None]) -> str:
+def _by_rank(values: Sequence[str | None]) -> str:
     groups: dict[str | None, list[int]] = {}
     for r, value in enumerate(values):
         groups.setdefault(value, []).append(r)

@@ -83,7 +83,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -98,7 +98,7 @@ from wrapcal.plugin.base import Plugin, get_tags
 from wrapcal.plugin.constraints import Check, Interval, Options, describe, validate
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.torch_helpers import one_cpu_thread
-from wrapcal.plugin.types import OutputKind, PluginTags, Stage
+from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
 
 __all__ = [
     "COMPANIONS",
@@ -183,6 +183,7 @@ class KitClip(Plugin):
 
     def __init__(self) -> None:
         super().__init__()
+        self.clip_: torch.Tensor
         self.register_buffer("clip_", torch.tensor(0.0))
 
     def __wrapcal_tags__(self) -> PluginTags:
@@ -467,7 +468,8 @@ def _instrument(plugin: Plugin) -> _Record:
 
         handle = model.head.register_forward_pre_hook(hook)
         try:
-            record.fit_result = fit(view, data)
+            # The proxy forwards every attribute to the real view: a ModelView to the plugin.
+            record.fit_result = fit(cast(ModelView, view), data)
         finally:
             handle.remove()
         return record.fit_result
@@ -481,7 +483,9 @@ def _instrument(plugin: Plugin) -> _Record:
 
         return features(inputs, recording_inner)
 
-    def recording_members(given: torch.Tensor, inner: Callable[[Any], torch.Tensor]):
+    def recording_members(
+        given: torch.Tensor, inner: Callable[[Any], torch.Tensor]
+    ) -> torch.Tensor:
         record.see("features", given)
 
         def recording_inner(x: torch.Tensor) -> torch.Tensor:
@@ -500,7 +504,7 @@ def _instrument(plugin: Plugin) -> _Record:
         if not record.active:
             return outputs(context)
         proxy = _RecordingContext(context, record)
-        found = outputs(proxy)
+        found = outputs(cast(OutputContext, proxy))  # forwards every field it is asked for
         own_features = get_tags(plugin).stage == Stage.FEATURES  # they include its step
         if "features" in record.read and not own_features:
             record.see("features", context.features)
@@ -579,7 +583,9 @@ class _Kit:
     def tags(self) -> PluginTags:
         return get_tags(self.make())
 
-    def wrapped(self, companion: tuple[str, dict[str, Any]] | None = None, first: bool = True):
+    def wrapped(
+        self, companion: tuple[str, dict[str, Any]] | None = None, first: bool = True
+    ) -> WrappedModel:
         """A new wrapped model of the kit's net, with the plugin (and a companion)."""
         items = [self.item()]
         if companion is not None:
@@ -612,7 +618,9 @@ class _Kit:
             warnings.simplefilter("ignore", UserWarning)
             return wrapped.fit(**sets, progress=False, seed=0)
 
-    def fitted(self, key: Any, companion: Any = None, first: bool = True, record: bool = False):
+    def fitted(
+        self, key: Any, companion: Any = None, first: bool = True, record: bool = False
+    ) -> _Fitted:
         """A fitted model, made once per key; a failure is kept and reported by each
         rule that needs the model."""
         if key not in self.cache:
@@ -924,6 +932,7 @@ def _check_fit(kit: _Kit) -> str:
         )
     if recorded.error is not None:
         raise kit.fail(rule, f"wrap and fit raised {_said(recorded.error)}", recorded.error)
+    assert recorded.wrapped is not None  # a fit that raised nothing made the model
     alone = kit.alone()
     if _tag_values(get_tags(kit.under_test(alone))) != _tag_values(tags):
         raise kit.fail(rule, "fit changed the tags: they must follow from the parameters alone")
@@ -1301,10 +1310,12 @@ def _check_fit_inputs(kit: _Kit) -> str:
             raise kit.fail(
                 rule, f"{where}, wrap and fit raised {_said(fitted.error)}", fitted.error
             )
-        if any(get_tags(p).needs_inputs for p in fitted.wrapped.plugins if p is not fitted.plugin):
+        wrapped = fitted.wrapped
+        assert wrapped is not None  # a fit that raised nothing made the model
+        if any(get_tags(p).needs_inputs for p in wrapped.plugins if p is not fitted.plugin):
             continue  # a backbone sampler: cached features cannot stand in for inputs
         problem, count = _fit_input_problem(fitted)
-        problem = _cached_problem(fitted.wrapped) or problem
+        problem = _cached_problem(wrapped) or problem
         if problem:
             raise kit.fail(
                 rule,
@@ -1416,7 +1427,9 @@ def _check_save_refuses(kit: _Kit) -> str:
     return "nothing learned to corrupt"
 
 
-def _export_problem(outputs: list[torch.Tensor], expected: dict[str, torch.Tensor], tol: float):
+def _export_problem(
+    outputs: list[torch.Tensor], expected: dict[str, torch.Tensor], tol: float
+) -> str | None:
     if len(outputs) != len(expected):
         return f"{len(outputs)} outputs, predict gives {len(expected)}"
     for (name, want), got in zip(expected.items(), outputs, strict=True):

@@ -8,7 +8,7 @@ asks for into the flags that give it, so no message asks for a Python call.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["FIT_FLAGS", "CliError", "fit_flag", "in_cli_terms", "one_line"]
 
@@ -32,7 +32,7 @@ def _fit_call(match: re.Match[str]) -> str:
     return ("give " if match.group(1) else "") + joiner.join(flags)
 
 
-_REWRITES: list[tuple[re.Pattern[str], object]] = [
+_REWRITES: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
     # "needs wrapped.fit(calibration=...)", "call wrapped.fit(train=(X, y), unlabeled=...)"
     (re.compile(r"(call )?(?:wrapped\.)?fit\(((?:[^()]|\([^()]*\))*)\)"), _fit_call),
     (
@@ -80,7 +80,7 @@ def in_cli_terms(message: str, plugins: Iterable[str] = ()) -> str:
             finetune=True`` says ``pass --plugin-arg mc_dropout.finetune=true``.
     """
     for pattern, replacement in _REWRITES:
-        message = pattern.sub(replacement, message)  # type: ignore[arg-type]
+        message = pattern.sub(replacement, message)
     about = next((p for p in plugins if re.match(rf"(plugin )?{re.escape(p)}\b", message)), None)
     if about is not None:
 

@@ -266,6 +266,7 @@ def fit(args: argparse.Namespace) -> Path:
     where = f"{_flag(first)} {plan[first]}" if first else "the fit data (no labelled set)"
     model = models.resolve(args, model_kwargs, reference, where, names)
     if reference is not None:
+        assert first is not None  # the reference is one of the sets
         models.check_input(model.baseline, reference, _flag(first))
     data, loud = check_fit_sets(sets, model, args.allow_partial_classes, COMMAND)
 

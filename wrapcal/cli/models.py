@@ -239,6 +239,7 @@ def resolve(
     from wrapcal.cli.inputs import relayed
 
     found = device(args.device)
+    num_classes: int | None
     if is_saved_file(args.model):
         with relayed(args.command, []):
             saved = wrapcal.load(args.model).to(found)

@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     rules = AlertRules(args.min_accuracy, args.max_drop, args.ood_alpha, args.drift_alpha)
     ood_score = None if args.ood_score.lower() == "none" else args.ood_score
     settings = image_settings(args)
+    names: list[str] | None
     windows, names = _windows(args, settings)
     tracking = None
     if args.mlflow:

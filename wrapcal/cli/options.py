@@ -4,6 +4,7 @@ image flags) and the types that check them as they are parsed."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Normaliser
 
@@ -25,7 +26,7 @@ _SPECS = (
 )
 
 
-def at_least(low: int):
+def at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low``, with a message that says so."""
 
     def parse(text: str) -> int:

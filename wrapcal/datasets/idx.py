@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import re
 import struct
 import zlib
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
@@ -49,14 +49,14 @@ def is_idx_name(path: PathLike) -> bool:
     return _IDX_NAME.search(Path(path).name) is not None
 
 
-def _read_exact(stream: IO[bytes], size: int, name: str, what: str) -> bytes:
+def _read_exact(stream: io.BufferedIOBase, size: int, name: str, what: str) -> bytes:
     data = stream.read(size)
     if len(data) != size:
         raise DataError(f"{name}: truncated IDX {what} ({len(data)} of {size} bytes); {_FIX}")
     return data
 
 
-def _header(stream: IO[bytes], name: str) -> tuple[np.dtype, tuple[int, ...], int]:
+def _header(stream: io.BufferedIOBase, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
     """The dtype, shape and byte length of an IDX header, read from its first bytes."""
     magic = stream.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
@@ -94,7 +94,7 @@ def load_idx(path: PathLike) -> np.ndarray:
     with open_regular(path) as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        stream: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         try:
             dtype, shape, header = _header(stream, name)
             # Python integers: 255 dimensions of 2^32 - 1 cannot wrap around.

@@ -15,7 +15,7 @@ import stat
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from typing import IO, Any
+from typing import Any
 
 from wrapcal.errors import DataError
 
@@ -84,7 +84,7 @@ def check_regular(path: str | os.PathLike, fix: str = "give a regular file") -> 
     return status
 
 
-def open_regular(path: str | os.PathLike, fix: str = "give a regular file") -> IO[bytes]:
+def open_regular(path: str | os.PathLike, fix: str = "give a regular file") -> io.BufferedReader:
     """Open a regular file for reading, never blocking on a FIFO.
 
     The file is opened non-blocking and checked on the open descriptor, so a file swapped

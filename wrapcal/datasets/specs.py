@@ -149,7 +149,8 @@ def _finish_tensors(
     if role in UNLABELLED_ROLES:
         y = None
     data = x if y is None else (x, y)
-    return Loaded(data, len(x), tuple(x.shape[1:]), y, names, kind, normaliser)
+    shape = (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]))  # images [N, C, H, W]
+    return Loaded(data, len(x), shape, y, names, kind, normaliser)
 
 
 def _digits(role: str, settings: ImageSettings, like: Loaded | None) -> Loaded:

@@ -102,6 +102,7 @@ def export(
     example = example_input(wrapped, input_shape)  # checks the shape
     inputs = example
     if include_preprocessing:
+        assert wrapped.preprocess is not None  # _pixel_shape refused a model without one
         pixels = PixelInput(wrapped.preprocess, float_dtype_of(wrapped) or torch.float32)
         pixels = pixels.to(wrapped.device)
         example = pixel_example(wrapped, example.shape[1:])

@@ -46,7 +46,7 @@ from torch import nn
 from wrapcal.export.checks import ExportError
 from wrapcal.export.module import OutputSpec
 from wrapcal.export.targets import is_export_metadata, sidecar
-from wrapcal.plugin.base import get_tags
+from wrapcal.plugin.base import Plugin, get_tags
 
 #: The name of the metadata inside a ``.pt2`` archive (``torch.export.save``'s extra file).
 PT2_EXTRA_FILE = "wrapcal.json"
@@ -118,7 +118,7 @@ def class_names_of(model: nn.Module) -> list[str] | None:
     return None
 
 
-def _learned(plugin: nn.Module) -> dict[str, Any]:
+def _learned(plugin: Plugin) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, buffer in plugin.named_buffers():
         dtype = str(buffer.dtype).removeprefix("torch.")
@@ -129,7 +129,7 @@ def _learned(plugin: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _plugin_entry(plugin: nn.Module) -> dict[str, Any]:
+def _plugin_entry(plugin: Plugin) -> dict[str, Any]:
     tags = get_tags(plugin)
     kind = type(plugin)
     return {
@@ -277,6 +277,7 @@ def _input_entry(wrapped: WrappedModel, example: torch.Tensor, pixels: bool) -> 
         "dtype": str(example.dtype).removeprefix("torch."),
     }
     if pixels:
+        assert wrapped.preprocess is not None  # pixels in the graph come from its record
         entry["layout"] = "NHWC"
         entry["channel_order"] = "L" if wrapped.preprocess.channels == 1 else "RGB"
     return entry

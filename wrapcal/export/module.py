@@ -91,6 +91,10 @@ class PixelInput(nn.Module):
         dtype: The model's floating dtype.
     """
 
+    # Registered buffers, [1, C, 1, 1].
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, preprocess: Preprocess, dtype: torch.dtype) -> None:
         super().__init__()
         c = preprocess.channels

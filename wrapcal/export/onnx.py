@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.export import ExportedProgram
@@ -41,10 +41,21 @@ EXTERNAL_BYTES = 1_500_000_000
 
 def _translations() -> dict[Callable[..., Any], Callable[..., Any]]:
     from onnxscript import opset18 as op
+    from onnxscript.onnx_types import INT64
 
-    def stable_sort(self: Any, stable: Any = None, dim: int = -1, descending: bool = False):
+    def int64s(values: list[int]) -> INT64:
+        # onnxscript's stubs type Constant's output as any tensor type; these are int64.
+        return cast(INT64, op.Constant(value_ints=values))
+
+    # Any: onnxscript's traced values (torch's exporter passes its own tensor type).
+    def stable_sort(
+        self: Any, stable: Any = None, dim: int = -1, descending: bool = False
+    ) -> tuple[Any, Any]:
         # TopK over the whole axis is a sort; ONNX specifies ties in index order.
-        size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        # A Python int as Gather's indices becomes an int64 constant when traced; the
+        # stubs accept only tensors there.
+        axis_size = op.Gather(op.Shape(self), dim, axis=0)  # type: ignore[type-var]
+        size = op.Reshape(axis_size, int64s([1]))
         values, indices = op.TopK(self, size, axis=dim, largest=descending, sorted=True)
         return values, indices
 
@@ -55,17 +66,16 @@ def _translations() -> dict[Callable[..., Any], Callable[..., Any]]:
         right: bool = False,
         side: str | None = None,
         sorter: Any = None,
-    ):
+    ) -> Any:
         if sorter is not None:
             raise NotImplementedError("searchsorted with a sorter has no ONNX translation")
-        knots = op.Unsqueeze(sorted_sequence, op.Constant(value_ints=[-2]))  # [..., 1, E]
-        values = op.Unsqueeze(self, op.Constant(value_ints=[-1]))  # [..., B, 1]
+        knots = op.Unsqueeze(sorted_sequence, int64s([-2]))  # [..., 1, E]
+        values = op.Unsqueeze(self, int64s([-1]))  # [..., B, 1]
         below = (
             op.LessOrEqual(knots, values) if right or side == "right" else op.Less(knots, values)
         )
-        count = op.ReduceSum(
-            op.Cast(below, to=7), op.Constant(value_ints=[-1]), keepdims=0
-        )  # int64
+        # to=7: int64 (the stubs type Cast's output as any tensor type).
+        count = op.ReduceSum(cast(INT64, op.Cast(below, to=7)), int64s([-1]), keepdims=0)
         return op.Cast(count, to=6) if out_int32 else count
 
     return {
@@ -126,7 +136,8 @@ def _match_dtypes(model: onnx_ir.Model, specs: list[OutputSpec]) -> None:
             continue
         cast = ir.Node("", "Cast", [value], [ir.AttrInt64("to", want)], name=f"cast_{spec.name}")
         graph.append(cast)
-        value.name = f"{spec.name}_{value.dtype.name.lower()}"
+        was = "unknown" if value.dtype is None else value.dtype.name.lower()
+        value.name = f"{spec.name}_{was}"
         out = cast.outputs[0]
         out.name, out.dtype, out.shape = spec.name, want, value.shape
         graph.outputs[index] = out

@@ -82,11 +82,12 @@ def example_input(wrapped: WrappedModel, input_shape: Sequence[int] | None = Non
 
 
 def _bytes(size: int) -> str:
+    scaled = float(size)
     for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
-        size /= 1000  # type: ignore[assignment]
-    return f"{size} B"  # unreachable
+        if scaled < 1000 or unit == "TB":
+            return f"{scaled:,.0f} {unit}" if unit == "B" else f"{scaled:,.1f} {unit}"
+        scaled /= 1000
+    return f"{scaled} B"  # unreachable
 
 
 def pixel_example(wrapped: WrappedModel, shape: Sequence[int]) -> torch.Tensor:
@@ -161,6 +162,7 @@ def blame(
         message = (
             "the graph depends on the batch size (a loop or branch on it), which must stay free"
         )
+    culprit: str | None
     if message.startswith("plugin "):  # raised inside a plugin's method: already named
         culprit, _, message = message.partition(": ")
     else:

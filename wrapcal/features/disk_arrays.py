@@ -183,7 +183,7 @@ class DiskWriter:
         labelled = labels is not None
         if self.labelled is None:
             self.labelled = labelled
-        if labelled:
+        if labels is not None:
             data = labels.detach().to("cpu", torch.int64).numpy().tobytes()
             self._labels.write(data)
             self._labels_hash.update(data)
@@ -196,7 +196,7 @@ class DiskWriter:
         start = 0
         while start < len(rows):
             take = min(len(rows) - start, self.chunk_rows - self._in_chunk)
-            self._chunk.update(memoryview(rows[start : start + take]).cast("B"))
+            self._chunk.update(rows[start : start + take].data.cast("B"))
             self._in_chunk += take
             start += take
             if self._in_chunk == self.chunk_rows:

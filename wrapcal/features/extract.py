@@ -34,7 +34,8 @@ class FeatureSet:
 
     Attributes:
         name: Which data set (``"train"``, ``"calibration"``, ``"unlabeled"``...).
-        features: ``[N, D]`` features on the model's device.
+        features: ``[N, D]`` features on the model's device (a :class:`DiskFeatures`
+            view, read a chunk at a time, for a set cached on disk).
         labels: ``[N]`` class indices, or ``None`` for unlabelled data.
         data: The data as the user gave it, for plugins that stream batches through
             the whole network (``None`` when fitted from features).
@@ -45,7 +46,7 @@ class FeatureSet:
     """
 
     name: str
-    features: torch.Tensor
+    features: torch.Tensor | DiskFeatures
     labels: torch.Tensor | None
     data: Any = None
     input_shape: tuple[int, ...] | None = None
@@ -291,9 +292,10 @@ def extract(
         bar.close()
     if not rows:
         raise DataError(f"the {name!r} data set is empty")
-    features = sink.finish()
-    if any(y is None for y in labels):
+    stored = sink.finish()
+    known = [y for y in labels if y is not None]
+    if len(known) < len(labels):
         y_all = None
     else:
-        y_all = check_labels(torch.cat(labels), rows, num_classes).to(features.device)
-    return FeatureSet(name, features, y_all, data, input_shape)
+        y_all = check_labels(torch.cat(known), rows, num_classes).to(stored.device)
+    return FeatureSet(name, stored, y_all, data, input_shape)

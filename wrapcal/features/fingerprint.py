@@ -56,7 +56,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1).cpu()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    # .data: the array's own memoryview (numpy's stubs type the buffer protocol for 3.12+ only).
+    return flat.view(torch.uint8).numpy().data
 
 
 def _update(h: Any, tensor: torch.Tensor) -> None:
@@ -181,9 +182,12 @@ def memory_fingerprint(data: Any) -> str | None:
     ``None`` for data that is read batch by batch (a loader or a dataset)."""
     pair = isinstance(data, (tuple, list)) and len(data) == 2
     parts: tuple[Any, ...] = tuple(data) if pair else (data,)
-    tensors = [_as_tensor(p) for p in parts]
-    if any(t is None for t in tensors):
-        return None
+    tensors = []
+    for part in parts:
+        tensor = _as_tensor(part)
+        if tensor is None:
+            return None
+        tensors.append(tensor)
     h = hashlib.blake2b(digest_size=_DIGEST)
     h.update(f"memory:{len(tensors)}".encode())
     for tensor in tensors:

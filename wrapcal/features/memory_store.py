@@ -150,6 +150,8 @@ class FeatureCache:
         sink: FeatureSink,
     ) -> FeatureSet:
         """Keep a computed feature set (if it fits the budget); return it."""
+        if not isinstance(feature_set.features, torch.Tensor):  # a MemorySink's: in memory
+            raise TypeError("the memory store keeps features in memory only (a torch.Tensor)")
         entry = _Entry(feature_set.features, feature_set.labels, feature_set.input_shape, probe)
         self._put((model_key, data_key), entry)
         return feature_set
@@ -283,7 +285,11 @@ def cached_features(
         store.discard(sink)
         raise
     store.misses += 1
-    key = data_key if stream is None else stream.hexdigest()
+    if data_key is not None:
+        key = data_key
+    else:
+        assert stream is not None  # made above for data without a key
+        key = stream.hexdigest()
     return store.store(
         model_key, key, computed, probe or (stream.first if stream else None), sink
     ), True

@@ -92,6 +92,11 @@ class CifarResNet(nn.Module):
         num_classes: Number of output classes.
     """
 
+    # Set by cifar_resnet() on the models it builds: how wrapcal.load rebuilds the model
+    # and what its inputs are (plain attributes, not submodules).
+    wrapcal_source: dict[str, object]
+    wrapcal_preprocess: dict[str, object]
+
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)

@@ -288,8 +288,10 @@ def _load_problem(
         for buffer, (spec, dtypes) in plugin.learned_tensor_specs().items():
             key = f"plugins.{index}.{buffer}"
             stored = tensors.get(key)
-            problem = stored is not None and learned_tensor_problem(
-                key, stored, spec, dtypes, sizes, name
+            problem = (
+                None
+                if stored is None
+                else learned_tensor_problem(key, stored, spec, dtypes, sizes, name)
             )
             if problem:
                 return problem
@@ -373,7 +375,9 @@ def state_tensors(wrapped: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, ties
 
 
-def with_ties(tensors: Mapping[str, torch.Tensor], ties: Mapping[str, str]):
+def with_ties(
+    tensors: Mapping[str, torch.Tensor], ties: Mapping[str, str]
+) -> dict[str, torch.Tensor]:
     """``tensors`` with each tied alias naming its tensor (the same object)."""
     return {**tensors, **{alias: tensors[name] for alias, name in ties.items()}}
 

@@ -271,7 +271,7 @@ def _from_timm(model: Any) -> Preprocess | None:
     return Preprocess(
         mean=tuple(mean),
         std=tuple(std),
-        size=size,  # type: ignore[arg-type]
+        size=size,
         channel_order=order,
         interpolation=interpolation if interpolation in INTERPOLATIONS else None,
     )
@@ -342,5 +342,5 @@ def fit_to_model(
         return None
     size = tuple(int(s) for s in input_shape[1:])
     if fixed and len(size) == 2 and preprocess.size != size:
-        return replace(preprocess, size=size)  # type: ignore[arg-type]
+        return replace(preprocess, size=size)
     return preprocess

@@ -6,11 +6,14 @@ registry, like ``wrap`` does, and fitted with :meth:`~wrapcal.Calibrator.fit_log
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wrapcal.model import discovery
 from wrapcal.model.assemble import create_plugin
 from wrapcal.plugin.calibrator import Calibrator
+
+if TYPE_CHECKING:
+    from wrapcal.plugin.validation import LabelsLike, LogitsLike
 
 __all__ = ["fit_calibrator"]
 
@@ -23,7 +26,12 @@ def _calibrator_names() -> list[str]:
     )
 
 
-def fit_calibrator(logits: Any, labels: Any, method: str = "temperature", **params: Any):
+def fit_calibrator(
+    logits: LogitsLike,
+    labels: LabelsLike,
+    method: str = "temperature",
+    **params: Any,
+) -> Calibrator:
     """Fit a post-hoc calibrator on logits you already have.
 
     >>> cal = wrapcal.fit_calibrator(val_logits, val_labels, method="dirichlet")

@@ -250,9 +250,9 @@ def conformal_quantile(
     counts = torch.zeros((*scores.shape[:-1], num_classes), dtype=torch.long, device=scores.device)
     counts.scatter_add_(-1, by_class, torch.ones_like(by_class))
     starts = torch.cumsum(counts, dim=-1) - counts
-    k = _rank(counts, alpha)
-    picked = grouped.gather(-1, (starts + k - 1).clamp(0, max(n - 1, 0)))
-    return torch.where(k <= counts, picked, torch.full_like(picked, ALL_CLASSES))
+    ranks = _rank(counts, alpha)
+    picked = grouped.gather(-1, (starts + ranks - 1).clamp(0, max(n - 1, 0)))
+    return torch.where(ranks <= counts, picked, torch.full_like(picked, ALL_CLASSES))
 
 
 def tune_raps(

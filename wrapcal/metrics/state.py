@@ -11,6 +11,8 @@ from torch import Tensor
 from wrapcal import distributed
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from torch.distributed import ProcessGroup
 
 __all__ = ["SummableMetric", "acc_dtype", "row_chunks", "scatter_sum"]
@@ -24,7 +26,9 @@ def acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def row_chunks(n_rows: int, n_cols: int, budget: int = _CHUNK_ELEMENTS):
+def row_chunks(
+    n_rows: int, n_cols: int, budget: int = _CHUNK_ELEMENTS
+) -> Iterator[tuple[int, int]]:
     """Yields ``(lo, hi)`` row ranges whose ``[rows, n_cols]`` blocks hold ~``budget`` items."""
     step = max(1, budget // max(n_cols, 1))
     for lo in range(0, n_rows, step):

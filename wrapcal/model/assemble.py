@@ -282,6 +282,7 @@ def wrap(
     # Read before the split: the adapters take the model apart.
     record = resolve(preprocess, model if split is None else split.backbone)
     if split is None:
+        assert isinstance(model, nn.Module)  # refused above otherwise
         target = model if inplace else copy.deepcopy(model)
         split = split_at(target, head) if head is not None else find_split(target)
     elif not inplace:

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.probs import combine_members, entropy, logits_to_probs
 from wrapcal.plugin.torch_helpers import check_features, in_mode
-from wrapcal.plugin.types import OutputContext, OutputKind, PluginTags, Stage
+from wrapcal.plugin.types import FeatureRows, OutputContext, OutputKind, PluginTags, Stage
 from wrapcal.plugin.validation import check_finite
 
 __all__ = ["CORE_OUTPUTS", "Chain", "ModelParts", "PrefixView", "named_errors", "overrides"]
@@ -82,7 +82,11 @@ CORE_OUTPUTS = {
 CACHED_BATCH = 8192
 
 
-def named_errors(name: str, call: Callable[..., Any], *args: Any) -> Any:
+#: What a call wrapped by :func:`named_errors` returns.
+R = TypeVar("R")
+
+
+def named_errors(name: str, call: Callable[..., R], *args: object) -> R:
     """``call(*args)``, with ``plugin <name>:`` put in front of the message of any error.
 
     The exception keeps its type and traceback; a message that already names a plugin
@@ -188,7 +192,9 @@ class Chain:
 
     # --- the steps ---------------------------------------------------------------------
 
-    def _base_features(self, cached: torch.Tensor | None, inputs: torch.Tensor | None):
+    def _base_features(
+        self, cached: torch.Tensor | None, inputs: torch.Tensor | None
+    ) -> torch.Tensor:
         if inputs is None:
             if cached is None:
                 raise ValueError("no inputs and no cached features to compute features from")
@@ -412,17 +418,19 @@ class Chain:
                 logits = named_errors(name, plugin.transform_logits, logits)
         return combined, logits
 
-    def logits(self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None):
+    def logits(
+        self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final logits ``[B, K]`` of inputs or of cached features."""
         return self.finish(self.members(self.features(inputs, cached)))[1]
 
-    def cached_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+    def cached_logits(self, features: FeatureRows, batch_size: int = CACHED_BATCH) -> torch.Tensor:
         """Final logits ``[N, K]`` of cached features ``[N, D]``, in steps of rows."""
         with torch.no_grad():
             if features.shape[0] == 0:
                 # No rows: the logits of one row of zeros, none of them kept, so the
                 # result has the columns and dtype every plugin gives.
-                return self.logits(None, features.new_zeros(1, *features.shape[1:]))[:0]
+                return self.logits(None, features[:1].new_zeros(1, *features.shape[1:]))[:0]
             return torch.cat(
                 [
                     self.logits(None, features[i : i + batch_size])
@@ -490,7 +498,9 @@ class Chain:
         full = self.predict(None, one) if cached else self.predict(one)
         return full.select_rows(slice(0, 0))
 
-    def predict(self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None):
+    def predict(
+        self, inputs: torch.Tensor | None, cached: torch.Tensor | None = None
+    ) -> Prediction:
         """The whole chain: a :class:`~wrapcal.Prediction` with every plugin's outputs."""
         features, model_features = self._features(inputs, cached)
         members = self.members(features)
@@ -532,7 +542,9 @@ class Chain:
         return Prediction.build(logits, probs, outputs, kinds)
 
     @staticmethod
-    def core_outputs(members: torch.Tensor, probs: torch.Tensor):
+    def core_outputs(
+        members: torch.Tensor, probs: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, OutputKind]]:
         """The core's scores of members ``[M, B, K]`` and final probabilities, and their
         kinds: ``msp``, ``entropy``, and with one member of several logits ``max_logit``
         and ``energy`` (of that member, before any logit transform)."""
@@ -544,7 +556,7 @@ class Chain:
 
     @staticmethod
     def _checked(
-        name: str, tags: PluginTags, found: Any, probs: torch.Tensor
+        name: str, tags: PluginTags, found: object, probs: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The plugin's outputs, each checked against its declared kind."""
         if not isinstance(found, dict):
@@ -657,13 +669,11 @@ class PrefixView:
         with torch.no_grad():
             return self._chain.members(self._chain.features(None, features))
 
-    def head_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH) -> torch.Tensor:
+    def head_logits(self, features: FeatureRows, batch_size: int = CACHED_BATCH) -> torch.Tensor:
         self._check_logits_allowed()
         return self._chain.cached_logits(features, batch_size)
 
-    def predict_features(
-        self, features: torch.Tensor, batch_size: int = CACHED_BATCH
-    ) -> Prediction:
+    def predict_features(self, features: FeatureRows, batch_size: int = CACHED_BATCH) -> Prediction:
         self._check_logits_allowed()
         batches = (features[i : i + batch_size] for i in range(0, features.shape[0], batch_size))
 

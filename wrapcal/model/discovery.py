@@ -39,7 +39,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -92,7 +92,7 @@ class PluginInfo:
     """
 
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Plugin]
     package: str | None
     version: str | None
     description: str
@@ -225,7 +225,7 @@ def reset() -> None:
     _sources.clear()
 
 
-def _first_line(obj: Any) -> str:
+def _first_line(obj: object) -> str:
     doc = (getattr(obj, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""
 
@@ -235,7 +235,7 @@ def _registrar(registered: str, found: list[PluginInfo]) -> Callable[..., None]:
     source = _sources.get(registered, _Source(None, None, False))
     where = source.package or f"the module {registered}"
 
-    def register(name: str, factory: Callable[..., Any]) -> None:
+    def register(name: str, factory: Callable[..., Plugin]) -> None:
         if not isinstance(name, str) or not name or ":" in name:
             raise ValueError(
                 f"{where} registers a plugin under {name!r}: a plugin name is a non-empty "
@@ -335,7 +335,7 @@ def _clash_message(name: str, infos: list[PluginInfo]) -> str:
     )
 
 
-def _not_found(name: Any) -> PluginNotFoundError:
+def _not_found(name: object) -> PluginNotFoundError:
     return PluginNotFoundError(
         f"no plugin named {name!r}; {_installed_hint()}. Install the package that "
         f"provides it (plugins register in the {ENTRY_POINT_GROUP!r} entry-point group) "

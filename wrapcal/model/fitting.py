@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
+from torch import nn
 
 from wrapcal import distributed
-from wrapcal.data import layout_problem
+from wrapcal.data import DataSource, layout_problem
 from wrapcal.errors import DataError
 from wrapcal.features.disk_arrays import DiskFeatures
 from wrapcal.features.disk_store import DiskCache
@@ -84,17 +85,21 @@ class Fittable(ModelParts, Protocol):
     """What the fit loop reads and sets of a wrapped model (a :class:`~wrapcal.WrappedModel`
     is one)."""
 
-    plugins: Iterable[Plugin]
     plugin_names: list[str]
     input_shape: tuple[int, ...] | None
     operating_points: dict[str, Any] | None
 
     @property
+    def plugins(self) -> Iterable[Plugin]: ...
+
+    @property
     def num_classes_out(self) -> int: ...
+
+    def modules(self) -> Iterator[nn.Module]: ...
 
     def features_of(
         self,
-        data: Any,
+        data: DataSource,
         name: str = "data",
         *,
         batch_size: int = 256,
@@ -103,6 +108,10 @@ class Fittable(ModelParts, Protocol):
     ) -> tuple[FeatureSet, bool]:
         """The backbone's features of a data set, and whether the backbone ran."""
         ...
+
+
+#: The model type a fit returns: the one it was given.
+FittableT = TypeVar("FittableT", bound=Fittable)
 
 
 def read_sets(wrapped: Fittable) -> tuple[set[str], dict[str, dict[str, str]]]:
@@ -188,7 +197,7 @@ def agree_to_fit(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any
     distributed.check_agreement(distributed.agree(describe, "describing the model and data"))
 
 
-def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
+def fit_from_data(wrapped: FittableT, sets: dict[str, Any], options: dict[str, Any]) -> FittableT:
     """``wrapped.fit``: extract the features of the sets that are read, fit the plugins."""
     agree_to_fit(wrapped, sets, options)  # first: what follows must go alike on every rank
     given = _given(sets)
@@ -232,10 +241,16 @@ def fit_from_data(wrapped: Fittable, sets: dict[str, Any], options: dict[str, An
     def extract_all() -> dict[str, FeatureSet]:
         out = {}
         for name in sorted(used, key=list(given).index):
-            local = distributed.agree(lambda n=name: extract(n), f"computing {name} features")
-            out[name] = distributed.agree(
-                lambda n=name, s=local: combine(n, s), f"gathering {name} features"
-            )
+
+            def extracted(n: str = name) -> FeatureSet:
+                return extract(n)
+
+            local = distributed.agree(extracted, f"computing {name} features")
+
+            def combined(n: str = name, s: FeatureSet = local) -> FeatureSet:
+                return combine(n, s)
+
+            out[name] = distributed.agree(combined, f"gathering {name} features")
         return out
 
     data = FitData(extract_all(), dict(options))
@@ -299,7 +314,9 @@ def _warn_on_missing_classes(data: FitData, classes: int) -> None:
             )
 
 
-def fit_from_features(wrapped: Fittable, sets: dict[str, Any], options: dict[str, Any]) -> Fittable:
+def fit_from_features(
+    wrapped: FittableT, sets: dict[str, Any], options: dict[str, Any]
+) -> FittableT:
     """``wrapped.fit_features``: fit the plugins from features the user computed."""
     agree_to_fit(wrapped, sets, options)  # every rank fits from the features it was given
     given = _given(sets)
@@ -401,6 +418,7 @@ def through_features_stage(
     sets = {}
     for name, found in data.sets.items():
         features = found.features
+        moved: torch.Tensor | DiskFeatures
         with torch.no_grad():
             chunks = (
                 chain.model_features(None, features[i : i + rows])
@@ -442,8 +460,8 @@ def _refuse_logits(name: str) -> str:
 
 
 def _fit_plugins(
-    wrapped: Fittable, data: FitData, recompute: Callable[[], dict[str, FeatureSet]]
-) -> Fittable:
+    wrapped: FittableT, data: FitData, recompute: Callable[[], dict[str, FeatureSet]]
+) -> FittableT:
     named = [
         (name, plugin, get_tags(plugin))
         for name, plugin in zip(wrapped.plugin_names, wrapped.plugins, strict=True)
@@ -471,11 +489,12 @@ def _fit_plugins(
                 view = PrefixView(wrapped, chain_of(fitted, False), _refuse_logits(name))
             else:
                 if transformed and not moved:
+
+                    def moved_data(d: FitData = data) -> FitData:
+                        return through_features_stage(chain_of(set(first), False), d, scratch)
+
                     data = distributed.agree(
-                        lambda d=data: through_features_stage(
-                            chain_of(set(first), False), d, scratch
-                        ),
-                        "passing the fit data through the FEATURES stage",
+                        moved_data, "passing the fit data through the FEATURES stage"
                     )
                     moved = True
                 view = PrefixView(wrapped, chain_of(fitted, True))

@@ -54,7 +54,7 @@ def rate_key(rate: float) -> str:
     return repr(float(rate))
 
 
-def check_accept_rates(rates: Any) -> tuple[float, ...]:
+def check_accept_rates(rates: Any) -> tuple[float, ...]:  # Any: duck-typed, see below
     """The acceptance rates, checked: one or more distinct numbers in (0, 1].
 
     Raises:
@@ -87,7 +87,7 @@ def _thresholds(prediction: Prediction, rate: float) -> dict[str, float]:
 def measure_operating_points(
     prediction: Prediction,
     labels: torch.Tensor | None,
-    accept_rates: Any = (ACCEPT_RATE,),
+    accept_rates: object = (ACCEPT_RATE,),
 ) -> dict[str, Any]:
     """Thresholds of every score at each acceptance rate and, with labels, accuracy / ECE
     / NLL of the prediction (the module docstring gives the form)."""
@@ -117,15 +117,15 @@ def measure_operating_points(
     return points
 
 
-def is_operating_points(value: Any) -> bool:
+def is_operating_points(value: object) -> bool:
     """Whether a value read from a saved file has the form :func:`measure_operating_points`
     gives (finite numbers only): the one-rate form of every file, or the form with
     several rates, whose first rate's thresholds are ``thresholds``."""
 
-    def number(v: Any) -> bool:
+    def number(v: object) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    def table(t: Any) -> bool:
+    def table(t: object) -> bool:
         return isinstance(t, dict) and all(isinstance(k, str) and number(v) for k, v in t.items())
 
     if value is None:

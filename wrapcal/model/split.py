@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -92,6 +92,23 @@ def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+class TimmClassifier(Protocol):
+    """What the timm adapter calls on a timm model (found by duck typing, so any model
+    with these methods splits the same way)."""
+
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _timm(model: nn.Module) -> TimmClassifier:
+    """``model`` as the timm protocol: only models that passed TimmAdapter's check for
+    its methods reach the functions that call this."""
+    return cast(TimmClassifier, model)
+
+
 class FeatureTap(nn.Identity):
     """Stands where the head was; checks once that the model returns the head's output.
 
@@ -99,6 +116,9 @@ class FeatureTap(nn.Identity):
     the model returns that layer's output unchanged. The tap records its output, and
     :class:`TappedBackbone` compares it, by identity, with the model's output.
     """
+
+    #: The last output (set at each pass; ``None`` once read, not to keep the batch).
+    last_output: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A new tensor object (a view, no copy): found by identity in the model's output,
@@ -108,7 +128,7 @@ class FeatureTap(nn.Identity):
         return out
 
 
-def _holds(output: Any, value: torch.Tensor) -> bool:
+def _holds(output: object, value: torch.Tensor) -> bool:
     """Whether the model's ``output`` is ``value`` or holds it (the object itself) as an
     item of a tuple or list or a value of a dict: the logits, returned unchanged."""
     if output is value:
@@ -140,6 +160,11 @@ class TappedBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tap = self.model.get_submodule(self.head_path)
+        if not isinstance(tap, FeatureTap):
+            raise SplitError(
+                f"the module at '{self.head_path}' of {type(self.model).__name__} was "
+                "replaced after the split; wrap the model again"
+            )
         out = self.model(x)
         features = tap.last_output
         if not self._checked:
@@ -150,6 +175,11 @@ class TappedBackbone(nn.Module):
                     f"activation or reshaping); {HOW_TO_SPLIT_BY_HAND}"
                 )
             self._checked = True
+        if features is None:
+            raise SplitError(
+                f"{type(self.model).__name__} did not call its layer '{self.head_path}' in "
+                f"this pass; {HOW_TO_SPLIT_BY_HAND}"
+            )
         if self.keep_output:
             self.kept_output = (out, features)
         tap.last_output = None  # do not keep the batch alive
@@ -183,7 +213,7 @@ class TimmAdapter:
             hasattr(model, a) for a in ("forward_features", "forward_head", "get_classifier")
         ):
             return None
-        head = model.get_classifier()
+        head = _timm(model).get_classifier()
         if isinstance(head, tuple):
             return _split_distilled(model, head)
         if not isinstance(head, nn.Module) or not any(
@@ -202,7 +232,7 @@ class TimmAdapter:
                 "kwargs": _timm_kwargs(model, head),
             }
         shape, fixed = _timm_input(model)
-        model.reset_classifier(0)
+        _timm(model).reset_classifier(0)
         return Split(
             model,
             head,
@@ -249,7 +279,7 @@ def _timm_input(model: nn.Module) -> tuple[tuple[int, ...] | None, bool]:
 
 def _timm_head_slot(model: nn.Module) -> str | None:
     """Where ``reset_classifier(0)`` left an Identity in place of the classifier."""
-    slot = model.get_classifier()
+    slot = _timm(model).get_classifier()
     if not isinstance(slot, nn.Module):
         return None
     for name, module in model.named_modules():
@@ -290,25 +320,26 @@ class DistilledTokens(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.model.forward_features(x)
+        tokens = _timm(self.model).forward_features(x)
         return torch.cat([tokens[:, 0], tokens[:, 1]], dim=-1)
 
 
-def _split_distilled(model: nn.Module, heads: tuple[Any, ...]) -> Split:
-    if len(heads) != 2 or not all(isinstance(h, nn.Module) for h in heads):
+def _split_distilled(model: nn.Module, heads: tuple[object, ...]) -> Split:
+    first, second = heads if len(heads) == 2 else (None, None)
+    if not isinstance(first, nn.Module) or not isinstance(second, nn.Module):
         raise SplitError(
             f"timm model {type(model).__name__} has {len(heads)} classifiers; "
             f"{HOW_TO_SPLIT_BY_HAND}"
         )
     two_tokens = getattr(model, "dist_token", None) is not None
-    head = DistilledHead(heads[0], heads[1], two_tokens)
+    head = DistilledHead(first, second, two_tokens)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     source: dict[str, Any] = {}
     if cfg.get("architecture"):
         kwargs = _timm_kwargs(model, head)
         source = {"library": "timm", "name": cfg["architecture"], "kwargs": kwargs}
     shape, fixed = _timm_input(model)
-    model.reset_classifier(0)
+    _timm(model).reset_classifier(0)
     backbone = DistilledTokens(model) if two_tokens else model
     return Split(
         backbone, head, kind="timm", source=source, input_shape=shape, fixed_input_size=fixed

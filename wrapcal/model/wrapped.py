@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypedDict, cast, overload
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wrapcal import distributed
-from wrapcal.data import check_inputs, iter_batches, num_samples
+from wrapcal.data import ArrayLike, DataSource, check_inputs, iter_batches, num_samples
 from wrapcal.errors import DataError
 from wrapcal.features.disk_arrays import DiskFeatures
 from wrapcal.features.disk_store import DiskCache
@@ -40,6 +40,40 @@ from wrapcal.plugin.prediction import Prediction
 from wrapcal.plugin.torch_helpers import check_batch, device_of, in_mode, input_hint
 
 __all__ = ["WrappedModel"]
+
+if TYPE_CHECKING:
+
+    class PluginList(nn.ModuleList):
+        """``WrappedModel.plugins`` as the type checker sees it: an ``nn.ModuleList``
+        whose items are all plugins (only plugins are ever put in it)."""
+
+        def __iter__(self) -> Iterator[Plugin]: ...
+
+        @overload
+        def __getitem__(self, idx: slice) -> nn.ModuleList: ...
+
+        @overload
+        def __getitem__(self, idx: int) -> Plugin: ...
+
+        def __getitem__(self, idx: int | slice) -> Plugin | nn.ModuleList: ...
+
+
+#: What ``fit_features`` takes per set: features ``[N, D]``, or ``(features, labels)``.
+FeatureSource: TypeAlias = ArrayLike | DiskFeatures | tuple[ArrayLike | DiskFeatures, ArrayLike]
+
+
+class KeepsOutput(Protocol):
+    """A backbone that keeps the whole model's output for :func:`kept_output`."""
+
+    keep_output: bool
+    kept_output: tuple[object, torch.Tensor] | None
+
+
+class KeptOutput(TypedDict, total=False):
+    """What :func:`kept_output` yields: the model's output and the logits inside it."""
+
+    output: object
+    logits: torch.Tensor
 
 
 class WrappedModel(nn.Module):
@@ -82,7 +116,7 @@ class WrappedModel(nn.Module):
         super().__init__()
         self.backbone = split.backbone
         self.head = split.head
-        self.plugins = nn.ModuleList([plugin for _, plugin in plugins])
+        self.plugins = cast("PluginList", nn.ModuleList([plugin for _, plugin in plugins]))
         self.plugin_names = [name for name, _ in plugins]
         self.split_kind = split.kind
         self.source = dict(split.source)
@@ -177,7 +211,7 @@ class WrappedModel(nn.Module):
 
     # --- inference ---------------------------------------------------------------------
 
-    def prepare(self, x: Any) -> torch.Tensor:
+    def prepare(self, x: ArrayLike) -> torch.Tensor:
         """A batch of inputs as the backbone takes it: checked, on the model's device and
         in its dtype.
 
@@ -223,7 +257,7 @@ class WrappedModel(nn.Module):
 
     def features_of(
         self,
-        data: Any,
+        data: DataSource,
         name: str = "data",
         *,
         batch_size: int = 256,
@@ -312,7 +346,7 @@ class WrappedModel(nn.Module):
         with in_mode(self, False), torch.no_grad():
             return chain.empty_prediction(one, cached=False)
 
-    def predict(self, x: Any, batch_size: int = 256, progress: bool = False) -> Prediction:
+    def predict(self, x: DataSource, batch_size: int = 256, progress: bool = False) -> Prediction:
         """Predict with probabilities, labels, confidences, scores and plugin outputs.
 
         Runs in eval mode without gradients, whatever the model's mode.
@@ -336,7 +370,7 @@ class WrappedModel(nn.Module):
                 return chain.predict(self.prepare(x))
             last: list[torch.Tensor] = []  # this rank's latest batch, to shape padding
 
-            def batches(bar: Any) -> Iterator[torch.Tensor]:
+            def batches(bar: tqdm) -> Iterator[torch.Tensor]:
                 for xb, _ in iter_batches(x, batch_size):
                     last[:] = [self.prepare(xb)]
                     yield last[0]
@@ -359,7 +393,9 @@ class WrappedModel(nn.Module):
             parts = distributed.agree(run, "predicting") if chain.collective else run()
             return Prediction.cat(parts)
 
-    def predict_features(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+    def predict_features(
+        self, features: torch.Tensor | np.ndarray | DiskFeatures, batch_size: int = CACHED_BATCH
+    ) -> Prediction:
         """Predict, with every plugin's outputs, from backbone features ``[N, D]``.
 
         ``features`` are ``wrapped.backbone`` outputs (the ``fit`` cache, or features a
@@ -372,16 +408,17 @@ class WrappedModel(nn.Module):
                 (with ``check_inputs``) that hold NaN or inf values.
         """
         self.check_is_fitted()
+        rows: torch.Tensor | DiskFeatures
         if isinstance(features, DiskFeatures):
-            features = features.to(self.device)  # rows are read batch by batch
+            rows = features.to(self.device)  # rows are read batch by batch
         else:
-            features = torch.as_tensor(features).to(self.device)
-        self._check_feature_shape(features)
+            rows = torch.as_tensor(features).to(self.device)
+        self._check_feature_shape(rows)
         view = PrefixView(self, self.chain(check_finite=self.check_inputs))
         with in_mode(self, False):
-            return view.predict_features(features, batch_size)
+            return view.predict_features(rows, batch_size)
 
-    def _check_feature_shape(self, features: Any) -> None:
+    def _check_feature_shape(self, features: torch.Tensor | DiskFeatures) -> None:
         """Refuse features that are not ``[N, D]`` floats: the backbone's output, never a
         problem of the split (which :func:`check_features` would say)."""
         shape = list(features.shape)
@@ -402,7 +439,9 @@ class WrappedModel(nn.Module):
                 f"features [N, {width}] (wrapped.backbone(x), or what fit cached)"
             )
 
-    def head_logits(self, features: torch.Tensor, batch_size: int = CACHED_BATCH):
+    def head_logits(
+        self, features: torch.Tensor | DiskFeatures, batch_size: int = CACHED_BATCH
+    ) -> torch.Tensor:
         """Final logits ``[N, K]`` from backbone features ``[N, D]``, every plugin applied
         (``[0, K]`` for no rows; NaN or inf features are refused with ``check_inputs``)."""
         if not isinstance(features, (torch.Tensor, DiskFeatures)):
@@ -414,9 +453,9 @@ class WrappedModel(nn.Module):
 
     def fit(
         self,
-        train: Any = None,
-        calibration: Any = None,
-        unlabeled: Any = None,
+        train: DataSource | None = None,
+        calibration: DataSource | None = None,
+        unlabeled: DataSource | None = None,
         *,
         batch_size: int = 256,
         progress: bool = True,
@@ -425,7 +464,7 @@ class WrappedModel(nn.Module):
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float32",
         accept_rates: Sequence[float] = (ACCEPT_RATE,),
-        **more: Any,
+        **more: DataSource | None,
     ) -> WrappedModel:
         """Fit every plugin, in stage order, from one backbone pass per data set read.
 
@@ -472,14 +511,14 @@ class WrappedModel(nn.Module):
 
     def fit_features(
         self,
-        train: Any = None,
-        calibration: Any = None,
-        unlabeled: Any = None,
+        train: FeatureSource | None = None,
+        calibration: FeatureSource | None = None,
+        unlabeled: FeatureSource | None = None,
         *,
         progress: bool = True,
         seed: int = 0,
         accept_rates: Sequence[float] = (ACCEPT_RATE,),
-        **more: Any,
+        **more: FeatureSource | None,
     ) -> WrappedModel:
         """Fit from features already computed with ``wrapped.backbone``.
 
@@ -504,7 +543,7 @@ class WrappedModel(nn.Module):
 
 
 @contextlib.contextmanager
-def kept_output(backbone: nn.Module) -> Iterator[dict[str, Any]]:
+def kept_output(backbone: nn.Module) -> Iterator[KeptOutput]:
     """Ask a backbone that can to keep what the whole model returned, for one pass.
 
     The protocol (duck-typed, so the core names no adapter): a backbone whose model's
@@ -513,23 +552,24 @@ def kept_output(backbone: nn.Module) -> Iterator[dict[str, Any]]:
     model's output and the logits inside it (the object itself). The dict this yields
     then holds ``"output"`` and ``"logits"``; it is empty for other backbones.
     """
-    found: dict[str, Any] = {}
+    found: KeptOutput = {}
     if not hasattr(backbone, "keep_output"):
         yield found
         return
-    backbone.keep_output = True
-    backbone.kept_output = None
+    keeper = cast(KeepsOutput, backbone)  # it follows the protocol: it has keep_output
+    keeper.keep_output = True
+    keeper.kept_output = None
     try:
         yield found
-        kept = backbone.kept_output
+        kept = keeper.kept_output
         if kept is not None:
             found["output"], found["logits"] = kept
     finally:
-        backbone.keep_output = False
-        backbone.kept_output = None  # do not keep the batch alive
+        keeper.keep_output = False
+        keeper.kept_output = None  # do not keep the batch alive
 
 
-def logits_in_place(output: Any, kept: Mapping[str, Any], logits: torch.Tensor) -> Any:
+def logits_in_place(output: object, kept: KeptOutput, logits: torch.Tensor) -> Any:
     """``output`` (what the model returned) with ``logits`` where its logits were.
 
     The model's logits are found by identity (``kept["logits"]``), else under the key

@@ -64,7 +64,9 @@ def _is_one_stream(traffic: Any) -> bool:
     return False
 
 
-def _labels(names: Sequence[str] | None, timestamps: Sequence[Any] | None, index: int):
+def _labels(
+    names: Sequence[str] | None, timestamps: Sequence[Any] | None, index: int
+) -> tuple[str | None, str | None]:
     name = None if names is None or index >= len(names) else str(names[index])
     stamp = None if timestamps is None or index >= len(timestamps) else timestamps[index]
     return name, None if stamp is None else str(stamp)

@@ -77,8 +77,15 @@ from wrapcal.plugin.training import (
     small_work_threads,
     train_head,
 )
-from wrapcal.plugin.types import ModelView, OutputContext, OutputKind, PluginTags, Stage
-from wrapcal.plugin.validation import check_labels, check_logits
+from wrapcal.plugin.types import (
+    FeatureRows,
+    ModelView,
+    OutputContext,
+    OutputKind,
+    PluginTags,
+    Stage,
+)
+from wrapcal.plugin.validation import LabelsLike, LogitsLike, check_labels, check_logits
 
 if TYPE_CHECKING:  # what type checkers see for the names ``_LAZY`` gives at run time
     from wrapcal.data import iter_batches, num_samples
@@ -134,10 +141,13 @@ __all__ = [
     "DiskFeatures",
     "DistilledHead",
     "DistributedError",
+    "FeatureRows",
     "FeatureSet",
     "FeatureTap",
     "FitData",
     "Interval",
+    "LabelsLike",
+    "LogitsLike",
     "LossFn",
     "ModelFamily",
     "ModelView",

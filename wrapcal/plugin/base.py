@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from wrapcal.errors import NotFittedError
-from wrapcal.plugin.constraints import validate
+from wrapcal.plugin.constraints import Constraint, validate
 from wrapcal.plugin.types import ModelView, OutputContext, PluginTags
 
 if TYPE_CHECKING:
@@ -51,8 +51,8 @@ class Plugin(nn.Module):
             belong in buffers instead.
     """
 
-    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
-    _state_constraints: ClassVar[dict[str, list[Any]]] = {}
+    _parameter_constraints: ClassVar[dict[str, list[Constraint]]] = {}
+    _state_constraints: ClassVar[dict[str, list[Constraint]]] = {}
 
     def __init__(self) -> None:
         super().__init__()

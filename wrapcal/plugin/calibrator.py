@@ -22,15 +22,23 @@ like ``wrap`` does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
+import numpy as np
 import torch
 
 from wrapcal.plugin.base import Plugin
 from wrapcal.plugin.torch_helpers import one_cpu_thread
 from wrapcal.plugin.types import PluginTags, Stage
-from wrapcal.plugin.validation import MIN_SAMPLES, as_logits, check_fit_data, check_logits
+from wrapcal.plugin.validation import (
+    MIN_SAMPLES,
+    LabelsLike,
+    LogitsLike,
+    as_logits,
+    check_fit_data,
+    check_logits,
+)
 
 if TYPE_CHECKING:
     from wrapcal.features.extract import FitData
@@ -93,7 +101,7 @@ class Calibrator(Plugin):
         labels = calibration.require_labels(name)
         return self.fit_logits(model.head_logits(calibration.features), labels)
 
-    def fit_logits(self, logits: Any, labels: Any) -> Calibrator:
+    def fit_logits(self, logits: LogitsLike, labels: LabelsLike) -> Calibrator:
         """Fit on logits and labels directly, without a wrapped model.
 
         Args:
@@ -144,7 +152,15 @@ class Calibrator(Plugin):
         """The same as :meth:`transform_logits`."""
         return self.transform_logits(logits)
 
-    def transform(self, logits: Any) -> Any:
+    @overload
+    def transform(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def transform(
+        self, logits: np.ndarray | Sequence[float] | Sequence[Sequence[float]]
+    ) -> np.ndarray: ...
+
+    def transform(self, logits: LogitsLike) -> torch.Tensor | np.ndarray:
         """Calibrated logits of the user's logits, of the same kind.
 
         A numpy array (or nested lists) gives a numpy array, a tensor gives a tensor on
@@ -219,7 +235,7 @@ def out_of_fold_log_probs(
 
 
 def check_calibration_data(
-    logits: Any, labels: Any, name: str = "calibrator"
+    logits: LogitsLike, labels: LabelsLike, name: str = "calibrator"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked calibration data: float64 logits ``[N, K >= 2]`` and int64 labels ``[N]``.
 

@@ -11,14 +11,15 @@ Accepted forms: an :class:`Interval`, an :class:`Options`, ``None`` (the value m
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, TypeAlias
 
-__all__ = ["Check", "Interval", "Options", "describe", "suggest", "validate"]
+__all__ = ["Check", "Constraint", "Interval", "Options", "describe", "suggest", "validate"]
 
 
 @dataclass(frozen=True)
@@ -35,18 +36,22 @@ class Interval:
     high: float | None
     closed: str = "both"
 
-    def accepts(self, value: Any) -> bool:
+    def accepts(self, value: object) -> bool:
         if isinstance(value, bool):
             return False
         if self.type is int and not isinstance(value, Integral):
             return False
-        if not isinstance(value, Real) or not math.isfinite(float(value)):
+        if not isinstance(value, Real):
+            return False
+        # Compared as a float: the bounds are floats, and numbers.Real declares no order.
+        number = float(value)
+        if not math.isfinite(number):
             return False
         low_ok = self.low is None or (
-            value >= self.low if self.closed in ("both", "left") else value > self.low
+            number >= self.low if self.closed in ("both", "left") else number > self.low
         )
         high_ok = self.high is None or (
-            value <= self.high if self.closed in ("both", "right") else value < self.high
+            number <= self.high if self.closed in ("both", "right") else number < self.high
         )
         return low_ok and high_ok
 
@@ -64,13 +69,14 @@ class Options:
     """One of a fixed set of values of a type."""
 
     type: type
-    values: frozenset
+    values: frozenset[object]
 
-    def __init__(self, type_: type, values: Iterable[Any]) -> None:
+    # builtins.type: inside the class body, ``type`` names the field above.
+    def __init__(self, type_: builtins.type, values: Iterable[object]) -> None:
         object.__setattr__(self, "type", type_)
         object.__setattr__(self, "values", frozenset(values))
 
-    def accepts(self, value: Any) -> bool:
+    def accepts(self, value: object) -> bool:
         return isinstance(value, self.type) and value in self.values
 
     def __str__(self) -> str:
@@ -84,7 +90,7 @@ class Check:
     predicate: Callable[[Any], bool]
     text: str
 
-    def accepts(self, value: Any) -> bool:
+    def accepts(self, value: object) -> bool:
         try:
             return bool(self.predicate(value))
         except (TypeError, ValueError):
@@ -94,7 +100,12 @@ class Check:
         return self.text
 
 
-def _accepts(form: Any, value: Any) -> bool:
+#: One accepted form of a value: a type (``int``, ``str``...; ``bool`` is not an ``int``
+#: here), ``None``, or an :class:`Interval`, :class:`Options` or :class:`Check`.
+Constraint: TypeAlias = type | Interval | Options | Check | None
+
+
+def _accepts(form: Constraint, value: object) -> bool:
     if form is None:
         return value is None
     if isinstance(form, type):
@@ -106,7 +117,7 @@ def _accepts(form: Any, value: Any) -> bool:
     return bool(form.accepts(value))
 
 
-def describe(forms: Iterable[Any]) -> str:
+def describe(forms: Iterable[Constraint]) -> str:
     """The accepted forms in words."""
     words = []
     for form in forms:
@@ -126,7 +137,10 @@ def suggest(name: str, known: Iterable[str]) -> str:
 
 
 def validate(
-    owner: str, values: Mapping[str, Any], constraints: Mapping[str, list[Any]], what: str
+    owner: str,
+    values: Mapping[str, object],
+    constraints: Mapping[str, list[Constraint]],
+    what: str,
 ) -> None:
     """Check every value against its declared forms.
 

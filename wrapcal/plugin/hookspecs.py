@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     from torch import nn
 
+    from wrapcal.plugin.base import Plugin
+
 hookspec = pluggy.HookspecMarker("wrapcal")
 hookimpl = pluggy.HookimplMarker("wrapcal")
 
@@ -26,7 +28,7 @@ __all__ = ["hookimpl", "hookspec"]
 
 
 @hookspec
-def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]) -> None:
+def wrapcal_register_plugins(register: Callable[[str, Callable[..., Plugin]], None]) -> None:
     """Register plugin factories by name.
 
     A name is the package's to choose (no ``:`` in it). If another installed package
@@ -42,6 +44,7 @@ def wrapcal_register_plugins(register: Callable[[str, Callable[..., Any]], None]
 
 
 @hookspec(firstresult=True)
+# Any: a wrapcal.Split or None; wrapcal.model.split imports this module (no import cycle).
 def wrapcal_split_model(model: nn.Module) -> Any:
     """Split a classifier into a feature extractor and a head.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -40,7 +39,7 @@ class Prediction:
     def __len__(self) -> int:
         return self.probs.shape[0]
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> torch.Tensor:
         # Only called for names that are not fields: a plugin's outputs and scores.
         if name.startswith("__"):
             raise AttributeError(name)

@@ -25,13 +25,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from wrapcal.features.disk_arrays import DiskFeatures
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,6 +52,20 @@ __all__ = [
 #: Multiply-adds per forward pass (rows x head parameters) up to which CPU training runs
 #: on one intra-op thread (see :func:`small_work_threads`).
 SINGLE_THREAD_WORK = 1 << 24
+
+
+@overload
+def shuffled_batches(
+    data: tuple[torch.Tensor | DiskFeatures, torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@overload
+def shuffled_batches(
+    data: Any, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[Any, torch.Tensor | None]]: ...
 
 
 def shuffled_batches(
@@ -91,7 +108,11 @@ def l2_penalty(module: nn.Module, weight_decay: float) -> torch.Tensor:
     weights = [p for p in module.parameters() if p.ndim > 1]
     if not weights or weight_decay == 0:
         return torch.zeros((), device=_device(module))
-    return 0.5 * weight_decay * sum(p.pow(2).sum() for p in weights)
+    # Summed term by term, as sum() would, but starting from a tensor (not the int 0).
+    penalty = weights[0].pow(2).sum()
+    for p in weights[1:]:
+        penalty = penalty + p.pow(2).sum()
+    return 0.5 * weight_decay * penalty
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -152,7 +173,7 @@ def training_state(module: nn.Module, train: bool) -> Iterator[list[nn.Parameter
             p.requires_grad_(flag)
 
 
-def _check_inputs(features: torch.Tensor, labels: torch.Tensor) -> None:
+def _check_inputs(features: torch.Tensor | DiskFeatures, labels: torch.Tensor) -> None:
     if features.ndim != 2 or labels.shape[:1] != features.shape[:1]:
         raise ValueError(
             f"features must be [N, D] and labels [N]; got {tuple(features.shape)} and "
@@ -252,7 +273,7 @@ def fit_head_lbfgs(
 
 def train_head(
     head: nn.Module,
-    features: torch.Tensor,
+    features: torch.Tensor | DiskFeatures,
     labels: torch.Tensor,
     loss_fn: LossFn,
     epochs: int = 30,

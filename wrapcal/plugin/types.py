@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ModelView", "OutputContext", "OutputKind", "PluginTags", "Stage"]
+__all__ = ["FeatureRows", "ModelView", "OutputContext", "OutputKind", "PluginTags", "Stage"]
 
 
 class Stage(IntEnum):
@@ -255,6 +255,19 @@ class OutputContext:
         "probs",
     )
 
+    # The slots' types (set once, through object.__setattr__, in __init__).
+    features: torch.Tensor
+    members: torch.Tensor
+    combined: torch.Tensor
+    logits: torch.Tensor
+    probs: torch.Tensor
+    outputs: Mapping[str, torch.Tensor]
+    _backbone_features: torch.Tensor | Callable[[], torch.Tensor] | None
+    _base_logits: torch.Tensor | Callable[[], torch.Tensor] | None
+    _head: nn.Module | None
+    _inputs: torch.Tensor | None
+    _network: Callable[[torch.Tensor], torch.Tensor] | None
+
     def __init__(
         self,
         features: torch.Tensor,
@@ -296,7 +309,7 @@ class OutputContext:
         ):
             object.__setattr__(self, name, value)
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"OutputContext is read-only: cannot set {name!r}")
 
     @property
@@ -362,6 +375,19 @@ class OutputContext:
         )
 
 
+class FeatureRows(Protocol):
+    """Cached features ``[N, D]`` read a slice of rows at a time: a tensor, or the
+    :class:`~wrapcal.plugin.DiskFeatures` view of a set cached on disk (what
+    ``FeatureSet.features`` holds)."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice, /) -> torch.Tensor: ...
+
+
 @runtime_checkable
 class ModelView(Protocol):
     """The wrapped model as a plugin sees it in ``attach`` and ``fit``.
@@ -411,12 +437,14 @@ class ModelView(Protocol):
         """Member logits ``[M, N, K]`` of cached features ``[N, D]``."""
         ...
 
-    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+    def head_logits(self, features: FeatureRows) -> torch.Tensor:
         """Final logits ``[N, K]`` of cached features ``[N, D]``: the members of the
         plugins before combined, then their calibrators (not the bare head: that is
         ``head(features)``)."""
         ...
 
-    def predict_features(self, features: torch.Tensor) -> Any:
+    # Any: a wrapcal.Prediction; this module is the SDK's leaf and imports nothing from
+    # wrapcal, not even under TYPE_CHECKING (tests/sdk/test_contract.py: no import cycle).
+    def predict_features(self, features: FeatureRows) -> Any:
         """A full :class:`~wrapcal.Prediction` of cached features ``[N, D]``."""
         ...

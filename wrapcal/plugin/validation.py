@@ -26,12 +26,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 import torch
 
 from wrapcal.errors import DataError
+
+#: Logits as users hold them: a tensor (any device), a numpy array or nested lists.
+LogitsLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]
+#: Class indices as users hold them: a tensor, a numpy array or a list of ints.
+LabelsLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[int]
 
 __all__ = [
     "MIN_SAMPLES",
@@ -60,7 +66,7 @@ MIN_SAMPLES = 50
 _REAL_KINDS = "biuf"
 
 
-def as_tensor(values: Any, what: str, expected: str = "real numbers") -> torch.Tensor:
+def as_tensor(values: object, what: str, expected: str = "real numbers") -> torch.Tensor:
     """``values`` as a tensor, without a copy where possible.
 
     A tensor is detached and kept on its device; a numpy array (numpy 1 or 2) becomes a
@@ -157,7 +163,7 @@ def check_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:
     return logits
 
 
-def as_logits(logits: Any, what: str = "logits") -> torch.Tensor:
+def as_logits(logits: LogitsLike, what: str = "logits") -> torch.Tensor:
     """``logits`` as a floating tensor ``[N, K]`` or ``[N]`` (numpy arrays and lists become
     CPU tensors; integers and half precision become float32), or a :class:`DataError`
     for a bad shape or dtype. The values are not checked: see :func:`check_logits`."""
@@ -175,7 +181,7 @@ def as_logits(logits: Any, what: str = "logits") -> torch.Tensor:
     return z
 
 
-def checked_logits(logits: Any, what: str = "logits") -> torch.Tensor:
+def checked_logits(logits: LogitsLike, what: str = "logits") -> torch.Tensor:
     """:func:`as_logits` then :func:`check_logits`, with ``[N]`` read as ``[N, 1]``: the
     checked logits ``[N, K]`` in their dtype, on their device (possibly the caller's
     memory: do not modify them in place)."""
@@ -187,7 +193,7 @@ def checked_logits(logits: Any, what: str = "logits") -> torch.Tensor:
 
 
 def check_labels(
-    labels: Any,
+    labels: LabelsLike,
     n: int,
     num_classes: int | None = None,
     *,
@@ -251,7 +257,7 @@ def check_labels(
 
 
 def check_values(
-    values: Any, what: str, *, device: torch.device | str | None = None
+    values: object, what: str, *, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """One finite real value per sample (a score, ``1 - max p``): a 1-D, non-empty tensor
     in the values' own dtype (booleans and integers kept as they are).
@@ -278,7 +284,7 @@ def check_values(
 
 
 def check_fit_data(
-    logits: Any, labels: Any, name: str, *, stacklevel: int = 2
+    logits: LogitsLike, labels: LabelsLike, name: str, *, stacklevel: int = 2
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked calibration data: logits ``[N, K]`` and int64 labels ``[N]``.
 
@@ -343,7 +349,7 @@ def check_fit_data(
     return z, y
 
 
-def check_iterations(value: Any, name: str, where: str) -> int:
+def check_iterations(value: object, name: str, where: str) -> int:
     """An iteration count (``max_iter``): an int >= 1, or a clear error.
 
     Args:

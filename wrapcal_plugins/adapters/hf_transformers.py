@@ -166,13 +166,20 @@ class ClassifierInput(TappedBackbone):
         taps = [self.model.get_submodule(path) for path in self.paths]
         inputs = [getattr(tap, "last_output", None) for tap in taps]
         for tap in taps:
-            tap.last_output = None  # do not keep the batch alive
+            if isinstance(tap, FeatureTap):  # every slot holds one (the adapter put it there)
+                tap.last_output = None  # do not keep the batch alive
         if not self._checked and not logits.is_meta:  # meta tensors hold no values to compare
             self._check(logits, inputs)
             self._checked = True
-        if len(inputs) == 1:
-            return inputs[0]
-        return torch.cat(inputs, dim=-1) if self.two_tokens else inputs[0]
+        features = [t for t in inputs if isinstance(t, torch.Tensor)]
+        if len(features) != len(inputs):
+            raise SplitError(
+                f"cannot split {type(self.model).__name__}: a classifier slot among "
+                f"{list(self.paths)} was not called in this pass; {HOW_TO_SPLIT_BY_HAND}"
+            )
+        if len(features) == 1:
+            return features[0]
+        return torch.cat(features, dim=-1) if self.two_tokens else features[0]
 
     def _check(self, logits: Any, inputs: list[Any]) -> None:
         kind = type(self.model).__name__

@@ -101,9 +101,27 @@ class _Objective:
         # Penalty coefficients as in Kull et al.: normalised by the number of entries.
         self.c_lambda = 0.0 if diagonal else reg_lambda / (k * (k - 1))
         self.c_mu = reg_mu / k
-        self.off = None if diagonal else 1.0 - torch.eye(k, dtype=x.dtype, device=x.device)
-        self.scale_w = self.scale_b = None
+        # The off-diagonal mask of W (a full W only).
+        self.off = (
+            torch.empty(0) if diagonal else 1.0 - torch.eye(k, dtype=x.dtype, device=x.device)
+        )
+        self._scale_w: torch.Tensor | None = None
+        self._scale_b: torch.Tensor | None = None
         self.evaluations = 0
+
+    @property
+    def scale_w(self) -> torch.Tensor:
+        """The weight's preconditioning scale (set by :meth:`precondition`)."""
+        if self._scale_w is None:
+            raise RuntimeError("call precondition() before evaluating the objective")
+        return self._scale_w
+
+    @property
+    def scale_b(self) -> torch.Tensor:
+        """The bias's preconditioning scale (set by :meth:`precondition`)."""
+        if self._scale_b is None:
+            raise RuntimeError("call precondition() before evaluating the objective")
+        return self._scale_b
 
     def logits(self, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         if self.diagonal:
@@ -120,8 +138,8 @@ class _Objective:
         else:
             d_w = (v.T @ self.x.square()) / self.n + 2 * self.c_lambda * self.off
         d_b = v.mean(0) + 2 * self.c_mu
-        self.scale_w = _inverse_sqrt(d_w)
-        self.scale_b = _inverse_sqrt(d_b)
+        self._scale_w = _inverse_sqrt(d_w)
+        self._scale_b = _inverse_sqrt(d_b)
 
     def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         """The objective and its gradient at the preconditioned variables ``theta``
@@ -368,7 +386,11 @@ class _Search:
     def average(self, point: tuple[float, float] | None = None) -> LinearFit:
         """A point's fold solutions averaged, in float64 (the best point's by default:
         the final fit's start)."""
-        fits = self.fits[self.best if point is None else point]
+        if point is None:
+            if self.best is None:
+                raise ValueError("no point has been scored yet: nothing to average")
+            point = self.best
+        fits = self.fits[point]
         weight = torch.stack([f.weight for f in fits]).double().mean(0)
         bias = torch.stack([f.bias for f in fits]).double().mean(0)
         return LinearFit(weight, bias, 0)

@@ -41,7 +41,7 @@ def uniform_mass_map(
     n_bins: int,
     prior: np.ndarray | None = None,
     weight: float = 0.0,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """Gupta & Ramdas's (2021) uniform-mass binning of ``scores`` against 0/1 ``hits``.
 
     The sorted scores are split into ``n_bins`` groups of sizes differing by at most
@@ -76,7 +76,9 @@ def uniform_mass_map(
     return edges, np.clip(values, 0.0, 1.0)
 
 
-def equal_width_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):
+def equal_width_map(
+    scores: np.ndarray, hits: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Histogram binning on ``n_bins`` equal-width bins of ``[0, 1]`` (Zadrozny & Elkan
     2001; netcal's ``HistogramBinning``): a bin's value is the mean of its hits, its
     centre if it is empty (as netcal does).
@@ -90,13 +92,13 @@ def equal_width_map(scores: np.ndarray, hits: np.ndarray, n_bins: int):
     return edges, _bin_means(index, hits, n_bins, centres)
 
 
-def _bin_means(index: np.ndarray, hits: np.ndarray, n_bins: int, empty: np.ndarray):
+def _bin_means(index: np.ndarray, hits: np.ndarray, n_bins: int, empty: np.ndarray) -> np.ndarray:
     counts = np.bincount(index, minlength=n_bins)
     sums = np.bincount(index, weights=hits.astype(np.float64), minlength=n_bins)
     return np.where(counts > 0, sums / np.maximum(counts, 1), empty)
 
 
-def isotonic_map(scores: np.ndarray, hits: np.ndarray):
+def isotonic_map(scores: np.ndarray, hits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's ``IsotonicRegression`` (increasing, values in ``[0, 1]``, clipped
     outside the data) of ``hits`` on ``scores``: its knots ``(x, y)``.
 

@@ -37,7 +37,7 @@ can be inspected after loading. Inference is the chosen calibrator's.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -54,9 +54,20 @@ from wrapcal.plugin import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, ItemsView, ValuesView
 
     from wrapcal.plugin import ShapeSpec
+
+    class CalibratorDict(nn.ModuleDict):
+        """``AutoCalibration.calibrators`` as the type checker sees it: an
+        ``nn.ModuleDict`` whose values are all calibrators."""
+
+        def __getitem__(self, key: str) -> Calibrator: ...
+
+        def items(self) -> ItemsView[str, Calibrator]: ...
+
+        def values(self) -> ValuesView[Calibrator]: ...
+
 
 __all__ = ["DEFAULT_CANDIDATES", "METRICS", "AutoCalibration"]
 
@@ -179,7 +190,10 @@ class AutoCalibration(Calibrator):
         names = list(DEFAULT_CANDIDATES if candidates is None else candidates)
         # The children depend on the parameters only, so wrap and load build the same
         # modules; their learned tensors are declared as this plugin's (see below).
-        self.calibrators = nn.ModuleDict({name: self._candidate(name, {}) for name in names})
+        self.calibrators = cast(
+            "CalibratorDict",
+            nn.ModuleDict({name: self._candidate(name, {}) for name in names}),
+        )
 
     @staticmethod
     def _candidate(name: str, params: dict[str, Any]) -> Calibrator:
@@ -276,13 +290,16 @@ class AutoCalibration(Calibrator):
     def _transform(self, logits: torch.Tensor) -> torch.Tensor:
         if self.chosen_ == IDENTITY:
             return logits
+        assert self.chosen_ is not None  # set by fit (the core transforms fitted plugins only)
         return self.calibrators[self.chosen_].transform_logits(logits)
 
     @property
     def chosen(self) -> Calibrator | None:
         """The chosen calibrator, or ``None`` for identity."""
         self.check_is_fitted()
-        return None if self.chosen_ == IDENTITY else self.calibrators[self.chosen_]
+        if self.chosen_ is None or self.chosen_ == IDENTITY:  # (None only before fit)
+            return None
+        return self.calibrators[self.chosen_]
 
     # --- the children's learned state ----------------------------------------------
 

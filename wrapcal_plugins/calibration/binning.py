@@ -125,7 +125,7 @@ class _MapCalibrator(Calibrator):
         each score (a class's own top-label map), which a subclass may shrink towards."""
         raise NotImplementedError
 
-    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+    def _apply_map(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
         """A fitted map's values at ``scores`` (numpy, as the lookup does in torch)."""
         raise NotImplementedError
 
@@ -158,7 +158,9 @@ class _MapCalibrator(Calibrator):
                 if self._enough(int(chosen.sum())):
                     route[c] = len(maps)
                     scores = confidence[chosen]
-                    prior = scores if self.fallback == "identity" else self._apply(pooled, scores)
+                    prior = (
+                        scores if self.fallback == "identity" else self._apply_map(pooled, scores)
+                    )
                     maps.append(self._fit_map(scores, correct[chosen], True, prior))
                 else:
                     route[c] = -1
@@ -280,7 +282,7 @@ class HistogramBinning(_MapCalibrator):
             return uniform_mass_map(scores, hits, bins, prior=prior, weight=weight)
         return equal_width_map(scores, hits, self.n_bins)
 
-    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+    def _apply_map(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
         edges, values = fitted
         return values[np.searchsorted(edges, scores, side="left")]
 
@@ -353,7 +355,7 @@ class IsotonicCalibration(_MapCalibrator):
     ) -> Map:
         return isotonic_map(scores, hits)
 
-    def _apply(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
+    def _apply_map(self, fitted: Map, scores: np.ndarray) -> np.ndarray:
         return np.interp(scores, *fitted)
 
     def _store(self, maps: list[Map], device: torch.device) -> None:

@@ -18,6 +18,8 @@ from wrapcal.plugin import Calibrator, Interval
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from wrapcal.plugin import LabelsLike, LogitsLike
+
 __all__ = ["TemperatureScaler"]
 
 
@@ -56,7 +58,7 @@ class TemperatureScaler(Calibrator):
         self.check_is_fitted()
         return float(self.temperature)
 
-    def fit_logits(self, logits: Any, labels: Any) -> TemperatureScaler:
+    def fit_logits(self, logits: LogitsLike, labels: LabelsLike) -> TemperatureScaler:
         """Fit T on logits and labels directly, without a wrapped model.
 
         Args:

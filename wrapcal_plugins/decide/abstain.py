@@ -237,7 +237,9 @@ class Abstain(Plugin):
         kept = accept.sum()
         risk = float(((1 - correct) * accept).sum() / kept) if kept > 0 else 0.0
         ratio = means[:, 1] / means[:, 0].clamp_min(1e-300)
-        curve = selective.risk_coverage_curve(prediction.scores["msp"], correct.bool())
+        curve: dict[str, Any] = dict(
+            selective.risk_coverage_curve(prediction.scores["msp"], correct.bool())
+        )
         curve["operating_point"] = {"coverage": float(accept.mean()), "risk": risk}
         return {
             "accepted": {

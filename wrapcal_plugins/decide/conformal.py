@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from wrapcal import FitData, ModelView, Prediction
+    from wrapcal.plugin import LabelsLike, LogitsLike
 
 __all__ = ["ConformalSets", "set_metrics"]
 
@@ -153,7 +154,7 @@ class ConformalSets(Plugin):
             self._fit(prediction.logits, labels, prediction.probs), prediction.logits.device
         )
 
-    def fit_logits(self, logits: Any, labels: Any) -> ConformalSets:
+    def fit_logits(self, logits: LogitsLike, labels: LabelsLike) -> ConformalSets:
         """Calibrate on logits directly, without a wrapped model (softmax probabilities).
 
         Returns:
@@ -240,7 +241,9 @@ class ConformalSets(Plugin):
         return set_metrics(prediction.outputs["sets"], labels, self.alpha, self.seed)
 
 
-def set_metrics(sets: torch.Tensor, labels: torch.Tensor, alpha: float, seed: int = 0):
+def set_metrics(
+    sets: torch.Tensor, labels: torch.Tensor, alpha: float, seed: int = 0
+) -> dict[str, Any]:
     """The metrics of :meth:`ConformalSets.report_metrics` from sets and labels."""
     labels = labels.to(sets.device).long()
     covered = sets.gather(1, labels[:, None])[:, 0].double()

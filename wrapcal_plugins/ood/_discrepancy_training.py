@@ -193,9 +193,9 @@ def unfreeze_only(backbone: nn.Module, block: nn.Module) -> list[torch.Tensor]:
     """Freeze the backbone but ``block``; return ``block``'s parameters."""
     for p in backbone.parameters():
         p.requires_grad_(False)
-    params = list(block.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params: list[torch.Tensor] = list(block.parameters())
+    for param in params:
+        param.requires_grad_(True)
     return params
 
 

@@ -112,7 +112,7 @@ class Moments:
         x = rows.to(torch.float64)  # a chunk-sized copy, never the whole set
         if self.shift is None:
             self.shift = x.mean(dim=0)
-        if self.sums is None:
+        if self.count is None or self.sums is None or self.scatter is None:  # set together
             width = x.shape[1]
             self.count = x.new_zeros(self.classes)
             self.sums = x.new_zeros(self.classes, width)
@@ -133,7 +133,7 @@ class Moments:
         first non-empty rank's, so the sums add up exactly as one process's would."""
         if not source.sharded:
             return
-        if self.sums is None:  # an empty shard
+        if self.count is None or self.sums is None or self.scatter is None:  # an empty shard
             self.count = torch.zeros(self.classes, dtype=torch.float64, device=device)
             self.sums = torch.zeros(self.classes, width, dtype=torch.float64, device=device)
             self.scatter = torch.zeros(width, width, dtype=torch.float64, device=device)
@@ -158,31 +158,47 @@ class Moments:
     def total(self) -> int:
         return int(self.count.sum()) if self.count is not None else 0
 
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(count, sums, scatter)``; a clear error before the first update."""
+        if self.count is None or self.sums is None or self.scatter is None:
+            raise ValueError("these statistics hold no rows yet: update() them with data first")
+        return self.count, self.sums, self.scatter
+
+    def _shift(self) -> torch.Tensor:
+        if self.shift is None:
+            raise ValueError("these statistics hold no rows yet: update() them with data first")
+        return self.shift
+
     def class_means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(means [C', D], present [C] bool)`` of the classes that have rows."""
-        present = self.count > 0
-        return self.sums[present] / self.count[present, None] + self.shift, present
+        (count, sums, _), shift = self._sums(), self._shift()
+        present = count > 0
+        return sums[present] / count[present, None] + shift, present
 
     def mean(self) -> torch.Tensor:
         """The mean of all rows ``[D]``."""
-        return self.sums.sum(dim=0) / self.total + self.shift
+        (_, sums, _), shift = self._sums(), self._shift()
+        return sums.sum(dim=0) / self.total + shift
 
     def covariance(self) -> torch.Tensor:
         """Maximum-likelihood covariance of all rows (divided by ``N``), ``[D, D]``."""
-        centre = self.sums.sum(dim=0) / self.total
-        return _symmetric(self.scatter / self.total - torch.outer(centre, centre))
+        _, sums, scatter = self._sums()
+        centre = sums.sum(dim=0) / self.total
+        return _symmetric(scatter / self.total - torch.outer(centre, centre))
 
     def within_class_covariance(self) -> torch.Tensor:
         """The covariance shared by the classes (Lee et al. 2018):
         ``1/N sum_c sum_{i in c} (x_i - mu_c)(x_i - mu_c)^T``."""
-        present = self.count > 0
-        centres = self.sums[present] / self.count[present, None]
-        between = (centres.T * self.count[present]) @ centres
-        return _symmetric((self.scatter - between) / self.total)
+        count, sums, scatter = self._sums()
+        present = count > 0
+        centres = sums[present] / count[present, None]
+        between = (centres.T * count[present]) @ centres
+        return _symmetric((scatter - between) / self.total)
 
     def second_moment(self) -> torch.Tensor:
         """``1/N sum_i (x_i - shift)(x_i - shift)^T``: the covariance about ``shift``."""
-        return _symmetric(self.scatter / self.total)
+        _, _, scatter = self._sums()
+        return _symmetric(scatter / self.total)
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
@@ -307,7 +323,7 @@ def _select(
 ) -> tuple[float, float | None]:
     """The value of rank ``rank`` (0-based, ascending), and that of ``rank + 1`` when
     the same pass finds it."""
-    sharded = shards is not None and shards.sharded
+    sharded = shards if shards is not None and shards.sharded else None
     below, inside = 0, n  # values < low, values in [low, high]
     for _ in range(64):  # each pass narrows [low, high] to one of ``bins`` bins
         if low == high:
@@ -315,15 +331,17 @@ def _select(
         if inside <= gather_limit:
             kept = [v[(v >= low) & (v <= high)].double().reshape(-1) for v in chunks()]
             values = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.float64)
-            if sharded:
-                values = shards.cat_over_shards(values)
+            if sharded is not None:
+                values = sharded.cat_over_shards(values)
             ordered = torch.sort(values).values
             i = rank - below
             return float(ordered[i]), float(ordered[i + 1]) if i + 1 < len(ordered) else None
-        counts = mins = maxs = None
+        counts: torch.Tensor | None = None
+        mins: torch.Tensor | None = None
+        maxs: torch.Tensor | None = None
         for values in chunks():
             v = values[(values >= low) & (values <= high)].double()
-            if counts is None:  # on the values' device: no transfer of the features
+            if counts is None or mins is None or maxs is None:  # on the values' device
                 counts = v.new_zeros(bins)
                 mins, maxs = v.new_full((bins,), float("inf")), v.new_full((bins,), -float("inf"))
             # floor((v - low) / width) is monotone in v, so each bin's values are
@@ -332,13 +350,13 @@ def _select(
             counts += torch.bincount(index, minlength=bins).double()
             mins.scatter_reduce_(0, index, v, "amin")
             maxs.scatter_reduce_(0, index, v, "amax")
-        if counts is None:  # this rank's shard is empty
+        if counts is None or mins is None or maxs is None:  # this rank's shard is empty
             counts = torch.zeros(bins, dtype=torch.float64)
             mins = torch.full((bins,), float("inf"), dtype=torch.float64)
             maxs = -mins
-        if sharded:
-            counts = shards.sum_over_shards(counts)
-            bounds = shards.min_over_shards(torch.cat([mins, -maxs]))
+        if sharded is not None:
+            counts = sharded.sum_over_shards(counts)
+            bounds = sharded.min_over_shards(torch.cat([mins, -maxs]))
             mins, maxs = bounds[:bins], -bounds[bins:]
         counts, mins, maxs = counts.cpu(), mins.cpu(), maxs.cpu()
         cumulative = below + torch.cumsum(counts, 0)

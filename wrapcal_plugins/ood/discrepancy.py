@@ -70,7 +70,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -92,6 +92,9 @@ from wrapcal.plugin import (
     shuffled_batches,
     small_work_threads,
 )
+
+if TYPE_CHECKING:
+    from wrapcal.plugin import DiskFeatures
 from wrapcal_plugins.ood._discrepancy_training import (
     NAME,
     PairedBatches,
@@ -247,7 +250,7 @@ class DiscrepancyHeads(Plugin):
 
         seeded_reinit(self.head2, seed)
         heads = [model.head, self.head2]
-        params = [p for h in heads for p in h.parameters()]
+        params: list[torch.Tensor] = [p for h in heads for p in h.parameters()]
         frozen = {p: p.requires_grad for p in [*params, *model.backbone.parameters()]}
         self.history_ = {"pretrain": [], "loss_a": [], "loss_b": [], "discrepancy": []}
         bar = tqdm(
@@ -273,7 +276,7 @@ class DiscrepancyHeads(Plugin):
                         with small_work_threads(train.features.device, small):
                             self._finetune(heads, [{"params": params}], batches, lambda x: x, bar)
                     else:
-                        groups = [
+                        groups: list[dict[str, Any]] = [
                             {"params": params},
                             {
                                 "params": unfreeze_only(model.backbone, block),
@@ -297,7 +300,7 @@ class DiscrepancyHeads(Plugin):
         self,
         heads: list[nn.Module],
         params: list[torch.Tensor],
-        features: torch.Tensor,
+        features: torch.Tensor | DiskFeatures,
         labels: torch.Tensor,
         seed: int,
         bar: tqdm,
@@ -307,7 +310,10 @@ class DiscrepancyHeads(Plugin):
         for _ in range(self.epochs_pretrain):
             total = torch.zeros((), device=features.device)
             for f, y in shuffled_batches((features, labels), self.batch_size, generator):
-                loss = sum(cross_entropy(h(f), y) for h in heads)
+                # Summed as sum() would, starting from the first head's loss (not the int 0).
+                loss = cross_entropy(heads[0](f), y)
+                for h in heads[1:]:
+                    loss = loss + cross_entropy(h(f), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -356,8 +362,8 @@ class DiscrepancyHeads(Plugin):
                 for k, v in (("loss_a", loss_a), ("loss_b", loss_b), ("discrepancy", disc)):
                     sums[k] += float(v.detach())
                 steps += 1
-            for k, v in sums.items():
-                self.history_[k].append(v / max(steps, 1))
+            for k, summed in sums.items():
+                self.history_[k].append(summed / max(steps, 1))
             bar.set_postfix(disc=self.history_["discrepancy"][-1])
             bar.update()
 

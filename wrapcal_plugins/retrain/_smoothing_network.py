@@ -137,7 +137,8 @@ def fine_tune(
         disable=not progress,
     )
     history: list[float] = []
-    best_nll, best_state, best_epoch = math.inf, None, None
+    best_epoch: int | None = None
+    best_nll, best_state = math.inf, None
     try:
         for epoch in range(1, settings.epochs + 1):
             _train_mode(model, settings.freeze_bn)
@@ -178,7 +179,7 @@ def fine_tune(
             if nll < best_nll:
                 best_nll, best_epoch = nll, epoch
                 best_state = clone_state(backbone, head)
-            elif epoch - best_epoch >= settings.patience:
+            elif best_epoch is not None and epoch - best_epoch >= settings.patience:
                 break  # early stopping: no better calibration NLL for `patience` epochs
     finally:
         bar.close()

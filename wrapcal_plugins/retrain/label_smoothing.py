@@ -104,7 +104,7 @@ def smoothed_cross_entropy(
 
 
 def _is_alpha(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value < 1
+    return isinstance(value, Real) and not isinstance(value, bool) and 0 <= float(value) < 1
 
 
 #: Feature sets above this many bytes (on disk) are fitted in mini-batches; below it,
@@ -289,13 +289,14 @@ class LabelSmoothing(Plugin):
         start = clone_state(head)
         best: tuple[float, float, list[dict[str, torch.Tensor]]] | None = None
         features, labels = train.features, train.labels
+        assert labels is not None  # fit() required them (train.require_labels)
         full_batch = _fits_in_memory(features)
         if full_batch and isinstance(features, DiskFeatures):
             features = features[:]  # small enough: the exact full-batch solve, in memory
         for alpha in alphas:
             load_state(start, head)  # every alpha starts from the same weights
             loss = partial(smoothed_cross_entropy, alpha=alpha)
-            if full_batch:
+            if isinstance(features, torch.Tensor):  # full batch: in memory
                 fit_head_lbfgs(
                     head,
                     features,
@@ -320,6 +321,7 @@ class LabelSmoothing(Plugin):
                 )
             if calibration is None:
                 return alpha
+            assert calibration.labels is not None  # fit() required them
             nll = mean_nll(model.head_logits(calibration.features), calibration.labels)
             self.grid_nll_.append([alpha, nll])
             if best is None or nll < best[0]:

@@ -7,6 +7,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd  # the dropout modules' base: their rate p
 
 from wrapcal.plugin import ModelView, TappedBackbone
 
@@ -29,7 +30,7 @@ __all__ = [
 DEFAULT_P = 0.2
 
 #: The modules ``scope="all"`` samples. ``DropPath`` (stochastic depth) is not dropout.
-DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
+DROPOUT_TYPES: tuple[type[_DropoutNd], ...] = (
     nn.Dropout,
     nn.Dropout1d,
     nn.Dropout2d,

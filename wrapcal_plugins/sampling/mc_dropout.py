@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,16 @@ from wrapcal.plugin import (
     logits_to_probs,
 )
 
-from ._dropout import DEFAULT_P, dropout_modules, find_head_dropout, seeded_dropout
+if TYPE_CHECKING:
+    from wrapcal.plugin import DiskFeatures
+
+from ._dropout import (
+    DEFAULT_P,
+    DROPOUT_TYPES,
+    dropout_modules,
+    find_head_dropout,
+    seeded_dropout,
+)
 
 __all__ = ["DEFAULT_P", "MCDropout", "finetune_head", "mc_scores", "seeded_dropout"]
 
@@ -286,7 +295,9 @@ class MCDropout(Plugin):
         batch, total = inputs.shape[0], self.samples
         per_chunk = max(1, self.max_batch // max(batch, 1))
         parts = []
-        self._sampling = generator  # read by the dropout modules' hooks, this call only
+        self._sampling: torch.Generator | None = (
+            generator  # read by the dropout modules' hooks, this call only
+        )
         try:
             for start in range(0, total, per_chunk):
                 n = min(per_chunk, total - start)
@@ -303,8 +314,8 @@ class MCDropout(Plugin):
         plugin's generator; otherwise, or when the module is in train mode (the user is
         training: it already drops), leave its output alone."""
         generator = self.__dict__.get("_sampling")
-        if generator is None or module.training:
-            return None
+        if generator is None or module.training or not isinstance(module, DROPOUT_TYPES):
+            return None  # (the hooks are registered on dropout modules only)
         return seeded_dropout(args[0], module.p, generator, type(module))
 
     def members(
@@ -361,7 +372,7 @@ def mc_scores(members: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Ten
 
 def finetune_head(
     head: nn.Module,
-    features: torch.Tensor,
+    features: torch.Tensor | DiskFeatures,
     labels: torch.Tensor,
     *,
     p: float,

@@ -238,6 +238,8 @@ class LastLayerLaplace(Plugin):
         if labels_needed:
             train.require_labels(_NAME)
         head = model.head
+        if not isinstance(head, nn.Linear):  # attach refused any other head
+            raise TypeError(f"laplace needs an nn.Linear head, got {type(head).__name__}")
         stats = _curvature_pass(head, train, self.hessian)
         self.num_train_ = int(stats["count"])
         self.train_loss_ = float(stats["loss"]) if train.labels is not None else None
@@ -302,6 +304,7 @@ class LastLayerLaplace(Plugin):
         delta = float(self.prior_precision_) if prior_precision is None else prior_precision
         values = torch.cat(self._spectrum()).to(torch.float64)
         log_det_ratio = torch.log1p(values / delta).sum()
+        assert self.map_norm_sq_ is not None  # set by fit (checked above)
         return float(-self.train_loss_ - 0.5 * (log_det_ratio + delta * self.map_norm_sq_))
 
     def _marglik_prior(self) -> float:
