@@ -125,6 +125,8 @@ def test_sdist_and_wheel_hold_both_packages_and_their_data(built) -> None:
     for data in (
         "wrapcal/report/templates/report.html",
         "wrapcal/monitoring/templates/monitor.html",
+        "wrapcal/py.typed",  # PEP 561: type checkers read the packages' annotations
+        "wrapcal_plugins/py.typed",
     ):
         assert data in sources
     with zipfile.ZipFile(built["wheel"]) as whl:

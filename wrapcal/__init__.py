@@ -55,12 +55,13 @@ def __getattr__(name: str) -> Any:  # Any: a function, a class or the export mod
         from wrapcal import report
 
         return getattr(report, name)
-    if name == "export":
-        # The exporter pulls in torch.export: import it only when it is asked for. The
-        # module itself is callable: ``wrapcal.export(wrapped, "model.onnx")``.
+    if name in ("export", "monitoring"):
+        # The exporter pulls in torch.export, the monitor scipy's tests: imported only
+        # when asked for. The export module itself is callable:
+        # ``wrapcal.export(wrapped, "model.onnx")``.
         import importlib
 
-        return importlib.import_module("wrapcal.export")
+        return importlib.import_module(f"wrapcal.{name}")
     if name == "monitor":
         # The monitor pulls in scipy's tests: imported only when asked for.
         from wrapcal.monitoring import monitor

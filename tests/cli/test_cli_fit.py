@@ -192,3 +192,36 @@ def test_weights_that_do_not_fit_name_the_first_key_of_each_kind(tmp_path, weigh
         "1 tensor(s) of another shape, first linear.weight: [5, 64] in the file, [10, 64] "
         "in the model); check the model name, --num-classes and --model-arg"
     )
+
+
+def test_a_saved_models_recorded_preprocessing_reads_its_images(tmp_path, weights):
+    """Without --mean/--std, a saved model's images are normalised as its record says
+    (on the readers' [0, 1] scale), not with ImageNet's numbers: a model fitted on
+    mean 0.2 / std 0.3 inputs and monitored with ImageNet's flagged every image as OOD."""
+    import argparse
+
+    from safetensors.torch import load_file
+
+    from wrapcal.cli.options import image_settings
+    from wrapcal.datasets import IMAGENET_MEAN
+
+    model = families.build_model("wrapcal", "cifar_resnet20", num_classes=10)
+    model.load_state_dict(load_file(str(weights)))
+    record = {"mean": [51.0, 76.5, 102.0], "std": [76.5] * 3, "size": [32, 32]}
+    record["value_range"] = [0, 255]  # a model that takes raw pixel values
+    saved = tmp_path / "m.wrapcal"
+    wrapcal.wrap(model, plugins=[], preprocess=record).save(saved)
+
+    def settings(model_spec: str, **flags):
+        args = {"mean": None, "std": None, "size": None, "channels": None} | flags
+        return image_settings(argparse.Namespace(model=model_spec, **args))
+
+    got = settings(str(saved))
+    assert got.normaliser.mean == pytest.approx((0.2, 0.3, 0.4))  # 51 / 255, ...
+    assert got.normaliser.std == pytest.approx((0.3,) * 3) and got.size == (32, 32)
+    pixels = torch.rand(2, 3, 32, 32)  # what the readers give, in [0, 1]
+    as_recorded = (pixels * 255 - torch.tensor(record["mean"])[:, None, None]) / 76.5
+    torch.testing.assert_close(got.normaliser(pixels), as_recorded, rtol=1e-5, atol=1e-5)
+    # The flags still win; a model built by name keeps ImageNet's default.
+    assert settings(str(saved), mean=[0.5], std=[0.5]).normaliser.mean == (0.5,)
+    assert settings("wrapcal:cifar_resnet20").normaliser.mean == tuple(IMAGENET_MEAN)

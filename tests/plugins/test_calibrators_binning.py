@@ -440,3 +440,14 @@ def test_isotonic_map_equals_sklearn_knots_on_the_shared_logit_sets() -> None:
             np.testing.assert_array_equal(fitted, sy)
             maps += 1
     assert maps >= 11 * len(paths)
+
+
+@pytest.mark.parametrize("method", ["histogram_binning", "isotonic"])
+def test_a_fitted_map_moves_like_any_module(method: str) -> None:
+    # Regression: the maps' lookup was named ``_apply``, which overrode nn.Module._apply,
+    # so .to(), .double() and .cuda() on the calibrator (or a model holding it) raised.
+    z, y = data()
+    cal = fit_calibrator(z[:2000], y[:2000], method)
+    before = cal.transform(z[2000:].astype(np.float32))
+    assert cal.to(torch.float64) is cal and cal.double() is cal and cal.to("cpu") is cal
+    np.testing.assert_allclose(cal.transform(z[2000:].astype(np.float32)), before, atol=1e-6)

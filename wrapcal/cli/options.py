@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from wrapcal.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageSettings, Normaliser
+from wrapcal.files.preprocess import Preprocess
 
 __all__ = [
     "add_evaluate_arguments",
@@ -18,6 +20,7 @@ __all__ = [
     "finite_float",
     "image_settings",
     "positive_float",
+    "recorded_preprocess",
 ]
 
 _SPECS = (
@@ -284,28 +287,68 @@ def add_image_arguments(parser: argparse.ArgumentParser) -> None:
         "--mean",
         type=finite_float,
         nargs="+",
-        help=f"per-channel mean of the normalisation (default: ImageNet's {IMAGENET_MEAN})",
+        help="per-channel mean of the normalisation (default: the saved model's recorded "
+        f"preprocessing, else ImageNet's {IMAGENET_MEAN})",
     )
     images.add_argument(
         "--std",
         type=positive_float,
         nargs="+",
-        help=f"per-channel std of the normalisation (default: ImageNet's {IMAGENET_STD})",
+        help="per-channel std of the normalisation (default: the saved model's recorded "
+        f"preprocessing, else ImageNet's {IMAGENET_STD})",
     )
 
 
+def recorded_preprocess(spec: str | None) -> Preprocess | None:
+    """The preprocessing a saved ``.wrapcal`` file records (``None`` for a model built by
+    name, or a file without a record): what its images must be normalised with."""
+    from wrapcal.cli.errors import CliError
+    from wrapcal.cli.models import is_saved_file
+    from wrapcal.errors import SavedFileError
+    from wrapcal.files.format import read
+
+    if not spec or not is_saved_file(spec) or not Path(spec).is_file():
+        return None  # a missing file is the command's own error, with its own message
+    try:
+        record = read(spec).config.get("preprocess")
+    except SavedFileError as err:
+        raise CliError(str(err)) from None
+    return None if record is None else Preprocess.from_config(record)
+
+
 def image_settings(args: argparse.Namespace) -> ImageSettings:
-    """The image flags as the readers take them (``--mean``/``--std`` checked)."""
+    """The image flags as the readers take them (``--mean``/``--std`` checked).
+
+    Without ``--mean``/``--std`` (``--size``), a saved model's recorded preprocessing
+    gives them (the images it was fitted on were read that way: another normalisation
+    would shift every score), else ImageNet's (the images' own size).
+    """
     from wrapcal.cli.errors import CliError
 
-    mean = tuple(args.mean or IMAGENET_MEAN)
-    std = tuple(args.std or IMAGENET_STD)
+    recorded = recorded_preprocess(getattr(args, "model", None))
+    mean: tuple[float, ...] = tuple(IMAGENET_MEAN)
+    std: tuple[float, ...] = tuple(IMAGENET_STD)
+    if recorded is not None and not (args.mean or args.std):
+        if recorded.channel_order == "BGR":
+            raise CliError(
+                f"{args.model} takes BGR images and the command line reads RGB: "
+                "serve it from Python (wrapcal.load) or give --mean/--std for RGB"
+            )
+        # The readers give pixels in [0, 1]; the record's mean and std are on the scale of
+        # its value range (low, high): x * (high - low) + low, then (x - mean) / std.
+        low, high = recorded.value_range
+        mean = tuple((m - low) / (high - low) for m in recorded.mean)
+        std = tuple(s / (high - low) for s in recorded.std)
+    mean = tuple(args.mean or mean)
+    std = tuple(args.std or std)
     if len(mean) != len(std):
         raise CliError(
             f"--mean has {len(mean)} values and --std {len(std)}; give as many of each "
             "(one per channel, or one for all)"
         )
     size = (args.size, args.size) if args.size else None
+    if size is None and recorded is not None:
+        size = recorded.size
     # Commands without --seed or --limit (monitor) read every image, as the readers do.
     seed, limit = getattr(args, "seed", 0), getattr(args, "limit", None)
     return ImageSettings(Normaliser(mean, std), size, args.channels, seed, limit)

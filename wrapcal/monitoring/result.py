@@ -116,11 +116,20 @@ class MonitorResult:
         tracking_uri: str | None = None,
         experiment: str | None = None,
         directory: str | Path | None = None,
+        run_name: str | None = None,
+        nested: bool = False,
     ) -> str:
         """Log to MLflow: each window's numbers as a step, the report as artifacts
-        (see :func:`wrapcal.monitoring.tracking.log_monitor`)."""
+        (see :func:`wrapcal.monitoring.tracking.log_monitor`, which takes the same
+        options: ``nested=True`` logs into a child run of ``run`` or the active run)."""
         from wrapcal.monitoring.tracking import log_monitor
 
         return log_monitor(
-            self, run, tracking_uri=tracking_uri, experiment=experiment, directory=directory
+            self,
+            run,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            directory=directory,
+            run_name=run_name,
+            nested=nested,
         )

@@ -109,7 +109,7 @@ def new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def margins(fig: Figure, left: float, right: float, top: float, bottom: float, **kw) -> None:
+def margins(fig: Figure, left: float, right: float, top: float, bottom: float, **kw: float) -> None:
     """Fixed margins in inches (a layout engine would draw the figure twice)."""
     w, h = fig.get_size_inches()
     fig.subplots_adjust(

@@ -38,7 +38,13 @@ CONVENTION_LABELS = (
 )
 
 
-def _cell(text: str, best: bool = False, sub=None, flag=None, label=None) -> dict[str, Any]:
+def _cell(
+    text: str,
+    best: bool = False,
+    sub: str | None = None,
+    flag: str | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
     return {"text": text, "best": best, "sub": sub, "flag": flag, "label": label}
 
 
@@ -51,7 +57,13 @@ def _header(columns: Sequence[Column]) -> list[str]:
     return cells
 
 
-def _metric_cells(columns, row, best, i, inverted: bool = False) -> list[dict[str, Any]]:
+def _metric_cells(
+    columns: Sequence[Column],
+    row: dict[str, Any],
+    best: dict[str, set[int]],
+    i: int,
+    inverted: bool = False,
+) -> list[dict[str, Any]]:
     cells = []
     for col in columns:
         flag = "inverted" if inverted and col.key == "auroc" else None
