@@ -319,9 +319,9 @@ def recorded_preprocess(spec: str | None) -> Preprocess | None:
 def image_settings(args: argparse.Namespace) -> ImageSettings:
     """The image flags as the readers take them (``--mean``/``--std`` checked).
 
-    Without ``--mean``/``--std`` (``--size``), a saved model's recorded preprocessing
-    gives them (the images it was fitted on were read that way: another normalisation
-    would shift every score), else ImageNet's (the images' own size).
+    Without ``--mean``/``--std``, a saved model's recorded preprocessing gives them (the
+    images it was fitted on were normalised that way: another normalisation would shift
+    every score), else ImageNet's. Images keep their own size unless ``--size``.
     """
     from wrapcal.cli.errors import CliError
 
@@ -346,9 +346,9 @@ def image_settings(args: argparse.Namespace) -> ImageSettings:
             f"--mean has {len(mean)} values and --std {len(std)}; give as many of each "
             "(one per channel, or one for all)"
         )
+    # Not the record's size: a timm model records its pretrained input size (224) even
+    # when it was trained and fitted on smaller images; resizing is --size's job.
     size = (args.size, args.size) if args.size else None
-    if size is None and recorded is not None:
-        size = recorded.size
     # Commands without --seed or --limit (monitor) read every image, as the readers do.
     seed, limit = getattr(args, "seed", 0), getattr(args, "limit", None)
     return ImageSettings(Normaliser(mean, std), size, args.channels, seed, limit)
