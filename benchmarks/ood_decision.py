@@ -47,14 +47,13 @@ from shared_data import (
     cache_dir,
     cifar10,
     resnet20_features,
+    resnet20_on_features,
     resnet20_outputs,
 )
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
 import wrapcal
 from wrapcal.files.cifar_resnets import CIFAR_MEAN, CIFAR_STD
-from wrapcal.model.split import Split
 from wrapcal_plugins.decide import ood_decision
 
 N_OOD = 2000
@@ -197,16 +196,6 @@ def _pool_index() -> torch.Tensor:
 # --- the measurement -------------------------------------------------------------------------
 
 
-def features_model(plugins: list) -> wrapcal.WrappedModel:
-    """The ResNet-20's head on an identity backbone: its inputs are the cached features."""
-    out = resnet20_outputs()
-    head = nn.Linear(64, 10)
-    with torch.no_grad():
-        head.weight.copy_(out["weight"])
-        head.bias.copy_(out["bias"])
-    return wrapcal.wrap(None, split=Split(nn.Identity(), head), plugins=plugins)
-
-
 def detectors() -> list[str]:
     """Every registered detector that scores cached features (ODIN perturbs the images)."""
     found = []
@@ -229,13 +218,13 @@ def fit(names: list[str], train: tuple, calibration: tuple) -> wrapcal.WrappedMo
     kept = []
     for name in names:
         try:
-            features_model([name]).fit_features(
+            resnet20_on_features([name]).fit_features(
                 train=train, calibration=calibration, progress=False
             )
             kept.append(name)
         except Exception as err:  # report and go on
             print(f"  (left out {name}: {type(err).__name__}: {str(err)[:80]})")
-    return features_model([*kept, "ood"]).fit_features(
+    return resnet20_on_features([*kept, "ood"]).fit_features(
         train=train, calibration=calibration, progress=False
     )
 

@@ -52,6 +52,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -248,6 +249,25 @@ def resnet20_outputs() -> dict[str, torch.Tensor]:
     See the module docstring for the keys. Computed once and cached on disk.
     """
     return {k: torch.from_numpy(np.array(v)) for k, v in _outputs_arrays().items()}
+
+
+def resnet20_head(dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """The pretrained ResNet-20's classifier (64 features -> 10 logits), in eval mode."""
+    out = resnet20_outputs()
+    head = nn.Linear(64, 10).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(out["weight"])
+        head.bias.copy_(out["bias"])
+    return head.eval()
+
+
+def resnet20_on_features(plugins: list) -> Any:
+    """The ResNet-20's head wrapped on an identity backbone: its inputs are the cached
+    features (``resnet20_outputs``), so fitting and predicting need no backbone pass."""
+    import wrapcal
+    from wrapcal.model.split import Split
+
+    return wrapcal.wrap(None, split=Split(nn.Identity(), resnet20_head()), plugins=plugins)
 
 
 # --- the public logit sets (../shared/data/logits) -----------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.special import ndtri
-from shared_data import requires_shared_data, resnet20_outputs
+from shared_data import requires_shared_data, resnet20_on_features, resnet20_outputs
 from torch import nn
 
 import wrapcal
@@ -92,20 +92,11 @@ def split() -> tuple[torch.Tensor, torch.Tensor]:
     return order[:N_CAL], order[N_CAL:]
 
 
-def features_model(plugins: list) -> wrapcal.WrappedModel:
-    out = resnet20_outputs()
-    head = nn.Linear(64, 10)
-    with torch.no_grad():
-        head.weight.copy_(out["weight"])
-        head.bias.copy_(out["bias"])
-    return wrapcal.wrap(None, split=Split(nn.Identity(), head), plugins=plugins)
-
-
 @cache
 def fitted() -> wrapcal.WrappedModel:
     out = resnet20_outputs()
     cal, _ = split()
-    return features_model(PLUGINS).fit_features(
+    return resnet20_on_features(PLUGINS).fit_features(
         train=(out["train_features"], out["train_labels"]),
         calibration=(out["test_features"][cal], out["test_labels"][cal]),
         progress=False,

@@ -19,7 +19,12 @@ from pytorch_ood.detector import GEN as OodGEN
 from pytorch_ood.detector import SHE as OodSHE
 from pytorch_ood.detector import GradNorm as OodGradNorm
 from pytorch_ood.detector import KLMatching as OodKLMatching
-from shared_data import requires_shared_data, resnet20_outputs
+from shared_data import (
+    requires_shared_data,
+    resnet20_head,
+    resnet20_on_features,
+    resnet20_outputs,
+)
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -57,24 +62,11 @@ def scenario() -> dict[str, torch.Tensor]:
     }
 
 
-def resnet_head(dtype: torch.dtype = torch.float32) -> nn.Linear:
-    s = scenario()
-    head = nn.Linear(64, 10).to(dtype)
-    with torch.no_grad():
-        head.weight.copy_(s["weight"])
-        head.bias.copy_(s["bias"])
-    return head.eval()
-
-
-def features_model(plugins: list) -> wrapcal.WrappedModel:
-    return wrapcal.wrap(None, split=Split(nn.Identity(), resnet_head()), plugins=plugins)
-
-
 @cache
 def fitted_all() -> wrapcal.WrappedModel:
     """The four detectors in one model, fitted once from the training features."""
     s = scenario()
-    return features_model(list(DETECTORS)).fit(
+    return resnet20_on_features(list(DETECTORS)).fit(
         train=(s["train"], s["train_labels"]),
         calibration=(s["calibration"], s["calibration_labels"]),
         progress=False,
@@ -112,7 +104,7 @@ def autograd_gradnorm(head: nn.Linear, features: torch.Tensor, temperature: floa
 
 
 def test_gradnorm_closed_form_equals_autograd_and_pytorch_ood() -> None:
-    head = resnet_head(torch.float64)
+    head = resnet20_head(torch.float64)
     x = queries().double()[::2]
     for temperature in (1.0, 2.5):
         ours = gradnorm_score(x, head(x).detach(), temperature)
@@ -126,7 +118,7 @@ def test_gradnorm_closed_form_equals_autograd_and_pytorch_ood() -> None:
         assert_matches(ours, detector.predict(x), rtol=1e-10)
         assert_matches(ours[:40], autograd_gradnorm(head, x[:40], temperature), rtol=1e-10)
         # The plugin, on the float32 features, reads the same closed form.
-        wrapped = features_model([("gradnorm", {"temperature": temperature})])
+        wrapped = resnet20_on_features([("gradnorm", {"temperature": temperature})])
         got = wrapped.predict_features(queries()[::2].clone()).scores["gradnorm"]
         assert got.dtype == torch.float32
         assert_matches(got, ours, rtol=1e-5)
@@ -153,7 +145,7 @@ def paper_gen(logits: np.ndarray, gamma: float, m: int) -> np.ndarray:
 
 @pytest.mark.parametrize(("gamma", "m"), [(0.1, 100), (0.5, 3)])
 def test_gen_equals_the_paper_and_pytorch_ood(gamma: float, m: int) -> None:
-    head = resnet_head(torch.float64)
+    head = resnet20_head(torch.float64)
     x = queries().double()
     logits = head(x).detach()
     want = paper_gen(logits.numpy(), gamma, m)
@@ -165,7 +157,7 @@ def test_gen_equals_the_paper_and_pytorch_ood(gamma: float, m: int) -> None:
     assert 0.2 < exact.mean() < 1
     np.testing.assert_allclose(ours[exact], want[exact], rtol=1e-10)
     np.testing.assert_allclose(ours, want, rtol=1e-10, atol=1e-5)
-    wrapped = features_model([("gen", {"gamma": gamma, "M": m})])
+    wrapped = resnet20_on_features([("gen", {"gamma": gamma, "M": m})])
     got = wrapped.predict_features(queries().clone()).scores["gen"]
     assert_matches(got, torch.from_numpy(want), rtol=1e-4)
 
@@ -206,7 +198,7 @@ def test_gen_keeps_one_minus_p_of_confident_float32_predictions() -> None:
 def test_kl_matching_equals_pytorch_ood() -> None:
     s = scenario()
     plugin = fitted_all().get_plugin("kl_matching")
-    head = resnet_head()
+    head = resnet20_head()
     # The logits the plugin fits on: the model's float32 head of the training features
     # (train= before calibration=), in float64.
     with torch.no_grad():
@@ -236,7 +228,7 @@ def test_kl_matching_equals_pytorch_ood() -> None:
 def test_she_equals_pytorch_ood() -> None:
     s = scenario()
     plugin = fitted_all().get_plugin("she")
-    head = resnet_head()
+    head = resnet20_head()
     # pytorch_ood in float64, with the model's float32 head deciding what is correct
     # (the same rows as the plugin's).
     reference = OodSHE(encoder=nn.Identity(), head=lambda z: head(z.float()).double())
@@ -291,9 +283,9 @@ def test_unfitted_and_bad_input_errors() -> None:
     x = s["test"][:8]
     for name in ("kl_matching", "she"):
         with pytest.raises(NotFittedError, match=name):
-            features_model([name]).predict_features(x)
+            resnet20_on_features([name]).predict_features(x)
     # gradnorm and gen learn nothing: they work right after wrap.
-    scores = features_model(["gradnorm", "gen"]).predict_features(x).scores
+    scores = resnet20_on_features(["gradnorm", "gen"]).predict_features(x).scores
     assert scores["gradnorm"].shape == scores["gen"].shape == (8,)
 
     for name, params in [
@@ -302,18 +294,18 @@ def test_unfitted_and_bad_input_errors() -> None:
         ("gradnorm", {"temperature": -1.0}),
     ]:
         with pytest.raises(ValueError, match=next(iter(params))):
-            features_model([(name, params)])
+            resnet20_on_features([(name, params)])
 
     mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     with pytest.raises(ValueError, match="one nn.Linear"):
         wrapcal.wrap(None, split=Split(nn.Identity(), mlp), plugins=["gradnorm"])
 
     with pytest.raises(DataError, match="needs labels"):
-        features_model(["she"]).fit(train=s["train"][:200], progress=False)
+        resnet20_on_features(["she"]).fit(train=s["train"][:200], progress=False)
     with torch.no_grad():
-        predicted = resnet_head()(s["train"][:200]).argmax(dim=1)
+        predicted = resnet20_head()(s["train"][:200]).argmax(dim=1)
     wrong = (predicted + 1) % 10  # no row is classified correctly
     with pytest.raises(DataError, match=r"no 'train' sample is classified correctly"):
-        features_model(["she"]).fit(train=(s["train"][:200], wrong), progress=False)
+        resnet20_on_features(["she"]).fit(train=(s["train"][:200], wrong), progress=False)
     with pytest.raises(DataError, match=r"train=\.\.\. or calibration=\.\.\."):
-        features_model(["kl_matching"]).fit(unlabeled=s["test"][:50], progress=False)
+        resnet20_on_features(["kl_matching"]).fit(unlabeled=s["test"][:50], progress=False)

@@ -29,13 +29,12 @@ from shared_data import (
     cifar10,
     pretrained_resnet20,
     requires_shared_data,
+    resnet20_on_features,
     resnet20_outputs,
 )
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
 import wrapcal
-from wrapcal.model.split import Split
 
 pytestmark = requires_shared_data
 
@@ -113,20 +112,9 @@ def scenario() -> dict[str, torch.Tensor]:
     }
 
 
-def features_model(plugins: list) -> wrapcal.WrappedModel:
-    """The ResNet-20's head on an identity backbone: its inputs are the cached features,
-    so evaluation needs no backbone pass."""
-    s = scenario()
-    head = nn.Linear(64, 10)
-    with torch.no_grad():
-        head.weight.copy_(s["weight"])
-        head.bias.copy_(s["bias"])
-    return wrapcal.wrap(None, split=Split(nn.Identity(), head), plugins=plugins)
-
-
 def fitted(plugins: list) -> wrapcal.WrappedModel:
     s = scenario()
-    return features_model(plugins).fit(train=(s["train"], s["train_labels"]), progress=False)
+    return resnet20_on_features(plugins).fit(train=(s["train"], s["train_labels"]), progress=False)
 
 
 # --- the papers' formulas, written out (numpy / scipy, float64) -------------------------

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import torch
-from shared_data import requires_shared_data
+from shared_data import requires_shared_data, resnet20_on_features
 from torch import nn
 
 import wrapcal
@@ -461,13 +461,9 @@ def test_vim_beside_mc_dropout_scores_as_alone_on_the_resnet20() -> None:
         return float(roc_auc_score(truth, np.r_[inside, outside]))
 
     def fitted(plugins: list) -> wrapcal.WrappedModel:
-        resnet_head = nn.Linear(64, 10)
-        with torch.no_grad():
-            resnet_head.weight.copy_(s["weight"])
-            resnet_head.bias.copy_(s["bias"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            wrapped = wrapcal.wrap(None, split=Split(nn.Identity(), resnet_head), plugins=plugins)
+            wrapped = resnet20_on_features(plugins)
         return wrapped.fit(train=(s["train"], s["train_labels"]), progress=False)
 
     single = fitted(["vim"])
