@@ -226,3 +226,14 @@ def test_a_saved_models_recorded_preprocessing_reads_its_images(tmp_path, weight
     # The flags still win; a model built by name keeps ImageNet's default.
     assert settings(str(saved), mean=[0.5], std=[0.5]).normaliser.mean == (0.5,)
     assert settings("wrapcal:cifar_resnet20").normaliser.mean == tuple(IMAGENET_MEAN)
+    # The record is read from the header alone, the same configuration load checks; a
+    # truncated file is wrapcal's error, not a struct or JSON one.
+    from wrapcal.errors import SavedFileError
+    from wrapcal.files.format import read, read_config
+
+    config = read_config(saved)
+    assert config.pop("digest") and config == read(saved).config
+    cut = tmp_path / "cut.wrapcal"
+    cut.write_bytes(saved.read_bytes()[:100])
+    with pytest.raises(SavedFileError, match="truncated or corrupt"):
+        read_config(cut)

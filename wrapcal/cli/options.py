@@ -305,12 +305,12 @@ def recorded_preprocess(spec: str | None) -> Preprocess | None:
     from wrapcal.cli.errors import CliError
     from wrapcal.cli.models import is_saved_file
     from wrapcal.errors import SavedFileError
-    from wrapcal.files.format import read
+    from wrapcal.files.format import read_config
 
     if not spec or not is_saved_file(spec) or not Path(spec).is_file():
         return None  # a missing file is the command's own error, with its own message
-    try:
-        record = read(spec).config.get("preprocess")
+    try:  # the header only: the command loads (and verifies) the whole file later
+        record = read_config(spec).get("preprocess")
     except SavedFileError as err:
         raise CliError(str(err)) from None
     return None if record is None else Preprocess.from_config(record)

@@ -534,6 +534,40 @@ def _check_config(path: Path, config: Any) -> dict[str, Any]:
     return config
 
 
+def _config_of(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """The checked wrapcal configuration in a safetensors header (digest not verified)."""
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or FORMAT not in metadata:
+        raise SavedFileError(
+            f"{path} is a safetensors file but not a wrapcal one (no '{FORMAT}' metadata); "
+            "for bare weights, build the model and load_state_dict yourself, then wrap it"
+        )
+    if not isinstance(metadata[FORMAT], str):
+        raise _fail(path, "the wrapcal configuration is not a string")
+    return _check_config(path, _json(path, metadata[FORMAT], "wrapcal configuration"))
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A saved file's checked configuration, reading its header only (not the tensors).
+
+    For a look at what a file records (its preprocessing, its plugins) before loading it;
+    the digest is not verified here: :func:`read` (``wrapcal.load``) does that.
+
+    Raises:
+        SavedFileError: Missing, truncated, not a wrapcal file, or a newer format.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            # At most the header: its length is bounded before anything is read.
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            body = f.read(min(size, MAX_HEADER_BYTES + 1))
+    except OSError as err:
+        raise SavedFileError(f"cannot read {path}: {err}") from err
+    return _config_of(path, _split_file(path, head + body))
+
+
 def read(path: str | os.PathLike) -> SavedFile:
     """Read a saved file once and check it: structure, configuration and digest.
 
@@ -548,16 +582,7 @@ def read(path: str | os.PathLike) -> SavedFile:
         blob = path.read_bytes()
     except OSError as err:
         raise SavedFileError(f"cannot read {path}: {err}") from err
-    header = _split_file(path, blob)
-    metadata = header.get("__metadata__")
-    if not isinstance(metadata, dict) or FORMAT not in metadata:
-        raise SavedFileError(
-            f"{path} is a safetensors file but not a wrapcal one (no '{FORMAT}' metadata); "
-            "for bare weights, build the model and load_state_dict yourself, then wrap it"
-        )
-    if not isinstance(metadata[FORMAT], str):
-        raise _fail(path, "the wrapcal configuration is not a string")
-    config = _check_config(path, _json(path, metadata[FORMAT], "wrapcal configuration"))
+    config = _config_of(path, _split_file(path, blob))
     try:
         tensors = load_tensors(blob)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as err:
